@@ -1,0 +1,92 @@
+"""Every non-Harmony model: its tokenizer's own chat template, and a plain-text decoder.
+
+Models with single-token thinking markers (`<think>` … `</think>`, as mlx-lm detects
+them) have that span reported on the analysis channel, like Harmony's reasoning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from llm.config import PromptConfig
+from llm.messages import Channel, ChatMessage, MessageDone, TextDelta
+
+
+class ChatTemplateFormat:
+    harmony = False
+
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
+        self.tokenizer = tokenizer
+        self.stop_tokens = frozenset(tokenizer.eos_token_ids)
+        think = tokenizer.has_thinking and len(tokenizer.think_start_tokens) == 1
+        self._think = (tokenizer.think_start_id, tokenizer.think_end_id) if think else None
+
+    def render(
+        self, prompt: PromptConfig, history: Sequence[ChatMessage], now: datetime | None = None
+    ) -> list[int]:
+        system = [prompt.expand(prompt.system_model_identity, now)]
+        system.append(prompt.expand(prompt.developer_instructions, now))
+        system += [m.content for m in history if m.role in ("system", "developer")]
+        system_text = "\n\n".join(s for s in system if s)
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": system_text}] if system_text else []
+        for dialogue in prompt.example_dialogues:
+            msgs += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
+        for m in history:
+            if m.role in ("system", "developer") or m.channel == "analysis":
+                continue
+            msgs.append({"role": m.role, "content": m.content})
+        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+
+    def decoder(self) -> ChatTemplateDecoder:
+        return ChatTemplateDecoder(self.tokenizer, self.stop_tokens, self._think)
+
+
+class ChatTemplateDecoder:
+    def __init__(
+        self,
+        tokenizer: TokenizerWrapper,
+        stop_tokens: frozenset[int],
+        think: tuple[int, int] | None,
+    ) -> None:
+        self._detok = tokenizer.detokenizer
+        self._detok.reset()
+        self._stop = stop_tokens
+        self._think = think
+        self._channel: Channel = "final"
+        self._text: dict[Channel, str] = {}
+
+    def feed(self, token: int) -> list[TextDelta | MessageDone]:
+        if self._think and token == self._think[0]:
+            return self._switch("analysis")
+        if self._think and token == self._think[1]:
+            return self._switch("final")
+        if token in self._stop:
+            return self.finish()
+        self._detok.add_token(token)
+        return self._delta(self._detok.last_segment)
+
+    def finish(self) -> list[TextDelta | MessageDone]:
+        self._detok.finalize()
+        events = self._delta(self._detok.last_segment)
+        return events + self._close()
+
+    def _switch(self, channel: Channel) -> list[TextDelta | MessageDone]:
+        events = self.finish()
+        self._detok.reset()
+        self._channel = channel
+        return events
+
+    def _delta(self, text: str) -> list[TextDelta | MessageDone]:
+        if not text:
+            return []
+        self._text[self._channel] = self._text.get(self._channel, "") + text
+        return [TextDelta(self._channel, text)]
+
+    def _close(self) -> list[TextDelta | MessageDone]:
+        text = self._text.pop(self._channel, "")
+        stripped = text.strip()
+        return [MessageDone(ChatMessage("assistant", stripped, self._channel))] if stripped else []

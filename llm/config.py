@@ -1,0 +1,182 @@
+"""Prompt configs, sampling parameters and profiles: pydantic models read from JSON.
+
+Every load error becomes one `ConfigError` line naming the file, the field and the reason.
+Files written for the original mlx-harmony are read as they are; fields it had that this
+engine does not use are listed in IGNORED_FIELDS and reported, not rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llm.errors import ConfigError
+
+# Fields of the original tool's prompt config that have no effect here.
+IGNORED_FIELDS = frozenset({"mlock", "logs_dir"})
+
+
+class SamplingParams(BaseModel):
+    """Generation settings; defaults are GPT-OSS's recommended ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_tokens_to_keep: int = Field(1, ge=1)
+    xtc_probability: float = Field(0.0, ge=0, le=1)
+    xtc_threshold: float = Field(0.1, ge=0, le=0.5)
+    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_context_size: int = Field(20, ge=1)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    max_tokens: int = Field(1024, ge=1)
+    seed: int | None = None
+    reseed_each_turn: bool = False
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _negative_seed_means_random(cls, v: Any) -> Any:
+        return None if isinstance(v, int) and v < 0 else v
+
+    @field_validator("xtc_threshold", mode="before")
+    @classmethod
+    def _zero_threshold_means_default(cls, v: Any) -> Any:
+        # The original tool wrote 0.0 for "unset"; mlx-lm's default is 0.1.
+        return 0.1 if v == 0 else v
+
+
+SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
+
+
+class ExampleMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class PromptConfig(BaseModel):
+    """What the model is told before the conversation, and how it samples by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_model_identity: str | None = None
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    conversation_start_date: str | None = "<|DATE|>"
+    knowledge_cutoff: str | None = "2024-06"
+    developer_instructions: str | None = None
+    assistant_greeting: str | None = None
+    assistant_name: str = "Assistant"
+    user_name: str = "User"
+    example_dialogues: list[list[ExampleMessage]] = Field(default_factory=list)
+    placeholders: dict[str, str] = Field(default_factory=dict)
+    max_context_tokens: int | None = Field(None, ge=256)
+    truncate_thinking: int | None = Field(None, ge=0)
+    truncate_response: int | None = Field(None, ge=0)
+    chats_dir: str | None = None
+    lazy: bool = False
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _lowercase_effort(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    def expand(self, text: str | None, now: datetime | None = None) -> str | None:
+        """Fill `<|DATE|>`-style time placeholders and user-defined `{name}` ones."""
+        if text is None:
+            return None
+        now = (now or datetime.now()).astimezone()
+        utc = now.astimezone(UTC)
+        names = {"assistant": self.assistant_name, "user": self.user_name, **self.placeholders}
+        times = {
+            "DATE": now.strftime("%Y-%m-%d"),
+            "DATETIME": now.strftime("%Y-%m-%d %H:%M"),
+            "TIMEZ": now.strftime("%H:%M %Z"),
+            "TIMEU": utc.strftime("%H:%M"),
+        }
+
+        def angle(m: re.Match[str]) -> str:
+            key = m.group(1)
+            return times.get(key) or names.get(key) or m.group(0)
+
+        text = re.sub(r"<\|([A-Za-z_]+)\|>", angle, text)
+        return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: names.get(m[1], m[0]), text)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt_config: str | None = None
+    max_context_tokens: int | None = Field(None, ge=256)
+
+
+def _error_line(path: Path | str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{path}: field '{field}': {first['msg']}{more}"
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+
+
+def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") -> PromptConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    data = {k: v for k, v in raw.items() if k not in IGNORED_FIELDS}
+    # Sampling fields may sit at the top level (the original tool's layout) or nested.
+    flat = {k: data.pop(k) for k in list(data) if k in SAMPLING_FIELDS}
+    if flat:
+        data["sampling"] = {**flat, **data.get("sampling", {})}
+    try:
+        return PromptConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_error_line(source, e)) from None
+
+
+def load_prompt_config(path: Path | str) -> PromptConfig:
+    return parse_prompt_config(read_json(Path(path)), str(path))
+
+
+def ignored_fields(path: Path | str) -> list[str]:
+    raw = read_json(Path(path))
+    return sorted(k for k in raw if k in IGNORED_FIELDS) if isinstance(raw, dict) else []
+
+
+def load_profiles(path: Path | str) -> dict[str, Profile]:
+    path = Path(path)
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected an object of profile name → profile")
+    profiles = {}
+    for name, entry in raw.items():
+        try:
+            profile = Profile.model_validate(entry)
+        except ValidationError as e:
+            raise ConfigError(_error_line(f"{path}: profile '{name}'", e)) from None
+        if profile.prompt_config:
+            profile.prompt_config = str(_resolve_beside(path, profile.prompt_config))
+        profiles[name] = profile
+    return profiles
+
+
+def _resolve_beside(anchor: Path, ref: str) -> Path:
+    """A relative path in a config means beside that config, else the working folder."""
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return p
+    beside = anchor.parent / p
+    return beside if beside.exists() or not p.exists() else p

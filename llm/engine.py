@@ -1,0 +1,211 @@
+"""The chat engine: one loaded model, one conversation cache, turns streamed as events.
+
+Generation is mlx-lm's `generate_step` on the model's own KV cache; the prompt format is
+Harmony for GPT-OSS and the tokenizer's chat template for everything else. The engine
+knows nothing of terminals, audio or HTTP: callers iterate `Engine.stream` and decide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load as mlx_lm_load
+
+from llm.chat_template import ChatTemplateFormat
+from llm.config import PromptConfig, SamplingParams
+from llm.errors import ConfigError
+from llm.harmony import HarmonyFormat
+from llm.messages import (
+    ChatMessage,
+    Event,
+    FinishReason,
+    GenerationStats,
+    MessageDone,
+    TextDelta,
+    TurnDone,
+)
+from llm.prompt_cache import ConversationCache
+from llm.sampling import Seeder, build_logits_processors, build_sampler
+
+HARMONY_CALL_TOKEN = 200012  # <|call|>: the turn ends so that a tool can answer
+
+
+def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, dict[str, Any]]:
+    """Load a model from a local folder or a Hugging Face repo id, through mlx-lm."""
+    local = Path(ref).expanduser()
+    looks_local = ref.startswith(("/", ".", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        what = "does not exist" if not local.exists() else "has no config.json"
+        raise ConfigError(f"model {ref}: folder {what}")
+    try:
+        return mlx_lm_load(str(local) if looks_local else ref, lazy=lazy, return_config=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model {ref}: cannot load ({first})") from e
+
+
+@dataclass
+class _Clock:
+    start: float
+    first_token: float | None = None
+    first_final: float | None = None
+
+    def since(self, t: float | None) -> float | None:
+        return None if t is None else t - self.start
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: TokenizerWrapper, model_id: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        harmony = getattr(model, "model_type", None) == "gpt_oss"
+        self.format = HarmonyFormat() if harmony else ChatTemplateFormat(tokenizer)
+        self._cache = ConversationCache(model)
+        self._seeder = Seeder()
+
+    @classmethod
+    def load(cls, ref: str, *, lazy: bool = False) -> Engine:
+        model, tokenizer, _ = load_model(ref, lazy=lazy)
+        return cls(model, tokenizer, ref)
+
+    @property
+    def harmony(self) -> bool:
+        return self.format.harmony
+
+    def reset(self) -> None:
+        """Forget the cached conversation (a new chat starts from an empty cache)."""
+        self._cache.reset()
+
+    def render(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        max_tokens: int = 0,
+        now: datetime | None = None,
+    ) -> list[int]:
+        """The prompt's token ids, older turns dropped if it would overflow the context."""
+        history = list(history)
+        tokens = self.format.render(prompt, history, now)
+        limit = prompt.max_context_tokens
+        while limit and len(tokens) + max_tokens > limit:
+            # Drop the oldest exchange: everything up to the next user message.
+            users = [i for i, m in enumerate(history) if m.role == "user"]
+            if len(users) < 2:
+                raise ConfigError(
+                    f"max_context_tokens={limit}: the prompt needs {len(tokens)} tokens "
+                    f"plus max_tokens={max_tokens}; raise the limit or shorten the message"
+                )
+            history = history[users[1] :]
+            tokens = self.format.render(prompt, history, now)
+        return tokens
+
+    def stream(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        sampling: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        now: datetime | None = None,
+    ) -> Iterator[Event]:
+        """Generate the assistant's turn after `history`, yielding events as tokens arrive.
+
+        `should_stop` is polled after every token; returning True ends the turn with
+        finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
+        """
+        sampling = sampling or prompt.sampling
+        prompt_tokens = self.render(history, prompt, sampling.max_tokens, now)
+        clock = _Clock(time.perf_counter())
+        mx.reset_peak_memory()
+        cached = self._prefill(prompt_tokens)
+
+        self._seeder.before_turn(sampling)
+        stops = self.format.stop_tokens
+        steps = generate_step(
+            mx.array(prompt_tokens[-1:]),
+            self.model,
+            max_tokens=sampling.max_tokens,
+            sampler=build_sampler(sampling, sorted(stops)),
+            logits_processors=build_logits_processors(sampling, prompt_tokens[:-1]),
+            prompt_cache=self._cache.cache,
+        )
+        self._cache.tokens.append(prompt_tokens[-1])
+        decoder = self.format.decoder()
+        done: list[ChatMessage] = []
+        finish: FinishReason = "length"
+        generated = 0
+        try:
+            for token, _ in steps:
+                self._cache.tokens.append(token)
+                generated += 1
+                clock.first_token = clock.first_token or time.perf_counter()
+                for event in decoder.feed(token):
+                    yield self._track(event, clock, done)
+                if token in stops:
+                    finish = "tool_call" if token == HARMONY_CALL_TOKEN else "stop"
+                    break
+                if should_stop is not None and should_stop():
+                    finish = "cancelled"
+                    break
+        except GeneratorExit:
+            # The consumer stopped listening at a yield: the cache matches its tokens.
+            raise
+        except BaseException:
+            # Interrupted inside a model step: the live cache may hold a token that
+            # `tokens` does not. The checkpoint is still exact.
+            self._cache.drop_live()
+            raise
+        finally:
+            steps.close()
+        for event in decoder.finish():
+            yield self._track(event, clock, done)
+        end = time.perf_counter()
+        stats = GenerationStats(
+            prompt_tokens=len(prompt_tokens),
+            cached_tokens=cached,
+            generated_tokens=generated,
+            time_to_first_token=(clock.first_token or end) - clock.start,
+            time_to_first_final=clock.since(clock.first_final),
+            total_seconds=end - clock.start,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
+        yield TurnDone(finish, tuple(done), stats)
+
+    def _prefill(self, prompt_tokens: list[int]) -> int:
+        """Feed all but the last prompt token into the cache; return how many were reused."""
+        cached = self._cache.reuse(prompt_tokens)
+        fill = prompt_tokens[cached:-1]
+        if fill:
+            # max_tokens=0 makes generate_step run its chunked prefill and stop.
+            for _ in generate_step(
+                mx.array(fill), self.model, max_tokens=0, prompt_cache=self._cache.cache
+            ):
+                pass
+            self._cache.tokens += fill
+        self._cache.checkpoint()
+        return cached
+
+    @staticmethod
+    def _track(event: Event, clock: _Clock, done: list[ChatMessage]) -> Event:
+        if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
+            clock.first_final = clock.first_final or time.perf_counter()
+        elif isinstance(event, MessageDone):
+            done.append(event.message)
+        return event
+
+
+def collect(events: Iterator[Event]) -> TurnDone:
+    """Run a turn to its end and return its summary (for one-shot callers and tests)."""
+    last = None
+    for last in events:
+        pass
+    assert isinstance(last, TurnDone)
+    return last

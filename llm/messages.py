@@ -1,0 +1,72 @@
+"""The engine's vocabulary: conversation messages in, streaming events out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Channel = Literal["analysis", "commentary", "final"]
+FinishReason = Literal["stop", "length", "tool_call", "cancelled"]
+
+
+@dataclass
+class ChatMessage:
+    """One message of a conversation, in the form chat logs store it.
+
+    `channel` is set on assistant messages (Harmony's analysis/commentary/final);
+    `recipient` on a tool call (`functions.get_weather`), `name` on a tool's answer.
+    """
+
+    role: Role
+    content: str
+    channel: Channel | None = None
+    recipient: str | None = None
+    name: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of the message being generated. Consumers speak only `final` deltas."""
+
+    channel: Channel
+    text: str
+    recipient: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageDone:
+    message: ChatMessage
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    time_to_first_token: float
+    time_to_first_final: float | None
+    total_seconds: float
+    peak_memory_gb: float
+
+    @property
+    def prefill_tps(self) -> float:
+        fed = self.prompt_tokens - self.cached_tokens
+        return fed / self.time_to_first_token if self.time_to_first_token > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        decode = self.total_seconds - self.time_to_first_token
+        return (self.generated_tokens - 1) / decode if decode > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    finish_reason: FinishReason
+    messages: tuple[ChatMessage, ...]
+    stats: GenerationStats
+
+
+Event = TextDelta | MessageDone | TurnDone

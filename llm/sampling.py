@@ -1,0 +1,63 @@
+"""SamplingParams → mlx-lm's sampler and logits processors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+
+from llm.config import SamplingParams
+
+
+def build_sampler(params: SamplingParams, special_tokens: Sequence[int] = ()) -> Sampler:
+    return make_sampler(
+        temp=params.temperature,
+        top_p=params.top_p if params.top_p < 1 else 0.0,
+        min_p=params.min_p,
+        min_tokens_to_keep=params.min_tokens_to_keep,
+        top_k=params.top_k,
+        xtc_probability=params.xtc_probability,
+        xtc_threshold=params.xtc_threshold,
+        # XTC must never cut the tokens that end a message or a turn.
+        xtc_special_tokens=list(special_tokens),
+    )
+
+
+def build_logits_processors(
+    params: SamplingParams, prompt_tail: Sequence[int] = ()
+) -> list[LogitsProcessor]:
+    """Logit bias and repetition penalty, seeing the prompt's last tokens as context.
+
+    mlx-lm's processors only see the tokens handed to `generate_step`; with a reused KV
+    cache that is just the uncached suffix, so the penalty would forget what the user
+    just said. Each processor is given the prompt's tail in front of those tokens.
+    """
+    processors = make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
+        repetition_context_size=params.repetition_context_size,
+    )
+    if not prompt_tail or params.repetition_penalty == 1:
+        return processors
+    tail = mx.array(list(prompt_tail)[-params.repetition_context_size :])
+
+    def with_context(proc: LogitsProcessor) -> LogitsProcessor:
+        return lambda tokens, logits: proc(mx.concatenate([tail, tokens]), logits)
+
+    return [with_context(p) for p in processors]
+
+
+class Seeder:
+    """Seeds MLX's generator: once per engine, or before every turn if asked."""
+
+    def __init__(self) -> None:
+        self._seeded: int | None = None
+
+    def before_turn(self, params: SamplingParams) -> None:
+        if params.seed is None:
+            self._seeded = None
+            return
+        if params.reseed_each_turn or self._seeded != params.seed:
+            mx.random.seed(params.seed)
+            self._seeded = params.seed
