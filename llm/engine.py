@@ -141,11 +141,11 @@ class Engine:
         decoder = self.format.decoder()
         done: list[ChatMessage] = []
         finish: FinishReason = "length"
-        generated = 0
+        generated: list[int] = []
         try:
             for token, _ in steps:
                 self._cache.tokens.append(token)
-                generated += 1
+                generated.append(token)
                 clock.first_token = clock.first_token or time.perf_counter()
                 for event in decoder.feed(token):
                     yield self._track(event, clock, done)
@@ -171,13 +171,13 @@ class Engine:
         stats = GenerationStats(
             prompt_tokens=len(prompt_tokens),
             cached_tokens=cached,
-            generated_tokens=generated,
+            generated_tokens=len(generated),
             time_to_first_token=(clock.first_token or end) - clock.start,
             time_to_first_final=clock.since(clock.first_final),
             total_seconds=end - clock.start,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
         )
-        yield TurnDone(finish, tuple(done), stats)
+        yield TurnDone(finish, tuple(done), tuple(generated), stats)
 
     def _prefill(self, prompt_tokens: list[int]) -> int:
         """Feed all but the last prompt token into the cache; return how many were reused."""

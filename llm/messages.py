@@ -66,6 +66,7 @@ class GenerationStats:
 class TurnDone:
     finish_reason: FinishReason
     messages: tuple[ChatMessage, ...]
+    tokens: tuple[int, ...]  # generated ids, stop token included
     stats: GenerationStats
 
 

@@ -1,0 +1,223 @@
+"""Chat logs on disk: a versioned JSON container, read in its v1 and v2 forms, written as v2.
+
+Schema v2 is the original mlx-harmony's (chats keyed by id, `chat_order`, `active_chat_id`,
+messages with `id`/`parent_id`/`cache_key`, `{unix, iso}` timestamps, hyperparameters on a
+message only when they changed) plus `channel`/`recipient`/`name` on messages. Unknown
+fields are kept, so a newer file survives a round trip through this version. Every write
+is atomic (llm.files); `keep_backup` saves a v1 file before it is first overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llm.config import read_json
+from llm.errors import ConfigError
+from llm.files import atomic_write_bytes, atomic_write_json
+from llm.messages import ChatMessage
+
+SCHEMA_VERSION = 2
+
+
+class Stamp(BaseModel):
+    unix: float
+    iso: str
+
+    @classmethod
+    def at(cls, unix: float) -> Stamp:
+        iso = datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
+        return cls(unix=unix, iso=iso)
+
+    @classmethod
+    def parse(cls, value: Any) -> Stamp:
+        if isinstance(value, dict):
+            return cls.model_validate(value)
+        if isinstance(value, int | float):
+            return cls.at(float(value))
+        if isinstance(value, str):
+            return cls.at(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        return cls.at(time.time())
+
+
+class LogMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    parent_id: str | None = None
+    cache_key: str | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    channel: Literal["analysis", "commentary", "final"] | None = None
+    recipient: str | None = None
+    name: str | None = None
+    content: str
+    timestamp: Stamp
+    hyperparameters: dict[str, Any] | None = None
+
+
+class ChatMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    chat_id: str
+    model_path: str | None = None
+    prompt_config_path: str | None = None
+    last_model_path: str | None = None
+    last_prompt_config_path: str | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    last_hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    max_context_tokens: int | None = None
+    created_at: Stamp
+    updated_at: Stamp
+
+
+class Chat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    chat_id: str
+    metadata: ChatMetadata
+    messages: list[LogMessage] = Field(default_factory=list)
+
+    @classmethod
+    def new(cls, model_path: str | None = None, prompt_config_path: str | None = None) -> Chat:
+        chat_id = f"chat-{uuid.uuid4().hex[:12]}"
+        now = Stamp.at(time.time())
+        meta = ChatMetadata(
+            chat_id=chat_id,
+            model_path=model_path,
+            prompt_config_path=prompt_config_path,
+            last_model_path=model_path,
+            last_prompt_config_path=prompt_config_path,
+            created_at=now,
+            updated_at=now,
+        )
+        return cls(chat_id=chat_id, metadata=meta)
+
+    def history(self) -> list[ChatMessage]:
+        return [
+            ChatMessage(m.role, m.content, m.channel, m.recipient, m.name, m.timestamp.unix)
+            for m in self.messages
+        ]
+
+    def append(self, msg: ChatMessage, hyperparameters: dict[str, Any] | None = None) -> None:
+        """Add a message; hyperparameters are stored only when they differ from the last."""
+        parent = self.messages[-1].id if self.messages else None
+        msg_id = f"msg-{len(self.messages) + 1}"
+        while any(m.id == msg_id for m in self.messages):
+            msg_id = f"msg-{uuid.uuid4().hex[:8]}"
+        changed = None
+        if hyperparameters is not None and hyperparameters != self.metadata.last_hyperparameters:
+            changed = dict(hyperparameters)
+            self.metadata.last_hyperparameters = dict(hyperparameters)
+            self.metadata.hyperparameters = self.metadata.hyperparameters or dict(hyperparameters)
+        self.messages.append(
+            LogMessage(
+                id=msg_id,
+                parent_id=parent,
+                cache_key=msg_id,
+                role=msg.role,
+                channel=msg.channel,
+                recipient=msg.recipient,
+                name=msg.name,
+                content=msg.content,
+                timestamp=Stamp.at(msg.created_at),
+                hyperparameters=changed,
+            )
+        )
+        self.metadata.updated_at = Stamp.at(time.time())
+
+    def truncate(self, count: int) -> None:
+        """Keep the first `count` messages (undo, retry)."""
+        del self.messages[count:]
+        self.metadata.updated_at = Stamp.at(time.time())
+
+
+class ChatLog(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    schema_version: Literal[2] = SCHEMA_VERSION
+    chat_order: list[str] = Field(default_factory=list)
+    active_chat_id: str | None = None
+    chats: dict[str, Chat] = Field(default_factory=dict)
+
+    def active(self) -> Chat:
+        if self.active_chat_id not in self.chats:
+            raise ConfigError("chat log has no active chat")
+        return self.chats[self.active_chat_id]  # type: ignore[index]
+
+    def start_chat(self, chat: Chat) -> Chat:
+        self.chats[chat.chat_id] = chat
+        self.chat_order.append(chat.chat_id)
+        self.active_chat_id = chat.chat_id
+        return chat
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _v1_to_v2(raw: dict[str, Any]) -> ChatLog:
+    meta = raw.get("metadata") or {}
+    created = Stamp.parse(meta.get("created_at", time.time()))
+    chat = Chat.new(meta.get("model"), meta.get("prompt_config"))
+    chat.metadata.created_at = created
+    chat.metadata.max_context_tokens = meta.get("max_context_tokens")
+    extra = {
+        k: v
+        for k, v in meta.items()
+        if k not in {"model", "prompt_config", "hyperparameters", "max_context_tokens",
+                     "created_at", "updated_at"}
+    }
+    for key, value in extra.items():
+        setattr(chat.metadata, key, value)
+    for i, m in enumerate(raw.get("messages") or []):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConfigError(f"messages[{i}]: needs 'role' and 'content'")
+        stamp = Stamp.parse(m.get("timestamp", created.unix))
+        msg = ChatMessage(m["role"], m["content"], m.get("channel"), created_at=stamp.unix)
+        chat.append(msg, m.get("hyperparameters"))
+    if meta.get("hyperparameters"):
+        chat.metadata.hyperparameters = meta["hyperparameters"]
+    chat.metadata.updated_at = Stamp.parse(meta.get("updated_at", created.unix))
+    log = ChatLog()
+    log.start_chat(chat)
+    return log
+
+
+def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
+    """Return the log and the schema version it was written in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: not a chat log (expected a JSON object)")
+    version = raw.get("schema_version", 1)
+    try:
+        if version == 1 and "messages" in raw:
+            return _v1_to_v2(raw), 1
+        if version == SCHEMA_VERSION:
+            log = ChatLog.model_validate(raw)
+            if log.active_chat_id is None and log.chat_order:
+                log.active_chat_id = log.chat_order[-1]
+            return log, SCHEMA_VERSION
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    raise ConfigError(f"{source}: unknown chat log schema_version {version!r}")
+
+
+def load_chat_log(path: Path | str) -> tuple[ChatLog, int]:
+    return parse_chat_log(read_json(Path(path)), str(path))
+
+
+def keep_backup(path: Path | str, version: int) -> Path | None:
+    """Before a log in an older schema is overwritten, keep it beside as `.v<N>.bak`."""
+    path = Path(path)
+    backup = path.with_name(f"{path.name}.v{version}.bak")
+    if version == SCHEMA_VERSION or backup.exists() or not path.exists():
+        return None
+    atomic_write_bytes(backup, path.read_bytes())
+    return backup
+
+
+def save_chat_log(path: Path | str, log: ChatLog) -> None:
+    atomic_write_json(Path(path), log.to_json())

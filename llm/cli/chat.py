@@ -1,0 +1,345 @@
+"""mlx-harmony-chat: interactive text chat on the engine, with a crash-safe chat log."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
+from llm.cli.common import Setup, add_model_options, resolve, run_main
+from llm.config import SamplingParams
+from llm.engine import Engine
+from llm.errors import ConfigError
+from llm.messages import ChatMessage, TextDelta, TurnDone
+
+HELP = {
+    "help": "this list",
+    "quit": "save and leave (also \\exit, Ctrl-D)",
+    "save [PATH]": "save the chat log (to PATH from now on, if given)",
+    "load PATH": "open a chat log and continue its active chat",
+    "reset": "start a new chat in the same log (also \\new)",
+    "retry": "generate the last answer again",
+    "undo": "remove the last exchange",
+    "history": "print the conversation",
+    "set NAME=VALUE": "change a sampling setting or reasoning_effort",
+    "show": "model, settings and log file",
+    "reasoning [on|off]": "show or hide the model's reasoning",
+    "markdown [on|off]": "render answers as markdown or plain text",
+}
+ALIASES = {"exit": "quit", "new": "reset", "q": "quit", "h": "help", "?": "help"}
+
+
+def default_log_path(chats_dir: str | None) -> Path:
+    base = Path(chats_dir).expanduser() if chats_dir else (
+        Path.home() / ".local" / "share" / "mlx-harmony" / "chats"
+    )
+    return base / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+
+
+class Interrupt:
+    """Ctrl-C while generating ends that generation; a second Ctrl-C quits as usual."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def __enter__(self) -> Callable[[], bool]:
+        self.hit = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return lambda: self.hit
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.hit = True
+        signal.signal(signal.SIGINT, self._old)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+class ChatSession:
+    def __init__(
+        self,
+        engine: Engine,
+        setup: Setup,
+        log_path: Path,
+        console: Console,
+        show_reasoning: bool = True,
+        markdown: bool = True,
+    ) -> None:
+        self.engine, self.setup, self.console = engine, setup, console
+        self.log_path = log_path
+        self.show_reasoning, self.markdown = show_reasoning, markdown
+        self.log = ChatLog()
+        if log_path.exists():
+            self._open(log_path)
+        else:
+            self._new_chat()
+
+    @property
+    def chat(self) -> Chat:
+        return self.log.active()
+
+    # --------------------------------------------------------------- log handling
+    def _open(self, path: Path) -> None:
+        log, version = load_chat_log(path)
+        backup = keep_backup(path, version)
+        if backup:
+            self.console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
+        self.log, self.log_path = log, path
+        self.engine.reset()
+        n = len(self.chat.messages)
+        self.console.print(f"[dim]Resumed {path} ({n} messages).[/]")
+
+    def _new_chat(self) -> None:
+        prompt_path = str(self.setup.prompt_path) if self.setup.prompt_path else None
+        self.log.start_chat(Chat.new(self.setup.model, prompt_path))
+        self.engine.reset()
+        greeting = self.setup.prompt.expand(self.setup.prompt.assistant_greeting)
+        if greeting:
+            self.chat.append(ChatMessage("assistant", greeting, "final"))
+            self._print_answer(greeting)
+
+    def save(self) -> None:
+        save_chat_log(self.log_path, self.log)
+
+    # --------------------------------------------------------------- commands
+    def command(self, line: str) -> bool:
+        """Run an out-of-band command; False means leave."""
+        name, _, arg = line[1:].strip().partition(" ")
+        name = ALIASES.get(name, name)
+        arg = arg.strip()
+        if name == "quit":
+            return False
+        handler = getattr(self, f"_cmd_{name}", None)
+        if handler is None:
+            self.console.print(f"Unknown command \\{name}. Commands:")
+            self._cmd_help("")
+            return True
+        try:
+            handler(arg)
+        except ConfigError as e:
+            self.console.print(f"[red]error:[/] {e}")
+        return True
+
+    def _cmd_help(self, _: str) -> None:
+        for usage, what in HELP.items():
+            self.console.print(f"  \\{usage:<20} {what}", highlight=False, markup=False)
+
+    def _cmd_save(self, arg: str) -> None:
+        if arg:
+            self.log_path = Path(arg).expanduser()
+        self.save()
+        self.console.print(f"[dim]Saved {self.log_path}[/]")
+
+    def _cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise ConfigError("\\load needs a path")
+        self.save()
+        self._open(Path(arg).expanduser())
+
+    def _cmd_reset(self, _: str) -> None:
+        self._new_chat()
+        self.save()
+        self.console.print("[dim]New chat.[/]")
+
+    def _cmd_undo(self, _: str) -> None:
+        users = [i for i, m in enumerate(self.chat.messages) if m.role == "user"]
+        if not users:
+            raise ConfigError("nothing to undo")
+        self.chat.truncate(users[-1])
+        self.save()
+        self.console.print("[dim]Removed the last exchange.[/]")
+
+    def _cmd_retry(self, _: str) -> None:
+        users = [i for i, m in enumerate(self.chat.messages) if m.role == "user"]
+        if not users:
+            raise ConfigError("nothing to retry")
+        self.chat.truncate(users[-1] + 1)
+        self.generate()
+
+    def _cmd_history(self, _: str) -> None:
+        for m in self.chat.history():
+            if m.channel == "analysis":
+                if self.show_reasoning:
+                    self.console.print(Text(f"  ({m.content})", style="dim italic"))
+            elif m.role == "user":
+                self.console.print(Text(f"You: {m.content}", style="bold"))
+            else:
+                self._print_answer(m.content)
+
+    def _cmd_set(self, arg: str) -> None:
+        name, sep, value = arg.partition("=")
+        name, value = name.strip().replace("-", "_"), value.strip()
+        if not sep or not name:
+            raise ConfigError("usage: \\set name=value")
+        prompt = self.setup.prompt
+        try:
+            if name == "reasoning_effort":
+                updated = prompt.model_validate({**prompt.model_dump(), name: value})
+                self.setup.prompt = updated
+            elif name in SamplingParams.model_fields:
+                raw = None if value.lower() in ("none", "null") else value
+                sampling = SamplingParams.model_validate({**prompt.sampling.model_dump(), name: raw})
+                self.setup.prompt = prompt.model_copy(update={"sampling": sampling})
+            else:
+                known = ", ".join(["reasoning_effort", *SamplingParams.model_fields])
+                raise ConfigError(f"unknown setting '{name}' (known: {known})")
+        except ValidationError as e:
+            raise ConfigError(f"{name}: {e.errors()[0]['msg']}") from None
+        self.console.print(f"[dim]{name} = {value}[/]")
+
+    def _cmd_show(self, _: str) -> None:
+        p = self.setup.prompt
+        self.console.print(f"model: {self.setup.model} ({'Harmony' if self.engine.harmony else 'chat template'})")
+        self.console.print(f"prompt config: {self.setup.prompt_path or '(defaults)'}")
+        self.console.print(f"chat log: {self.log_path}")
+        self.console.print(f"reasoning_effort: {p.reasoning_effort}")
+        for k, v in p.sampling.model_dump().items():
+            self.console.print(f"  {k}: {v}", highlight=False)
+
+    def _cmd_reasoning(self, arg: str) -> None:
+        self.show_reasoning = _toggle(arg, self.show_reasoning)
+        self.console.print(f"[dim]reasoning {'shown' if self.show_reasoning else 'hidden'}[/]")
+
+    def _cmd_markdown(self, arg: str) -> None:
+        self.markdown = _toggle(arg, self.markdown)
+        self.console.print(f"[dim]markdown {'on' if self.markdown else 'off'}[/]")
+
+    # --------------------------------------------------------------- turns
+    def say(self, text: str) -> None:
+        self.chat.append(ChatMessage("user", text))
+        self.generate()
+
+    def generate(self) -> None:
+        prompt = self.setup.prompt
+        thinking_shown = 0
+        answer = ""
+        live: Live | None = None
+        done: TurnDone | None = None
+        with Interrupt() as stopped:
+            try:
+                for event in self.engine.stream(self.chat.history(), prompt, should_stop=stopped):
+                    if isinstance(event, TextDelta) and event.channel == "final":
+                        if thinking_shown and not answer:
+                            self.console.print()
+                        answer += event.text
+                        if live is None and self.markdown:
+                            live = Live(console=self.console, auto_refresh=False)
+                            live.start()
+                        if live is not None:
+                            live.update(Markdown(answer), refresh=True)
+                        else:
+                            self.console.print(event.text, end="", markup=False, highlight=False)
+                    elif isinstance(event, TextDelta) and self.show_reasoning:
+                        limit = prompt.truncate_thinking
+                        room = event.text if limit is None else event.text[: max(0, limit - thinking_shown)]
+                        if thinking_shown == 0:
+                            self.console.print("[dim italic](thinking) [/]", end="")
+                        thinking_shown += len(event.text)
+                        self.console.print(Text(room, style="dim italic"), end="")
+                    elif isinstance(event, TurnDone):
+                        done = event
+            finally:
+                if live is not None:
+                    live.stop()
+        if thinking_shown and not answer:
+            self.console.print()
+        elif not self.markdown:
+            self.console.print()
+        if done is None:
+            return
+        hyper = prompt.sampling.model_dump(exclude_defaults=False)
+        for msg in done.messages:
+            self.chat.append(msg, hyper if msg.channel == "final" else None)
+        if done.finish_reason == "cancelled":
+            self.console.print("[yellow](stopped)[/]")
+        elif done.finish_reason == "length":
+            self.console.print("[yellow](max_tokens reached)[/]")
+        self.save()
+
+    def _print_answer(self, text: str) -> None:
+        if self.markdown:
+            self.console.print(Markdown(text))
+        else:
+            self.console.print(text, markup=False, highlight=False)
+
+
+def _toggle(arg: str, current: bool) -> bool:
+    if arg in ("on", "true", "1"):
+        return True
+    if arg in ("off", "false", "0"):
+        return False
+    if arg:
+        raise ConfigError(f"expected on or off, not '{arg}'")
+    return not current
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-harmony-chat", description=__doc__)
+    p.add_argument("--chat", type=Path, help="chat log to resume or create")
+    p.add_argument("--no-markdown", action="store_true", help="print answers as plain text")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not show the reasoning")
+    add_model_options(p)
+    return p
+
+
+def _main() -> int:
+    args = build_parser().parse_args()
+    console = Console(highlight=False)
+    setup = resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
+    started = time.perf_counter()
+    with console.status(f"Loading {setup.model} …"):
+        engine = Engine.load(setup.model, lazy=setup.prompt.lazy)
+    console.print(
+        f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s. "
+        "Type \\help for commands, Ctrl-C stops an answer, Ctrl-D quits.[/]"
+    )
+    session = ChatSession(
+        engine,
+        setup,
+        args.chat or default_log_path(setup.prompt.chats_dir),
+        console,
+        show_reasoning=not args.hide_reasoning,
+        markdown=not args.no_markdown,
+    )
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input("You: ")
+        except EOFError:
+            console.print()
+            break
+        except KeyboardInterrupt:
+            console.print("\n[dim](\\quit or Ctrl-D to leave)[/]")
+            continue
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("\\"):
+            if not session.command(line.strip()):
+                break
+            continue
+        session.say(line.strip())
+    session.save()
+    console.print(f"[dim]Chat saved to {session.log_path}[/]")
+    return 0
+
+
+def main() -> None:
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""What every command shares: model/profile/config options, sampling overrides, errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from llm.config import (
+    PromptConfig,
+    SamplingParams,
+    ignored_fields,
+    load_profiles,
+    load_prompt_config,
+)
+from llm.errors import ConfigError
+
+DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and prompt")
+    g.add_argument("--model", help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})")
+    g.add_argument("--profile", help="profile name from --profiles")
+    g.add_argument("--profiles", type=Path, help="profiles JSON: name → model + prompt_config")
+    g.add_argument("--prompt-config", type=Path, help="prompt config JSON")
+    g.add_argument(
+        "--reasoning-effort", choices=["low", "medium", "high"], help="override the config's"
+    )
+    s = parser.add_argument_group("sampling (override the prompt config)")
+    for name, field in SamplingParams.model_fields.items():
+        if name == "logit_bias":
+            s.add_argument("--logit-bias", metavar="ID=BIAS", action="append", default=None)
+            continue
+        kind = get_args(field.annotation) or (field.annotation,)
+        typ = next(t for t in kind if t is not type(None))
+        if typ is bool:
+            s.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction)
+        else:
+            s.add_argument(f"--{name.replace('_', '-')}", type=typ, metavar=typ.__name__.upper())
+
+
+@dataclass
+class Setup:
+    model: str
+    prompt: PromptConfig
+    prompt_path: Path | None
+
+
+def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
+    """Model reference and prompt config from a profile, files and flags (flags win)."""
+    model, prompt_path = args.model, args.prompt_config
+    if args.profile:
+        if not args.profiles:
+            raise ConfigError("--profile needs --profiles FILE")
+        profiles = load_profiles(args.profiles)
+        if args.profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"{args.profiles}: no profile '{args.profile}' (known: {known})")
+        profile = profiles[args.profile]
+        model = model or profile.model
+        if profile.prompt_config and not prompt_path:
+            prompt_path = Path(profile.prompt_config)
+    prompt = load_prompt_config(prompt_path) if prompt_path else PromptConfig()
+    if prompt_path:
+        for name in ignored_fields(prompt_path):
+            warn(f"{prompt_path}: field '{name}' is not used by mlx-harmony and is ignored")
+    if args.profile and profiles[args.profile].max_context_tokens and not prompt.max_context_tokens:
+        prompt = prompt.model_copy(
+            update={"max_context_tokens": profiles[args.profile].max_context_tokens}
+        )
+    if args.reasoning_effort:
+        prompt = prompt.model_copy(update={"reasoning_effort": args.reasoning_effort})
+    prompt = prompt.model_copy(update={"sampling": apply_overrides(prompt.sampling, args)})
+    return Setup(model or DEFAULT_MODEL, prompt, prompt_path)
+
+
+def apply_overrides(sampling: SamplingParams, args: argparse.Namespace) -> SamplingParams:
+    updates: dict[str, Any] = {}
+    for name in SamplingParams.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            updates[name] = value
+    if updates.get("logit_bias") is not None:
+        updates["logit_bias"] = parse_logit_bias(updates["logit_bias"])
+    try:
+        return SamplingParams.model_validate({**sampling.model_dump(), **updates})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"--{'-'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise ConfigError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
+        if not sep:
+            raise ConfigError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS")
+    return out
+
+
+def run_main(body: Callable[[], int | None]) -> None:
+    """Run a command; a user error is one line on stderr and exit status 2."""
+    try:
+        sys.exit(body() or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,39 @@
+"""mlx-harmony-migrate-chat: rewrite a chat log in the current schema, keeping every message."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llm.chatlog import SCHEMA_VERSION, keep_backup, load_chat_log, save_chat_log
+from llm.cli.common import run_main
+
+
+def _main() -> int:
+    p = argparse.ArgumentParser(prog="mlx-harmony-migrate-chat", description=__doc__)
+    p.add_argument("log", type=Path, help="chat log to migrate (v1 or v2)")
+    p.add_argument(
+        "-o", "--output", type=Path, help="write here instead of in place (in place keeps a .bak)"
+    )
+    args = p.parse_args()
+    log, version = load_chat_log(args.log)
+    target = args.output or args.log
+    if target == args.log:
+        if version == SCHEMA_VERSION:
+            print(f"{args.log}: already schema v{SCHEMA_VERSION}, nothing to do")
+            return 0
+        backup = keep_backup(args.log, version)
+        if backup:
+            print(f"kept the original as {backup}")
+    save_chat_log(target, log)
+    count = sum(len(c.messages) for c in log.chats.values())
+    print(f"{target}: schema v{version} → v{SCHEMA_VERSION}, {count} messages")
+    return 0
+
+
+def main() -> None:
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Session fixtures: the offline Harmony vocabulary and tiny models, cached by content hash.
+
+Model folders live in ~/.cache/mlx-harmony-tests (or $MLX_HARMONY_TEST_CACHE) so that a
+second run skips training; the key changes whenever tests/support/tiny_models.py does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support.tiny_models import build_tiny_chatml, build_tiny_gpt_oss, content_key
+
+CACHE = Path(
+    os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests")
+)
+
+
+def _cached(name: str, build) -> Path:
+    folder = CACHE / f"{name}-{content_key(name)}"
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The product's own offline path: o200k_base unpacked from the bpe-openai wheel."""
+    from llm.vocab import ensure_vocab
+
+    os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    folder = ensure_vocab()
+    assert folder is not None
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_path(vocab_dir: Path) -> Path:
+    return _cached("gpt-oss", lambda p: build_tiny_gpt_oss(p, vocab_dir))
+
+
+@pytest.fixture(scope="session")
+def chatml_path() -> Path:
+    return _cached("chatml", build_tiny_chatml)
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_engine(gpt_oss_path: Path):
+    from llm.engine import Engine
+
+    return Engine.load(str(gpt_oss_path))
+
+
+@pytest.fixture
+def engine(gpt_oss_engine):
+    """The shared tiny GPT-OSS engine with an empty conversation cache."""
+    gpt_oss_engine.reset()
+    return gpt_oss_engine
+
+
+@pytest.fixture(scope="session")
+def chatml_engine(chatml_path: Path):
+    from llm.engine import Engine
+
+    return Engine.load(str(chatml_path))

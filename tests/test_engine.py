@@ -1,0 +1,199 @@
+"""The engine on a tiny GPT-OSS trained to speak Harmony, and on a ChatML model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import stream_generate
+
+from llm.config import PromptConfig, SamplingParams
+from llm.engine import Engine, collect
+from llm.errors import ConfigError
+from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
+from tests.support.tiny_models import CHATML_TURNS, HARMONY_TURNS
+
+GREEDY = PromptConfig(sampling=SamplingParams(temperature=0, max_tokens=80))
+
+
+def turn_of(user: str):
+    return next(t for t in HARMONY_TURNS if t.user == user and not t.history)
+
+
+def test_harmony_turn_streams_analysis_then_final(engine: Engine) -> None:
+    events = list(engine.stream([ChatMessage("user", "Hello")], GREEDY))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    channels = [d.channel for d in deltas]
+    # Analysis first, then final; <|end|> between them did not stop generation.
+    assert channels == sorted(channels, key=["analysis", "final"].index)
+    assert {"analysis", "final"} <= set(channels)
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.finish_reason == "stop"
+    assert done.tokens[-1] == 200002  # <|return|>
+    assert 200007 in done.tokens  # <|end|> closed the analysis and generation went on
+    t = turn_of("Hello")
+    assert [(m.channel, m.content) for m in done.messages] == [
+        ("analysis", t.analysis),
+        ("final", t.final),
+    ]
+    assert "".join(d.text for d in deltas if d.channel == "final") == t.final
+    msgs = [e for e in events if isinstance(e, MessageDone)]
+    assert [m.message.channel for m in msgs] == ["analysis", "final"]
+
+
+def test_first_final_words_arrive_before_the_turn_ends(engine: Engine) -> None:
+    seen_final_at = None
+    for i, event in enumerate(engine.stream([ChatMessage("user", "Tell me a joke")], GREEDY)):
+        if isinstance(event, TextDelta) and event.channel == "final" and seen_final_at is None:
+            seen_final_at = i
+        if isinstance(event, TurnDone):
+            end_at = i
+    assert seen_final_at is not None and end_at - seen_final_at > 5
+    assert engine_stats_ok(event)
+
+
+def engine_stats_ok(done: TurnDone) -> bool:
+    s = done.stats
+    return 0 < s.time_to_first_token <= s.time_to_first_final <= s.total_seconds
+
+
+@pytest.mark.parametrize("user", ["Hello", "What is the capital of France?"])
+def test_greedy_equals_mlx_lm_generate(engine: Engine, user: str) -> None:
+    history = [ChatMessage("user", user)]
+    prompt = engine.render(history, GREEDY)
+    ours = collect(engine.stream(history, GREEDY)).tokens
+    theirs = []
+    for r in stream_generate(engine.model, engine.tokenizer, mx.array(prompt), max_tokens=80):
+        theirs.append(r.token)
+        if r.token in (200002, 200012):
+            break
+    assert list(ours) == theirs
+
+
+def _conversation(engine: Engine, users: list[str]) -> list[TurnDone]:
+    history: list[ChatMessage] = []
+    turns = []
+    for user in users:
+        history.append(ChatMessage("user", user))
+        done = collect(engine.stream(history, GREEDY))
+        history += done.messages
+        turns.append(done)
+    return turns
+
+
+def test_multi_turn_reuses_cache_and_matches_recomputation(gpt_oss_path) -> None:
+    users = ["Hello", "Thanks", "What is the capital of France?", "Tell me a joke"]
+    cached = Engine.load(str(gpt_oss_path))
+    turns = _conversation(cached, users)
+    # From scratch: a fresh engine for every turn, same history.
+    history: list[ChatMessage] = []
+    for user, turn in zip(users, turns, strict=True):
+        history.append(ChatMessage("user", user))
+        fresh = Engine.load(str(gpt_oss_path))
+        again = collect(fresh.stream(history, GREEDY))
+        assert again.tokens == turn.tokens
+        assert again.stats.cached_tokens == 0
+        history += again.messages
+    assert turns[1].messages[-1].content == "You are welcome!"
+    for turn in turns[1:]:
+        # Only the new turn is prefilled: all but the final answer and new user message.
+        fed = turn.stats.prompt_tokens - turn.stats.cached_tokens
+        assert fed < 40, turn.stats
+    # After turn 3 the live cache is past the 128-token sliding window and cannot be
+    # trimmed back: turn 4 reused the checkpoint taken before turn 3's last prompt token.
+    before = turns[-2].stats
+    assert before.prompt_tokens + before.generated_tokens > 128
+    assert turns[-1].stats.cached_tokens == before.prompt_tokens - 1
+
+
+def test_past_analysis_is_dropped_from_the_next_prompt(engine: Engine) -> None:
+    history = [ChatMessage("user", "Hello")]
+    history += collect(engine.stream(history, GREEDY)).messages
+    history.append(ChatMessage("user", "Thanks"))
+    text = engine.format.encoding.decode(engine.render(history, GREEDY))
+    assert turn_of("Hello").final in text
+    assert turn_of("Hello").analysis not in text
+
+
+def test_call_token_ends_the_turn_as_a_tool_call(engine: Engine) -> None:
+    forced = GREEDY.model_copy(
+        update={"sampling": SamplingParams(temperature=0, logit_bias={200012: 1e4})}
+    )
+    done = collect(engine.stream([ChatMessage("user", "Hello")], forced))
+    assert done.finish_reason == "tool_call"
+    assert done.tokens == (200012,)
+
+
+def test_should_stop_cancels_and_keeps_partial_answer(engine: Engine) -> None:
+    count = 0
+
+    def stop() -> bool:
+        nonlocal count
+        count += 1
+        return count >= 12
+
+    history = [ChatMessage("user", "What is the capital of France?")]
+    done = collect(engine.stream(history, GREEDY, should_stop=stop))
+    assert done.finish_reason == "cancelled"
+    assert len(done.tokens) == 12
+    # The next turn still matches a from-scratch run.
+    follow = [*history, *done.messages, ChatMessage("user", "Hello")]
+    fresh = Engine(engine.model, engine.tokenizer, "fresh")
+    assert collect(engine.stream(follow, GREEDY)).tokens == collect(
+        fresh.stream(follow, GREEDY)
+    ).tokens
+
+
+def test_exception_mid_generation_leaves_cache_consistent(engine: Engine) -> None:
+    history = [ChatMessage("user", "Tell me a joke")]
+    stream = engine.stream(history, GREEDY)
+    for _ in range(5):
+        next(stream)
+    with pytest.raises(KeyboardInterrupt):
+        stream.throw(KeyboardInterrupt)
+    done = collect(engine.stream(history, GREEDY))
+    assert done.messages[-1].content == turn_of("Tell me a joke").final
+    assert done.stats.cached_tokens > 0
+
+
+def test_max_tokens_ends_with_length(engine: Engine) -> None:
+    short = GREEDY.model_copy(update={"sampling": SamplingParams(temperature=0, max_tokens=7)})
+    done = collect(engine.stream([ChatMessage("user", "Hello")], short))
+    assert done.finish_reason == "length" and len(done.tokens) == 7
+    assert done.messages[-1].channel == "analysis"  # the open message is flushed
+
+
+def test_context_limit_drops_oldest_exchanges(engine: Engine) -> None:
+    history = [
+        ChatMessage("user", "Hello"),
+        ChatMessage("assistant", "Hello! How can I help you today?", "final"),
+        ChatMessage("user", "Tell me a joke"),
+    ]
+    full = len(engine.render(history, GREEDY))
+    limited = GREEDY.model_copy(update={"max_context_tokens": full + 79})
+    tokens = engine.render(history, limited, max_tokens=80)
+    assert len(tokens) < full
+    assert "Hello!" not in engine.format.encoding.decode(tokens)
+    tiny = GREEDY.model_copy(update={"max_context_tokens": 256})
+    with pytest.raises(ConfigError, match="max_context_tokens=256"):
+        engine.render(history[-1:], tiny, max_tokens=1000)
+
+
+def test_chat_template_model_answers_and_stops(chatml_engine: Engine) -> None:
+    chatml_engine.reset()
+    assert not chatml_engine.harmony
+    history: list[ChatMessage] = []
+    for user, answer in CHATML_TURNS:
+        history.append(ChatMessage("user", user))
+        done = collect(chatml_engine.stream(history, GREEDY))
+        assert done.finish_reason == "stop"
+        assert [(m.channel, m.content) for m in done.messages] == [("final", answer)]
+        history += done.messages
+    assert done.stats.cached_tokens > 0
+
+
+def test_missing_model_folder_is_one_line_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"model .*nothing: folder does not exist"):
+        Engine.load(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        Engine.load(str(tmp_path / "empty"))
