@@ -32,7 +32,9 @@ class ChatTemplateFormat:
         system.append(prompt.expand(prompt.developer_instructions, now))
         system += [m.content for m in history if m.role in ("system", "developer")]
         system_text = "\n\n".join(s for s in system if s)
-        msgs: list[dict[str, Any]] = [{"role": "system", "content": system_text}] if system_text else []
+        msgs: list[dict[str, Any]] = (
+            [{"role": "system", "content": system_text}] if system_text else []
+        )
         for dialogue in prompt.example_dialogues:
             msgs += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
         for m in history:

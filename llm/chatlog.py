@@ -164,8 +164,15 @@ def _v1_to_v2(raw: dict[str, Any]) -> ChatLog:
     extra = {
         k: v
         for k, v in meta.items()
-        if k not in {"model", "prompt_config", "hyperparameters", "max_context_tokens",
-                     "created_at", "updated_at"}
+        if k
+        not in {
+            "model",
+            "prompt_config",
+            "hyperparameters",
+            "max_context_tokens",
+            "created_at",
+            "updated_at",
+        }
     }
     for key, value in extra.items():
         setattr(chat.metadata, key, value)

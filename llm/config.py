@@ -33,6 +33,7 @@ class SamplingParams(BaseModel):
     min_tokens_to_keep: int = Field(1, ge=1)
     xtc_probability: float = Field(0.0, ge=0, le=1)
     xtc_threshold: float = Field(0.1, ge=0, le=0.5)
+    xtc_special_tokens: list[int] | None = None  # besides the format's stop tokens
     repetition_penalty: float = Field(1.0, gt=0)
     repetition_context_size: int = Field(20, ge=1)
     logit_bias: dict[int, float] = Field(default_factory=dict)
@@ -44,12 +45,6 @@ class SamplingParams(BaseModel):
     @classmethod
     def _negative_seed_means_random(cls, v: Any) -> Any:
         return None if isinstance(v, int) and v < 0 else v
-
-    @field_validator("xtc_threshold", mode="before")
-    @classmethod
-    def _zero_threshold_means_default(cls, v: Any) -> Any:
-        # The original tool wrote 0.0 for "unset"; mlx-lm's default is 0.1.
-        return 0.1 if v == 0 else v
 
 
 SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
@@ -92,7 +87,7 @@ class PromptConfig(BaseModel):
         """Fill `<|DATE|>`-style time placeholders and user-defined `{name}` ones."""
         if text is None:
             return None
-        now = (now or datetime.now()).astimezone()
+        now = now or datetime.now().astimezone()
         utc = now.astimezone(UTC)
         names = {"assistant": self.assistant_name, "user": self.user_name, **self.placeholders}
         times = {
@@ -130,7 +125,9 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+        raise ConfigError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
 
 
 def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") -> PromptConfig:

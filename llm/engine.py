@@ -204,8 +204,6 @@ class Engine:
 
 def collect(events: Iterator[Event]) -> TurnDone:
     """Run a turn to its end and return its summary (for one-shot callers and tests)."""
-    last = None
-    for last in events:
-        pass
+    *_, last = events
     assert isinstance(last, TurnDone)
     return last

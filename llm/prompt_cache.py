@@ -70,4 +70,3 @@ class ConversationCache:
     def checkpoint(self) -> None:
         mx.eval([c.state for c in self.cache])
         self._checkpoint = (list(self.tokens), copy.deepcopy(self.cache))
-

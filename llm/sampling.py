@@ -20,7 +20,7 @@ def build_sampler(params: SamplingParams, special_tokens: Sequence[int] = ()) ->
         xtc_probability=params.xtc_probability,
         xtc_threshold=params.xtc_threshold,
         # XTC must never cut the tokens that end a message or a turn.
-        xtc_special_tokens=list(special_tokens),
+        xtc_special_tokens=[*special_tokens, *(params.xtc_special_tokens or [])],
     )
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
@@ -36,9 +36,13 @@ def cache_dir() -> Path:
 
 
 def _bundled_vocab() -> bytes | None:
+    # find_spec locates the package without importing it (and its 70 MB extension).
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or spec.origin is None:
+        return None
     try:
-        packed = resources.files("bpe_openai.data").joinpath(f"{VOCAB_FILE}.gz").read_bytes()
-    except (ModuleNotFoundError, FileNotFoundError):
+        packed = (Path(spec.origin).parent / "data" / f"{VOCAB_FILE}.gz").read_bytes()
+    except FileNotFoundError:
         return None
     data = gzip.decompress(packed)
     return data if hashlib.sha256(data).hexdigest() == VOCAB_SHA256 else None

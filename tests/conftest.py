@@ -14,9 +14,7 @@ import pytest
 
 from tests.support.tiny_models import build_tiny_chatml, build_tiny_gpt_oss, content_key
 
-CACHE = Path(
-    os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests")
-)
+CACHE = Path(os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests"))
 
 
 def _cached(name: str, build) -> Path:

@@ -138,9 +138,10 @@ def test_should_stop_cancels_and_keeps_partial_answer(engine: Engine) -> None:
     # The next turn still matches a from-scratch run.
     follow = [*history, *done.messages, ChatMessage("user", "Hello")]
     fresh = Engine(engine.model, engine.tokenizer, "fresh")
-    assert collect(engine.stream(follow, GREEDY)).tokens == collect(
-        fresh.stream(follow, GREEDY)
-    ).tokens
+    assert (
+        collect(engine.stream(follow, GREEDY)).tokens
+        == collect(fresh.stream(follow, GREEDY)).tokens
+    )
 
 
 def test_exception_mid_generation_leaves_cache_consistent(engine: Engine) -> None:
@@ -195,5 +196,5 @@ def test_missing_model_folder_is_one_line_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"model .*nothing: folder does not exist"):
         Engine.load(str(tmp_path / "nothing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         Engine.load(str(tmp_path / "empty"))

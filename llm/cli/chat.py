@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -41,8 +42,10 @@ ALIASES = {"exit": "quit", "new": "reset", "q": "quit", "h": "help", "?": "help"
 
 
 def default_log_path(chats_dir: str | None) -> Path:
-    base = Path(chats_dir).expanduser() if chats_dir else (
-        Path.home() / ".local" / "share" / "mlx-harmony" / "chats"
+    base = (
+        Path(chats_dir).expanduser()
+        if chats_dir
+        else (Path.home() / ".local" / "share" / "mlx-harmony" / "chats")
     )
     return base / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
 
@@ -189,7 +192,8 @@ class ChatSession:
                 self.setup.prompt = updated
             elif name in SamplingParams.model_fields:
                 raw = None if value.lower() in ("none", "null") else value
-                sampling = SamplingParams.model_validate({**prompt.sampling.model_dump(), name: raw})
+                current = prompt.sampling.model_dump()
+                sampling = SamplingParams.model_validate({**current, name: raw})
                 self.setup.prompt = prompt.model_copy(update={"sampling": sampling})
             else:
                 known = ", ".join(["reasoning_effort", *SamplingParams.model_fields])
@@ -200,7 +204,8 @@ class ChatSession:
 
     def _cmd_show(self, _: str) -> None:
         p = self.setup.prompt
-        self.console.print(f"model: {self.setup.model} ({'Harmony' if self.engine.harmony else 'chat template'})")
+        kind = "Harmony" if self.engine.harmony else "chat template"
+        self.console.print(f"model: {self.setup.model} ({kind})")
         self.console.print(f"prompt config: {self.setup.prompt_path or '(defaults)'}")
         self.console.print(f"chat log: {self.log_path}")
         self.console.print(f"reasoning_effort: {p.reasoning_effort}")
@@ -242,7 +247,11 @@ class ChatSession:
                             self.console.print(event.text, end="", markup=False, highlight=False)
                     elif isinstance(event, TextDelta) and self.show_reasoning:
                         limit = prompt.truncate_thinking
-                        room = event.text if limit is None else event.text[: max(0, limit - thinking_shown)]
+                        room = (
+                            event.text
+                            if limit is None
+                            else event.text[: max(0, limit - thinking_shown)]
+                        )
                         if thinking_shown == 0:
                             self.console.print("[dim italic](thinking) [/]", end="")
                         thinking_shown += len(event.text)
@@ -252,9 +261,7 @@ class ChatSession:
             finally:
                 if live is not None:
                     live.stop()
-        if thinking_shown and not answer:
-            self.console.print()
-        elif not self.markdown:
+        if (thinking_shown and not answer) or not self.markdown:
             self.console.print()
         if done is None:
             return
@@ -312,10 +319,8 @@ def _main() -> int:
         show_reasoning=not args.hide_reasoning,
         markdown=not args.no_markdown,
     )
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     while True:
         try:
             line = input("You: ")

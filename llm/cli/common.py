@@ -25,7 +25,9 @@ DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and prompt")
-    g.add_argument("--model", help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})")
+    g.add_argument(
+        "--model", help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})"
+    )
     g.add_argument("--profile", help="profile name from --profiles")
     g.add_argument("--profiles", type=Path, help="profiles JSON: name → model + prompt_config")
     g.add_argument("--prompt-config", type=Path, help="prompt config JSON")

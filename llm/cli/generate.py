@@ -44,9 +44,7 @@ def _main() -> int:
         elif isinstance(event, TurnDone):
             if last_channel is not None:
                 sys.stdout.write("\n")
-            if args.reasoning == "stderr" and any(
-                m.channel != "final" for m in event.messages
-            ):
+            if args.reasoning == "stderr" and any(m.channel != "final" for m in event.messages):
                 sys.stderr.write("\n")
             if args.stats:
                 s = event.stats

@@ -264,9 +264,7 @@ def build_tiny_gpt_oss(folder: Path, vocab_dir: Path, max_steps: int = 400) -> N
     ]
     for _ in range(max_steps // 50):
         _train(model, examples, steps=50, lr=3e-3)
-        if all(
-            greedy(model, p, len(r) + 2, set(STOP_IDS)) == r for p, r in checks
-        ):
+        if all(greedy(model, p, len(r) + 2, set(STOP_IDS)) == r for p, r in checks):
             break
     else:
         raise RuntimeError("tiny gpt_oss did not learn its Harmony replies")
@@ -339,17 +337,20 @@ def build_tiny_chatml(folder: Path) -> None:
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     examples = []
     for user, answer in CHATML_TURNS:
-        prompt = hf.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                        add_generation_prompt=True)
+        prompt = hf.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
         p = hf.encode(prompt, add_special_tokens=False)
-        r = hf.encode(answer, add_special_tokens=False) + [eos]
+        r = [*hf.encode(answer, add_special_tokens=False), eos]
         examples.append((p, r))
     length = max(len(p) + len(r) for p, r in examples)
     x = mx.array([(p + r)[:-1] + [0] * (length - len(p) - len(r)) for p, r in examples])
     y = mx.array([(p + r)[1:] + [0] * (length - len(p) - len(r)) for p, r in examples])
     w = mx.array(
-        [[0.0] * (len(p) - 1) + [1.0] * len(r) + [0.0] * (length - len(p) - len(r))
-         for p, r in examples]
+        [
+            [0.0] * (len(p) - 1) + [1.0] * len(r) + [0.0] * (length - len(p) - len(r))
+            for p, r in examples
+        ]
     )
 
     def loss_fn(m):

@@ -1,0 +1,121 @@
+"""Chat logs: v1 and v2 read, v1 migrated without loss, writes survive kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.chatlog import Chat, ChatLog, load_chat_log, save_chat_log
+from llm.errors import ConfigError
+from llm.messages import ChatMessage
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+def test_v1_log_is_read_with_every_message() -> None:
+    log, version = load_chat_log(DATA / "chatlog-v1.json")
+    assert version == 1
+    raw = json.loads((DATA / "chatlog-v1.json").read_text())
+    chat = log.active()
+    assert [(m.role, m.content) for m in chat.messages] == [
+        (m["role"], m["content"]) for m in raw["messages"]
+    ]
+    assert chat.messages[0].timestamp.iso == "2025-01-07T00:00:00Z"
+    assert chat.messages[1].parent_id == chat.messages[0].id
+    assert chat.metadata.model_path == "models/old-model"
+    assert chat.metadata.max_context_tokens == 2048
+
+
+def test_v2_log_round_trips_and_keeps_unknown_fields(tmp_path: Path) -> None:
+    raw = json.loads((DATA / "chatlog-v2.json").read_text())
+    raw["chats"]["chat-001"]["messages"][0]["rating"] = 5
+    raw["ui_theme"] = "dark"
+    src = tmp_path / "log.json"
+    src.write_text(json.dumps(raw))
+    log, version = load_chat_log(src)
+    assert version == 2
+    save_chat_log(src, log)
+    again = json.loads(src.read_text())
+    assert again["ui_theme"] == "dark"
+    assert again["chats"]["chat-001"]["messages"][0]["rating"] == 5
+    assert again["chats"]["chat-001"]["messages"][1]["content"] == "Hi"
+
+
+def test_hyperparameters_recorded_only_when_they_change() -> None:
+    chat = ChatLog().start_chat(Chat.new("m"))
+    a, b = {"temperature": 0.7}, {"temperature": 0.2}
+    for hp in (a, a, b, b):
+        chat.append(ChatMessage("user", "q"))
+        chat.append(ChatMessage("assistant", "r", "final"), hp)
+    stored = [m.hyperparameters for m in chat.messages if m.role == "assistant"]
+    assert stored == [a, None, b, None]
+    assert chat.metadata.last_hyperparameters == b
+
+
+def test_migrate_command_keeps_a_backup_and_every_message(tmp_path: Path) -> None:
+    log = tmp_path / "old.json"
+    log.write_bytes((DATA / "chatlog-v1.json").read_bytes())
+    cmd = [sys.executable, "-m", "llm.cli.migrate", str(log)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "v1 → v2, 2 messages" in out.stdout
+    backup = tmp_path / "old.json.v1.bak"
+    assert backup.read_bytes() == (DATA / "chatlog-v1.json").read_bytes()
+    migrated = json.loads(log.read_text())
+    assert migrated["schema_version"] == 2
+    (chat,) = migrated["chats"].values()
+    assert [m["content"] for m in chat["messages"]] == ["Hello", "Hi"]
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "already schema v2" in again.stdout
+
+
+def test_bad_logs_fail_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"schema_version": 7}))
+    with pytest.raises(ConfigError, match="unknown chat log schema_version 7"):
+        load_chat_log(path)
+    path.write_text(json.dumps({"schema_version": 2, "chats": {"a": {"chat_id": "a"}}}))
+    with pytest.raises(ConfigError, match=r"x\.json: field 'chats\.a\.metadata'"):
+        load_chat_log(path)
+
+
+WRITER = """
+import sys
+from llm.chatlog import Chat, ChatLog, save_chat_log
+from llm.messages import ChatMessage
+path = sys.argv[1]
+log = ChatLog()
+chat = log.start_chat(Chat.new("m"))
+n = 0
+while True:
+    n += 1
+    chat.append(ChatMessage("user", f"message {n} " + "x" * 20000))
+    save_chat_log(path, log)
+    print(n, flush=True)
+"""
+
+
+def test_kill_9_mid_write_leaves_a_whole_log(tmp_path: Path) -> None:
+    path = tmp_path / "log.json"
+    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE
+        )
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None
+        written = proc.stdout.read().split()
+        log, _ = load_chat_log(path)  # parses: the old or the new file, never half
+        count = len(log.active().messages)
+        # The file holds the last save that completed or the one in flight.
+        assert int(written[-1]) <= count <= int(written[-1]) + 1 if written else count <= 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "log.json"]
+    assert all(name.endswith(".tmp") for name in leftovers)

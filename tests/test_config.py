@@ -1,0 +1,94 @@
+"""Prompt configs and profiles: the original tool's files load; bad ones fail in one line."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from llm.config import ignored_fields, load_profiles, load_prompt_config
+from llm.errors import ConfigError
+from llm.harmony import HarmonyFormat
+from llm.messages import ChatMessage
+
+DATA = Path(__file__).parent / "data"
+NOW = datetime(2026, 11, 25, 14, 30, tzinfo=timezone(timedelta(hours=1), "CET"))
+
+
+def test_original_prompt_config_loads_with_sampling_defaults() -> None:
+    cfg = load_prompt_config(DATA / "prompt-config.example.json")
+    assert cfg.reasoning_effort == "medium"
+    assert cfg.sampling.temperature == 0.8 and cfg.sampling.top_k == 40
+    assert cfg.sampling.seed is None  # -1 meant random
+    assert cfg.max_context_tokens == 4096
+    assert ignored_fields(DATA / "prompt-config.example.json") == ["logs_dir", "mlock"]
+
+
+def test_placeholders_expand() -> None:
+    cfg = load_prompt_config(DATA / "prompt-config.example.json")
+    identity = cfg.expand(cfg.system_model_identity, NOW)
+    assert identity == "You are Dave (also Dave) on 2026-11-25 at 14:30 CET (local time, 13:30 UTC)."
+    assert cfg.expand(cfg.developer_instructions, NOW) == "Address the user as Morgan and be concise."
+    assert cfg.expand("<|DATETIME|> {unknown} <|NOPE|>", NOW) == "2026-11-25 14:30 {unknown} <|NOPE|>"
+
+
+def test_prompt_config_reaches_the_harmony_prompt(vocab_dir: Path) -> None:
+    cfg = load_prompt_config(DATA / "prompt-config.example.json")
+    fmt = HarmonyFormat()
+    text = fmt.encoding.decode(fmt.render(cfg, [ChatMessage("user", "Hi")], NOW))
+    assert "You are Dave (also Dave) on 2026-11-25" in text
+    assert "Reasoning: medium" in text
+    assert "Knowledge cutoff: 2025-01" in text
+    assert "Current date: 2026-11-25" in text
+    assert "Address the user as Morgan and be concise." in text
+    assert "What's the weather like?" in text  # example dialogues come first
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"temperature": -0.5}, "field 'sampling.temperature': Input should be greater"),
+        ({"reasoning_effort": "extreme"}, "field 'reasoning_effort'"),
+        ({"top_k": "many"}, "field 'sampling.top_k'"),
+        ({"colour": "blue"}, "field 'colour': Extra inputs are not permitted"),
+        ({"example_dialogues": [[{"role": "robot", "content": "x"}]]}, "example_dialogues.0.0.role"),
+    ],
+)
+def test_bad_field_names_file_and_field(tmp_path: Path, patch: dict, expected: str) -> None:
+    raw = json.loads((DATA / "prompt-config.example.json").read_text())
+    path = tmp_path / "prompt.json"
+    path.write_text(json.dumps({**raw, **patch}))
+    with pytest.raises(ConfigError) as err:
+        load_prompt_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+
+
+def test_broken_json_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"temperature": 0.5,,}')
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON \(line 1"):
+        load_prompt_config(bad)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_prompt_config(tmp_path / "none.json")
+
+
+def test_profiles_resolve_prompt_config_beside_the_file(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "p.json").write_text("{}")
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(
+        json.dumps({"small": {"model": "~/m", "prompt_config": "configs/p.json"}})
+    )
+    loaded = load_profiles(profiles)
+    assert loaded["small"].prompt_config == str(tmp_path / "configs" / "p.json")
+    profiles.write_text(json.dumps({"small": {"modle": "x"}}))
+    with pytest.raises(ConfigError, match="profile 'small': field 'model'"):
+        load_profiles(profiles)
+
+
+def test_original_profiles_file_loads() -> None:
+    profiles = load_profiles(DATA / "profiles.example.json")
+    assert profiles["gpt-oss-20b"].max_context_tokens == 131072
