@@ -29,9 +29,15 @@ def test_original_prompt_config_loads_with_sampling_defaults() -> None:
 def test_placeholders_expand() -> None:
     cfg = load_prompt_config(DATA / "prompt-config.example.json")
     identity = cfg.expand(cfg.system_model_identity, NOW)
-    assert identity == "You are Dave (also Dave) on 2026-11-25 at 14:30 CET (local time, 13:30 UTC)."
-    assert cfg.expand(cfg.developer_instructions, NOW) == "Address the user as Morgan and be concise."
-    assert cfg.expand("<|DATETIME|> {unknown} <|NOPE|>", NOW) == "2026-11-25 14:30 {unknown} <|NOPE|>"
+    assert (
+        identity == "You are Dave (also Dave) on 2026-11-25 at 14:30 CET (local time, 13:30 UTC)."
+    )
+    assert (
+        cfg.expand(cfg.developer_instructions, NOW) == "Address the user as Morgan and be concise."
+    )
+    assert (
+        cfg.expand("<|DATETIME|> {unknown} <|NOPE|>", NOW) == "2026-11-25 14:30 {unknown} <|NOPE|>"
+    )
 
 
 def test_prompt_config_reaches_the_harmony_prompt(vocab_dir: Path) -> None:
@@ -53,7 +59,10 @@ def test_prompt_config_reaches_the_harmony_prompt(vocab_dir: Path) -> None:
         ({"reasoning_effort": "extreme"}, "field 'reasoning_effort'"),
         ({"top_k": "many"}, "field 'sampling.top_k'"),
         ({"colour": "blue"}, "field 'colour': Extra inputs are not permitted"),
-        ({"example_dialogues": [[{"role": "robot", "content": "x"}]]}, "example_dialogues.0.0.role"),
+        (
+            {"example_dialogues": [[{"role": "robot", "content": "x"}]]},
+            "example_dialogues.0.0.role",
+        ),
     ],
 )
 def test_bad_field_names_file_and_field(tmp_path: Path, patch: dict, expected: str) -> None:
@@ -79,9 +88,7 @@ def test_profiles_resolve_prompt_config_beside_the_file(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "p.json").write_text("{}")
     profiles = tmp_path / "profiles.json"
-    profiles.write_text(
-        json.dumps({"small": {"model": "~/m", "prompt_config": "configs/p.json"}})
-    )
+    profiles.write_text(json.dumps({"small": {"model": "~/m", "prompt_config": "configs/p.json"}}))
     loaded = load_profiles(profiles)
     assert loaded["small"].prompt_config == str(tmp_path / "configs" / "p.json")
     profiles.write_text(json.dumps({"small": {"modle": "x"}}))

@@ -80,6 +80,7 @@ def _conversation(engine: Engine, users: list[str]) -> list[TurnDone]:
     return turns
 
 
+@pytest.mark.slow
 def test_multi_turn_reuses_cache_and_matches_recomputation(gpt_oss_path) -> None:
     users = ["Hello", "Thanks", "What is the capital of France?", "Tell me a joke"]
     cached = Engine.load(str(gpt_oss_path))

@@ -17,7 +17,10 @@ def _run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = "from llm.vocab import harmony_encoding; print(harmony_encoding().encode('hi'))"
     full = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
     return subprocess.run(
-        [sys.executable, "-c", code], env={**full, **env}, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        env={**full, **env},
+        capture_output=True,
+        text=True,
         cwd=ROOT,
     )
 

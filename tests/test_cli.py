@@ -1,0 +1,152 @@
+"""The commands as a user runs them: chat in a pseudo-terminal, generate through pipes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.support.tiny_models import HARMONY_TURNS
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow  # each test starts the commands in new processes
+HELLO = HARMONY_TURNS[0]
+FRANCE = HARMONY_TURNS[1]
+
+
+def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llm.cli.generate", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_generate_prints_only_the_answer(gpt_oss_path: Path) -> None:
+    out = generate(FRANCE.user, "--model", str(gpt_oss_path), "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == FRANCE.final + "\n"
+    assert FRANCE.analysis not in out.stderr
+
+
+def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) -> None:
+    args = ("--model", str(gpt_oss_path), "--temperature", "0", "--reasoning", "stderr")
+    out = generate(*args, "--stats", stdin=HELLO.user + "\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == HELLO.final + "\n"
+    assert HELLO.analysis in out.stderr and "finish stop" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hi", "--model", "/no/such/model"], "error: model /no/such/model: folder does not exist"),
+        (["hi", "--top-p", "3", "--model", "x"], "error: --top_p: Input should be less than"),
+        ([" ", "--model", "x"], "error: empty prompt"),
+        (["hi", "--profile", "a"], "error: --profile needs --profiles FILE"),
+    ],
+)
+def test_generate_errors_are_one_line(args: list[str], message: str) -> None:
+    out = generate(*args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert out.stderr.startswith(message)
+
+
+def plain(screen: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen)
+
+
+def spawn_chat(model: Path, log: Path, *extra: str) -> pexpect.spawn:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llm.cli.chat", "--model", str(model), "--chat", str(log), *extra],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
+    child.expect("You: ")
+    return child
+
+
+def say(child: pexpect.spawn, line: str, expect: str) -> None:
+    child.sendline(line)
+    child.expect_exact(expect)
+    child.expect("You: ")
+
+
+def test_chat_conversation_commands_save_and_resume(gpt_oss_path: Path, tmp_path: Path) -> None:
+    log = tmp_path / "chat.json"
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0")
+    child.sendline(HELLO.user)
+    child.expect_exact(HELLO.final)
+    assert HELLO.analysis in plain(child.before)  # reasoning is shown before the answer
+    child.expect("You: ")
+    say(child, "\\frobnicate", "Unknown command \\frobnicate")
+    say(child, "\\set temperature=-1", "greater than or equal to 0")
+    say(child, "\\set top_k=5", "top_k = 5")
+    say(child, "\\show", "top_k: 5")
+    say(child, "\\save " + str(tmp_path / "copy.json"), "Saved")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    saved = json.loads((tmp_path / "copy.json").read_text())
+    (chat,) = saved["chats"].values()
+    assert [(m["role"], m.get("channel"), m["content"]) for m in chat["messages"]] == [
+        ("user", None, HELLO.user),
+        ("assistant", "analysis", HELLO.analysis),
+        ("assistant", "final", HELLO.final),
+    ]
+    assert log.exists()  # autosaved after the turn, before \save moved the log
+
+    # A new process resumes the log: the model answers "Thanks" as it learned to after
+    # the greeting, which it can only do if the history came back.
+    child = spawn_chat(gpt_oss_path, tmp_path / "copy.json", "--temperature", "0")
+    assert "Resumed" in child.before
+    say(child, "Thanks", "You are welcome!")
+    say(child, "\\undo", "Removed the last exchange")
+    say(child, "\\history", HELLO.final)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    resumed = json.loads((tmp_path / "copy.json").read_text())
+    (chat,) = resumed["chats"].values()
+    assert len(chat["messages"]) == 3
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(gpt_oss_path: Path, tmp_path: Path) -> None:
+    # Forbid the stop tokens so that the answer would run on for a long time.
+    endless = ["--temperature", "0", "--logit-bias", "200002=-1000", "--logit-bias", "200012=-1000"]
+    child = spawn_chat(
+        gpt_oss_path, tmp_path / "c.json", "--max-tokens", "100000", "--no-markdown", *endless
+    )
+    child.sendline(FRANCE.user)
+    child.expect("thinking")
+    child.sendintr()
+    child.expect_exact("(stopped)", timeout=30)
+    child.expect("You: ")
+    say(child, "\\reasoning off", "reasoning hidden")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_resumes_an_original_v1_log(gpt_oss_path: Path, tmp_path: Path) -> None:
+    log = tmp_path / "old.json"
+    log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0", "--max-tokens", "5")
+    say(child, "\\history", "Hi")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    assert (tmp_path / "old.json.v1.bak").read_bytes() == (
+        ROOT / "tests" / "data" / "chatlog-v1.json"
+    ).read_bytes()
+    assert json.loads(log.read_text())["schema_version"] == 2

@@ -1,0 +1,67 @@
+"""moshi-mlx 0.3.0 pins mlx<0.27; pyproject.toml overrides that. This keeps it honest:
+every moshi_mlx module the voice pipeline uses imports, and a streaming LM steps, on the
+mlx the project installs."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import pytest
+
+MODULES = [
+    "moshi_mlx.models",
+    "moshi_mlx.models.lm",
+    "moshi_mlx.models.generate",
+    "moshi_mlx.models.mimi",
+    "moshi_mlx.models.tts",
+    "moshi_mlx.modules",
+    "moshi_mlx.utils.sampling",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_imports(name: str) -> None:
+    importlib.import_module(name)
+
+
+def test_tiny_streaming_stt_lm_steps() -> None:
+    from moshi_mlx import models
+    from moshi_mlx.utils import sampling
+
+    n_q = 8
+    cfg = {
+        "dim": 64,
+        "num_heads": 4,
+        "num_layers": 2,
+        "causal": True,
+        "layer_scale": None,
+        "context": 64,
+        "max_period": 10000,
+        "positional_embedding": "rope",
+        "depformer_dim": 32,
+        "depformer_num_heads": 2,
+        "depformer_num_layers": 1,
+        "depformer_dim_feedforward": 64,
+        "depformer_pos_emb": "none",
+        "dep_q": 0,
+        "n_q": n_q,
+        "card": 2048,
+        "text_card": 100,
+        "delays": [0] * (n_q + 1),
+        "extra_heads_num_heads": 2,
+        "extra_heads_dim": 6,
+    }
+    mx.random.seed(0)
+    lm = models.Lm(models.LmConfig.from_config_dict(cfg))
+    gen = models.LmGen(
+        model=lm,
+        max_steps=10,
+        text_sampler=sampling.Sampler(temp=0.0),
+        audio_sampler=sampling.Sampler(temp=0.0),
+    )
+    for _ in range(4):
+        codes = mx.random.randint(0, 2048, (1, n_q))
+        text, extra = gen.step_with_extra_heads(codes)
+        assert text.shape == (1,) or text.size == 1
+        assert len(extra) == 2
