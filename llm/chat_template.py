@@ -13,7 +13,7 @@ from typing import Any
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from llm.config import PromptConfig
-from llm.messages import Channel, ChatMessage, MessageDone, TextDelta
+from llm.messages import Channel, ChatMessage, FunctionTool, MessageDone, TextDelta
 
 
 class ChatTemplateFormat:
@@ -26,7 +26,11 @@ class ChatTemplateFormat:
         self._think = (tokenizer.think_start_id, tokenizer.think_end_id) if think else None
 
     def render(
-        self, prompt: PromptConfig, history: Sequence[ChatMessage], now: datetime | None = None
+        self,
+        prompt: PromptConfig,
+        history: Sequence[ChatMessage],
+        now: datetime | None = None,
+        tools: Sequence[FunctionTool] = (),
     ) -> list[int]:
         system = [prompt.expand(prompt.system_model_identity, now)]
         system.append(prompt.expand(prompt.developer_instructions, now))
@@ -41,7 +45,22 @@ class ChatTemplateFormat:
             if m.role in ("system", "developer") or m.channel == "analysis":
                 continue
             msgs.append({"role": m.role, "content": m.content})
-        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        schemas = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters or {},
+                },
+            }
+            for t in tools
+        ]
+        return list(
+            self.tokenizer.apply_chat_template(
+                msgs, tools=schemas or None, add_generation_prompt=True
+            )
+        )
 
     def decoder(self) -> ChatTemplateDecoder:
         return ChatTemplateDecoder(self.tokenizer, self.stop_tokens, self._think)

@@ -27,6 +27,7 @@ from llm.messages import (
     ChatMessage,
     Event,
     FinishReason,
+    FunctionTool,
     GenerationStats,
     MessageDone,
     TextDelta,
@@ -91,10 +92,11 @@ class Engine:
         prompt: PromptConfig,
         max_tokens: int = 0,
         now: datetime | None = None,
+        tools: Sequence[FunctionTool] = (),
     ) -> list[int]:
         """The prompt's token ids, older turns dropped if it would overflow the context."""
         history = list(history)
-        tokens = self.format.render(prompt, history, now)
+        tokens = self._render(prompt, history, now, tools)
         limit = prompt.max_context_tokens
         while limit and len(tokens) + max_tokens > limit:
             # Drop the oldest exchange: everything up to the next user message.
@@ -105,8 +107,26 @@ class Engine:
                     f"plus max_tokens={max_tokens}; raise the limit or shorten the message"
                 )
             history = history[users[1] :]
-            tokens = self.format.render(prompt, history, now)
+            tokens = self._render(prompt, history, now, tools)
         return tokens
+
+    def _render(
+        self,
+        prompt: PromptConfig,
+        history: list[ChatMessage],
+        now: datetime | None,
+        tools: Sequence[FunctionTool],
+    ) -> list[int]:
+        try:
+            return self.format.render(prompt, history, now, tools)
+        except (ValueError, TypeError, RuntimeError) as e:  # HarmonyError is a RuntimeError
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"cannot render the conversation: {first}") from e
+
+    @property
+    def vocab_size(self) -> int:
+        args = getattr(self.model, "args", None)
+        return getattr(args, "vocab_size", None) or len(self.tokenizer.vocab)
 
     def stream(
         self,
@@ -115,6 +135,7 @@ class Engine:
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
         now: datetime | None = None,
+        tools: Sequence[FunctionTool] = (),
     ) -> Iterator[Event]:
         """Generate the assistant's turn after `history`, yielding events as tokens arrive.
 
@@ -122,7 +143,10 @@ class Engine:
         finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
         """
         sampling = sampling or prompt.sampling
-        prompt_tokens = self.render(history, prompt, sampling.max_tokens, now)
+        bad = [t for t in sampling.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary")
+        prompt_tokens = self.render(history, prompt, sampling.max_tokens, now, tools)
         clock = _Clock(time.perf_counter())
         mx.reset_peak_memory()
         cached = self._prefill(prompt_tokens)

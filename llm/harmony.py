@@ -22,10 +22,11 @@ from openai_harmony import (
     Role,
     StreamableParser,
     SystemContent,
+    ToolDescription,
 )
 
 from llm.config import PromptConfig
-from llm.messages import ChatMessage, MessageDone, TextDelta
+from llm.messages import ChatMessage, FunctionTool, MessageDone, TextDelta
 from llm.vocab import harmony_encoding
 
 _ROLES = {r.value: r for r in Role}
@@ -57,11 +58,16 @@ def _to_harmony(msg: ChatMessage) -> Message:
         out = out.with_channel(msg.channel or "final")
         if msg.recipient:
             out = out.with_recipient(msg.recipient)
+            if msg.recipient.startswith("functions."):
+                out = out.with_content_type("<|constrain|>json")
     return out
 
 
 def render_messages(
-    prompt: PromptConfig, history: Sequence[ChatMessage], now: datetime | None = None
+    prompt: PromptConfig,
+    history: Sequence[ChatMessage],
+    now: datetime | None = None,
+    tools: Sequence[FunctionTool] = (),
 ) -> list[Message]:
     """System and developer messages from the prompt config, examples, then the history.
 
@@ -72,8 +78,14 @@ def render_messages(
     instructions += [m.content for m in history if m.role in ("system", "developer")]
     instructions = [i for i in instructions if i]
     out = [_system_message(prompt, now)]
-    if instructions:
-        dev = DeveloperContent.new().with_instructions("\n\n".join(instructions))
+    if instructions or tools:
+        dev = DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions("\n\n".join(instructions))
+        if tools:
+            dev = dev.with_function_tools(
+                [ToolDescription.new(t.name, t.description, t.parameters) for t in tools]
+            )
         out.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     for dialogue in prompt.example_dialogues:
         for ex in dialogue:
@@ -94,9 +106,13 @@ class HarmonyFormat:
         self.stop_tokens = frozenset(self.encoding.stop_tokens_for_assistant_actions())
 
     def render(
-        self, prompt: PromptConfig, history: Sequence[ChatMessage], now: datetime | None = None
+        self,
+        prompt: PromptConfig,
+        history: Sequence[ChatMessage],
+        now: datetime | None = None,
+        tools: Sequence[FunctionTool] = (),
     ) -> list[int]:
-        convo = Conversation.from_messages(render_messages(prompt, history, now))
+        convo = Conversation.from_messages(render_messages(prompt, history, now, tools))
         return self.encoding.render_conversation_for_completion(convo, Role.ASSISTANT)
 
     def decoder(self) -> HarmonyDecoder:

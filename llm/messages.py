@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Channel = Literal["analysis", "commentary", "final"]
@@ -25,6 +25,15 @@ class ChatMessage:
     recipient: str | None = None
     name: str | None = None
     created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the caller offers the model (OpenAI's `tools` entry of type function)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.tiny_models import build_tiny_chatml, build_tiny_gpt_oss, content_key
+from tests.support.tiny_models import content_key
 
+ROOT = Path(__file__).parent.parent
 CACHE = Path(os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests"))
 
 
-def _cached(name: str, build) -> Path:
+def _cached(name: str, *args: str) -> Path:
     folder = CACHE / f"{name}-{content_key(name)}"
     if not (folder / "config.json").is_file():
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
+        cmd = [sys.executable, "-m", "tests.support.tiny_models", name, str(tmp), *args]
+        subprocess.run(cmd, check=True, cwd=ROOT)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return folder
@@ -42,12 +46,12 @@ def vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt_oss_path(vocab_dir: Path) -> Path:
-    return _cached("gpt-oss", lambda p: build_tiny_gpt_oss(p, vocab_dir))
+    return _cached("gpt-oss", str(vocab_dir))
 
 
 @pytest.fixture(scope="session")
 def chatml_path() -> Path:
-    return _cached("chatml", build_tiny_chatml)
+    return _cached("chatml")
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +73,20 @@ def chatml_engine(chatml_path: Path):
     from llm.engine import Engine
 
     return Engine.load(str(chatml_path))
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Once pytest has reported, leave without the interpreter's teardown: native
+    # extensions (MLX's thread pool among them) have been seen to abort in it with
+    # "free(): invalid next size" after every test had passed, turning a green run red.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from openai_harmony import (
+    Author,
     Conversation,
     DeveloperContent,
     HarmonyEncodingName,
@@ -26,6 +27,7 @@ from openai_harmony import (
     ReasoningEffort,
     Role,
     SystemContent,
+    ToolDescription,
     load_harmony_encoding,
 )
 
@@ -136,7 +138,24 @@ def write_harmony_tokenizer(folder: Path, vocab_file: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _harmony_prompt(enc, turn: Turn, variant: int) -> list[int]:
+# A function the model learns to call, and the answer it gives from the result.
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Get the current weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+TOOL_USER = "What is the weather in Paris?"
+TOOL_ANALYSIS = "Need the weather tool."
+TOOL_ARGS = '{"city":"Paris"}'
+TOOL_RESULT = '{"sky":"sunny"}'
+TOOL_FINAL = "It is sunny in Paris."
+
+
+def _harmony_prompt(enc, variant: int, history: list[Message], tools: bool = False) -> list[int]:
     identity = _IDENTITIES[variant % len(_IDENTITIES)]
     effort = _EFFORTS[variant % len(_EFFORTS)]
     date = _DATES[(variant // 2) % len(_DATES)]
@@ -149,19 +168,24 @@ def _harmony_prompt(enc, turn: Turn, variant: int) -> list[int]:
         .with_knowledge_cutoff("2024-06")
     )
     messages = [Message.from_role_and_content(Role.SYSTEM, system)]
+    dev = DeveloperContent.new()
     if instructions:
-        messages.append(
-            Message.from_role_and_content(
-                Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions)
-            )
-        )
-    for user, final in turn.history:
-        messages.append(Message.from_role_and_content(Role.USER, user))
-        messages.append(Message.from_role_and_content(Role.ASSISTANT, final).with_channel("final"))
-    messages.append(Message.from_role_and_content(Role.USER, turn.user))
+        dev = dev.with_instructions(instructions)
+    if tools:
+        dev = dev.with_function_tools([ToolDescription.new(**WEATHER_TOOL)])
+    if instructions or tools:
+        messages.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     return enc.render_conversation_for_completion(
-        Conversation.from_messages(messages), Role.ASSISTANT
+        Conversation.from_messages(messages + history), Role.ASSISTANT
     )
+
+
+def _turn_history(turn: Turn) -> list[Message]:
+    history = []
+    for user, final in turn.history:
+        history.append(Message.from_role_and_content(Role.USER, user))
+        history.append(Message.from_role_and_content(Role.ASSISTANT, final).with_channel("final"))
+    return [*history, Message.from_role_and_content(Role.USER, turn.user)]
 
 
 def harmony_reply_tokens(enc, turn: Turn) -> list[int]:
@@ -170,6 +194,49 @@ def harmony_reply_tokens(enc, turn: Turn) -> list[int]:
         f"<|start|>assistant<|channel|>final<|message|>{turn.final}<|return|>"
     )
     return enc.encode(text, allowed_special="all")
+
+
+def _tool_examples(enc, variant: int) -> list[tuple[list[int], list[int]]]:
+    user = Message.from_role_and_content(Role.USER, TOOL_USER)
+    call = (
+        Message.from_role_and_content(Role.ASSISTANT, TOOL_ARGS)
+        .with_channel("commentary")
+        .with_recipient("functions.get_weather")
+        .with_content_type("<|constrain|>json")
+    )
+    result = (
+        Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"), TOOL_RESULT)
+        .with_channel("commentary")
+        .with_recipient("assistant")
+    )
+    call_reply = (
+        f"<|channel|>analysis<|message|>{TOOL_ANALYSIS}<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        f"<|message|>{TOOL_ARGS}<|call|>"
+    )
+    final_reply = f"<|channel|>final<|message|>{TOOL_FINAL}<|return|>"
+    return [
+        (
+            _harmony_prompt(enc, variant, [user], tools=True),
+            enc.encode(call_reply, allowed_special="all"),
+        ),
+        (
+            _harmony_prompt(enc, variant, [user, call, result], tools=True),
+            enc.encode(final_reply, allowed_special="all"),
+        ),
+    ]
+
+
+def harmony_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reply) token pairs: every scripted turn and the tool round trip."""
+    out = []
+    for v in variants:
+        out += [
+            (_harmony_prompt(enc, v, _turn_history(t)), harmony_reply_tokens(enc, t))
+            for t in HARMONY_TURNS
+        ]
+        out += _tool_examples(enc, v)
+    return out
 
 
 def _train(
@@ -252,16 +319,8 @@ def build_tiny_gpt_oss(folder: Path, vocab_dir: Path, max_steps: int = 400) -> N
     mx.random.seed(0)
     args = gpt_oss.ModelArgs.from_dict(config)
     model = gpt_oss.Model(args)
-    examples = [
-        (_harmony_prompt(enc, turn, v), harmony_reply_tokens(enc, turn))
-        for turn in HARMONY_TURNS
-        for v in range(12)
-    ]
-    checks = [
-        (_harmony_prompt(enc, turn, v), harmony_reply_tokens(enc, turn))
-        for turn in HARMONY_TURNS
-        for v in (0, 7)
-    ]
+    examples = harmony_examples(enc, range(12))
+    checks = harmony_examples(enc, (0, 7))
     for _ in range(max_steps // 50):
         _train(model, examples, steps=50, lr=3e-3)
         if all(greedy(model, p, len(r) + 2, set(STOP_IDS)) == r for p, r in checks):
@@ -379,3 +438,15 @@ def content_key(*parts: object) -> str:
     src = Path(__file__).read_bytes()
     digest = hashlib.sha256(src + repr(parts).encode()).hexdigest()
     return re.sub(r"[^0-9a-f]", "", digest)[:16]
+
+
+if __name__ == "__main__":
+    # Built in a child process by the test fixtures, so that training's memory and MLX
+    # state never live in the test process.
+    import sys
+
+    kind, target = sys.argv[1], Path(sys.argv[2])
+    if kind == "gpt-oss":
+        build_tiny_gpt_oss(target, Path(sys.argv[3]))
+    else:
+        build_tiny_chatml(target)

@@ -1,0 +1,264 @@
+"""OpenAI's chat-completions wire format: request validation, and engine events → responses.
+
+Kept apart from the HTTP layer so that the mapping (messages → conversation, tool calls,
+reasoning → `reasoning_content`, usage) can be read and tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llm.config import SamplingParams
+from llm.messages import ChatMessage, FinishReason, FunctionTool
+
+MAX_STOP_SEQUENCES = 4
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class RequestMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The request body; unknown fields are refused so that typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[RequestMessage] = Field(min_length=1)
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    user: str | None = None
+    # Extensions beyond OpenAI's fields, named as in mlx-lm's server.
+    min_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_context_size: int | None = Field(None, ge=1)
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    xtc_threshold: float | None = Field(None, ge=0, le=0.5)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops)):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias key {key!r} is not a token id")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias for {key} must be between -100 and 100")
+        return v
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def sampling(self, base: SamplingParams) -> SamplingParams:
+        fields = (
+            "temperature",
+            "top_p",
+            "seed",
+            "min_p",
+            "top_k",
+            "repetition_penalty",
+            "repetition_context_size",
+            "xtc_probability",
+            "xtc_threshold",
+        )
+        updates: dict[str, Any] = {
+            f: getattr(self, f) for f in fields if getattr(self, f) is not None
+        }
+        if self.seed is not None:
+            updates["reseed_each_turn"] = True  # a request's seed fixes that request
+        if self.output_limit is not None:
+            updates["max_tokens"] = self.output_limit
+        if self.logit_bias:
+            updates["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        return base.model_copy(update=updates)
+
+    def function_tools(self) -> list[FunctionTool]:
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [
+            FunctionTool(t.function.name, t.function.description, t.function.parameters)
+            for t in self.tools
+        ]
+
+    def conversation(self) -> list[ChatMessage]:
+        """Map OpenAI messages to the engine's, resolving tool results to function names."""
+        names: dict[str, str] = {}
+        out: list[ChatMessage] = []
+        for m in self.messages:
+            if m.role == "assistant":
+                if m.reasoning_content:
+                    out.append(ChatMessage("assistant", m.reasoning_content, "analysis"))
+                if m.text():
+                    out.append(ChatMessage("assistant", m.text(), "final"))
+                for call in m.tool_calls or []:
+                    names[call.id] = call.function.name
+                    out.append(
+                        ChatMessage(
+                            "assistant",
+                            call.function.arguments,
+                            "commentary",
+                            recipient=f"functions.{call.function.name}",
+                        )
+                    )
+            elif m.role == "tool":
+                name = names.get(m.tool_call_id or "", m.name or "tool")
+                out.append(ChatMessage("tool", m.text(), name=f"functions.{name}"))
+            else:
+                out.append(ChatMessage(m.role, m.text()))
+        return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def tool_call_of(msg: ChatMessage) -> dict[str, Any] | None:
+    """The OpenAI tool call for a model message addressed to a declared function."""
+    if msg.role != "assistant" or not (msg.recipient or "").startswith("functions."):
+        return None
+    return {
+        "id": new_id("call"),
+        "type": "function",
+        "function": {"name": msg.recipient.removeprefix("functions."), "arguments": msg.content},
+    }
+
+
+def finish_reason(reason: FinishReason, has_calls: bool) -> str:
+    if has_calls:
+        return "tool_calls"
+    return {"length": "length"}.get(reason, "stop")
+
+
+def usage(prompt: int, completion: int, reasoning: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class StopMatcher:
+    """Cuts the answer at the first stop sequence, holding back text that may start one."""
+
+    def __init__(self, stops: list[str] | None) -> None:
+        self._stops = stops or []
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._text = ""
+        self._sent = 0
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        """Return the part of the answer that is safe to send now."""
+        if self.hit:
+            return ""
+        self._text += text
+        cut = min((i for s in self._stops if (i := self._text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            return self._release(cut)
+        return self._release(max(self._sent, len(self._text) - self._hold))
+
+    def flush(self) -> str:
+        return "" if self.hit else self._release(len(self._text))
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._sent]
+
+    def _release(self, upto: int) -> str:
+        out, self._sent = self._text[self._sent : upto], upto
+        return out

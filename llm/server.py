@@ -1,0 +1,389 @@
+"""OpenAI-compatible HTTP server on the engine (FastAPI).
+
+Routes: POST /v1/chat/completions (JSON or server-sent events), GET /v1/models, GET /health.
+Generation runs on the one model-owning worker thread (llm.worker); the event loop only
+waits for its events, so requests queue without blocking each other's I/O, and a client
+that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llm.config import PromptConfig
+from llm.engine import Engine
+from llm.errors import ConfigError
+from llm.messages import MessageDone, TextDelta, TurnDone
+from llm.openai_api import (
+    ChatCompletionRequest,
+    StopMatcher,
+    chunk,
+    finish_reason,
+    new_id,
+    tool_call_of,
+    usage,
+)
+from llm.worker import Job, ModelWorker
+
+
+@dataclass
+class ServerLimits:
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 512
+    max_tokens: int = 16_384
+
+
+@dataclass
+class ServedModel:
+    """A name clients may ask for, and how to serve it."""
+
+    name: str
+    model: str
+    prompt: PromptConfig
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = (
+            status,
+            message,
+            param,
+            kind,
+            code,
+        )
+
+    def response(self) -> JSONResponse:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status)
+
+
+class BodyLimit:
+    """Refuses bodies over the limit before they are read, with OpenAI's error shape."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
+        if length is not None and int(length) > self.limit:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_big
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except ApiError as e:
+            await e.response()(scope, receive, send)
+
+
+def create_app(
+    served: list[ServedModel],
+    load: Callable[[str], Engine] = Engine.load,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    preloaded: Engine | None = None,
+) -> FastAPI:
+    """The app; `preloaded` is the engine of the first served model, if already loaded."""
+    limits = limits or ServerLimits()
+    by_name = {s.name: s for s in served}
+    default = served[0]
+    worker = ModelWorker()
+    state: dict[str, Engine | str | None] = {
+        "engine": preloaded,
+        "loaded": default.model if preloaded else None,
+    }
+
+    def engine_for(entry: ServedModel) -> Engine:
+        """Runs on the worker thread: load (or switch to) the model the request named."""
+        if state["loaded"] != entry.model:
+            state["engine"], state["loaded"] = None, None
+            state["engine"], state["loaded"] = load(entry.model), entry.model
+        return state["engine"]  # type: ignore[return-value]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = FastAPI(title="mlx-harmony", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        param = ".".join(loc) or None
+        msg = f"{param}: {first['msg']}" if param else first["msg"]
+        return ApiError(400, msg, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail), kind="invalid_request_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):  # type: ignore[no-untyped-def]
+        authorized = request.headers.get("authorization") == f"Bearer {api_key}"
+        if api_key and request.url.path != "/health" and not authorized:
+            return ApiError(
+                401,
+                "invalid or missing API key",
+                kind="authentication_error",
+                code="invalid_api_key",
+            ).response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "loaded_model": state["loaded"], "queued": worker.pending}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [
+            {
+                "id": s.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "mlx-harmony",
+                "root": s.model,
+                "loaded": s.model == state["loaded"],
+            }
+            for s in served
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> JSONResponse | StreamingResponse:
+        entry = _pick(body.model)
+        if len(body.messages) > limits.max_messages:
+            raise ApiError(400, f"messages: at most {limits.max_messages}", "messages")
+        if body.output_limit and body.output_limit > limits.max_tokens:
+            raise ApiError(400, f"max_tokens: at most {limits.max_tokens}", "max_tokens")
+        prompt = entry.prompt
+        if body.reasoning_effort:
+            prompt = prompt.model_copy(update={"reasoning_effort": body.reasoning_effort})
+        try:
+            sampling = body.sampling(prompt.sampling)
+            sampling = type(sampling).model_validate(sampling.model_dump())
+        except ValueError as e:
+            raise ApiError(400, str(e).splitlines()[0]) from None
+        history, tools = body.conversation(), body.function_tools()
+
+        def run(should_stop: Callable[[], bool]):  # type: ignore[no-untyped-def]
+            engine = engine_for(entry)
+            return engine.stream(history, prompt, sampling, should_stop=should_stop, tools=tools)
+
+        job = Job(run)
+        cid = new_id("chatcmpl")
+        events = await _started(worker.submit(job))
+        if body.stream:
+            return StreamingResponse(
+                _sse(events, job, cid, entry.name, body), media_type="text/event-stream"
+            )
+        return JSONResponse(await _complete(events, job, cid, entry.name, body, request))
+
+    def _pick(name: str | None) -> ServedModel:
+        if name is None or name == default.name:
+            return default
+        if name in by_name:
+            return by_name[name]
+        for s in served:
+            if s.model == name:
+                return s
+        raise ApiError(404, f"model '{name}' does not exist", "model", code="model_not_found")
+
+    return app
+
+
+async def _started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Wait for the first event, so that a request the engine refuses (a token id outside
+    the vocabulary, a conversation over the context limit) is a 400, not a broken 200."""
+    try:
+        first = await anext(events)
+    except ConfigError as e:
+        field = str(e).split(":")[0]
+        param = field if field in ChatCompletionRequest.model_fields else "messages"
+        raise ApiError(400, str(e), param) from None
+
+    async def chained() -> AsyncIterator[Any]:
+        yield first
+        async for event in events:
+            yield event
+
+    return chained()
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _complete(
+    events: AsyncIterator[Any],
+    job: Job,
+    cid: str,
+    model: str,
+    body: ChatCompletionRequest,
+    request: Request,
+) -> dict[str, Any]:
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    stop = StopMatcher(body.stop)  # type: ignore[arg-type]
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    done: TurnDone | None = None
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
+                stop.feed(event.text)
+                if stop.hit:
+                    job.cancelled.set()
+            elif isinstance(event, MessageDone):
+                if event.message.channel == "analysis":
+                    reasoning.append(event.message.content)
+                elif (call := tool_call_of(event.message)) is not None:
+                    calls.append(call)
+            elif isinstance(event, TurnDone):
+                done = event
+    finally:
+        watcher.cancel()
+    assert done is not None
+    stop.flush()
+    message: dict[str, Any] = {"role": "assistant", "content": stop.text or None}
+    if reasoning:
+        message["reasoning_content"] = "\n\n".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason(done.finish_reason, bool(calls)),
+            }
+        ],
+        "usage": _usage(done),
+    }
+
+
+def _usage(done: TurnDone) -> dict[str, Any]:
+    from llm.vocab import harmony_encoding
+
+    analysis = "".join(m.content for m in done.messages if m.channel == "analysis")
+    # The engine reports messages, not per-token channels: count the reasoning text.
+    reasoning = len(harmony_encoding().encode(analysis)) if analysis else 0
+    s = done.stats
+    return usage(
+        s.prompt_tokens, s.generated_tokens, min(reasoning, s.generated_tokens), s.cached_tokens
+    )
+
+
+async def _sse(
+    events: AsyncIterator[Any], job: Job, cid: str, model: str, body: ChatCompletionRequest
+) -> AsyncIterator[str]:
+    stop = StopMatcher(body.stop)  # type: ignore[arg-type]
+    calls = 0
+    try:
+        yield chunk(cid, model, {"role": "assistant", "content": ""})
+        async for event in events:
+            if isinstance(event, TextDelta) and not event.recipient:
+                if event.channel == "final":
+                    text = stop.feed(event.text)
+                    if stop.hit:
+                        job.cancelled.set()
+                    if text:
+                        yield chunk(cid, model, {"content": text})
+                elif event.channel == "analysis":
+                    yield chunk(cid, model, {"reasoning_content": event.text})
+            elif isinstance(event, MessageDone) and (call := tool_call_of(event.message)):
+                yield chunk(cid, model, {"tool_calls": [{"index": calls, **call}]})
+                calls += 1
+            elif isinstance(event, TurnDone):
+                if rest := stop.flush():
+                    yield chunk(cid, model, {"content": rest})
+                yield chunk(cid, model, {}, finish_reason(event.finish_reason, calls > 0))
+                if body.stream_options and body.stream_options.include_usage:
+                    usage_chunk = {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(event),
+                    }
+                    yield f"data: {json.dumps(usage_chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # headers are sent: report the failure inside the stream
+        err = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
+        yield f"data: {json.dumps(err)}\n\n"
+    finally:
+        job.cancelled.set()
+
+
+def served_from(
+    model: str | None,
+    profiles: dict[str, Any],
+    prompt: PromptConfig,
+    load_prompt: Callable[[str], PromptConfig],
+) -> list[ServedModel]:
+    """The models a server offers: each profile, or the one --model."""
+    out = []
+    if model:
+        out.append(ServedModel(model, model, prompt))
+    for name, p in profiles.items():
+        out.append(
+            ServedModel(
+                name, p.model, load_prompt(p.prompt_config) if p.prompt_config else PromptConfig()
+            )
+        )
+    if not out:
+        raise ConfigError("nothing to serve: give --model or --profiles")
+    return out

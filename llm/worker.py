@@ -1,0 +1,79 @@
+"""One thread owns the model; callers hand it jobs and read events back.
+
+MLX work must not run on an event loop (it would block every other request), and one
+model cannot run two generations at once. So a single worker thread takes jobs from a
+queue in order, and each job's events are delivered to the caller's asyncio loop as they
+are produced. Cancelling a job (a client that went away) ends its generation at the next
+token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from llm.messages import Event
+
+_END = object()
+
+
+@dataclass
+class Job:
+    """Work for the model thread: `run(should_stop)` yields the engine's events."""
+
+    run: Callable[[Callable[[], bool]], Iterator[Event]]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelWorker:
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Job, asyncio.AbstractEventLoop, asyncio.Queue] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    @property
+    def pending(self) -> int:
+        return self._jobs.qsize()
+
+    async def submit(self, job: Job) -> AsyncIterator[Event]:
+        """Queue `job` and yield its events; leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        self._jobs.put((job, loop, out))
+        try:
+            while True:
+                item = await out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()
+
+    def _loop(self) -> None:
+        while (entry := self._jobs.get()) is not None:
+            job, loop, out = entry
+            if not job.cancelled.is_set():
+                try:
+                    for event in job.run(job.cancelled.is_set):
+                        _deliver(loop, out, event)
+                except Exception as exc:  # delivered to the request, which answers 500
+                    _deliver(loop, out, exc)
+            _deliver(loop, out, _END)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item: object) -> None:
+    # The caller's loop may have shut down (server stopping): nobody is left to tell.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(out.put_nowait, item)
