@@ -19,6 +19,19 @@ from llm.messages import ChatMessage, FinishReason, FunctionTool
 MAX_STOP_SEQUENCES = 4
 
 
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, returned with every 4xx."""
+
+    error: ErrorBody
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]

@@ -28,6 +28,7 @@ from llm.errors import ConfigError
 from llm.messages import MessageDone, TextDelta, TurnDone
 from llm.openai_api import (
     ChatCompletionRequest,
+    ErrorResponse,
     StopMatcher,
     chunk,
     finish_reason,
@@ -192,7 +193,27 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    errors = {
+        status: {"model": ErrorResponse, "description": what}
+        for status, what in [
+            (400, "invalid request (the field is named in `param`)"),
+            (401, "missing or wrong API key"),
+            (404, "unknown model"),
+            (413, "body too large"),
+        ]
+    }
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {
+                "description": "a chat.completion object, or chat.completion.chunk events "
+                "(text/event-stream) when `stream` is true"
+            },
+            **errors,
+        },
+    )
     async def chat_completions(
         body: ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:

@@ -119,6 +119,7 @@ def test_chat_conversation_commands_save_and_resume(gpt_oss_path: Path, tmp_path
     resumed = json.loads((tmp_path / "copy.json").read_text())
     (chat,) = resumed["chats"].values()
     assert len(chat["messages"]) == 3
+    assert chat["metadata"]["last_model_path"] == str(gpt_oss_path)
 
 
 def test_ctrl_c_stops_the_answer_not_the_program(gpt_oss_path: Path, tmp_path: Path) -> None:

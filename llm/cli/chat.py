@@ -100,6 +100,9 @@ class ChatSession:
             self.console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
         self.log, self.log_path = log, path
         self.engine.reset()
+        meta = self.chat.metadata
+        meta.last_model_path = self.setup.model
+        meta.last_prompt_config_path = str(self.setup.prompt_path or "") or None
         n = len(self.chat.messages)
         self.console.print(f"[dim]Resumed {path} ({n} messages).[/]")
 
