@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -63,6 +67,16 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def stream_post(server: LiveServer, body: dict):
+    return httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +139,7 @@ def test_streaming_deltas_and_usage(client: openai.OpenAI) -> None:
 
 def test_stream_ends_with_done(server: LiveServer) -> None:
     body = {"messages": [{"role": "user", "content": HELLO.user}], "temperature": 0, "stream": True}
-    with httpx.stream(
-        "POST",
-        server.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    ) as r:
+    with stream_post(server, body) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]"
@@ -269,13 +277,7 @@ def test_disconnect_mid_stream_cancels_generation(
         "max_tokens": 20_000,
         "logit_bias": ENDLESS_BIAS,
     }
-    with httpx.stream(
-        "POST",
-        server.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    ) as r:
+    with stream_post(server, body) as r:
         for line in r.iter_lines():
             if "content" in line:
                 break  # hang up while the model is still generating
@@ -339,3 +341,45 @@ def test_openapi_schema_fuzz_gives_no_server_error(tiny: Engine) -> None:
                 assert "error" in response.json()  # OpenAI's error shape, always
 
         check()
+
+
+def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llm.cli.serve",
+            "--model",
+            str(gpt_oss_path),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+        ],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health["loaded_model"] == str(gpt_oss_path)  # loaded before serving
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
+        r = client.chat.completions.create(
+            model=str(gpt_oss_path),
+            messages=[{"role": "user", "content": HELLO.user}],
+            temperature=0,
+        )
+        assert r.choices[0].message.content == HELLO.final
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out

@@ -158,19 +158,19 @@ class ChatSession:
         self.save()
         self.console.print("[dim]New chat.[/]")
 
-    def _cmd_undo(self, _: str) -> None:
+    def _last_user_message(self, action: str) -> int:
         users = [i for i, m in enumerate(self.chat.messages) if m.role == "user"]
         if not users:
-            raise ConfigError("nothing to undo")
-        self.chat.truncate(users[-1])
+            raise ConfigError(f"nothing to {action}")
+        return users[-1]
+
+    def _cmd_undo(self, _: str) -> None:
+        self.chat.truncate(self._last_user_message("undo"))
         self.save()
         self.console.print("[dim]Removed the last exchange.[/]")
 
     def _cmd_retry(self, _: str) -> None:
-        users = [i for i, m in enumerate(self.chat.messages) if m.role == "user"]
-        if not users:
-            raise ConfigError("nothing to retry")
-        self.chat.truncate(users[-1] + 1)
+        self.chat.truncate(self._last_user_message("retry") + 1)
         self.generate()
 
     def _cmd_history(self, _: str) -> None:

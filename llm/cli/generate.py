@@ -49,7 +49,8 @@ def _main() -> int:
             if args.stats:
                 s = event.stats
                 print(
-                    f"prompt {s.prompt_tokens} tok, ttft {s.time_to_first_token:.3f}s, "
+                    f"prompt {s.prompt_tokens} tok ({s.cached_tokens} cached) at "
+                    f"{s.prefill_tps:.1f} tok/s, ttft {s.time_to_first_token:.3f}s, "
                     f"{s.generated_tokens} tok at {s.decode_tps:.1f} tok/s, "
                     f"finish {event.finish_reason}",
                     file=sys.stderr,
