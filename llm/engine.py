@@ -143,6 +143,9 @@ class Engine:
         finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
         """
         sampling = sampling or prompt.sampling
+        if sampling.top_k >= self.vocab_size:
+            # Keeping every token is no top-k at all (mlx-lm refuses k ≥ vocabulary).
+            sampling = sampling.model_copy(update={"top_k": 0})
         bad = [t for t in sampling.logit_bias if not 0 <= t < self.vocab_size]
         if bad:
             raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary")
@@ -189,6 +192,9 @@ class Engine:
             raise
         finally:
             steps.close()
+            # generate_step leaves the last step's cache update pending on this thread's
+            # stream; finish it here, so that another thread can continue the conversation.
+            mx.eval([c.state for c in self._cache.cache])
         for event in decoder.finish():
             yield self._track(event, clock, done)
         end = time.perf_counter()

@@ -150,3 +150,12 @@ def test_repetition_penalty_changes_greedy_text(engine: Engine) -> None:
 def test_invalid_values_are_rejected(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_top_k_beyond_the_vocabulary_means_no_limit(engine: Engine) -> None:
+    # mlx-lm refuses k ≥ vocabulary size; the engine treats it as "keep every token".
+    seeded = SamplingParams(temperature=1.0, seed=9, max_tokens=6)
+    huge = seeded.model_copy(update={"top_k": 10**9})
+    assert run(Engine(engine.model, engine.tokenizer, "a"), huge) == run(
+        Engine(engine.model, engine.tokenizer, "b"), seeded
+    )
