@@ -123,6 +123,13 @@ class Engine:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"cannot render the conversation: {first}") from e
 
+    def _encode_prefix(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if not isinstance(self.format, HarmonyFormat):
+            raise ConfigError("a forced assistant prefix needs a Harmony (GPT-OSS) model")
+        return self.format.encoding.encode(text, allowed_special="all")
+
     @property
     def vocab_size(self) -> int:
         args = getattr(self.model, "args", None)
@@ -136,11 +143,14 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         now: datetime | None = None,
         tools: Sequence[FunctionTool] = (),
+        assistant_prefix: str = "",
     ) -> Iterator[Event]:
         """Generate the assistant's turn after `history`, yielding events as tokens arrive.
 
         `should_stop` is polled after every token; returning True ends the turn with
         finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
+        `assistant_prefix` (Harmony only) is text the reply is forced to begin with, such
+        as a header that addresses a tool call to one function.
         """
         sampling = sampling or prompt.sampling
         if sampling.top_k >= self.vocab_size:
@@ -150,6 +160,8 @@ class Engine:
         if bad:
             raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary")
         prompt_tokens = self.render(history, prompt, sampling.max_tokens, now, tools)
+        forced = self._encode_prefix(assistant_prefix)
+        prompt_tokens += forced
         clock = _Clock(time.perf_counter())
         mx.reset_peak_memory()
         cached = self._prefill(prompt_tokens)
@@ -167,6 +179,9 @@ class Engine:
         self._cache.tokens.append(prompt_tokens[-1])
         decoder = self.format.decoder()
         done: list[ChatMessage] = []
+        for token in forced:
+            for event in decoder.feed(token):
+                yield self._track(event, clock, done)
         finish: FinishReason = "length"
         generated: list[int] = []
         try:

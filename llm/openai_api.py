@@ -166,6 +166,20 @@ class ChatCompletionRequest(BaseModel):
             updates["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         return base.model_copy(update=updates)
 
+    def forced_call_prefix(self) -> str:
+        """The Harmony header that makes the reply a call, when `tool_choice` demands one."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return ""
+        if self.tool_choice == "required":
+            if len(self.tools) > 1:  # the model still picks which function
+                return "<|channel|>commentary to=functions."
+            name = self.tools[0].function.name
+        else:
+            name = self.tool_choice.function.get("name", "")  # type: ignore[union-attr]
+        if name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice: no function named {name!r} in tools")
+        return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+
     def function_tools(self) -> list[FunctionTool]:
         if not self.tools or self.tool_choice == "none":
             return []
@@ -218,9 +232,9 @@ def tool_call_of(msg: ChatMessage) -> dict[str, Any] | None:
 
 
 def finish_reason(reason: FinishReason, has_calls: bool) -> str:
-    if has_calls:
-        return "tool_calls"
-    return {"length": "length"}.get(reason, "stop")
+    if reason == "length":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
 
 
 def usage(prompt: int, completion: int, reasoning: int, cached: int) -> dict[str, Any]:

@@ -231,10 +231,22 @@ def create_app(
         except ValueError as e:
             raise ApiError(400, str(e).splitlines()[0]) from None
         history, tools = body.conversation(), body.function_tools()
+        try:
+            forced = body.forced_call_prefix()
+        except ValueError as e:
+            raise ApiError(400, str(e), "tool_choice") from None
 
         def run(should_stop: Callable[[], bool]):  # type: ignore[no-untyped-def]
             engine = engine_for(entry)
-            return engine.stream(history, prompt, sampling, should_stop=should_stop, tools=tools)
+            prefix = forced if engine.harmony else ""  # templates cannot be forced here
+            return engine.stream(
+                history,
+                prompt,
+                sampling,
+                should_stop=should_stop,
+                tools=tools,
+                assistant_prefix=prefix,
+            )
 
         job = Job(run)
         cid = new_id("chatcmpl")

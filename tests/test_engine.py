@@ -199,3 +199,12 @@ def test_missing_model_folder_is_one_line_error(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"has no config\.json"):
         Engine.load(str(tmp_path / "empty"))
+
+
+def test_forced_prefix_needs_harmony(chatml_engine: Engine) -> None:
+    with pytest.raises(ConfigError, match="Harmony"):
+        collect(
+            chatml_engine.stream(
+                [ChatMessage("user", "Hello")], GREEDY, assistant_prefix="<|channel|>final"
+            )
+        )

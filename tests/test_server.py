@@ -385,3 +385,33 @@ def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize(
+    "choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"]
+)
+def test_tool_choice_forces_a_call(client: openai.OpenAI, choice) -> None:
+    # "Hello" alone never makes the model call a tool; tool_choice makes it.
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": HELLO.user}],
+        temperature=0,
+        tools=[{"type": "function", "function": WEATHER_TOOL}],
+        tool_choice=choice,
+        max_tokens=30,
+    )
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_naming_an_unknown_function_is_refused(server: LiveServer) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": WEATHER_TOOL}],
+        "tool_choice": {"type": "function", "function": {"name": "launch"}},
+    }
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
