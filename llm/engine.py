@@ -176,7 +176,6 @@ class Engine:
             logits_processors=build_logits_processors(sampling, prompt_tokens[:-1]),
             prompt_cache=self._cache.cache,
         )
-        self._cache.tokens.append(prompt_tokens[-1])
         decoder = self.format.decoder()
         done: list[ChatMessage] = []
         for token in forced:
@@ -186,6 +185,8 @@ class Engine:
         generated: list[int] = []
         try:
             for token, _ in steps:
+                if not generated:  # the model has now consumed the last prompt token
+                    self._cache.tokens.append(prompt_tokens[-1])
                 self._cache.tokens.append(token)
                 generated.append(token)
                 clock.first_token = clock.first_token or time.perf_counter()

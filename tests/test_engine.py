@@ -208,3 +208,15 @@ def test_forced_prefix_needs_harmony(chatml_engine: Engine) -> None:
                 [ChatMessage("user", "Hello")], GREEDY, assistant_prefix="<|channel|>final"
             )
         )
+
+
+def test_closing_the_stream_before_any_token_keeps_the_cache_exact(engine: Engine) -> None:
+    history = [ChatMessage("user", "What is the capital of France?")]
+    prefix = "<|channel|>final<|message|>The"
+    stream = engine.stream(history, GREEDY, assistant_prefix=prefix)
+    assert isinstance(next(stream), TextDelta)  # from the forced prefix, before any step
+    stream.close()
+    again = collect(engine.stream(history, GREEDY, assistant_prefix=prefix))
+    fresh = Engine(engine.model, engine.tokenizer, "fresh")
+    expected = collect(fresh.stream(history, GREEDY, assistant_prefix=prefix))
+    assert again.tokens == expected.tokens
