@@ -134,6 +134,7 @@ def create_app(
     def engine_for(entry: ServedModel) -> Engine:
         """Runs on the worker thread: load (or switch to) the model the request named."""
         if state["loaded"] != entry.model:
+            # Drop the old model first, so two are never in memory at once.
             state["engine"], state["loaded"] = None, None
             state["engine"], state["loaded"] = load(entry.model), entry.model
         return state["engine"]  # type: ignore[return-value]
