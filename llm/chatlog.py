@@ -100,8 +100,16 @@ class Chat(BaseModel):
             for m in self.messages
         ]
 
-    def append(self, msg: ChatMessage, hyperparameters: dict[str, Any] | None = None) -> None:
-        """Add a message; hyperparameters are stored only when they differ from the last."""
+    def append(
+        self,
+        msg: ChatMessage,
+        hyperparameters: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Add a message; hyperparameters are stored only when they differ from the last.
+
+        `extra` adds fields of the caller's own (voice mode stores per-turn timings).
+        """
         parent = self.messages[-1].id if self.messages else None
         msg_id = f"msg-{len(self.messages) + 1}"
         while any(m.id == msg_id for m in self.messages):
@@ -123,6 +131,7 @@ class Chat(BaseModel):
                 content=msg.content,
                 timestamp=Stamp.at(msg.created_at),
                 hyperparameters=changed,
+                **(extra or {}),
             )
         )
         self.metadata.updated_at = Stamp.at(time.time())

@@ -55,6 +55,38 @@ def chatml_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def voice_models() -> Path:
+    """Tiny Kyutai STT and TTS folders (random weights, real file layouts)."""
+    import hashlib
+
+    src = (ROOT / "tests" / "support" / "tiny_voice.py").read_bytes()
+    folder = CACHE / f"kyutai-{hashlib.sha256(src).hexdigest()[:16]}"
+    if not (folder / "tts" / "config.json").is_file():
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "tests.support.tiny_voice", str(tmp)]
+        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def virtual_audio():
+    """A private PulseAudio server with a virtual microphone and speaker (Linux)."""
+    from tests.support.virtual_audio import VirtualAudio, missing_tools
+
+    if sys.platform != "linux":
+        pytest.skip("virtual audio devices are built with PulseAudio (Linux)")
+    missing = missing_tools()
+    assert not missing, f"install {', '.join(missing)} (scripts/run does)"
+    server = VirtualAudio.start()
+    server.activate()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def gpt_oss_engine(gpt_oss_path: Path):
     from llm.engine import Engine
 

@@ -322,6 +322,12 @@ def _main() -> int:
         show_reasoning=not args.hide_reasoning,
         markdown=not args.no_markdown,
     )
+    repl(session, console)
+    return 0
+
+
+def repl(session: ChatSession, console: Console) -> None:
+    """Read lines until \\quit or Ctrl-D; save the log on the way out."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     while True:
@@ -342,7 +348,6 @@ def _main() -> int:
         session.say(line.strip())
     session.save()
     console.print(f"[dim]Chat saved to {session.log_path}[/]")
-    return 0
 
 
 def main() -> None:

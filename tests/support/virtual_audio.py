@@ -1,0 +1,170 @@
+"""Real PortAudio devices without a sound card: a private PulseAudio server.
+
+A null sink `spk` is the speaker (its monitor is recorded), a second null sink `micsink`
+feeds the virtual source `mic`, which is the microphone: whatever is played into
+`micsink` is what a program recording from `mic` hears. PortAudio reaches the server
+through ALSA's `pulse` plugin (devices `pulse` and `default`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TOOLS = ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng", "sox")
+MIC_SOURCE = "module-virtual-source source_name=mic master=micsink.monitor"
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+@dataclass
+class VirtualAudio:
+    runtime: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @classmethod
+    def start(cls) -> VirtualAudio:
+        runtime = Path(tempfile.mkdtemp(prefix="pulse-"))
+        env = {
+            **os.environ,
+            "XDG_RUNTIME_DIR": str(runtime),
+            "PULSE_RUNTIME_PATH": str(runtime / "pulse"),
+        }
+        va = cls(runtime, env)
+        va._launch()
+        return va
+
+    def _launch(self) -> None:
+        subprocess.run(
+            [
+                "pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n",
+                "--load=module-native-protocol-unix",
+                "--load=module-null-sink sink_name=spk",
+                "--load=module-null-sink sink_name=micsink",
+                f"--load={MIC_SOURCE}",
+            ],
+            env=self.env, check=True, capture_output=True,
+        )  # fmt: skip
+        _wait(lambda: self.pactl("info", check=False).returncode == 0)
+        self.pactl("set-default-sink", "spk")
+        self.pactl("set-default-source", "mic")
+        # A null sink's monitor only delivers while something plays into the sink: keep
+        # silence flowing into both, so recordings and the microphone run continuously.
+        for sink in ("spk", "micsink"):
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "pacat",
+                        "--playback",
+                        f"--device={sink}",
+                        "--raw",
+                        "--format=s16le",
+                        "--rate=24000",
+                        "--channels=1",
+                        "/dev/zero",
+                    ],
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        _wait(lambda: len(self.pactl("list", "short", "sink-inputs").stdout.splitlines()) >= 2)
+
+    def shutdown_server(self) -> None:
+        """The whole sound system goes away (as when an audio interface is unplugged)."""
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.procs.clear()
+        self.pactl("exit", check=False)
+        _wait(lambda: self.pactl("info", check=False).returncode != 0)
+
+    def restart_server(self) -> None:
+        self._launch()
+
+    def activate(self) -> None:
+        """Point this process's PortAudio (through ALSA's pulse plugin) at this server."""
+        os.environ["XDG_RUNTIME_DIR"] = self.env["XDG_RUNTIME_DIR"]
+        os.environ["PULSE_RUNTIME_PATH"] = self.env["PULSE_RUNTIME_PATH"]
+
+    def pactl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["pactl", *args], env=self.env, check=check, capture_output=True, text=True
+        )
+
+    def stop(self) -> None:
+        self.shutdown_server()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+    # ------------------------------------------------------------------ microphone
+    def say(self, text: str, folder: Path, lead_silence: float = 0.0) -> Path:
+        """Speech made with espeak-ng, at 24 kHz mono, with optional leading silence."""
+        raw = folder / f"say-{abs(hash(text))}.wav"
+        out = folder / f"speech-{abs(hash((text, lead_silence)))}.wav"
+        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
+        cmd = ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out)]
+        if lead_silence:
+            cmd += ["pad", str(lead_silence), "0"]
+        subprocess.run(cmd, check=True)
+        return out
+
+    def play_into_mic(self, wav: Path) -> subprocess.Popen:
+        """Start playing a file into the virtual microphone; returns the player process."""
+        return subprocess.Popen(
+            ["paplay", "--device=micsink", str(wav)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ speaker
+    def record_speaker(self, path: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["parec", "--device=spk.monitor", "--file-format=wav", "--rate=24000",
+             "--channels=1", "--format=s16le", str(path)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+def _wait(ready, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the PulseAudio server did not come up")
+        time.sleep(0.05)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """Samples in [-1, 1] of a 16-bit wav (a recording still being written is fine)."""
+    with wave.open(str(path)) as w:
+        data = w.readframes(w.getnframes())
+    return np.frombuffer(data, dtype=np.int16).astype(np.float32) / 32768.0
+
+
+def non_silent_seconds(samples: np.ndarray, rate: int = 24000, threshold: float = 0.01) -> float:
+    block = rate // 50
+    n = len(samples) // block
+    if n == 0:
+        return 0.0
+    rms = np.sqrt(np.mean(samples[: n * block].reshape(n, block) ** 2, axis=1))
+    return float(np.sum(rms > threshold)) / 50
+
+
+def sox_stat(path: Path) -> dict[str, float]:
+    out = subprocess.run(["sox", str(path), "-n", "stat"], capture_output=True, text=True).stderr
+    stats = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([A-Za-z ()]+?):\s+(-?[\d.]+)", line)
+        if m:
+            stats[m.group(1).strip()] = float(m.group(2))
+    return stats

@@ -1,0 +1,136 @@
+"""Voice configs: shipped examples, the original layout, one-line errors, overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm.errors import ConfigError
+from voice.cli import build_parser, voice_config
+from voice.config import VoiceConfig, apply_override, load_voice_config
+
+ROOT = Path(__file__).parent.parent
+SEED = ROOT.parent / "shared" / "data" / "seed-configs" / "moshi-config.example.json"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "audio_configs").glob("*.json")), ids=str)
+def test_shipped_configs_load(path: Path) -> None:
+    config, ignored = load_voice_config(path)
+    assert ignored == []
+    assert isinstance(config, VoiceConfig)
+
+
+def test_default_example_spells_out_every_default() -> None:
+    config, _ = load_voice_config(ROOT / "audio_configs" / "default.json")
+    defaults = VoiceConfig()
+    defaults.llm.model = config.llm.model  # the example names the default chat model
+    assert config == defaults
+
+
+def test_the_original_moshi_config_is_read_and_its_unused_fields_named(tmp_path: Path) -> None:
+    raw = json.loads(SEED.read_text()) if SEED.exists() else None
+    if raw is None:
+        pytest.skip("../shared/data is not beside this checkout")
+    path = tmp_path / "moshi-config.json"
+    path.write_text(json.dumps(raw))
+    config, ignored = load_voice_config(path)
+    assert config.stt.model == raw["stt_model_path"]
+    assert config.tts.voice == raw["tts_voice_path"]
+    assert config.endpointing.silence_ms == raw["stt_silence_ms"]
+    assert config.endpointing.energy_threshold == raw["stt_silence_threshold"]
+    assert config.chunking.chunk_chars == raw["tts_chunk_chars"]
+    assert config.stt.quantize == config.tts.quantize == raw["quantize"]
+    assert config.barge_in.enabled == raw["barge_in"]
+    assert config.endpointing.detector == ("silero" if raw["stt_vad"] else "energy")
+    assert "smoke_test" in ignored and "barge_in_window_seconds" in ignored
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"endpointing": {"silence_ms": "soon"}}, "field 'endpointing.silence_ms'"),
+        ({"endpointing": {"detector": "psychic"}}, "field 'endpointing.detector'"),
+        ({"tts": {"voise": "x"}}, "field 'tts.voise': Extra inputs are not permitted"),
+        ({"chunking": {"min_chars": 500}}, "min_chars must not exceed chunk_chars"),
+        ({"stt": {"quantize": 3}}, "field 'stt.quantize'"),
+        ({"stt_model_path": "m", "stt_silense_ms": 3}, "field 'stt_silense_ms'"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_bad_configs_name_the_file_and_field(tmp_path: Path, content, message: str) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError) as e:
+        load_voice_config(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_invalid_json_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text('{"stt": {"model": "x",}}')
+    with pytest.raises(ConfigError, match=r"voice\.json: not valid JSON \(line 1"):
+        load_voice_config(path)
+
+
+def test_relative_model_paths_are_beside_the_config(tmp_path: Path) -> None:
+    (tmp_path / "models" / "stt").mkdir(parents=True)
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps({"stt": {"model": "models/stt"}, "tts": {"model": "org/repo"}}))
+    config, _ = load_voice_config(path)
+    assert config.stt.model == str(tmp_path / "models" / "stt")
+    assert config.tts.model == "org/repo"  # not a folder there: a repo id stays as it is
+
+
+def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps({"endpointing": {"silence_ms": 900}}))
+    args = build_parser().parse_args(
+        [
+            "--config", str(path), "--endpointing-silence-ms", "450", "--barge-in-enabled",
+            "--audio-input-device", "3", "--set", "tts.voice=alba", "--set", "chunking.min_chars=20",
+        ]
+    )  # fmt: skip
+    config, _ = voice_config(args)
+    assert config.endpointing.silence_ms == 450
+    assert config.barge_in.enabled is True
+    assert config.audio.input_device == "3"
+    assert config.tts.voice == "alba"
+    assert config.chunking.min_chars == 20
+    fields = {f"{s}.{n}" for s, sec in VoiceConfig.model_fields.items() if s != "llm"
+              for n in sec.annotation.model_fields}  # fmt: skip
+    help_text = build_parser().format_help()
+    for dotted in fields:
+        assert "--" + dotted.replace(".", "-").replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("endpointing.silence", "3", "--set endpointing.silence: no such setting"),
+        ("nothing.at_all", "3", "no such setting"),
+        ("endpointing.hits", "0", "endpointing.hits: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(dotted: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        apply_override(VoiceConfig(), dotted, value)
+    assert message in str(e.value)
+
+
+def test_the_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps({"barge_in": {"enabled": "maybe"}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "voice.cli", "--config", str(path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {path}: field 'barge_in.enabled': Input should be a valid boolean, "
+        "unable to interpret input"
+    ]

@@ -1,0 +1,281 @@
+"""The voice loop end to end on real PortAudio devices (a virtual microphone and speaker).
+
+Speech made with espeak-ng is played into the virtual microphone; the daemon runs its real
+loop (sounddevice streams, endpointing, moshi-mlx STT, the tiny GPT-OSS, moshi-mlx TTS)
+in the test's main thread while a helper thread plays the scenario and records the
+virtual speaker. The tiny STT is wired to hear "What is the capital of France?", which the
+tiny GPT-OSS answers in Harmony with an analysis and a two-sentence final message.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llm.chatlog import Chat, ChatLog
+from llm.config import PromptConfig
+from tests.support.tiny_voice import HEARD
+from tests.support.virtual_audio import non_silent_seconds, read_wav
+from voice.config import VoiceConfig, apply_override
+from voice.daemon import TurnTimings, VoiceAssistant
+from voice.stt import Transcriber
+from voice.tts import Synthesizer
+from voice.vad import make_detector
+
+ANSWER = "The capital of France is Paris. It is also the largest city in the country."
+SILENCE_MS = 400
+BLOCK_MS = 80
+
+
+class Recorder:
+    """A Reporter that keeps everything, with the time, and lets a thread wait for it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, str]] = []
+        self.timings: list[TurnTimings] = []
+        self._changed = threading.Condition()
+
+    def _add(self, kind: str, text: str) -> None:
+        with self._changed:
+            self.events.append((time.perf_counter(), kind, text))
+            self._changed.notify_all()
+
+    def status(self, state: str) -> None:
+        self._add("status", state)
+
+    def heard(self, text: str) -> None:
+        self._add("heard", text)
+
+    def reasoning(self, text: str) -> None:
+        self._add("reasoning", text)
+
+    def answer(self, text: str) -> None:
+        self._add("answer", text)
+
+    def notice(self, text: str) -> None:
+        self._add("notice", text)
+
+    def turn_done(self, timings: TurnTimings) -> None:
+        self.timings.append(timings)
+        self._add("turn_done", "")
+
+    def texts(self, kind: str) -> list[str]:
+        return [t for _, k, t in self.events if k == kind]
+
+    def wait(
+        self, kind: str, text: str | None = None, count: int = 1, timeout: float = 60
+    ) -> float:
+        """Block until `count` events of `kind` (matching `text`) happened; return the last time."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                hits = [e for e in self.events if e[1] == kind and (text is None or e[2] == text)]
+                if len(hits) >= count:
+                    return hits[count - 1][0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {kind} {text or ''} after {timeout}s: {self.events}")
+                self._changed.wait(left)
+
+
+@pytest.fixture(scope="module")
+def stt(voice_models: Path) -> Transcriber:
+    t = Transcriber.load(str(voice_models / "stt"), max_seconds=16)
+    t.warmup()
+    return t
+
+
+@pytest.fixture(scope="module")
+def tts(voice_models: Path) -> Synthesizer:
+    s = Synthesizer.load(
+        str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices")
+    )
+    s.warmup()
+    return s
+
+
+@pytest.fixture
+def make_assistant(virtual_audio, engine, stt, tts, tmp_path: Path):
+    def make(**overrides) -> tuple[VoiceAssistant, Recorder, Path]:
+        config = VoiceConfig()
+        settings = {
+            "endpointing.silence_ms": SILENCE_MS,
+            "endpointing.warmup_blocks": 0,
+            "chunking.min_chars": 10,
+            "audio.input_device": "pulse",
+            "audio.output_device": "pulse",
+            "audio.reopen_seconds": 0.3,
+        } | overrides
+        for key, value in settings.items():
+            config = apply_override(config, key, value)
+        log = ChatLog()
+        log.start_chat(Chat.new("tiny"))
+        recorder = Recorder()
+        path = tmp_path / "voice-chat.json"
+        prompt = PromptConfig(sampling={"temperature": 0.0})
+        detector = make_detector(config.endpointing, 24_000)
+        assistant = VoiceAssistant(config, engine, prompt, stt, tts, detector, log, path, recorder)
+        return assistant, recorder, path
+
+    return make
+
+
+def serve(assistant: VoiceAssistant, scenario: Callable[[threading.Event], None]) -> None:
+    """Run the daemon here (it owns the models) while `scenario` plays in a thread."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def play() -> None:
+        try:
+            scenario(stop)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            stop.set()
+
+    assistant.open()
+    helper = threading.Thread(target=play)
+    helper.start()
+    assistant.serve(stop)
+    helper.join()
+    if errors:
+        raise errors[0]
+
+
+def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_path) -> None:
+    assistant, rec, log_path = make_assistant()
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    feeds: list[float] = []
+    real_feed = assistant.stt.feed
+
+    def spy(pcm):
+        feeds.append(time.perf_counter())
+        return real_feed(pcm)
+
+    assistant.stt.feed = spy
+    recording = tmp_path / "speaker.wav"
+    played: dict[str, float] = {}
+
+    def scenario(stop: threading.Event) -> None:
+        recorder = virtual_audio.record_speaker(recording)
+        try:
+            time.sleep(0.3)
+            player = virtual_audio.play_into_mic(question)
+            played["start"] = time.perf_counter()
+            player.wait()
+            played["end"] = time.perf_counter()
+            rec.wait("turn_done")
+            time.sleep(0.3)
+        finally:
+            recorder.terminate()
+            recorder.wait()
+
+    try:
+        serve(assistant, scenario)
+    finally:
+        del assistant.stt.feed
+
+    # The STT got frames while the question was still playing, not only after it.
+    assert any(played["start"] < t < played["end"] for t in feeds)
+    assert rec.texts("heard") == [HEARD]
+    assert "".join(rec.texts("answer")) == ANSWER
+    assert rec.texts("status")[:4] == ["listening", "hearing", "thinking", "speaking"]
+    (t,) = rec.timings
+    # End of speech is noticed after the configured silence, within a block or two.
+    assert SILENCE_MS - BLOCK_MS <= t.endpoint_ms <= SILENCE_MS + 3 * BLOCK_MS
+    assert t.stt_frames_while_speaking > 10
+    # The first sentence was on its way to the speaker before the answer was complete.
+    assert t.first_chunk_ms is not None and t.generation_ms is not None
+    assert t.first_chunk_ms < t.generation_ms
+    assert t.first_audio_ms is not None and not t.interrupted
+    assert non_silent_seconds(read_wav(recording)) > 0.5
+
+    log = json.loads(log_path.read_text())
+    messages = log["chats"][log["active_chat_id"]]["messages"]
+    assert [(m["role"], m.get("channel")) for m in messages] == [
+        ("user", None),
+        ("assistant", "analysis"),
+        ("assistant", "final"),
+    ]
+    assert messages[0]["content"] == HEARD and messages[2]["content"] == ANSWER
+    assert messages[2]["voice_timings"]["endpoint_ms"] == pytest.approx(t.endpoint_ms, abs=0.1)
+
+
+def test_barge_in_stops_the_answer_and_takes_the_new_words(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    assistant, rec, log_path = make_assistant(**{"barge_in.enabled": True})
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    interruption = virtual_audio.say("Stop, stop, wait a moment please.", tmp_path)
+    moments: dict[str, float] = {}
+
+    def scenario(stop: threading.Event) -> None:
+        time.sleep(0.3)
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("status", "speaking")
+        time.sleep(0.5)
+        moments["barge"] = time.perf_counter()
+        virtual_audio.play_into_mic(interruption).wait()
+        rec.wait("turn_done", count=2, timeout=90)
+
+    serve(assistant, scenario)
+    stopped_at = rec.wait("notice", "(interrupted)", timeout=0)
+    assert stopped_at - moments["barge"] < 1.5, "barge-in is noticed within a short window"
+    first, second = rec.timings
+    assert first.interrupted and not second.interrupted
+    assert rec.texts("heard") == [HEARD, HEARD]  # the new utterance became the next turn
+    log = json.loads(log_path.read_text())
+    messages = log["chats"][log["active_chat_id"]]["messages"]
+    finals = [m for m in messages if m.get("channel") == "final"]
+    # Only what the user heard stays in the conversation, marked as cut off.
+    assert finals[0]["content"].endswith("…") and finals[0]["content"] != ANSWER
+    assert ANSWER.startswith(finals[0]["content"].removesuffix("…").strip())
+    assert finals[0]["voice_timings"]["interrupted"] is True
+
+
+def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    assistant, rec, log_path = make_assistant(**{"barge_in.enabled": False})
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    echo = virtual_audio.say("The capital of France is Paris.", tmp_path)
+
+    def scenario(stop: threading.Event) -> None:
+        time.sleep(0.3)
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("status", "speaking")
+        virtual_audio.play_into_mic(echo).wait()  # as if the microphone heard the speaker
+        rec.wait("turn_done")
+        time.sleep(1.0)
+
+    serve(assistant, scenario)
+    assert rec.texts("heard") == [HEARD]
+    assert rec.texts("status").count("hearing") == 1
+    assert not rec.timings[0].interrupted
+
+
+def test_the_audio_device_going_away_and_coming_back_is_survived(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    assistant, rec, _ = make_assistant()
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+
+    def scenario(stop: threading.Event) -> None:
+        time.sleep(0.5)
+        virtual_audio.shutdown_server()
+        rec.wait("status", "waiting for audio device", timeout=10)
+        time.sleep(1.0)
+        virtual_audio.restart_server()
+        rec.wait("notice", "audio devices are back", timeout=20)
+        time.sleep(0.3)
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("turn_done")
+
+    serve(assistant, scenario)
+    assert rec.texts("heard") == [HEARD]
+    assert "".join(rec.texts("answer")) == ANSWER

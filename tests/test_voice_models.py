@@ -1,0 +1,156 @@
+"""Kyutai STT/TTS through moshi-mlx, loaded from tiny folders in the published layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm.errors import ConfigError
+from voice.stt import FRAME, Transcriber
+from voice.tts import Synthesizer
+
+
+@pytest.fixture(scope="module")
+def transcriber(voice_models: Path) -> Transcriber:
+    stt = Transcriber.load(str(voice_models / "stt"), max_seconds=10)
+    stt.warmup()
+    return stt
+
+
+@pytest.fixture(scope="module")
+def synthesizer(voice_models: Path) -> Synthesizer:
+    # Greedy, so that the same text gives the same speech (the tests compare lengths).
+    tts = Synthesizer.load(
+        str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices"),
+        temperature=0.0,
+    )  # fmt: skip
+    tts.warmup()
+    return tts
+
+
+def test_speech_is_synthesized_frame_by_frame_on_demand(synthesizer: Synthesizer) -> None:
+    frames = synthesizer.speak("hello there how are you")
+    first = next(frames)  # the first 80 ms exist before the rest is generated
+    assert first.shape == (FRAME,) and first.dtype == np.float32
+    rest = list(frames)
+    audio = np.concatenate([first, *rest])
+    assert len(rest) > 5
+    assert np.sqrt(np.mean(audio**2)) > 1e-3  # sound, not silence
+    assert np.abs(audio).max() <= 1.0
+
+
+def test_more_words_make_more_speech(synthesizer: Synthesizer) -> None:
+    short = sum(1 for _ in synthesizer.speak("hello"))
+    long = sum(1 for _ in synthesizer.speak("hello there how are you today my friend"))
+    assert long > short
+
+
+def test_a_stopped_utterance_leaves_the_next_one_intact(synthesizer: Synthesizer) -> None:
+    whole = np.concatenate(list(synthesizer.speak("one two three")))
+    stopped = synthesizer.speak("what is the weather like in tokyo")
+    next(stopped)
+    stopped.close()  # barge-in
+    again = np.concatenate(list(synthesizer.speak("one two three")))
+    assert len(again) == len(whole)
+
+
+def test_streaming_stt_emits_text_while_audio_arrives(
+    transcriber: Transcriber, synthesizer: Synthesizer
+) -> None:
+    speech = np.concatenate(list(synthesizer.speak("hello there how are you today")))
+    pieces: list[str] = []
+    transcriber.on_piece = pieces.append
+    try:
+        transcriber.start()
+        during = ""
+        for i in range(0, len(speech), FRAME):
+            during += transcriber.feed(speech[i : i + FRAME])
+        fed = transcriber.frames_fed
+        text = transcriber.finish()
+    finally:
+        transcriber.on_piece = None
+    assert fed == len(speech) // FRAME + transcriber.prefix_frames
+    assert during, "pieces come out while the audio is still being fed"
+    assert text == "".join(pieces).strip()
+    assert text.startswith(during.strip()[:5])
+
+
+def test_finish_flushes_exactly_the_model_delay(transcriber: Transcriber) -> None:
+    transcriber.start()
+    transcriber.feed(np.zeros(FRAME * 3 + 100, dtype=np.float32))
+    before = transcriber.frames_fed
+    transcriber.finish()
+    # The partial frame, then the delay (0.5 s = 7 frames at 12.5 Hz) and a small margin.
+    assert transcriber.frames_fed - before == 1 + 7 + 2
+
+
+def test_an_utterance_longer_than_the_budget_is_cut_not_crashed(voice_models: Path) -> None:
+    stt = Transcriber.load(str(voice_models / "stt"), max_seconds=1)
+    stt.start()
+    stt.feed(np.zeros(FRAME * 40, dtype=np.float32))
+    assert stt.room == 0
+    stt.finish()
+
+
+def test_missing_files_are_named(voice_models: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "stt"
+    shutil.copytree(voice_models / "stt", broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"stt: missing model\.safetensors"):
+        Transcriber.load(str(broken))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(
+    voice_models: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "stt"
+    shutil.copytree(voice_models / "stt", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_layers"] = 3
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model\.safetensors: weights do not match"):
+        Transcriber.load(str(broken))
+
+
+def test_not_a_folder_nor_a_repo_id() -> None:
+    with pytest.raises(ConfigError, match="not a model folder or a Hugging Face repo id"):
+        Transcriber.load("no/such/folder/here")
+
+
+def test_an_uncached_repo_offline_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        Transcriber.load("kyutai/stt-1b-en_fr-mlx")
+
+
+def test_voice_by_name_path_or_missing(voice_models: Path) -> None:
+    tts = voice_models / "tts"
+    voice = next((tts / "voices").iterdir())
+    by_path = Synthesizer.load(str(tts), str(voice), "unused/repo")
+    assert sum(1 for _ in by_path.speak("ok")) > 0
+    with pytest.raises(ConfigError, match=r"missing nobody\.0badcafe@7\.safetensors"):
+        Synthesizer.load(str(tts), "nobody", str(tts / "voices"))
+
+
+def test_cfg_value_must_be_one_the_model_was_distilled_for(voice_models: Path) -> None:
+    tts = voice_models / "tts"
+    with pytest.raises(ConfigError, match=r"tts\.cfg_coef: 2\.2 is not one of 1, 1\.5, 2"):
+        Synthesizer.load(str(tts), "tiny-voice", str(tts / "voices"), cfg_coef=2.2)
+
+
+def test_quantized_models_still_run(voice_models: Path) -> None:
+    import mlx.nn as nn
+
+    stt = Transcriber.load(str(voice_models / "stt"), quantize=8, max_seconds=5)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in stt.lm.named_modules())
+    stt.start()
+    stt.feed(np.zeros(FRAME * 2, dtype=np.float32))
+    stt.finish()

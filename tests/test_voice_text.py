@@ -1,0 +1,118 @@
+"""Pure pieces of the voice pipeline: endpointing rules, chunking of the spoken answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from voice.chunker import SentenceChunker, speakable
+from voice.config import EndpointingSection
+from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, energy_detector
+
+BLOCK_MS = 80
+
+
+def run(endpointer: Endpointer, pattern: str) -> list[tuple[int, object]]:
+    """Feed 's' (speech) / '.' (silence) blocks; return (block index, event) pairs."""
+    out = []
+    for i, c in enumerate(pattern):
+        event = endpointer.update(c == "s")
+        if event is not None:
+            out.append((i, event))
+    return out
+
+
+def make(**kw) -> Endpointer:
+    params = {"hits": 2, "silence_ms": 400, "min_speech_ms": 200, "warmup_blocks": 0} | kw
+    return Endpointer(EndpointingSection(**params), BLOCK_MS)
+
+
+def test_speech_starts_after_hits_and_ends_after_the_configured_silence() -> None:
+    events = run(make(), ".." + "s" * 6 + "." * 10)
+    (i0, start), (i1, end) = events
+    assert i0 == 3 and start == SpeechStarted(blocks_back=2)
+    # 400 ms of silence at 80 ms a block is 5 blocks after the last speech block (index 7).
+    assert i1 == 7 + 5 and isinstance(end, SpeechEnded) and end.reason == "silence"
+    assert end.speech_ms == 6 * BLOCK_MS
+
+
+def test_a_single_blip_does_not_start_an_utterance() -> None:
+    assert run(make(), ".s.s.s.s.") == []
+
+
+def test_short_pauses_inside_an_utterance_do_not_end_it() -> None:
+    events = run(make(), "ssss...ssss...ssss" + "." * 6)
+    assert [type(e) for _, e in events] == [SpeechStarted, SpeechEnded]
+
+
+def test_too_short_utterances_are_dropped() -> None:
+    events = run(make(min_speech_ms=400), "sss" + "." * 6)
+    assert isinstance(events[-1][1], SpeechDropped)
+
+
+def test_an_utterance_is_cut_at_max_length() -> None:
+    events = run(make(max_utterance_s=0.8), "s" * 20)
+    ends = [(i, e) for i, e in events if isinstance(e, SpeechEnded)]
+    assert ends[0][1].reason == "max_length" and ends[0][0] == 1 + 10 - 2
+
+
+def test_warmup_blocks_are_ignored() -> None:
+    assert run(make(warmup_blocks=3), "sss") == []
+    assert len(run(make(warmup_blocks=3), "sssss")) == 1
+
+
+def test_energy_detector_threshold() -> None:
+    import numpy as np
+
+    detect = energy_detector(0.01)
+    assert not detect(np.zeros(1920, dtype=np.float32))
+    assert detect(np.full(1920, 0.05, dtype=np.float32))
+
+
+def chunks_of(text: str, pieces: int = 7, **kw) -> list[str]:
+    chunker = SentenceChunker(**kw)
+    out = []
+    for i in range(0, len(text), pieces):  # streamed a few characters at a time
+        out += chunker.push(text[i : i + pieces])
+    return out + chunker.flush()
+
+
+def test_sentences_are_released_as_soon_as_they_are_long_enough() -> None:
+    chunker = SentenceChunker(chunk_chars=100, min_chars=10)
+    assert chunker.push("Paris is the capital") == []
+    assert chunker.push(" of France. It is") == ["Paris is the capital of France."]
+    assert chunker.flush() == ["It is"]
+
+
+def test_short_sentences_wait_for_min_chars() -> None:
+    got = chunks_of("Hi. Yes. The capital of France is Paris. Done.", min_chars=20)
+    assert got == ["Hi. Yes. The capital of France is Paris.", "Done."]
+
+
+def test_long_text_is_cut_at_a_word_boundary() -> None:
+    text = "word " * 30
+    got = chunks_of(text, chunk_chars=40, min_chars=10)
+    assert all(len(c) <= 40 for c in got)
+    assert " ".join(got).split() == text.split()
+
+
+def test_sentence_mode_off_cuts_by_size_only() -> None:
+    got = chunks_of("One. Two. Three. Four.", chunk_chars=12, min_chars=1, sentences=False)
+    assert got == ["One. Two.", "Three.", "Four."]
+
+
+@pytest.mark.parametrize(
+    ("markdown", "spoken"),
+    [
+        ("**Paris** is the _capital_.", "Paris is the capital."),
+        ("## Answer\n- one\n- two", "Answer one two"),
+        ("See [the docs](https://x.y) now", "See the docs now"),
+        ("Run `ls` then:\n```sh\nrm -rf /\n```\ndone", "Run ls then: done"),
+    ],
+)
+def test_markup_is_not_read_aloud(markdown: str, spoken: str) -> None:
+    assert speakable(markdown) == spoken
+
+
+def test_code_blocks_are_not_cut_in_the_middle() -> None:
+    got = chunks_of("Here:\n```\na. b. c. d. e. f. g. h.\n```\nThat is all.", min_chars=3)
+    assert got == ["Here: That is all."]

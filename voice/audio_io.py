@@ -1,0 +1,312 @@
+"""Microphone and speaker streams through sounddevice (PortAudio).
+
+The PortAudio callbacks only move numpy blocks in and out of queues: no model runs on an
+audio thread. Both sides work at the models' rate (24 kHz); a device that refuses it is
+opened at its own rate and converted with soxr's streaming resampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+from llm.errors import ConfigError
+
+MODEL_RATE = 24_000
+SILENCE_RMS = 1e-4
+
+Kind = Literal["input", "output"]
+
+
+class AudioError(ConfigError):
+    """An audio problem the user can fix (library, device, permission): one line."""
+
+
+def sounddevice() -> ModuleType:
+    try:
+        import sounddevice as sd
+    except OSError:
+        hint = {
+            "Darwin": "brew install portaudio",
+            "Linux": "sudo apt install libportaudio2 (Debian/Ubuntu)",
+        }.get(platform.system(), "install PortAudio")
+        raise AudioError(f"the PortAudio library is missing: {hint}") from None
+    return sd
+
+
+def rescan() -> None:
+    """Make PortAudio list devices again (it enumerates them only when initialised)."""
+    sd = sounddevice()
+    with contextlib.suppress(Exception):
+        sd._terminate()
+    sd._initialize()
+
+
+def permission_hint() -> str:
+    system = platform.system()
+    if system == "Darwin":
+        return (
+            "allow microphone access for your terminal in System Settings > Privacy & "
+            "Security > Microphone, then restart the terminal"
+        )
+    if system == "Linux":
+        return (
+            "check that the input is not muted (pavucontrol or alsamixer) and that you "
+            "may use audio devices (the 'audio' group)"
+        )
+    return "check the system's microphone privacy settings and that the input is not muted"
+
+
+def list_devices() -> str:
+    sd = sounddevice()
+    devices = sd.query_devices()
+    if not len(devices):
+        return "no audio devices found"
+    default_in, default_out = sd.default.device
+    lines = []
+    for d in devices:
+        marks = ("<" if d["index"] == default_in else " ") + (
+            ">" if d["index"] == default_out else " "
+        )
+        lines.append(
+            f"{marks} {d['index']:>2} {d['name']}  "
+            f"(in {d['max_input_channels']}, out {d['max_output_channels']}, "
+            f"{d['default_samplerate']:.0f} Hz)"
+        )
+    lines.append("< default input, > default output")
+    return "\n".join(lines)
+
+
+def resolve_device(spec: str | int | None, kind: Kind) -> int | None:
+    """A device index from a name (case-insensitive substring) or index; None = default."""
+    sd = sounddevice()
+    channels = f"max_{kind}_channels"
+    devices = list(sd.query_devices())
+    if spec is None or spec == "":
+        default = sd.default.device[0 if kind == "input" else 1]
+        if default is None or default < 0:
+            usable = [d for d in devices if d[channels] > 0]
+            if not usable:
+                raise AudioError(f"no {kind} device found (see --list-devices)")
+            return int(usable[0]["index"])
+        return None
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
+    if isinstance(spec, int):
+        if not 0 <= spec < len(devices):
+            raise AudioError(f"no audio device with index {spec} (see --list-devices)")
+        if devices[spec][channels] < 1:
+            raise AudioError(f"device {spec} ({devices[spec]['name']}) has no {kind} channels")
+        return spec
+    matches = [d for d in devices if spec.lower() in d["name"].lower() and d[channels] > 0]
+    if not matches:
+        raise AudioError(f"no {kind} device matching '{spec}' (see --list-devices)")
+    exact = [d for d in matches if d["name"].lower() == spec.lower()]
+    return int((exact or matches)[0]["index"])
+
+
+def _device_rate(sd: ModuleType, device: int | None, kind: Kind) -> int:
+    """The model rate if the device takes it, else the device's own default rate."""
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        check(device=device, samplerate=MODEL_RATE, channels=1, dtype="float32")
+        return MODEL_RATE
+    except Exception:
+        info = sd.query_devices(device, kind)
+        return int(info["default_samplerate"])
+
+
+def _open_error(kind: Kind, spec: str | int | None, err: Exception) -> AudioError:
+    what = f"'{spec}'" if spec not in (None, "") else "(default)"
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    fix = permission_hint() if kind == "input" else "check that it is connected and not in use"
+    return AudioError(f"cannot open {kind} device {what}: {msg}; {fix}")
+
+
+class _Resampler:
+    def __init__(self, src: int, dst: int) -> None:
+        import soxr
+
+        self.stream = soxr.ResampleStream(src, dst, 1, dtype="float32") if src != dst else None
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        return pcm if self.stream is None else self.stream.resample_chunk(pcm)
+
+
+@dataclass
+class Block:
+    pcm: np.ndarray  # 24 kHz mono float32
+    at: float  # time.perf_counter() when the callback received it
+
+
+class Microphone:
+    """Blocks of `block_ms` at 24 kHz; `read()` waits for the next one."""
+
+    def __init__(self, device: str | int | None, block_ms: int = 80) -> None:
+        self.spec, self.block_ms = device, block_ms
+        self.block = MODEL_RATE * block_ms // 1000
+        self._queue: queue.Queue[Block] = queue.Queue(maxsize=1000)
+        self._stream: Any = None
+        self._lost = threading.Event()
+        self.overflows = 0
+
+    def open(self) -> None:
+        sd = sounddevice()
+        device = resolve_device(self.spec, "input")
+        rate = _device_rate(sd, device, "input")
+        self._resample = _Resampler(rate, MODEL_RATE)
+        self._carry = np.zeros(0, dtype=np.float32)
+        self._lost.clear()
+        try:
+            self._stream = sd.InputStream(
+                device=device,
+                samplerate=rate,
+                channels=1,
+                dtype="float32",
+                blocksize=rate * self.block_ms // 1000,
+                callback=self._callback,
+                finished_callback=self._lost.set,
+            )
+            self._stream.start()
+        except Exception as e:
+            self._stream = None
+            raise _open_error("input", self.spec, e) from None
+        self.name = sd.query_devices(self._stream.device)["name"]
+
+    def _callback(self, indata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+        if status.input_overflow:
+            self.overflows += 1
+        pcm = self._resample(indata[:, 0].copy())
+        pcm = np.concatenate([self._carry, pcm]) if len(self._carry) else pcm
+        now = time.perf_counter()
+        while len(pcm) >= self.block:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(Block(pcm[: self.block], now))
+            pcm = pcm[self.block :]
+        self._carry = pcm
+
+    def read(self, timeout: float) -> Block | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[Block]:
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def lost(self) -> bool:
+        """The stream ended on its own: the device went away."""
+        return self._stream is None or self._lost.is_set() or not self._stream.active
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+class Speaker:
+    """Plays queued 24 kHz PCM; writes silence when there is nothing to play."""
+
+    def __init__(self, device: str | int | None) -> None:
+        self.spec = device
+        self._frames: deque[np.ndarray] = deque()
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._lost = threading.Event()
+        self._head = np.zeros(0, dtype=np.float32)
+        self.first_sound_at: float | None = None  # perf_counter of the first audible block
+        self.played_samples = 0
+        self.latency = 0.0
+        self.rate = MODEL_RATE
+
+    def open(self) -> None:
+        sd = sounddevice()
+        device = resolve_device(self.spec, "output")
+        self.rate = _device_rate(sd, device, "output")
+        self._resample = _Resampler(MODEL_RATE, self.rate)
+        self._lost.clear()
+        try:
+            self._stream = sd.OutputStream(
+                device=device,
+                samplerate=self.rate,
+                channels=1,
+                dtype="float32",
+                blocksize=self.rate // 50,
+                latency="low",
+                callback=self._callback,
+                finished_callback=self._lost.set,
+            )
+            self._stream.start()
+        except Exception as e:
+            self._stream = None
+            raise _open_error("output", self.spec, e) from None
+        self.latency = float(self._stream.latency)
+        self.name = sd.query_devices(self._stream.device)["name"]
+
+    def play(self, pcm: np.ndarray) -> None:
+        pcm = self._resample(pcm.astype(np.float32, copy=False))
+        with self._lock:
+            self._frames.append(pcm)
+
+    def clear(self) -> None:
+        """Stop at once (barge-in): drop everything not yet handed to the device."""
+        with self._lock:
+            self._frames.clear()
+            self._head = np.zeros(0, dtype=np.float32)
+
+    def pending_seconds(self) -> float:
+        with self._lock:
+            n = len(self._head) + sum(len(f) for f in self._frames)
+        return n / self.rate if self._stream is not None else 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.pending_seconds() > 0
+
+    def _callback(self, outdata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+        out = outdata[:, 0]
+        filled = 0
+        with self._lock:
+            while filled < frames:
+                if not len(self._head):
+                    if not self._frames:
+                        break
+                    self._head = self._frames.popleft()
+                take = min(frames - filled, len(self._head))
+                out[filled : filled + take] = self._head[:take]
+                self._head = self._head[take:]
+                filled += take
+        out[filled:] = 0.0
+        self.played_samples += filled
+        if self.first_sound_at is None and filled and np.abs(out[:filled]).max() > SILENCE_RMS:
+            self.first_sound_at = time.perf_counter()
+
+    @property
+    def lost(self) -> bool:
+        return self._stream is None or self._lost.is_set() or not self._stream.active
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            with contextlib.suppress(Exception):
+                stream.close()

@@ -1,0 +1,238 @@
+"""mlx-harmony-voice: the hands-free voice assistant (text chat with --text or no microphone)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import get_args
+
+from rich.console import Console
+from rich.text import Text
+
+from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
+from llm.cli.chat import ChatSession, default_log_path, repl
+from llm.cli.common import Setup, add_model_options, resolve, run_main
+from llm.engine import Engine
+from llm.errors import ConfigError
+from voice.audio_io import AudioError, list_devices
+from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
+from voice.daemon import TurnTimings, VoiceAssistant
+from voice.stt import Transcriber
+from voice.tts import Synthesizer
+from voice.vad import make_detector
+
+FLAG_SECTIONS = [s for s in SECTIONS if s != "llm"]  # the llm section uses the chat's flags
+
+
+class TerminalReporter:
+    """A compact status line per state change, the conversation, and per-turn timings."""
+
+    def __init__(self, console: Console, show_reasoning: bool, status: bool) -> None:
+        self.console, self.show_reasoning, self.show_status = console, show_reasoning, status
+        self._answering = False
+        self._thinking = False
+
+    def status(self, state: str) -> None:
+        self._end_line()
+        if self.show_status:
+            self.console.print(Text(f"● {state}", style="dim"))
+
+    def heard(self, text: str) -> None:
+        self._end_line()
+        self.console.print(Text(f"You: {text}", style="bold"))
+
+    def reasoning(self, text: str) -> None:
+        if self.show_reasoning:
+            if not self._thinking:
+                self.console.print(Text("(thinking) ", style="dim italic"), end="")
+                self._thinking = True
+            self.console.print(Text(text, style="dim italic"), end="")
+
+    def answer(self, text: str) -> None:
+        if self._thinking:
+            self.console.print()
+            self._thinking = False
+        self._answering = True
+        self.console.print(text, end="", markup=False, highlight=False)
+
+    def notice(self, text: str) -> None:
+        self._end_line()
+        self.console.print(Text(text, style="yellow"))
+
+    def turn_done(self, timings: TurnTimings) -> None:
+        self._end_line()
+        parts = [f"transcript {timings.transcript_ms:.0f}"]
+        for name, value in (
+            ("first token", timings.first_token_ms),
+            ("first final", timings.first_final_ms),
+            ("first audio", timings.first_audio_ms),
+        ):
+            if value is not None:
+                parts.append(f"{name} {value:.0f}")
+        self.console.print(Text("  ms after speech end: " + ", ".join(parts), style="dim"))
+
+    def _end_line(self) -> None:
+        if self._answering or self._thinking:
+            self.console.print()
+        self._answering = self._thinking = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-harmony-voice", description=__doc__)
+    p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--text", action="store_true", help="text chat on the same engine and config")
+    p.add_argument("--chat", type=Path, help="chat log to resume or create")
+    p.add_argument(
+        "--set",
+        metavar="SECTION.FIELD=VALUE",
+        action="append",
+        default=[],
+        help="override any config field, e.g. --set endpointing.silence_ms=500",
+    )
+    add_model_options(p)
+    for section in FLAG_SECTIONS:
+        group = p.add_argument_group(f"{section} (config section '{section}')")
+        for name, field in SECTIONS[section].model_fields.items():
+            flag = f"--{section}-{name}".replace("_", "-")
+            dest = f"cfg__{section}__{name}"
+            kinds = get_args(field.annotation) or (field.annotation,)
+            if bool in kinds:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction)
+            else:
+                group.add_argument(flag, dest=dest, metavar="VALUE", help=field.description)
+    return p
+
+
+def voice_config(args: argparse.Namespace) -> tuple[VoiceConfig, list[str]]:
+    config, ignored = load_voice_config(args.config) if args.config else (VoiceConfig(), [])
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            _, section, name = key.split("__")
+            config = apply_override(config, f"{section}.{name}", value)
+    for item in args.set:
+        dotted, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        config = apply_override(config, dotted.strip(), value.strip())
+    return config, ignored
+
+
+def llm_setup(args: argparse.Namespace, config: VoiceConfig, console: Console) -> Setup:
+    """The chat's model/profile/prompt resolution, with the voice config's llm section as
+    defaults for the flags."""
+    llm = config.llm
+    args.model = args.model or llm.model
+    args.profile = args.profile or llm.profile
+    args.profiles = args.profiles or (Path(llm.profiles) if llm.profiles else None)
+    args.prompt_config = args.prompt_config or (
+        Path(llm.prompt_config) if llm.prompt_config else None
+    )
+    return resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
+
+
+def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
+    if path.exists():
+        log, version = load_chat_log(path)
+        backup = keep_backup(path, version)
+        if backup:
+            console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
+        return log
+    log = ChatLog()
+    log.start_chat(Chat.new(setup.model, str(setup.prompt_path) if setup.prompt_path else None))
+    return log
+
+
+def load_voice_models(config: VoiceConfig, console: Console) -> tuple[Transcriber, Synthesizer]:
+    with console.status(f"Loading speech to text {config.stt.model} …"):
+        stt = Transcriber.load(
+            config.stt.model,
+            quantize=config.stt.quantize,
+            temperature=config.stt.temperature,
+            max_seconds=config.endpointing.max_utterance_s + 1,
+        )
+        stt.warmup()
+    t = config.tts
+    with console.status(f"Loading text to speech {t.model} …"):
+        tts = Synthesizer.load(
+            t.model,
+            t.voice,
+            t.voice_repo,
+            quantize=t.quantize,
+            temperature=t.temperature,
+            cfg_coef=t.cfg_coef,
+            padding_between=t.padding_between,
+        )
+        tts.warmup()
+    return stt, tts
+
+
+def _main() -> int:
+    args = build_parser().parse_args()
+    console = Console(highlight=False)
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    config, ignored = voice_config(args)
+    for name in ignored:
+        console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
+    setup = llm_setup(args, config, console)
+    log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
+    log_path = log_path or default_log_path(setup.prompt.chats_dir)
+
+    started = time.perf_counter()
+    with console.status(f"Loading {setup.model} …"):
+        engine = Engine.load(setup.model, lazy=setup.prompt.lazy)
+    console.print(f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s.[/]")
+    if args.text:
+        return text_chat(engine, setup, log_path, console, config)
+
+    stt, tts = load_voice_models(config, console)
+    detector = make_detector(config.endpointing, sample_rate=24_000)
+    reporter = TerminalReporter(console, config.display.show_reasoning, config.display.status)
+    assistant = VoiceAssistant(
+        config, engine, setup.prompt, stt, tts, detector,
+        open_log(log_path, setup, console), log_path, reporter,
+    )  # fmt: skip
+    try:
+        assistant.open()
+    except AudioError as e:
+        assistant.close()
+        console.print(f"[yellow]No usable audio device: {e}[/]")
+        console.print("[yellow]Falling back to the text chat.[/]")
+        return text_chat(engine, setup, log_path, console, config)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    console.print("[dim]Listening. Speak any time; Ctrl-C quits.[/]")
+    assistant.serve(stop)
+    console.print(f"[dim]Chat saved to {log_path}[/]")
+    return 0
+
+
+def text_chat(
+    engine: Engine, setup: Setup, log_path: Path, console: Console, config: VoiceConfig
+) -> int:
+    session = ChatSession(
+        engine, setup, log_path, console, show_reasoning=config.display.show_reasoning
+    )
+    console.print("[dim]Text chat. Type \\help for commands, Ctrl-D quits.[/]")
+    repl(session, console)
+    return 0
+
+
+def main() -> None:
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

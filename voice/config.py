@@ -1,0 +1,237 @@
+"""The voice assistant's JSON config (`audio_configs/*.json`), validated by pydantic.
+
+Keys starting with "//" are comments (JSON has none of its own) and are dropped at any
+level. The original mlx-harmony's flat `moshi-config` layout is read too: its fields are
+mapped onto the sections below and the ones with no counterpart are reported as ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llm.config import read_json
+from llm.errors import ConfigError
+
+DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
+DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"
+DEFAULT_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LlmSection(_Section):
+    model: str | None = Field(None, description="Hugging Face repo id or local folder")
+    profile: str | None = Field(None, description="profile name from `profiles`")
+    profiles: str | None = Field(None, description="profiles JSON file")
+    prompt_config: str | None = Field(None, description="prompt config JSON file")
+    chat_log: str | None = Field(None, description="chat log to resume or create")
+
+
+class SttSection(_Section):
+    model: str = Field(DEFAULT_STT, description="Kyutai STT repo id or local folder")
+    quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy transcript")
+
+
+class TtsSection(_Section):
+    model: str = Field(DEFAULT_TTS, description="Kyutai TTS repo id or local folder")
+    voice: str = Field(DEFAULT_VOICE, description="voice name in voice_repo, or a file path")
+    voice_repo: str = Field("kyutai/tts-voices", description="repo id or folder of voices")
+    quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
+    temperature: float = Field(0.6, ge=0.0)
+    cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
+    codebooks: int | None = Field(None, ge=1, description="audio codebooks to generate")
+    padding_between: int = Field(1, ge=0, description="pause steps forced between words")
+
+
+class AudioSection(_Section):
+    input_device: str | int | None = Field(None, description="name (substring) or index")
+    output_device: str | int | None = Field(None, description="name (substring) or index")
+    block_ms: int = Field(80, ge=10, le=500, description="microphone block length")
+    reopen_seconds: float = Field(1.0, gt=0, description="retry period for a lost device")
+
+
+class EndpointingSection(_Section):
+    detector: Literal["energy", "silero"] = "energy"
+    energy_threshold: float = Field(0.01, gt=0, description="block RMS that counts as speech")
+    speech_threshold: float = Field(
+        0.5, gt=0, lt=1, description="silero speech probability that counts as speech"
+    )
+    hits: int = Field(2, ge=1, description="speech blocks in a row that start an utterance")
+    silence_ms: int = Field(700, ge=50, description="silence that ends an utterance")
+    min_speech_ms: int = Field(200, ge=0, description="shorter utterances are dropped")
+    max_utterance_s: float = Field(15.0, gt=0, description="an utterance is cut after this")
+    warmup_blocks: int = Field(2, ge=0, description="blocks ignored after opening the mic")
+
+
+class ChunkingSection(_Section):
+    chunk_chars: int = Field(180, ge=10, description="a chunk is cut at this length")
+    min_chars: int = Field(60, ge=1, description="a sentence shorter than this waits for more")
+    sentences: bool = Field(True, description="cut at sentence ends")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ChunkingSection:
+        if self.min_chars > self.chunk_chars:
+            raise ValueError("min_chars must not exceed chunk_chars")
+        return self
+
+
+class BargeInSection(_Section):
+    enabled: bool = False
+    min_speech_ms: int = Field(240, ge=0, description="speech over the assistant that counts")
+    echo_guard_ms: int = Field(
+        300, ge=0, description="with barge-in off, how long after playback the mic stays deaf"
+    )
+
+
+class DisplaySection(_Section):
+    show_reasoning: bool = False
+    status: bool = True
+
+
+class VoiceConfig(_Section):
+    llm: LlmSection = LlmSection()
+    stt: SttSection = SttSection()
+    tts: TtsSection = TtsSection()
+    audio: AudioSection = AudioSection()
+    endpointing: EndpointingSection = EndpointingSection()
+    chunking: ChunkingSection = ChunkingSection()
+    barge_in: BargeInSection = BargeInSection()
+    display: DisplaySection = DisplaySection()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation for name, field in VoiceConfig.model_fields.items()
+}
+
+# The original tool's flat moshi-config: field → (section, field), or None = ignored.
+SEED_FIELDS: dict[str, tuple[str, str] | None] = {
+    "stt_model_path": ("stt", "model"),
+    "stt_max_seconds": ("endpointing", "max_utterance_s"),
+    "stt_vad_threshold": ("endpointing", "speech_threshold"),
+    "stt_vad_hits": ("endpointing", "hits"),
+    "stt_silence_threshold": ("endpointing", "energy_threshold"),
+    "stt_silence_ms": ("endpointing", "silence_ms"),
+    "stt_min_speech_ms": ("endpointing", "min_speech_ms"),
+    "stt_block_ms": ("audio", "block_ms"),
+    "stt_warmup_blocks": ("endpointing", "warmup_blocks"),
+    "tts_model_path": ("tts", "model"),
+    "tts_voice_path": ("tts", "voice"),
+    "tts_chunk_chars": ("chunking", "chunk_chars"),
+    "tts_chunk_sentences": ("chunking", "sentences"),
+    "tts_chunk_min_chars": ("chunking", "min_chars"),
+    "barge_in": ("barge_in", "enabled"),
+    "enabled": None,
+    "stt_config_path": None,
+    "tts_config_path": None,
+    "stt_silence": None,
+    "tts_stream": None,
+    "use_stt": None,
+    "use_tts": None,
+    "smoke_test": None,
+    "barge_in_window_seconds": None,
+}
+# Fields whose value is translated rather than copied (see from_seed_layout).
+SEED_SPECIAL = ("stt_vad", "quantize")
+
+
+def _strip_comments(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_comments(v) for k, v in value.items() if not str(k).startswith("//")}
+    if isinstance(value, list):
+        return [_strip_comments(v) for v in value]
+    return value
+
+
+def is_seed_layout(raw: dict[str, Any]) -> bool:
+    return any(k in raw for k in ("stt_model_path", "tts_model_path", "stt_block_ms"))
+
+
+def from_seed_layout(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """Map the original flat layout onto sections; return (data, ignored field names)."""
+    data: dict[str, dict[str, Any]] = {}
+    ignored = []
+    for key, value in raw.items():
+        if key in SEED_SPECIAL:
+            continue
+        if key not in SEED_FIELDS:
+            raise ConfigError(f"{source}: field '{key}': not a field of the original layout")
+        target = SEED_FIELDS[key]
+        if target is None:
+            ignored.append(key)
+        elif value is not None:
+            data.setdefault(target[0], {})[target[1]] = value
+    if raw.get("stt_vad"):
+        data.setdefault("endpointing", {})["detector"] = "silero"
+    elif "stt_vad" in raw:
+        data.setdefault("endpointing", {})["detector"] = "energy"
+    if raw.get("quantize") is not None:
+        data.setdefault("stt", {})["quantize"] = raw["quantize"]
+        data.setdefault("tts", {})["quantize"] = raw["quantize"]
+    return data, ignored
+
+
+def _error_line(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{field}': {first['msg']}{more}"
+
+
+def parse_voice_config(raw: Any, source: str = "<voice config>") -> tuple[VoiceConfig, list[str]]:
+    """Validate a config object; return it and the names of ignored fields."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    raw = _strip_comments(raw)
+    ignored: list[str] = []
+    if is_seed_layout(raw):
+        raw, ignored = from_seed_layout(raw, source)
+    try:
+        return VoiceConfig.model_validate(raw), ignored
+    except ValidationError as e:
+        raise ConfigError(_error_line(source, e)) from None
+
+
+def load_voice_config(path: Path | str) -> tuple[VoiceConfig, list[str]]:
+    path = Path(path)
+    config, ignored = parse_voice_config(read_json(path), str(path))
+    return resolve_paths(config, path), ignored
+
+
+def resolve_paths(config: VoiceConfig, anchor: Path) -> VoiceConfig:
+    """Relative file references in a config mean beside that config (if they exist there)."""
+    for section, name in (
+        ("llm", "profiles"),
+        ("llm", "prompt_config"),
+        ("llm", "model"),
+        ("stt", "model"),
+        ("tts", "model"),
+        ("tts", "voice"),
+        ("tts", "voice_repo"),
+    ):
+        sec = getattr(config, section)
+        value = getattr(sec, name)
+        if value and not Path(value).is_absolute():
+            beside = anchor.parent / value
+            if beside.exists():
+                setattr(sec, name, str(beside))
+    return config
+
+
+def apply_override(config: VoiceConfig, dotted: str, value: Any) -> VoiceConfig:
+    """Set `section.field` from the command line, validated like the file."""
+    section, _, name = dotted.partition(".")
+    if section not in SECTIONS or name not in SECTIONS[section].model_fields:
+        raise ConfigError(f"--set {dotted}: no such setting")
+    current = getattr(config, section).model_dump()
+    try:
+        updated = SECTIONS[section].model_validate({**current, name: value})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"{dotted}: {first['msg']}") from None
+    return config.model_copy(update={section: updated})

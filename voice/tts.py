@@ -1,0 +1,147 @@
+"""Streaming text to speech with Kyutai's delayed-streams TTS (moshi-mlx).
+
+`Synthesizer.speak(text)` is a generator of 80 ms PCM frames: the caller pulls one frame at
+a time, so synthesis interleaves with the language model and stops the moment the caller
+stops pulling (barge-in). moshi-mlx's `TTSModel.generate` runs a whole script to the end in
+one call; the loop below is its loop, one step per `next()`, built from the same parts
+(`TTSModel`'s state machine, script preparation and conditioning, `LmGen`, Mimi).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from moshi_mlx import models
+from moshi_mlx.models.tts import TTSModel
+from moshi_mlx.modules.conditioner import ConditionTensor
+from moshi_mlx.utils.sampling import Sampler
+
+from llm.errors import ConfigError
+from voice.checkpoints import Checkpoint, fetch, load_checkpoint
+
+
+def voice_file(voice: str, voice_repo: str, suffix: str) -> Path:
+    """A voice embedding: a file path, or a name in the voice repo (folder or repo id)."""
+    as_path = Path(voice).expanduser()
+    if as_path.is_file():
+        return as_path
+    name = voice if voice.endswith(".safetensors") else voice + suffix
+    return fetch(voice_repo, name)
+
+
+class Synthesizer:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        voice: Path,
+        temperature: float = 0.6,
+        cfg_coef: float = 2.0,
+        padding_between: int = 1,
+        max_seconds: float = 60.0,
+    ) -> None:
+        self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
+        self.model = TTSModel(
+            checkpoint.lm,
+            checkpoint.mimi,
+            checkpoint.tokenizer,
+            temp=temperature,
+            raw_config=checkpoint.raw_config,
+            max_gen_length=int(max_seconds * checkpoint.mimi.frame_rate),
+        )
+        self.padding_between = padding_between
+        self.sample_rate = int(self.mimi.sample_rate)
+        self.frame_samples = int(self.mimi.sample_rate / self.mimi.frame_rate)
+        distilled = self.model.valid_cfg_conditionings
+        if distilled and cfg_coef not in distilled:
+            valid = ", ".join(f"{v:g}" for v in sorted(distilled))
+            raise ConfigError(f"tts.cfg_coef: {cfg_coef:g} is not one of {valid}")
+        # Models without CFG distillation would need a second, unconditioned batch row per
+        # step; the published Kyutai TTS is distilled, so those run without guidance.
+        voices = [voice] if self.model.multi_speaker else []
+        try:
+            attributes = self.model.make_condition_attributes(
+                voices, cfg_coef if distilled else None
+            )
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ConfigError(f"{voice}: not a voice embedding for this model ({e!r})") from None
+        self._condition(attributes)
+
+    @classmethod
+    def load(
+        cls,
+        ref: str,
+        voice: str,
+        voice_repo: str,
+        quantize: int | None = None,
+        **kwargs,
+    ) -> Synthesizer:
+        checkpoint = load_checkpoint(ref, generating_audio=True, quantize=quantize)
+        model_id = checkpoint.raw_config.get("model_id") or {}
+        suffix = f".{model_id.get('sig')}@{model_id.get('epoch')}.safetensors"
+        return cls(checkpoint, voice_file(voice, voice_repo, suffix), **kwargs)
+
+    def _condition(self, attributes) -> None:
+        # As in TTSModel.generate: summed text conditions and one cross-attention source.
+        provider = self.lm.condition_provider
+        assert provider is not None, "a TTS model has conditioners"
+        summed = None
+        for key, value in attributes.text.items():
+            tensor = provider.condition_tensor(key, value).tensor.squeeze(0)
+            summed = tensor if summed is None else summed + tensor
+        self.ct = ConditionTensor(mx.stack([summed], axis=0)) if summed is not None else None
+        self.cross = None
+        for key, value in attributes.tensor.items():
+            self.cross = provider.conditioners[key].condition(value)
+
+    def warmup(self) -> None:
+        for _ in self.speak("ok"):
+            pass
+
+    def speak(self, text: str) -> Iterator[np.ndarray]:
+        """Frames of `frame_samples` float32 samples for `text`, generated on demand."""
+        model, machine = self.model, self.model.machine
+        entries = model.prepare_script([text], padding_between=self.padding_between)
+        if not entries:
+            return
+        for cache in self.lm.transformer_cache:
+            cache.reset()
+        for cache in self.lm.depformer_cache:
+            cache.reset()
+        self.mimi.reset_all()
+        state = machine.new_state(entries)
+        ids = machine.token_ids
+        offset = 0
+
+        def on_audio(audio_tokens: mx.array) -> None:
+            # Codebooks whose delay has not elapsed yet are fed as "zero" (as generate does).
+            for q, delay in enumerate(self.lm.delays[: audio_tokens.shape[1]]):
+                if offset < delay + model.delay_steps:
+                    audio_tokens[:, q] = ids.zero
+
+        def on_text(text_tokens: mx.array) -> None:
+            token, _ = machine.process(offset, state, int(text_tokens[0, 0].item()))
+            text_tokens[:] = mx.array([[token]], dtype=mx.int64)
+
+        gen = models.LmGen(
+            self.lm,
+            max_steps=model.max_gen_length,
+            text_sampler=Sampler(temp=model.temp),
+            audio_sampler=Sampler(temp=model.temp),
+            cfg_coef=model.cfg_coef,
+            on_text_hook=on_text,
+            on_audio_hook=on_audio,
+        )
+        missing = self.lm.n_q - self.lm.dep_q
+        inputs = mx.full((1, missing), ids.zero, dtype=mx.int64)
+        for offset in range(model.max_gen_length):
+            end = state.end_step
+            if end is not None and offset >= end + model.delay_steps + model.final_padding:
+                return
+            gen.step(inputs, ct=self.ct, cross_attention_src=self.cross)
+            frame = gen.last_audio_tokens()
+            if frame is not None and bool((frame != ids.zero).all()):
+                pcm = self.mimi.decode_step(frame[:, :, None])
+                yield np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
