@@ -92,7 +92,8 @@ def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> 
     args = build_parser().parse_args(
         [
             "--config", str(path), "--endpointing-silence-ms", "450", "--barge-in-enabled",
-            "--audio-input-device", "3", "--set", "tts.voice=alba", "--set", "chunking.min_chars=20",
+            "--audio-input-device", "3", "--set", "tts.voice=alba",
+            "--set", "chunking.min_chars=20",
         ]
     )  # fmt: skip
     config, _ = voice_config(args)

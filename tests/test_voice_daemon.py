@@ -241,7 +241,7 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
 def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     make_assistant, virtual_audio, tmp_path
 ) -> None:
-    assistant, rec, log_path = make_assistant(**{"barge_in.enabled": False})
+    assistant, rec, _ = make_assistant(**{"barge_in.enabled": False})
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
     echo = virtual_audio.say("The capital of France is Paris.", tmp_path)
 

@@ -14,6 +14,7 @@ weights it came from, so a fixture that drifts from moshi-mlx's formats fails lo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -275,17 +276,16 @@ def hear_one_sentence(params: dict[str, mx.array], token_ids: list[int], start: 
     zero, and the text head maps each token's embedding to the token that follows it."""
     if len(set(token_ids)) != len(token_ids) or PAD_ID in token_ids:
         raise AssertionError(f"the heard sentence needs distinct non-pad tokens: {token_ids}")
+    silenced = ("self_attn.out_proj.weight", "gating.linear_out.weight")
     for name in params:
-        if name.endswith(("self_attn.out_proj.weight", "gating.linear_out.weight")):
-            params[name] = mx.zeros(params[name].shape)
-        elif name.startswith("audio_embs."):
+        if name.endswith(silenced) or name.startswith("audio_embs."):
             params[name] = mx.zeros(params[name].shape)
     emb = params["text_emb.weight"]
     emb = emb / mx.sqrt(mx.mean(emb * emb, axis=-1, keepdims=True))  # RMS 1: out_norm keeps it
     params["text_emb.weight"] = emb
     head = np.zeros(params["text_linear.weight"].shape, dtype=np.float32)
     chain = [start, *token_ids, PAD_ID]
-    for prev, nxt in zip(chain, chain[1:]):
+    for prev, nxt in itertools.pairwise(chain):
         head[nxt] += 8 * np.array(emb[prev]) / emb.shape[1]
     head[PAD_ID] += 8 * np.array(emb[PAD_ID]) / emb.shape[1]  # padding stays padding
     params["text_linear.weight"] = mx.array(head)
