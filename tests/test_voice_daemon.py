@@ -57,6 +57,9 @@ class Recorder:
     def answer(self, text: str) -> None:
         self._add("answer", text)
 
+    def answer_done(self) -> None:
+        self._add("answer_done", "")
+
     def notice(self, text: str) -> None:
         self._add("notice", text)
 

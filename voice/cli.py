@@ -35,8 +35,12 @@ class TerminalReporter:
         self.console, self.show_reasoning, self.show_status = console, show_reasoning, status
         self._answering = False
         self._thinking = False
+        self._deferred: str | None = None
 
     def status(self, state: str) -> None:
+        if self._answering:
+            self._deferred = state  # shown once the answer's line is complete
+            return
         self._end_line()
         if self.show_status:
             self.console.print(Text(f"● {state}", style="dim"))
@@ -59,6 +63,12 @@ class TerminalReporter:
         self._answering = True
         self.console.print(text, end="", markup=False, highlight=False)
 
+    def answer_done(self) -> None:
+        deferred = self._deferred
+        self._end_line()
+        if deferred is not None:
+            self.status(deferred)
+
     def notice(self, text: str) -> None:
         self._end_line()
         self.console.print(Text(text, style="yellow"))
@@ -79,6 +89,7 @@ class TerminalReporter:
         if self._answering or self._thinking:
             self.console.print()
         self._answering = self._thinking = False
+        self._deferred = None
 
 
 def build_parser() -> argparse.ArgumentParser:

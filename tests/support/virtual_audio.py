@@ -166,5 +166,5 @@ def sox_stat(path: Path) -> dict[str, float]:
     for line in out.splitlines():
         m = re.match(r"\s*([A-Za-z ()]+?):\s+(-?[\d.]+)", line)
         if m:
-            stats[m.group(1).strip()] = float(m.group(2))
+            stats[" ".join(m.group(1).split())] = float(m.group(2))
     return stats

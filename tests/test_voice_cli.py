@@ -1,0 +1,252 @@
+"""The installed commands: mlx-harmony-voice (voice, text fallback, signals) and hotmic."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.tiny_voice import HEARD
+from tests.support.virtual_audio import read_wav, sox_stat
+
+ROOT = Path(__file__).parent.parent
+ANSWER = "The capital of France is Paris. It is also the largest city in the country."
+
+
+class Running:
+    """A command whose output lines can be waited for while it runs."""
+
+    def __init__(self, args: list[str], env: dict[str, str], stdin: str | None = None) -> None:
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+        )  # fmt: skip
+        if stdin is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no line with {text!r}: {self.lines}")
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"exited before {text!r}: {self.lines}")
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return code
+
+
+@pytest.fixture
+def voice_env(virtual_audio) -> dict[str, str]:
+    return {**virtual_audio.env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture
+def voice_config_file(tmp_path: Path, voice_models: Path, gpt_oss_path: Path) -> Path:
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps({"temperature": 0.0}))
+    config = {
+        "llm": {"model": str(gpt_oss_path), "prompt_config": "prompt.json"},
+        "stt": {"model": str(voice_models / "stt")},
+        "tts": {
+            "model": str(voice_models / "tts"),
+            "voice": "tiny-voice",
+            "voice_repo": str(voice_models / "tts" / "voices"),
+        },
+        "audio": {"input_device": "pulse", "output_device": "pulse"},
+        "endpointing": {"silence_ms": 400, "warmup_blocks": 0},
+        "chunking": {"min_chars": 10},
+    }
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+VOICE = [sys.executable, "-m", "voice.cli"]
+
+
+@pytest.mark.slow
+def test_voice_command_answers_aloud_and_stops_cleanly_on_sigterm(
+    virtual_audio, voice_env, voice_config_file, tmp_path
+) -> None:
+    log = tmp_path / "chat.json"
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    run = Running([*VOICE, "--config", str(voice_config_file), "--chat", str(log)], voice_env)
+    run.wait_for("Listening.")
+    virtual_audio.play_into_mic(question).wait()
+    assert run.wait_for("You:") == f"You: {HEARD}"
+    run.wait_for("ms after speech end")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
+    assert any(ANSWER in line for line in run.lines)
+    assert run.lines[-1] == f"Chat saved to {log}"
+    saved = json.loads(log.read_text())
+    final = saved["chats"][saved["active_chat_id"]]["messages"][-1]
+    assert final["content"] == ANSWER and "first_audio_ms" in final["voice_timings"]
+
+
+@pytest.mark.slow
+def test_sigint_while_speaking_saves_what_was_heard(
+    virtual_audio, voice_env, voice_config_file, tmp_path
+) -> None:
+    log = tmp_path / "chat.json"
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    run = Running([*VOICE, "--config", str(voice_config_file), "--chat", str(log)], voice_env)
+    run.wait_for("Listening.")
+    virtual_audio.play_into_mic(question).wait()
+    run.wait_for("● speaking")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 0
+    saved = json.loads(log.read_text())
+    messages = saved["chats"][saved["active_chat_id"]]["messages"]
+    assert messages[0]["content"] == HEARD
+    assert messages[-1]["voice_timings"]["interrupted"] is True
+
+
+def test_no_usable_microphone_falls_back_to_the_text_chat(
+    voice_env, voice_config_file, tmp_path
+) -> None:
+    run = Running(
+        [*VOICE, "--config", str(voice_config_file), "--chat", str(tmp_path / "c.json"),
+         "--audio-input-device", "no-such-microphone"],
+        voice_env, stdin="What is the capital of France?\n\\quit\n",
+    )  # fmt: skip
+    assert run.finish(timeout=180) == 0
+    out = "\n".join(run.lines)
+    assert "No usable audio device: no input device matching 'no-such-microphone'" in out
+    assert "Falling back to the text chat." in out
+    assert ANSWER in out
+
+
+def test_text_mode_needs_no_voice_models(voice_env, voice_config_file, tmp_path) -> None:
+    run = Running(
+        [*VOICE, "--config", str(voice_config_file), "--text", "--stt-model", "/nonexistent",
+         "--chat", str(tmp_path / "c.json")],
+        voice_env, stdin="What is the capital of France?\n\\quit\n",
+    )  # fmt: skip
+    assert run.finish(timeout=180) == 0
+    assert ANSWER in "\n".join(run.lines)
+
+
+def test_list_devices(voice_env) -> None:
+    out = subprocess.run(
+        [*VOICE, "--list-devices"], env=voice_env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "pulse" in out.stdout and "< default input, > default output" in out.stdout
+
+
+# ---------------------------------------------------------------------- hotmic
+
+HOTMIC = [sys.executable, "-m", "voice.hotmic", "--seconds", "2.5"]
+
+
+def test_hotmic_says_working_when_the_microphone_hears_speech(
+    virtual_audio, voice_env, tmp_path
+) -> None:
+    speech = virtual_audio.say("Testing, one, two, three.", tmp_path, lead_silence=0.4)
+    run = Running([*HOTMIC, "--device", "pulse"], voice_env)
+    run.wait_for("Listening for")
+    virtual_audio.play_into_mic(speech)
+    assert run.finish() == 0
+    assert run.lines[-1].startswith("working: pulse works")
+    assert any("dBFS" in line for line in run.lines)  # the live meter
+
+
+def test_hotmic_says_silent_for_a_microphone_that_delivers_zeros(voice_env) -> None:
+    out = subprocess.run(
+        [*HOTMIC, "--quiet"], env=voice_env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    assert out.stdout.startswith("silent: ")
+    assert "muted, or this program may not use it" in out.stdout
+
+
+def test_hotmic_says_no_device(voice_env) -> None:
+    out = subprocess.run(
+        [*HOTMIC, "--quiet", "--device", "usb-mic-that-is-not-there"],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stdout.strip() == (
+        "no device: no input device matching 'usb-mic-that-is-not-there' (see --list-devices)"
+    )
+
+
+def test_hotmic_without_any_sound_server_says_no_device(tmp_path) -> None:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "PULSE_RUNTIME_PATH": str(tmp_path)}
+    env["PULSE_SERVER"] = f"unix:{tmp_path}/nothing-here"
+    out = subprocess.run([*HOTMIC, "--quiet"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout.startswith("no device: ")
+
+
+# ---------------------------------------------------------------------- raw streams
+
+
+def test_speaker_plays_what_it_is_given(virtual_audio, tmp_path) -> None:
+    from voice.audio_io import Speaker
+
+    speaker = Speaker("pulse")
+    speaker.open()
+    recording = tmp_path / "tone.wav"
+    recorder = virtual_audio.record_speaker(recording)
+    try:
+        time.sleep(0.3)
+        t = np.arange(24_000) / 24_000
+        speaker.play((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+        while speaker.busy:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        recorder.terminate()
+        recorder.wait()
+        speaker.close()
+    assert speaker.first_sound_at is not None
+    stats = sox_stat(recording)
+    assert abs(stats["Rough frequency"] - 440) < 20
+    assert np.abs(read_wav(recording)).max() > 0.2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope", "no input device matching 'nope'"),
+        (99, "no audio device with index 99"),
+    ],
+)
+def test_device_errors_are_one_line(virtual_audio, spec, message) -> None:
+    from voice.audio_io import AudioError, resolve_device
+
+    with pytest.raises(AudioError, match=message):
+        resolve_device(spec, "input")
