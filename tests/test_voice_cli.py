@@ -250,3 +250,25 @@ def test_device_errors_are_one_line(virtual_audio, spec, message) -> None:
 
     with pytest.raises(AudioError, match=message):
         resolve_device(spec, "input")
+
+
+def test_a_missing_portaudio_library_is_one_line_with_the_fix(monkeypatch) -> None:
+    import builtins
+
+    from voice.audio_io import AudioError, sounddevice
+
+    real_import = builtins.__import__
+
+    def no_portaudio(name, *args, **kwargs):
+        if name == "sounddevice":  # what sounddevice raises when libportaudio is absent
+            raise OSError("PortAudio library not found")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_portaudio)
+    monkeypatch.setattr("platform.system", lambda: "Linux")
+    with pytest.raises(AudioError) as e:
+        sounddevice()
+    assert str(e.value) == (
+        "the PortAudio library is missing: sudo apt install libportaudio2 (Debian/Ubuntu)"
+    )
