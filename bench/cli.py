@@ -1,0 +1,193 @@
+"""mlx-harmony-bench: engine vs plain mlx-lm, multi-turn cache reuse, Kyutai real-time factors.
+
+Writes results.json, one CSV per table and a PNG plot into --out, and prints the tables
+with ratios against the peer measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from llm.cli.common import DEFAULT_MODEL, run_main
+from llm.config import read_json
+from llm.engine import Engine
+from llm.errors import ConfigError
+
+QUESTIONS = Path(__file__).parent / "data" / "alpaca_eval_english.json"
+
+
+def load_prompts(path: Path | None, count: int) -> list[str]:
+    raw = read_json(path or QUESTIONS)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: expected a non-empty JSON list of prompts")
+    prompts = []
+    for i, item in enumerate(raw):
+        text = item.get("instruction") if isinstance(item, dict) else item
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(
+                f"{path}: item {i}: expected a string or an object with 'instruction'"
+            )
+        prompts.append(text)
+    return prompts[:count]
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _median(rows: list[dict], side: str, key: str) -> float | None:
+    values = [r[key] for r in rows if r["side"] == side and r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(results: dict) -> dict:
+    summary: dict = {}
+    single = results.get("single_turn", [])
+    if single:
+        for key in ("prefill_tps", "decode_tps", "ttft"):
+            ours, peer = _median(single, "engine", key), _median(single, "mlx-lm", key)
+            summary[f"{key}_engine"] = ours
+            summary[f"{key}_mlx_lm"] = peer
+            summary[f"{key}_ratio"] = ours / peer if ours and peer else None
+    multi = results.get("multi_turn", [])
+    for side in ("engine", "no-reuse"):
+        turns = [r for r in multi if r["side"] == side]
+        if len(turns) > 1:
+            summary[f"multi_turn_{side}_last_over_first_ttft"] = (
+                turns[-1]["ttft"] / turns[0]["ttft"]
+            )
+            summary[f"multi_turn_{side}_last_prompt_tokens"] = turns[-1]["prompt_tokens"]
+    return summary
+
+
+def write_outputs(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    for table in ("single_turn", "multi_turn", "kyutai"):
+        rows = results.get(table) or []
+        if rows:
+            with (out / f"{table}.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    plot(out / "plot.png", results)
+
+
+def plot(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    single = results.get("single_turn", [])
+    for side, marker in (("engine", "o"), ("mlx-lm", "x")):
+        rows = [r for r in single if r["side"] == side]
+        axes[0].scatter([r["prompt_tokens"] for r in rows], [r["decode_tps"] for r in rows],
+                        marker=marker, label=side)  # fmt: skip
+    axes[0].set(xlabel="prompt tokens", ylabel="decode tokens/s", title="Single turns")
+    axes[0].legend()
+    multi = results.get("multi_turn", [])
+    for side in ("engine", "no-reuse"):
+        rows = [r for r in multi if r["side"] == side]
+        axes[1].plot([r["index"] + 1 for r in rows], [r["ttft"] * 1000 for r in rows],
+                     marker="o", label=side)  # fmt: skip
+    axes[1].set(xlabel="turn", ylabel="time to first token (ms)", title="Multi-turn")
+    axes[1].legend()
+    fig.suptitle(f"{Path(results['model']).name} on {results['machine']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_report(results: dict) -> None:
+    s = results["summary"]
+    print(
+        f"model {results['model']} on {results['machine']['device']} (mlx {results['machine']['mlx']})"
+    )
+    if "decode_tps_ratio" in s:
+        print("single turns (medians)      engine      mlx-lm   ratio")
+        for key, label in (("prefill_tps", "prefill tokens/s"), ("decode_tps", "decode tokens/s"),
+                           ("ttft", "time to first token s")):  # fmt: skip
+            print(f"  {label:<24}{s[key + '_engine']:>9.3f}  {s[key + '_mlx_lm']:>9.3f}  "
+                  f"{s[key + '_ratio']:>6.2f}x")  # fmt: skip
+    for side in ("engine", "no-reuse"):
+        key = f"multi_turn_{side}_last_over_first_ttft"
+        if key in s:
+            tokens = s[f"multi_turn_{side}_last_prompt_tokens"]
+            print(f"multi-turn {side:<9} last/first time to first token: {s[key]:.2f}x "
+                  f"(last prompt {tokens} tokens)")  # fmt: skip
+    for r in results.get("kyutai", []):
+        first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
+        print(
+            f"{r['model']:<9} q{r['quantize'] or 16:<3} step {r['step_ms_median']:.1f} ms "
+            f"(p90 {r['step_ms_p90']:.1f}), real-time factor {r['real_time_factor']:.2f}{first}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-harmony-bench", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="repo id or folder (mlx-lm format)")
+    p.add_argument("--prompts", type=Path, help="JSON list of prompts (default: AlpacaEval)")
+    p.add_argument("--questions", type=int, default=20, help="how many prompts to run")
+    p.add_argument("--max-tokens", type=int, default=256, help="per answer")
+    p.add_argument("--turns", type=int, default=10, help="multi-turn conversation length")
+    p.add_argument("--filler", type=int, default=300, help="context words added per turn")
+    p.add_argument("--kyutai", action="store_true", help="also time Kyutai TTS/STT real shapes")
+    p.add_argument("--kyutai-frames", type=int, default=25, help="frames timed per model")
+    p.add_argument("--quantize", type=int, choices=(4, 8), action="append", default=None,
+                   help="Kyutai quantizations to time besides bf16 (repeatable)")  # fmt: skip
+    p.add_argument("--skip", choices=("single", "multi"), action="append", default=[])
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    return p
+
+
+def _main() -> int:
+    from bench.engine import multi_turn, single_turns
+
+    args = build_parser().parse_args()
+    prompts = load_prompts(args.prompts, max(args.questions, args.turns))
+    engine = Engine.load(args.model)
+    results: dict = {"model": args.model, "machine": machine(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}  # fmt: skip
+    if "single" not in args.skip:
+        rows = single_turns(engine, prompts[: args.questions], args.max_tokens)
+        results["single_turn"] = [r.row() for r in rows]
+    if "multi" not in args.skip:
+        rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler)
+        results["multi_turn"] = [r.row() for r in rows]
+    if args.kyutai:
+        from bench.kyutai import bench_stt, bench_tts
+
+        kyutai = []
+        for q in [None, *(args.quantize or [])]:
+            kyutai.append(bench_tts(args.kyutai_frames, q).row())
+            kyutai.append(bench_stt(args.kyutai_frames, q).row())
+        results["kyutai"] = kyutai
+    results["summary"] = summarize(results)
+    write_outputs(args.out, results)
+    print_report(results)
+    print(f"wrote {args.out}/results.json, CSV tables and plot.png")
+    return 0
+
+
+def main() -> None:
+    run_main(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Engine benchmarks: the question set through the engine and through plain mlx-lm.
+
+Both sides get the same prompt token ids (the engine's own rendering) and greedy sampling,
+so the ratios compare the generation machinery, not the prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from llm.config import PromptConfig, SamplingParams
+from llm.engine import Engine, collect
+from llm.messages import ChatMessage
+
+
+@dataclass
+class TurnRecord:
+    """One prompt through one side. Times in seconds, rates in tokens per second."""
+
+    side: str  # "engine" or "mlx-lm"
+    index: int
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    prefill_tps: float
+    ttft: float
+    time_to_first_final: float | None
+    decode_tps: float
+    peak_memory_gb: float
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def engine_turn(
+    engine: Engine, prompt: PromptConfig, history: list[ChatMessage], index: int
+) -> tuple[TurnRecord, list[ChatMessage]]:
+    done = collect(engine.stream(history, prompt))
+    s = done.stats
+    record = TurnRecord(
+        "engine", index, s.prompt_tokens, s.cached_tokens, s.generated_tokens, s.prefill_tps,
+        s.time_to_first_token, s.time_to_first_final, s.decode_tps, s.peak_memory_gb,
+    )  # fmt: skip
+    return record, list(done.messages)
+
+
+def peer_turn(engine: Engine, tokens: list[int], max_tokens: int, index: int) -> TurnRecord:
+    """The same prompt through `mlx_lm.stream_generate` on the same model object."""
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = None
+    last = None
+    for response in stream_generate(
+        engine.model, engine.tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(0.0)
+    ):
+        first = first or time.perf_counter()
+        last = response
+    assert last is not None and first is not None
+    return TurnRecord(
+        "mlx-lm", index, last.prompt_tokens, 0, last.generation_tokens, last.prompt_tps,
+        first - start, None, last.generation_tps, last.peak_memory,
+    )  # fmt: skip
+
+
+def single_turns(engine: Engine, questions: list[str], max_tokens: int) -> list[TurnRecord]:
+    """Each question as a fresh conversation, engine then peer, alternating."""
+    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    records = []
+    for i, question in enumerate(questions):
+        history = [ChatMessage("user", question)]
+        engine.reset()
+        tokens = engine.render(history, prompt, max_tokens)
+        ours, _ = engine_turn(engine, prompt, history, i)
+        records.append(ours)
+        records.append(peer_turn(engine, tokens, max_tokens, i))
+    engine.reset()
+    return records
+
+
+def multi_turn(
+    engine: Engine, questions: list[str], turns: int, max_tokens: int, filler: int
+) -> list[TurnRecord]:
+    """A conversation of `turns` exchanges, run twice: reusing the engine's cache between
+    turns ("engine") and starting every turn from an empty cache ("no-reuse").
+
+    `filler` words of context are added to each user message, so that the conversation
+    grows past a few thousand tokens even with short answers.
+    """
+    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    words = " ".join(questions).split()
+    records = []
+    for side in ("engine", "no-reuse"):
+        engine.reset()
+        history: list[ChatMessage] = []
+        for i in range(turns):
+            context = " ".join(words[(i * filler) % len(words) :][:filler])
+            user = ChatMessage("user", f"{questions[i % len(questions)]}\n\nContext: {context}")
+            history.append(user)
+            if side == "no-reuse":
+                engine.reset()
+            record, messages = engine_turn(engine, prompt, history, i)
+            record.side = side
+            records.append(record)
+            history += [m for m in messages if m.channel == "final"]
+    engine.reset()
+    return records

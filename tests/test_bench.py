@@ -1,0 +1,51 @@
+"""The benchmark command runs on the tiny models and writes its files (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import load_prompts
+from llm.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_benchmark_smoke(gpt_oss_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--questions", "2",
+         "--max-tokens", "16", "--turns", "3", "--filler", "20", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    sides = [r["side"] for r in results["single_turn"]]
+    assert sides == ["engine", "mlx-lm", "engine", "mlx-lm"]
+    assert [r["side"] for r in results["multi_turn"]] == ["engine"] * 3 + ["no-reuse"] * 3
+    reused = [r["cached_tokens"] for r in results["multi_turn"] if r["side"] == "engine"]
+    assert reused[0] == 0 and all(c > 0 for c in reused[1:])
+    assert all(r["cached_tokens"] == 0 for r in results["multi_turn"] if r["side"] == "no-reuse")
+    assert results["summary"]["decode_tps_ratio"] > 0
+    for name in ("single_turn.csv", "multi_turn.csv", "plot.png"):
+        assert (out / name).stat().st_size > 0
+    assert "decode tokens/s" in run.stdout
+
+
+def test_custom_prompt_lists(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["one", {"instruction": "two"}]))
+    assert load_prompts(path, 5) == ["one", "two"]
+    path.write_text(json.dumps([{"text": "x"}]))
+    with pytest.raises(ConfigError, match=r"item 0: expected a string or an object"):
+        load_prompts(path, 5)
+
+
+def test_the_shipped_question_set_is_alpaca_eval() -> None:
+    prompts = load_prompts(None, 1000)
+    assert len(prompts) == 805
+    assert prompts[0].startswith("What are the names of some famous actors")
