@@ -116,9 +116,8 @@ def plot(path: Path, results: dict) -> None:
 
 def print_report(results: dict) -> None:
     s = results["summary"]
-    print(
-        f"model {results['model']} on {results['machine']['device']} (mlx {results['machine']['mlx']})"
-    )
+    where = results["machine"]
+    print(f"model {results['model']} on {where['device']} (mlx {where['mlx']})")
     if "decode_tps_ratio" in s:
         print("single turns (medians)      engine      mlx-lm   ratio")
         for key, label in (("prefill_tps", "prefill tokens/s"), ("decode_tps", "decode tokens/s"),
