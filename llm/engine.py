@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from llm.messages import (
     TextDelta,
     TurnDone,
 )
-from llm.prompt_cache import ConversationCache
+from llm.prompt_cache import ConversationCache, common_prefix
 from llm.sampling import Seeder, build_logits_processors, build_sampler
 
 HARMONY_CALL_TOKEN = 200012  # <|call|>: the turn ends so that a tool can answer
@@ -225,10 +225,41 @@ class Engine:
         )
         yield TurnDone(finish, tuple(done), tuple(generated), stats)
 
+    def prefill(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[FunctionTool] = (),
+    ) -> int:
+        """Prefill what is already certain of a turn whose last message is still growing
+        (a user still speaking, transcribed word by word); return the tokens now cached.
+
+        The last word is left out (it may still grow), and so is whatever the renderer puts
+        after the message; a later `stream` with the same `now` then feeds only the rest.
+        """
+        if not history:
+            return len(self._cache.tokens)
+        last = history[-1]
+        words = last.content.rstrip().rsplit(maxsplit=1)
+        if len(words) < 2:
+            return len(self._cache.tokens)
+        head = [*history[:-1], replace(last, content=words[0])]
+        # What stays the same whatever follows the certain words: render two continuations.
+        a = self._render(prompt, head, now, tools)
+        b = self._render(prompt, [*head[:-1], replace(last, content=f"{words[0]} x")], now, tools)
+        self._cache_upto(a[: common_prefix(a, b)])
+        return len(self._cache.tokens)
+
     def _prefill(self, prompt_tokens: list[int]) -> int:
         """Feed all but the last prompt token into the cache; return how many were reused."""
-        cached = self._cache.reuse(prompt_tokens)
-        fill = prompt_tokens[cached:-1]
+        return self._cache_upto(prompt_tokens[:-1])
+
+    def _cache_upto(self, tokens: list[int]) -> int:
+        """Make the cache hold exactly `tokens`, reusing what it can, and checkpoint there;
+        return how many were reused."""
+        cached = self._cache.reuse([*tokens, -1])  # reuse() keeps a prompt's last token back
+        fill = tokens[cached:]
         if fill:
             # max_tokens=0 makes generate_step run its chunked prefill and stop.
             for _ in generate_step(

@@ -220,3 +220,37 @@ def test_closing_the_stream_before_any_token_keeps_the_cache_exact(engine: Engin
     fresh = Engine(engine.model, engine.tokenizer, "fresh")
     expected = collect(fresh.stream(history, GREEDY, assistant_prefix=prefix))
     assert again.tokens == expected.tokens
+
+
+def test_prefill_while_the_user_speaks_leaves_little_to_do_at_the_end(engine: Engine) -> None:
+    from datetime import datetime
+
+    now = datetime(2026, 11, 25, 12, 0)
+    question = "What is the capital of France?"
+    words = question.split()
+    cached = 0
+    for n in range(1, len(words) + 1):  # the transcript grows word by word
+        partial = [ChatMessage("user", " ".join(words[:n]))]
+        grown = engine.prefill(partial, GREEDY, now=now)
+        assert grown >= cached  # each word only adds to what is cached
+        cached = grown
+    done = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    # Only the last word, the end of the message and the assistant header were left.
+    assert done.stats.prompt_tokens - done.stats.cached_tokens <= 8
+    assert done.stats.cached_tokens == cached
+    engine.reset()
+    fresh = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    assert done.tokens == fresh.tokens  # the speculative prefill changes nothing but speed
+
+
+def test_prefill_of_a_transcript_that_changed_its_mind_is_undone(engine: Engine) -> None:
+    from datetime import datetime
+
+    now = datetime(2026, 11, 25, 12, 0)
+    engine.prefill([ChatMessage("user", "What is the weather in")], GREEDY, now=now)
+    question = "What is the capital of France?"
+    done = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    engine.reset()
+    fresh = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    assert done.tokens == fresh.tokens
+    assert 0 < done.stats.cached_tokens < fresh.stats.prompt_tokens

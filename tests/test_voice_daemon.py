@@ -196,6 +196,8 @@ def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_
     assert t.first_chunk_ms is not None and t.generation_ms is not None
     assert t.first_chunk_ms < t.generation_ms
     assert t.first_audio_ms is not None and not t.interrupted
+    # The words heard while the user spoke were prefilled: the end left only the last one.
+    assert 0 < t.prompt_tokens - t.cached_tokens <= 8
     assert non_silent_seconds(read_wav(recording)) > 0.5
 
     log = json.loads(log_path.read_text())
@@ -244,7 +246,9 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
 def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     make_assistant, virtual_audio, tmp_path
 ) -> None:
-    assistant, rec, _ = make_assistant(**{"barge_in.enabled": False})
+    assistant, rec, _ = make_assistant(
+        **{"barge_in.enabled": False, "llm.prefill_while_listening": False}
+    )
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
     echo = virtual_audio.say("The capital of France is Paris.", tmp_path)
 
@@ -260,6 +264,7 @@ def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     assert rec.texts("heard") == [HEARD]
     assert rec.texts("status").count("hearing") == 1
     assert not rec.timings[0].interrupted
+    assert rec.timings[0].cached_tokens == 0  # nothing prefilled while listening
 
 
 def test_the_audio_device_going_away_and_coming_back_is_survived(

@@ -30,6 +30,9 @@ class LlmSection(_Section):
     profiles: str | None = Field(None, description="profiles JSON file")
     prompt_config: str | None = Field(None, description="prompt config JSON file")
     chat_log: str | None = Field(None, description="chat log to resume or create")
+    prefill_while_listening: bool = Field(
+        True, description="prefill the words heard so far while the user is still speaking"
+    )
 
 
 class SttSection(_Section):

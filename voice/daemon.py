@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import deque
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class TurnTimings:
     generation_ms: float | None = None  # the engine finished the answer
     first_audio_ms: float | None = None  # first audible sample played by the device
     stt_frames_while_speaking: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens: reused or prefilled while the user spoke
     interrupted: bool = False
 
     def as_log(self) -> dict[str, float | int | bool | None]:
@@ -114,6 +117,8 @@ class VoiceAssistant:
         self._last_speech_at = 0.0
         self._stt_frames_at_start = 0
         self._devices_down_since: float | None = None
+        self._utterance_now = datetime.now()
+        self._prefilled_words = 0
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -199,8 +204,8 @@ class VoiceAssistant:
             self._last_speech_at = block.at
         if isinstance(event, SpeechStarted):
             self._start_hearing(list(self.preroll)[-(event.blocks_back + PREROLL_EXTRA_BLOCKS) :])
-        elif self.stt.active and self.stt.room > 0:
-            self.stt.feed(block.pcm)
+        elif self.stt.active and self.stt.room > 0 and self.stt.feed(block.pcm):
+            self._prefill_heard_words()
         if isinstance(event, SpeechEnded):
             self._end_of_speech(block)
         elif isinstance(event, SpeechDropped):
@@ -211,8 +216,28 @@ class VoiceAssistant:
         self._set_state("hearing")
         self.stt.start()
         self._stt_frames_at_start = self.stt.frames_fed
+        # One clock reading per utterance, so that the prompt rendered while listening and
+        # the one rendered at the end agree on any time placeholder.
+        self._utterance_now = datetime.now()
+        self._prefilled_words = 0
         for b in blocks:
             self.stt.feed(b.pcm)
+
+    def _prefill_heard_words(self) -> None:
+        """While the user speaks, prefill the conversation up to the words already heard,
+        so that at the end of speech only the last words are left to prefill."""
+        if not self.cfg.llm.prefill_while_listening:
+            return
+        text = self.stt.text
+        words = len(text.split())
+        if words - 1 <= self._prefilled_words:  # the last word may still grow
+            return
+        self._prefilled_words = words - 1
+        history = [*self.log.active().history(), ChatMessage("user", text)]
+        try:
+            self.engine.prefill(history, self.prompt, now=self._utterance_now)
+        except ConfigError:
+            pass  # the real turn reports it (e.g. a context overflow)
 
     def _end_of_speech(self, block: Block) -> None:
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
@@ -244,7 +269,9 @@ class VoiceAssistant:
             timings=timings,
             user=user,
         )
-        turn.events = self.engine.stream(history, self.prompt, should_stop=lambda: turn.cancelled)
+        turn.events = self.engine.stream(
+            history, self.prompt, should_stop=lambda: turn.cancelled, now=self._utterance_now
+        )
         turn.played_base = self.speaker.played_samples
         self.turn = turn
         self.speaker.first_sound_at = None
@@ -372,6 +399,8 @@ class VoiceAssistant:
             turn.timings.first_audio_ms = (
                 self.speaker.first_sound_at + self.speaker.latency - turn.speech_end_at
             ) * 1000
+        turn.timings.prompt_tokens = turn.done.stats.prompt_tokens
+        turn.timings.cached_tokens = turn.done.stats.cached_tokens
         chat = self.log.active()
         chat.append(turn.user)
         hyper = self.prompt.sampling.model_dump()

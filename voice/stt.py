@@ -90,6 +90,11 @@ class Transcriber:
             self._step(np.zeros(FRAME, dtype=np.float32))
 
     @property
+    def text(self) -> str:
+        """The utterance's transcript so far."""
+        return "".join(self._pieces).strip()
+
+    @property
     def active(self) -> bool:
         return self._gen is not None
 
