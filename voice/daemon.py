@@ -9,13 +9,14 @@ callbacks only queue blocks (see `voice.audio_io`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections import deque
-from datetime import datetime
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -234,10 +235,9 @@ class VoiceAssistant:
             return
         self._prefilled_words = words - 1
         history = [*self.log.active().history(), ChatMessage("user", text)]
-        try:
+        # A rendering problem is reported by the real turn; here it only means no head start.
+        with contextlib.suppress(ConfigError):
             self.engine.prefill(history, self.prompt, now=self._utterance_now)
-        except ConfigError:
-            pass  # the real turn reports it (e.g. a context overflow)
 
     def _end_of_speech(self, block: Block) -> None:
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
