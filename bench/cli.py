@@ -77,7 +77,7 @@ def summarize(results: dict) -> dict:
 def write_outputs(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    for table in ("single_turn", "multi_turn", "kyutai"):
+    for table in ("single_turn", "multi_turn", "kyutai", "voice"):
         rows = results.get(table) or []
         if rows:
             with (out / f"{table}.csv").open("w", newline="") as f:
@@ -130,6 +130,15 @@ def print_report(results: dict) -> None:
             tokens = s[f"multi_turn_{side}_last_prompt_tokens"]
             print(f"multi-turn {side:<9} last/first time to first token: {s[key]:.2f}x "
                   f"(last prompt {tokens} tokens)")  # fmt: skip
+    vs = results.get("voice_summary")
+    if vs:
+        print("voice-to-voice latency (medians, ms)   with prefill   without")
+        for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
+                    "first_chunk_ms", "first_audio_ms"):  # fmt: skip
+            a, b = vs[f"with_prefill_{key}"], vs[f"without_prefill_{key}"]
+            fa = f"{a:>13.1f}" if a is not None else f"{'-':>13}"
+            fb = f"{b:>10.1f}" if b is not None else f"{'-':>10}"
+            print(f"  {key.removesuffix('_ms'):<36}{fa}{fb}")
     for r in results.get("kyutai", []):
         first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
         print(
@@ -138,9 +147,50 @@ def print_report(results: dict) -> None:
         )
 
 
+def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
+    """The engine, and the logit bias both sides run with (random weights never stop)."""
+    if not model.startswith("random:"):
+        return Engine.load(model), {}
+    from bench.harmony_tokenizer import STOP_IDS
+    from bench.shapes import GPT_OSS_20B, random_gpt_oss, scaled_down
+    from llm.vocab import ensure_vocab
+
+    shapes = {"gpt-oss-20b": GPT_OSS_20B, "gpt-oss-small": scaled_down(GPT_OSS_20B)}
+    name = model.removeprefix("random:")
+    if name not in shapes:
+        raise ConfigError(f"--model {model}: known shapes are {', '.join(shapes)}")
+    vocab = ensure_vocab()
+    if vocab is None:
+        raise ConfigError("the o200k vocabulary is needed to build a GPT-OSS tokenizer")
+    folder = Path.home() / ".cache" / "mlx-harmony" / "bench-tokenizer"
+    engine = random_gpt_oss(shapes[name], folder, vocab / "o200k_base.tiktoken")
+    return engine, {t: -1e9 for t in STOP_IDS}
+
+
+def voice_latency(args: argparse.Namespace, engine: Engine) -> tuple[list[dict], dict]:
+    from rich.console import Console
+
+    from bench import voice_latency as vl
+    from llm.cli.common import Setup
+    from llm.config import PromptConfig, SamplingParams
+    from voice.cli import load_voice_models
+    from voice.config import VoiceConfig, load_voice_config
+
+    config = load_voice_config(args.voice_config)[0] if args.voice_config else VoiceConfig()
+    stt, tts = load_voice_models(config, Console(stderr=True))
+    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    records = vl.run(config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds)
+    return [r.row() for r in records], vl.summarize(records)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-harmony-bench", description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="repo id or folder (mlx-lm format)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="repo id or folder (mlx-lm format), or random:gpt-oss-20b / random:gpt-oss-small "
+        "for that shape with random weights",
+    )
     p.add_argument("--prompts", type=Path, help="JSON list of prompts (default: AlpacaEval)")
     p.add_argument("--questions", type=int, default=20, help="how many prompts to run")
     p.add_argument("--max-tokens", type=int, default=256, help="per answer")
@@ -150,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kyutai-frames", type=int, default=25, help="frames timed per model")
     p.add_argument("--quantize", type=int, choices=(4, 8), action="append", default=None,
                    help="Kyutai quantizations to time besides bf16 (repeatable)")  # fmt: skip
+    p.add_argument("--voice", action="store_true",
+                   help="voice-to-voice latency through virtual audio devices (Linux)")  # fmt: skip
+    p.add_argument("--voice-config", type=Path, help="voice config for --voice (STT/TTS models)")
+    p.add_argument("--voice-rounds", type=int, default=3, help="spoken turns per variant")
     p.add_argument("--skip", choices=("single", "multi"), action="append", default=[])
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     return p
@@ -160,14 +214,14 @@ def _main() -> int:
 
     args = build_parser().parse_args()
     prompts = load_prompts(args.prompts, max(args.questions, args.turns))
-    engine = Engine.load(args.model)
+    engine, bias = load_engine(args.model)
     results: dict = {"model": args.model, "machine": machine(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}  # fmt: skip
     if "single" not in args.skip:
-        rows = single_turns(engine, prompts[: args.questions], args.max_tokens)
+        rows = single_turns(engine, prompts[: args.questions], args.max_tokens, bias)
         results["single_turn"] = [r.row() for r in rows]
     if "multi" not in args.skip:
-        rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler)
+        rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler, bias)
         results["multi_turn"] = [r.row() for r in rows]
     if args.kyutai:
         from bench.kyutai import bench_stt, bench_tts
@@ -177,6 +231,8 @@ def _main() -> int:
             kyutai.append(bench_tts(args.kyutai_frames, q).row())
             kyutai.append(bench_stt(args.kyutai_frames, q).row())
         results["kyutai"] = kyutai
+    if args.voice:
+        results["voice"], results["voice_summary"] = voice_latency(args, engine)
     results["summary"] = summarize(results)
     write_outputs(args.out, results)
     print_report(results)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from llm.config import PromptConfig, SamplingParams
 from llm.engine import Engine, collect
@@ -49,15 +49,19 @@ def engine_turn(
     return record, list(done.messages)
 
 
-def peer_turn(engine: Engine, tokens: list[int], max_tokens: int, index: int) -> TurnRecord:
+def peer_turn(
+    engine: Engine, tokens: list[int], max_tokens: int, index: int, bias: dict[int, float]
+) -> TurnRecord:
     """The same prompt through `mlx_lm.stream_generate` on the same model object."""
     mx.reset_peak_memory()
     start = time.perf_counter()
     first = None
     last = None
+    processors = make_logits_processors(logit_bias=bias) if bias else None
     for response in stream_generate(
-        engine.model, engine.tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(0.0)
-    ):
+        engine.model, engine.tokenizer, tokens, max_tokens=max_tokens,
+        sampler=make_sampler(0.0), logits_processors=processors,
+    ):  # fmt: skip
         first = first or time.perf_counter()
         last = response
     assert last is not None and first is not None
@@ -67,9 +71,19 @@ def peer_turn(engine: Engine, tokens: list[int], max_tokens: int, index: int) ->
     )  # fmt: skip
 
 
-def single_turns(engine: Engine, questions: list[str], max_tokens: int) -> list[TurnRecord]:
-    """Each question as a fresh conversation, engine then peer, alternating."""
-    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+def greedy_prompt(max_tokens: int, bias: dict[int, float]) -> PromptConfig:
+    return PromptConfig(
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias=bias)
+    )
+
+
+def single_turns(
+    engine: Engine, questions: list[str], max_tokens: int, bias: dict[int, float] | None = None
+) -> list[TurnRecord]:
+    """Each question as a fresh conversation, engine then peer, alternating. `bias` (token id
+    → logit bias) applies to both, e.g. to keep random weights from stopping early."""
+    bias = bias or {}
+    prompt = greedy_prompt(max_tokens, bias)
     records = []
     for i, question in enumerate(questions):
         history = [ChatMessage("user", question)]
@@ -77,13 +91,18 @@ def single_turns(engine: Engine, questions: list[str], max_tokens: int) -> list[
         tokens = engine.render(history, prompt, max_tokens)
         ours, _ = engine_turn(engine, prompt, history, i)
         records.append(ours)
-        records.append(peer_turn(engine, tokens, max_tokens, i))
+        records.append(peer_turn(engine, tokens, max_tokens, i, bias))
     engine.reset()
     return records
 
 
 def multi_turn(
-    engine: Engine, questions: list[str], turns: int, max_tokens: int, filler: int
+    engine: Engine,
+    questions: list[str],
+    turns: int,
+    max_tokens: int,
+    filler: int,
+    bias: dict[int, float] | None = None,
 ) -> list[TurnRecord]:
     """A conversation of `turns` exchanges, run twice: reusing the engine's cache between
     turns ("engine") and starting every turn from an empty cache ("no-reuse").
@@ -91,7 +110,7 @@ def multi_turn(
     `filler` words of context are added to each user message, so that the conversation
     grows past a few thousand tokens even with short answers.
     """
-    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    prompt = greedy_prompt(max_tokens, bias or {})
     words = " ".join(questions).split()
     records = []
     for side in ("engine", "no-reuse"):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
@@ -51,6 +51,10 @@ def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, 
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model {ref}: cannot load ({first})") from e
+
+
+# Tokens per prefill chunk (mlx-lm's default prefill_step_size).
+PREFILL_STEP = 2048
 
 
 @dataclass
@@ -260,13 +264,13 @@ class Engine:
         return how many were reused."""
         cached = self._cache.reuse([*tokens, -1])  # reuse() keeps a prompt's last token back
         fill = tokens[cached:]
-        if fill:
-            # max_tokens=0 makes generate_step run its chunked prefill and stop.
-            for _ in generate_step(
-                mx.array(fill), self.model, max_tokens=0, prompt_cache=self._cache.cache
-            ):
-                pass
-            self._cache.tokens += fill
+        # generate_step's own prefill loop, without the token it always samples after it:
+        # the logits are never evaluated, so the vocabulary head is not computed.
+        with mx.stream(generation_stream):
+            for i in range(0, len(fill), PREFILL_STEP):
+                self.model(mx.array(fill[i : i + PREFILL_STEP])[None], cache=self._cache.cache)
+                mx.eval([c.state for c in self._cache.cache])
+        self._cache.tokens += fill
         self._cache.checkpoint()
         return cached
 

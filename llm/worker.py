@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
 from llm.messages import Event
 
 _END = object()
@@ -62,15 +64,20 @@ class ModelWorker:
             job.cancelled.set()
 
     def _loop(self) -> None:
-        while (entry := self._jobs.get()) is not None:
-            job, loop, out = entry
-            if not job.cancelled.is_set():
-                try:
-                    for event in job.run(job.cancelled.is_set):
-                        _deliver(loop, out, event)
-                except Exception as exc:  # delivered to the request, which answers 500
-                    _deliver(loop, out, exc)
-            _deliver(loop, out, _END)
+        try:
+            while (entry := self._jobs.get()) is not None:
+                job, loop, out = entry
+                if not job.cancelled.is_set():
+                    try:
+                        for event in job.run(job.cancelled.is_set):
+                            _deliver(loop, out, event)
+                    except Exception as exc:  # delivered to the request, which answers 500
+                        _deliver(loop, out, exc)
+                _deliver(loop, out, _END)
+        finally:
+            # MLX keeps per-thread streams; left to thread-exit destructors they have
+            # aborted the process ("terminate called without an active exception").
+            mx.clear_streams()
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item: object) -> None:

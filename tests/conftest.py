@@ -74,7 +74,7 @@ def voice_models() -> Path:
 @pytest.fixture(scope="session")
 def virtual_audio():
     """A private PulseAudio server with a virtual microphone and speaker (Linux)."""
-    from tests.support.virtual_audio import VirtualAudio, missing_tools
+    from bench.virtual_audio import VirtualAudio, missing_tools
 
     if sys.platform != "linux":
         pytest.skip("virtual audio devices are built with PulseAudio (Linux)")

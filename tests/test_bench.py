@@ -49,3 +49,31 @@ def test_the_shipped_question_set_is_alpaca_eval() -> None:
     prompts = load_prompts(None, 1000)
     assert len(prompts) == 805
     assert prompts[0].startswith("What are the names of some famous actors")
+
+
+def test_voice_latency_benchmark_smoke(
+    gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path
+) -> None:
+    config = tmp_path / "voice.json"
+    config.write_text(json.dumps({
+        "stt": {"model": str(voice_models / "stt")},
+        "tts": {"model": str(voice_models / "tts"), "voice": "tiny-voice",
+                "voice_repo": str(voice_models / "tts" / "voices")},
+        "endpointing": {"silence_ms": 400, "warmup_blocks": 0},
+        "chunking": {"min_chars": 10},
+    }))  # fmt: skip
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--skip", "single",
+         "--skip", "multi", "--voice", "--voice-config", str(config), "--voice-rounds", "1",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["prefill_while_listening"] for r in results["voice"]] == [True, False]
+    with_prefill, without = results["voice"]
+    assert with_prefill["cached_tokens"] > without["cached_tokens"] == 0
+    assert all(r["first_audio_ms"] > r["endpointing_ms"] > 0 for r in results["voice"])
+    assert (out / "voice.csv").stat().st_size > 0
+    assert "voice-to-voice latency" in run.stdout

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.support.tiny_voice import HEARD
-from tests.support.virtual_audio import read_wav, sox_stat
+from bench.virtual_audio import read_wav, sox_stat
 
 ROOT = Path(__file__).parent.parent
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."

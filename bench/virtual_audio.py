@@ -1,4 +1,6 @@
-"""Real PortAudio devices without a sound card: a private PulseAudio server.
+"""Real PortAudio devices without a sound card: a private PulseAudio server (Linux).
+
+Used by the voice tests and by `mlx-harmony-bench --voice`.
 
 A null sink `spk` is the speaker (its monitor is recorded), a second null sink `micsink`
 feeds the virtual source `mic`, which is the microphone: whatever is played into
