@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.tiny_voice import HEARD
 from bench.virtual_audio import read_wav, sox_stat
+from tests.support.tiny_voice import HEARD
 
 ROOT = Path(__file__).parent.parent
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."

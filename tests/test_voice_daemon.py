@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.virtual_audio import non_silent_seconds, read_wav
 from llm.chatlog import Chat, ChatLog
 from llm.config import PromptConfig
 from tests.support.tiny_voice import HEARD
-from bench.virtual_audio import non_silent_seconds, read_wav
 from voice.config import VoiceConfig, apply_override
 from voice.daemon import TurnTimings, VoiceAssistant
 from voice.stt import Transcriber

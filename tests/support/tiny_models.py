@@ -17,7 +17,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from bench.harmony_tokenizer import VOCAB_SIZE, write_harmony_tokenizer
 from openai_harmony import (
     Author,
     Conversation,
@@ -30,6 +29,8 @@ from openai_harmony import (
     ToolDescription,
     load_harmony_encoding,
 )
+
+from bench.harmony_tokenizer import VOCAB_SIZE, write_harmony_tokenizer
 
 STOP_IDS = [200002, 199999, 200012]
 
