@@ -74,7 +74,7 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def write_outputs(out: Path, results: dict) -> None:
+def write_outputs(out: Path, results: dict, with_plot: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     for table in ("single_turn", "multi_turn", "kyutai", "voice"):
@@ -84,7 +84,8 @@ def write_outputs(out: Path, results: dict) -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-    plot(out / "plot.png", results)
+    if with_plot:
+        plot(out / "plot.png", results)
 
 
 def plot(path: Path, results: dict) -> None:
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice-rounds", type=int, default=3, help="spoken turns per variant")
     p.add_argument("--skip", choices=("single", "multi"), action="append", default=[])
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     return p
 
 
@@ -234,7 +236,7 @@ def _main() -> int:
     if args.voice:
         results["voice"], results["voice_summary"] = voice_latency(args, engine)
     results["summary"] = summarize(results)
-    write_outputs(args.out, results)
+    write_outputs(args.out, results, with_plot=not args.no_plot)
     print_report(results)
     print(f"wrote {args.out}/results.json, CSV tables and plot.png")
     return 0
