@@ -215,7 +215,7 @@ def _main() -> int:
     from bench.engine import multi_turn, single_turns
 
     args = build_parser().parse_args()
-    prompts = load_prompts(args.prompts, max(args.questions, args.turns))
+    prompts = load_prompts(args.prompts, 10_000)
     engine, bias = load_engine(args.model)
     results: dict = {"model": args.model, "machine": machine(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}  # fmt: skip
