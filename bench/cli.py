@@ -63,6 +63,16 @@ def summarize(results: dict) -> dict:
             summary[f"{key}_engine"] = ours
             summary[f"{key}_mlx_lm"] = peer
             summary[f"{key}_ratio"] = ours / peer if ours and peer else None
+    listening = {r["side"]: r for r in results.get("listening", [])}
+    if listening:
+        summary["listening_ttft_ended"] = listening["ended"]["ttft"]
+        summary["listening_ttft_listening"] = listening["listening"]["ttft"]
+        summary["listening_fed_tokens_ended"] = (
+            listening["ended"]["prompt_tokens"] - listening["ended"]["cached_tokens"]
+        )
+        summary["listening_fed_tokens_listening"] = (
+            listening["listening"]["prompt_tokens"] - listening["listening"]["cached_tokens"]
+        )
     multi = results.get("multi_turn", [])
     for side in ("engine", "no-reuse"):
         turns = [r for r in multi if r["side"] == side]
@@ -77,7 +87,7 @@ def summarize(results: dict) -> dict:
 def write_outputs(out: Path, results: dict, with_plot: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    for table in ("single_turn", "multi_turn", "kyutai", "voice"):
+    for table in ("single_turn", "multi_turn", "listening", "kyutai", "voice"):
         rows = results.get(table) or []
         if rows:
             with (out / f"{table}.csv").open("w", newline="") as f:
@@ -131,6 +141,13 @@ def print_report(results: dict) -> None:
             tokens = s[f"multi_turn_{side}_last_prompt_tokens"]
             print(f"multi-turn {side:<9} last/first time to first token: {s[key]:.2f}x "
                   f"(last prompt {tokens} tokens)")  # fmt: skip
+    if "listening_ttft_ended" in s:
+        print(
+            f"spoken turn, time to first token: {s['listening_ttft_ended'] * 1000:.0f} ms "
+            f"({s['listening_fed_tokens_ended']} tokens to prefill at the end of speech), "
+            f"{s['listening_ttft_listening'] * 1000:.0f} ms with the words prefilled while "
+            f"listening ({s['listening_fed_tokens_listening']} left)"
+        )
     vs = results.get("voice_summary")
     if vs:
         print("voice-to-voice latency (medians, ms)   with prefill   without")
@@ -205,14 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voice-to-voice latency through virtual audio devices (Linux)")  # fmt: skip
     p.add_argument("--voice-config", type=Path, help="voice config for --voice (STT/TTS models)")
     p.add_argument("--voice-rounds", type=int, default=3, help="spoken turns per variant")
-    p.add_argument("--skip", choices=("single", "multi"), action="append", default=[])
+    p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     return p
 
 
 def _main() -> int:
-    from bench.engine import multi_turn, single_turns
+    from bench.engine import listening_prefill, multi_turn, single_turns
 
     args = build_parser().parse_args()
     prompts = load_prompts(args.prompts, 10_000)
@@ -233,6 +250,11 @@ def _main() -> int:
             kyutai.append(bench_tts(args.kyutai_frames, q).row())
             kyutai.append(bench_stt(args.kyutai_frames, q).row())
         results["kyutai"] = kyutai
+    if "listening" not in args.skip:
+        rows = listening_prefill(
+            engine, prompts, min(args.turns, 6), args.max_tokens, args.filler, bias=bias
+        )
+        results["listening"] = [r.row() for r in rows]
     if args.voice:
         results["voice"], results["voice_summary"] = voice_latency(args, engine)
     results["summary"] = summarize(results)

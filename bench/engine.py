@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -38,9 +39,13 @@ class TurnRecord:
 
 
 def engine_turn(
-    engine: Engine, prompt: PromptConfig, history: list[ChatMessage], index: int
+    engine: Engine,
+    prompt: PromptConfig,
+    history: list[ChatMessage],
+    index: int,
+    now: datetime | None = None,
 ) -> tuple[TurnRecord, list[ChatMessage]]:
-    done = collect(engine.stream(history, prompt))
+    done = collect(engine.stream(history, prompt, now=now))
     s = done.stats
     record = TurnRecord(
         "engine", index, s.prompt_tokens, s.cached_tokens, s.generated_tokens, s.prefill_tps,
@@ -136,5 +141,49 @@ def multi_turn(
                 if timed:
                     records.append(record)
                 history += [m for m in messages if m.channel == "final"]
+    engine.reset()
+    return records
+
+
+def listening_prefill(
+    engine: Engine,
+    questions: list[str],
+    turns: int,
+    max_tokens: int,
+    filler: int,
+    spoken_words: int = 40,
+    bias: dict[int, float] | None = None,
+) -> list[TurnRecord]:
+    """Time to first token of a spoken turn after `turns - 1` earlier turns, without ("ended")
+    and with ("listening") the words prefilled one by one while the user was speaking.
+
+    The prefill calls happen before the clock starts, as they do while the user speaks; the
+    clock starts when the whole transcript is known. Each side runs twice, the second timed.
+    """
+    prompt = greedy_prompt(max_tokens, bias or {})
+    words = " ".join(questions).split()
+    now = datetime.now()
+    spoken = " ".join(words[-spoken_words:])
+    records = []
+    for side in ("ended", "listening"):
+        for timed in (False, True):
+            engine.reset()
+            history: list[ChatMessage] = []
+            for i in range(turns - 1):
+                context = " ".join(words[i * filler : (i + 1) * filler])
+                history.append(ChatMessage("user", f"{questions[i]}\n\nContext: {context}"))
+                _, messages = engine_turn(engine, prompt, history, i, now)
+                history += [m for m in messages if m.channel == "final"]
+            if side == "listening":
+                heard = spoken.split()
+                for n in range(1, len(heard) + 1):
+                    partial = ChatMessage("user", " ".join(heard[:n]))
+                    engine.prefill([*history, partial], prompt, now=now)
+            record, _ = engine_turn(
+                engine, prompt, [*history, ChatMessage("user", spoken)], turns - 1, now
+            )
+            record.side = side
+            if timed:
+                records.append(record)
     engine.reset()
     return records

@@ -31,7 +31,13 @@ def test_benchmark_smoke(gpt_oss_path: Path, tmp_path: Path) -> None:
     assert reused[0] == 0 and all(c > 0 for c in reused[1:])
     assert all(r["cached_tokens"] == 0 for r in results["multi_turn"] if r["side"] == "no-reuse")
     assert results["summary"]["decode_tps_ratio"] > 0
-    for name in ("single_turn.csv", "multi_turn.csv", "plot.png"):
+    ended, listening = results["listening"]
+    assert (ended["side"], listening["side"]) == ("ended", "listening")
+    assert ended["prompt_tokens"] == listening["prompt_tokens"]
+    # The words prefilled while the user spoke leave only the last few for the end.
+    assert listening["prompt_tokens"] - listening["cached_tokens"] <= 8
+    assert ended["prompt_tokens"] - ended["cached_tokens"] > 20
+    for name in ("single_turn.csv", "multi_turn.csv", "listening.csv", "plot.png"):
         assert (out / name).stat().st_size > 0
     assert "decode tokens/s" in run.stdout
 
