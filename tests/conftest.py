@@ -72,6 +72,28 @@ def voice_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def transcriber(voice_models: Path):
+    from voice.stt import Transcriber
+
+    stt = Transcriber.load(str(voice_models / "stt"), max_seconds=16)
+    stt.warmup()
+    return stt
+
+
+@pytest.fixture(scope="session")
+def synthesizer(voice_models: Path):
+    """Greedy, so that the same text gives the same speech (tests compare lengths)."""
+    from voice.tts import Synthesizer
+
+    tts = Synthesizer.load(
+        str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices"),
+        temperature=0.0,
+    )  # fmt: skip
+    tts.warmup()
+    return tts
+
+
+@pytest.fixture(scope="session")
 def virtual_audio():
     """A private PulseAudio server with a virtual microphone and speaker (Linux)."""
     from bench.virtual_audio import VirtualAudio, missing_tools

@@ -96,15 +96,21 @@ def voice_config_file(tmp_path: Path, voice_models: Path, gpt_oss_path: Path) ->
 VOICE = [sys.executable, "-m", "voice.cli"]
 
 
+def ask_aloud(virtual_audio, env, config: Path, log: Path, folder: Path) -> Running:
+    """Start the voice command and ask it the question through the virtual microphone."""
+    question = virtual_audio.say("What is the capital of France?", folder, lead_silence=0.3)
+    run = Running([*VOICE, "--config", str(config), "--chat", str(log)], env)
+    run.wait_for("Listening.")
+    virtual_audio.play_into_mic(question).wait()
+    return run
+
+
 @pytest.mark.slow
 def test_voice_command_answers_aloud_and_stops_cleanly_on_sigterm(
     virtual_audio, voice_env, voice_config_file, tmp_path
 ) -> None:
     log = tmp_path / "chat.json"
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-    run = Running([*VOICE, "--config", str(voice_config_file), "--chat", str(log)], voice_env)
-    run.wait_for("Listening.")
-    virtual_audio.play_into_mic(question).wait()
+    run = ask_aloud(virtual_audio, voice_env, voice_config_file, log, tmp_path)
     assert run.wait_for("You:") == f"You: {HEARD}"
     run.wait_for("ms after speech end")
     run.proc.send_signal(signal.SIGTERM)
@@ -121,10 +127,7 @@ def test_sigint_while_speaking_saves_what_was_heard(
     virtual_audio, voice_env, voice_config_file, tmp_path
 ) -> None:
     log = tmp_path / "chat.json"
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-    run = Running([*VOICE, "--config", str(voice_config_file), "--chat", str(log)], voice_env)
-    run.wait_for("Listening.")
-    virtual_audio.play_into_mic(question).wait()
+    run = ask_aloud(virtual_audio, voice_env, voice_config_file, log, tmp_path)
     run.wait_for("● speaking")
     run.proc.send_signal(signal.SIGINT)
     assert run.finish() == 0

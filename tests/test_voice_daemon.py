@@ -23,8 +23,6 @@ from llm.config import PromptConfig
 from tests.support.tiny_voice import HEARD
 from voice.config import VoiceConfig, apply_override
 from voice.daemon import TurnTimings, VoiceAssistant
-from voice.stt import Transcriber
-from voice.tts import Synthesizer
 from voice.vad import make_detector
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
@@ -86,24 +84,8 @@ class Recorder:
                 self._changed.wait(left)
 
 
-@pytest.fixture(scope="module")
-def stt(voice_models: Path) -> Transcriber:
-    t = Transcriber.load(str(voice_models / "stt"), max_seconds=16)
-    t.warmup()
-    return t
-
-
-@pytest.fixture(scope="module")
-def tts(voice_models: Path) -> Synthesizer:
-    s = Synthesizer.load(
-        str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices")
-    )
-    s.warmup()
-    return s
-
-
 @pytest.fixture
-def make_assistant(virtual_audio, engine, stt, tts, tmp_path: Path):
+def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
     def make(**overrides) -> tuple[VoiceAssistant, Recorder, Path]:
         config = VoiceConfig()
         settings = {
@@ -122,7 +104,9 @@ def make_assistant(virtual_audio, engine, stt, tts, tmp_path: Path):
         path = tmp_path / "voice-chat.json"
         prompt = PromptConfig(sampling={"temperature": 0.0})
         detector = make_detector(config.endpointing, 24_000)
-        assistant = VoiceAssistant(config, engine, prompt, stt, tts, detector, log, path, recorder)
+        assistant = VoiceAssistant(
+            config, engine, prompt, transcriber, synthesizer, detector, log, path, recorder
+        )
         return assistant, recorder, path
 
     return make

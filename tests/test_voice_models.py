@@ -14,24 +14,6 @@ from voice.stt import FRAME, Transcriber
 from voice.tts import Synthesizer
 
 
-@pytest.fixture(scope="module")
-def transcriber(voice_models: Path) -> Transcriber:
-    stt = Transcriber.load(str(voice_models / "stt"), max_seconds=10)
-    stt.warmup()
-    return stt
-
-
-@pytest.fixture(scope="module")
-def synthesizer(voice_models: Path) -> Synthesizer:
-    # Greedy, so that the same text gives the same speech (the tests compare lengths).
-    tts = Synthesizer.load(
-        str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices"),
-        temperature=0.0,
-    )  # fmt: skip
-    tts.warmup()
-    return tts
-
-
 def test_speech_is_synthesized_frame_by_frame_on_demand(synthesizer: Synthesizer) -> None:
     frames = synthesizer.speak("hello there how are you")
     first = next(frames)  # the first 80 ms exist before the rest is generated

@@ -142,21 +142,42 @@ class _Resampler:
         return pcm if self.stream is None else self.stream.resample_chunk(pcm)
 
 
+class _Stream:
+    """What both directions share: a PortAudio stream that may end on its own."""
+
+    def __init__(self, device: str | int | None) -> None:
+        self.spec = device
+        self._stream: Any = None
+        self._lost = threading.Event()
+
+    @property
+    def lost(self) -> bool:
+        """The stream ended on its own (the device went away), or was never opened."""
+        return self._stream is None or self._lost.is_set() or not self._stream.active
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
 @dataclass
 class Block:
     pcm: np.ndarray  # 24 kHz mono float32
     at: float  # time.perf_counter() when the callback received it
 
 
-class Microphone:
+class Microphone(_Stream):
     """Blocks of `block_ms` at 24 kHz; `read()` waits for the next one."""
 
     def __init__(self, device: str | int | None, block_ms: int = 80) -> None:
-        self.spec, self.block_ms = device, block_ms
+        super().__init__(device)
+        self.block_ms = block_ms
         self.block = MODEL_RATE * block_ms // 1000
         self._queue: queue.Queue[Block] = queue.Queue(maxsize=1000)
-        self._stream: Any = None
-        self._lost = threading.Event()
         self.overflows = 0
 
     def open(self) -> None:
@@ -208,29 +229,14 @@ class Microphone:
             except queue.Empty:
                 return out
 
-    @property
-    def lost(self) -> bool:
-        """The stream ended on its own: the device went away."""
-        return self._stream is None or self._lost.is_set() or not self._stream.active
 
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            with contextlib.suppress(Exception):
-                stream.close()
-
-
-class Speaker:
+class Speaker(_Stream):
     """Plays queued 24 kHz PCM; writes silence when there is nothing to play."""
 
     def __init__(self, device: str | int | None) -> None:
-        self.spec = device
+        super().__init__(device)
         self._frames: deque[np.ndarray] = deque()
         self._lock = threading.Lock()
-        self._stream: Any = None
-        self._lost = threading.Event()
         self._head = np.zeros(0, dtype=np.float32)
         self.first_sound_at: float | None = None  # perf_counter of the first audible block
         self.played_samples = 0
@@ -298,15 +304,3 @@ class Speaker:
         self.played_samples += filled
         if self.first_sound_at is None and filled and np.abs(out[:filled]).max() > SILENCE_RMS:
             self.first_sound_at = time.perf_counter()
-
-    @property
-    def lost(self) -> bool:
-        return self._stream is None or self._lost.is_set() or not self._stream.active
-
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            with contextlib.suppress(Exception):
-                stream.close()
