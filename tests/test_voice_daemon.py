@@ -271,3 +271,24 @@ def test_the_audio_device_going_away_and_coming_back_is_survived(
     serve(assistant, scenario)
     assert rec.texts("heard") == [HEARD]
     assert "".join(rec.texts("answer")) == ANSWER
+
+
+def test_a_microphone_that_stops_delivering_is_reopened(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    assistant, rec, _ = make_assistant()
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+
+    def scenario(stop: threading.Event) -> None:
+        time.sleep(1.0)
+        # The stream stays open and "active", but no audio arrives any more.
+        virtual_audio.pactl("suspend-source", "mic", "1")
+        rec.wait("status", "waiting for audio device", timeout=15)
+        virtual_audio.pactl("suspend-source", "mic", "0")
+        rec.wait("notice", "audio devices are back", timeout=20)
+        time.sleep(0.5)
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("turn_done")
+
+    serve(assistant, scenario)
+    assert rec.texts("heard") == [HEARD]

@@ -142,26 +142,51 @@ class _Resampler:
         return pcm if self.stream is None else self.stream.resample_chunk(pcm)
 
 
+# A stream whose callback has not run for this long has lost its device, even if PortAudio
+# still calls it active (seen when a sound server goes away under an open ALSA stream).
+STALL_SECONDS = 3.0
+# How long closing a broken stream may take before it is abandoned.
+CLOSE_SECONDS = 2.0
+
+
 class _Stream:
-    """What both directions share: a PortAudio stream that may end on its own."""
+    """What both directions share: a PortAudio stream that may end or stall on its own."""
 
     def __init__(self, device: str | int | None) -> None:
         self.spec = device
         self._stream: Any = None
         self._lost = threading.Event()
+        self._last_callback = 0.0
+
+    def _started(self) -> None:
+        self._last_callback = time.monotonic()  # the grace period starts with the stream
+
+    def _alive(self) -> None:
+        self._last_callback = time.monotonic()
 
     @property
     def lost(self) -> bool:
-        """The stream ended on its own (the device went away), or was never opened."""
-        return self._stream is None or self._lost.is_set() or not self._stream.active
+        """The stream ended or stalled (the device went away), or was never opened."""
+        if self._stream is None or self._lost.is_set() or not self._stream.active:
+            return True
+        return time.monotonic() - self._last_callback > STALL_SECONDS
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
-        if stream is not None:
+        if stream is None:
+            return
+
+        def shut() -> None:
             with contextlib.suppress(Exception):
                 stream.abort()
             with contextlib.suppress(Exception):
                 stream.close()
+
+        # Aborting a stream whose device vanished can block inside PortAudio; never let
+        # that hang the assistant (the stream is abandoned instead).
+        closer = threading.Thread(target=shut, name="audio-close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_SECONDS)
 
 
 @dataclass
@@ -197,6 +222,7 @@ class Microphone(_Stream):
                 callback=self._callback,
                 finished_callback=self._lost.set,
             )
+            self._started()
             self._stream.start()
         except Exception as e:
             self._stream = None
@@ -204,6 +230,7 @@ class Microphone(_Stream):
         self.name = sd.query_devices(self._stream.device)["name"]
 
     def _callback(self, indata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+        self._alive()
         if status.input_overflow:
             self.overflows += 1
         pcm = self._resample(indata[:, 0].copy())
@@ -260,6 +287,7 @@ class Speaker(_Stream):
                 callback=self._callback,
                 finished_callback=self._lost.set,
             )
+            self._started()
             self._stream.start()
         except Exception as e:
             self._stream = None
@@ -288,6 +316,7 @@ class Speaker(_Stream):
         return self.pending_seconds() > 0
 
     def _callback(self, outdata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+        self._alive()
         out = outdata[:, 0]
         filled = 0
         with self._lock:
