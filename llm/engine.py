@@ -207,7 +207,9 @@ class Engine:
             raise
         except BaseException:
             # Interrupted inside a model step: the live cache may hold a token that
-            # `tokens` does not. The checkpoint is still exact.
+            # `tokens` does not. The checkpoint is still exact. generate_step has already
+            # queued the next step on that cache: let it finish before the cache is dropped.
+            mx.synchronize(generation_stream)
             self._cache.drop_live()
             raise
         finally:
