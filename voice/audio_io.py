@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -152,14 +153,28 @@ CLOSE_SECONDS = 2.0
 class _Stream:
     """What both directions share: a PortAudio stream that may end or stall on its own."""
 
+    _callback: Callable[..., None]  # each direction's PortAudio callback
+
     def __init__(self, device: str | int | None) -> None:
         self.spec = device
         self._stream: Any = None
         self._lost = threading.Event()
         self._last_callback = 0.0
 
-    def _started(self) -> None:
-        self._last_callback = time.monotonic()  # the grace period starts with the stream
+    def _start(self, kind: Kind, make: Callable[..., Any], **settings: Any) -> None:
+        """Open and start a mono float32 stream; a failure is one line naming the device."""
+        self._lost.clear()
+        try:
+            self._stream = make(
+                channels=1, dtype="float32", callback=self._callback,
+                finished_callback=self._lost.set, **settings,
+            )  # fmt: skip
+            self._last_callback = time.monotonic()  # the stall grace period starts now
+            self._stream.start()
+        except Exception as e:
+            self._stream = None
+            raise _open_error(kind, self.spec, e) from None
+        self.name = sounddevice().query_devices(self._stream.device)["name"]
 
     def _alive(self) -> None:
         self._last_callback = time.monotonic()
@@ -211,23 +226,10 @@ class Microphone(_Stream):
         rate = _device_rate(sd, device, "input")
         self._resample = _Resampler(rate, MODEL_RATE)
         self._carry = np.zeros(0, dtype=np.float32)
-        self._lost.clear()
-        try:
-            self._stream = sd.InputStream(
-                device=device,
-                samplerate=rate,
-                channels=1,
-                dtype="float32",
-                blocksize=rate * self.block_ms // 1000,
-                callback=self._callback,
-                finished_callback=self._lost.set,
-            )
-            self._started()
-            self._stream.start()
-        except Exception as e:
-            self._stream = None
-            raise _open_error("input", self.spec, e) from None
-        self.name = sd.query_devices(self._stream.device)["name"]
+        self._start(
+            "input", sd.InputStream, device=device, samplerate=rate,
+            blocksize=rate * self.block_ms // 1000,
+        )  # fmt: skip
 
     def _callback(self, indata: np.ndarray, frames: int, t: Any, status: Any) -> None:
         self._alive()
@@ -275,25 +277,11 @@ class Speaker(_Stream):
         device = resolve_device(self.spec, "output")
         self.rate = _device_rate(sd, device, "output")
         self._resample = _Resampler(MODEL_RATE, self.rate)
-        self._lost.clear()
-        try:
-            self._stream = sd.OutputStream(
-                device=device,
-                samplerate=self.rate,
-                channels=1,
-                dtype="float32",
-                blocksize=self.rate // 50,
-                latency="low",
-                callback=self._callback,
-                finished_callback=self._lost.set,
-            )
-            self._started()
-            self._stream.start()
-        except Exception as e:
-            self._stream = None
-            raise _open_error("output", self.spec, e) from None
+        self._start(
+            "output", sd.OutputStream, device=device, samplerate=self.rate,
+            blocksize=self.rate // 50, latency="low",
+        )  # fmt: skip
         self.latency = float(self._stream.latency)
-        self.name = sd.query_devices(self._stream.device)["name"]
 
     def play(self, pcm: np.ndarray) -> None:
         pcm = self._resample(pcm.astype(np.float32, copy=False))
