@@ -231,7 +231,11 @@ def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     make_assistant, virtual_audio, tmp_path
 ) -> None:
     assistant, rec, _ = make_assistant(
-        **{"barge_in.enabled": False, "llm.prefill_while_listening": False}
+        **{
+            "barge_in.enabled": False,
+            "llm.prefill_while_listening": False,
+            "endpointing.detector": "silero",  # the model detector, in the live loop
+        }
     )
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
     echo = virtual_audio.say("The capital of France is Paris.", tmp_path)

@@ -116,3 +116,27 @@ def test_markup_is_not_read_aloud(markdown: str, spoken: str) -> None:
 def test_code_blocks_are_not_cut_in_the_middle() -> None:
     got = chunks_of("Here:\n```\na. b. c. d. e. f. g. h.\n```\nThat is all.", min_chars=3)
     assert got == ["Here: That is all."]
+
+
+def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:
+    import subprocess
+
+    import numpy as np
+
+    from voice.silero import SileroDetector
+
+    wav, raw = tmp_path / "speech.wav", tmp_path / "speech.raw"
+    subprocess.run(["espeak-ng", "-w", str(wav), "What is the weather like today?"], check=True)
+    subprocess.run(["sox", str(wav), "-r", "24000", "-c", "1", "-b", "32", "-e", "float",
+                    str(raw)], check=True)  # fmt: skip
+    speech = np.fromfile(raw, dtype=np.float32)
+    noise = (np.random.default_rng(0).normal(size=24_000 * 2) * 0.05).astype(np.float32)
+
+    def fraction(audio: np.ndarray) -> float:
+        detect = SileroDetector.load(24_000, 0.5)
+        hits = [detect(audio[i : i + 1920]) for i in range(0, len(audio) - 1919, 1920)]
+        return sum(hits) / len(hits)
+
+    assert fraction(speech) > 0.6
+    assert fraction(np.zeros(24_000 * 2, dtype=np.float32)) == 0
+    assert fraction(noise) < 0.1  # loud hiss is energy, not speech
