@@ -281,12 +281,8 @@ class VoiceAssistant:
     def _while_answering(self, block: Block) -> None:
         if not self.cfg.barge_in.enabled:
             return  # the microphone would hear the assistant's own voice
-        if not self.detector(block.pcm):
-            self._barge_blocks = 0
-            self.preroll.append(block)
-            return
-        self._barge_blocks += 1
         self.preroll.append(block)
+        self._barge_blocks = self._barge_blocks + 1 if self.detector(block.pcm) else 0
         needed = max(1, math.ceil(self.cfg.barge_in.min_speech_ms / self.cfg.audio.block_ms))
         if self._barge_blocks >= needed:
             self.report.notice("(interrupted)")
