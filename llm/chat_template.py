@@ -13,7 +13,8 @@ from typing import Any
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from llm.config import PromptConfig
-from llm.messages import Channel, ChatMessage, FunctionTool, MessageDone, TextDelta
+from llm.errors import ConfigError
+from llm.messages import BuiltinTool, Channel, ChatMessage, MessageDone, TextDelta, Tool
 
 
 class ChatTemplateFormat:
@@ -30,8 +31,13 @@ class ChatTemplateFormat:
         prompt: PromptConfig,
         history: Sequence[ChatMessage],
         now: datetime | None = None,
-        tools: Sequence[FunctionTool] = (),
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
+        builtin = [t.name for t in tools if isinstance(t, BuiltinTool)]
+        if builtin:
+            raise ConfigError(
+                f"tools {', '.join(builtin)}: built-in tools need a GPT-OSS (Harmony) model"
+            )
         system = [prompt.expand(prompt.system_model_identity, now)]
         system.append(prompt.expand(prompt.developer_instructions, now))
         system += [m.content for m in history if m.role in ("system", "developer")]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llm.errors import ConfigError
+from llm.tools.config import ToolsConfig
 
 # Fields of the original tool's prompt config that have no effect here.
 IGNORED_FIELDS = frozenset({"mlock", "logs_dir"})
@@ -77,6 +78,7 @@ class PromptConfig(BaseModel):
     chats_dir: str | None = None
     lazy: bool = False
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
 
     @field_validator("reasoning_effort", mode="before")
     @classmethod
@@ -105,11 +107,25 @@ class PromptConfig(BaseModel):
         return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: names.get(m[1], m[0]), text)
 
 
+class RemoteConfig(BaseModel):
+    """A profile's `remote` section: generation on an OpenAI-compatible server."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str = Field(pattern=r"^https?://")  # e.g. http://gpu-box:8000/v1
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    timeout_s: float = Field(120.0, gt=0)  # longest wait for the next piece of the answer
+    connect_timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(3, ge=0, le=10)  # reconnects before any output arrived
+    backoff_s: float = Field(0.5, ge=0)
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str  # a Hugging Face repo id or folder; with `remote`, the server's model name
     prompt_config: str | None = None
     max_context_tokens: int | None = Field(None, ge=256)
+    tools: ToolsConfig | None = None  # replaces the prompt config's tools
+    remote: RemoteConfig | None = None
 
 
 def _error_line(path: Path | str, err: ValidationError) -> str:

@@ -27,10 +27,10 @@ from llm.messages import (
     ChatMessage,
     Event,
     FinishReason,
-    FunctionTool,
     GenerationStats,
     MessageDone,
     TextDelta,
+    Tool,
     TurnDone,
 )
 from llm.prompt_cache import ConversationCache, common_prefix
@@ -96,7 +96,7 @@ class Engine:
         prompt: PromptConfig,
         max_tokens: int = 0,
         now: datetime | None = None,
-        tools: Sequence[FunctionTool] = (),
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """The prompt's token ids, older turns dropped if it would overflow the context."""
         history = list(history)
@@ -119,7 +119,7 @@ class Engine:
         prompt: PromptConfig,
         history: list[ChatMessage],
         now: datetime | None,
-        tools: Sequence[FunctionTool],
+        tools: Sequence[Tool],
     ) -> list[int]:
         try:
             return self.format.render(prompt, history, now, tools)
@@ -146,7 +146,7 @@ class Engine:
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
         now: datetime | None = None,
-        tools: Sequence[FunctionTool] = (),
+        tools: Sequence[Tool] = (),
         assistant_prefix: str = "",
     ) -> Iterator[Event]:
         """Generate the assistant's turn after `history`, yielding events as tokens arrive.
@@ -236,7 +236,7 @@ class Engine:
         history: Sequence[ChatMessage],
         prompt: PromptConfig,
         now: datetime | None = None,
-        tools: Sequence[FunctionTool] = (),
+        tools: Sequence[Tool] = (),
     ) -> int:
         """Prefill what is already certain of a turn whose last message is still growing
         (a user still speaking, transcribed word by word); return the tokens now cached.

@@ -23,19 +23,29 @@ from openai_harmony import (
     StreamableParser,
     SystemContent,
     ToolDescription,
+    ToolNamespaceConfig,
 )
 
 from llm.config import PromptConfig
-from llm.messages import ChatMessage, FunctionTool, MessageDone, TextDelta
+from llm.messages import BuiltinTool, ChatMessage, FunctionTool, MessageDone, TextDelta, Tool
 from llm.vocab import harmony_encoding
 
 _ROLES = {r.value: r for r in Role}
 
 
-def _system_message(prompt: PromptConfig, now: datetime | None) -> Message:
+def _namespace(tool: BuiltinTool) -> ToolNamespaceConfig:
+    described = [ToolDescription.new(f.name, f.description, f.parameters) for f in tool.functions]
+    return ToolNamespaceConfig(name=tool.name, description=tool.description, tools=described)
+
+
+def _system_message(
+    prompt: PromptConfig, now: datetime | None, builtins: Sequence[BuiltinTool]
+) -> Message:
     content = SystemContent.new().with_reasoning_effort(
         ReasoningEffort[prompt.reasoning_effort.upper()]
     )
+    for tool in builtins:
+        content = content.with_tools(_namespace(tool))
     if prompt.system_model_identity:
         content = content.with_model_identity(prompt.expand(prompt.system_model_identity, now))
     if prompt.conversation_start_date:
@@ -51,15 +61,17 @@ def _to_harmony(msg: ChatMessage) -> Message:
     if msg.role == "tool":
         out = Message.from_author_and_content(
             Author.new(Role.TOOL, msg.name or "tool"), msg.content
-        ).with_channel("commentary")
+        ).with_channel(msg.channel or "commentary")
         return out.with_recipient("assistant")
     out = Message.from_role_and_content(_ROLES[msg.role], msg.content)
     if msg.role == "assistant":
         out = out.with_channel(msg.channel or "final")
         if msg.recipient:
             out = out.with_recipient(msg.recipient)
-            if msg.recipient.startswith("functions."):
-                out = out.with_content_type("<|constrain|>json")
+            # What GPT-OSS writes after the recipient: JSON for functions, code for the
+            # built-in tools.
+            json_args = msg.recipient.startswith("functions.")
+            out = out.with_content_type("<|constrain|>json" if json_args else "code")
     return out
 
 
@@ -67,9 +79,11 @@ def render_messages(
     prompt: PromptConfig,
     history: Sequence[ChatMessage],
     now: datetime | None = None,
-    tools: Sequence[FunctionTool] = (),
+    tools: Sequence[Tool] = (),
 ) -> list[Message]:
     """System and developer messages from the prompt config, examples, then the history.
+
+    Built-in tools are declared in the system message, functions in the developer message.
 
     System/developer messages inside the history (an API client's, say) are appended to
     the developer instructions: GPT-OSS reads one system and one developer message.
@@ -77,14 +91,16 @@ def render_messages(
     instructions = [prompt.expand(prompt.developer_instructions, now)]
     instructions += [m.content for m in history if m.role in ("system", "developer")]
     instructions = [i for i in instructions if i]
-    out = [_system_message(prompt, now)]
-    if instructions or tools:
+    builtins = [t for t in tools if isinstance(t, BuiltinTool)]
+    functions = [t for t in tools if isinstance(t, FunctionTool)]
+    out = [_system_message(prompt, now, builtins)]
+    if instructions or functions:
         dev = DeveloperContent.new()
         if instructions:
             dev = dev.with_instructions("\n\n".join(instructions))
-        if tools:
+        if functions:
             dev = dev.with_function_tools(
-                [ToolDescription.new(t.name, t.description, t.parameters) for t in tools]
+                [ToolDescription.new(t.name, t.description, t.parameters) for t in functions]
             )
         out.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     for dialogue in prompt.example_dialogues:
@@ -110,7 +126,7 @@ class HarmonyFormat:
         prompt: PromptConfig,
         history: Sequence[ChatMessage],
         now: datetime | None = None,
-        tools: Sequence[FunctionTool] = (),
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         convo = Conversation.from_messages(render_messages(prompt, history, now, tools))
         return self.encoding.render_conversation_for_completion(convo, Role.ASSISTANT)

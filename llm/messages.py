@@ -37,6 +37,19 @@ class FunctionTool:
 
 
 @dataclass(frozen=True)
+class BuiltinTool:
+    """A tool namespace of the system message (GPT-OSS's `python` and `browser`), run by
+    the assistant itself rather than by the caller."""
+
+    name: str
+    description: str
+    functions: tuple[FunctionTool, ...] = ()
+
+
+Tool = FunctionTool | BuiltinTool
+
+
+@dataclass(frozen=True)
 class TextDelta:
     """New text of the message being generated. Consumers speak only `final` deltas."""
 
@@ -79,4 +92,18 @@ class TurnDone:
     stats: GenerationStats
 
 
-Event = TextDelta | MessageDone | TurnDone
+@dataclass(frozen=True)
+class ToolCall:
+    """The model called a tool the assistant runs; `message` is the call."""
+
+    message: ChatMessage
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What the tool answered, as the tool message the model reads next."""
+
+    message: ChatMessage
+
+
+Event = TextDelta | MessageDone | TurnDone | ToolCall | ToolResult

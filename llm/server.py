@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,10 +25,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llm.config import PromptConfig
-from llm.engine import Engine
+from llm.backends import ChatEngine, load_engine
+from llm.config import PromptConfig, RemoteConfig
 from llm.errors import ConfigError
-from llm.messages import MessageDone, TextDelta, TurnDone
+from llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
 from llm.openai_api import (
     ChatCompletionRequest,
     ErrorResponse,
@@ -36,6 +39,9 @@ from llm.openai_api import (
     tool_call_of,
     usage,
 )
+from llm.tool_loop import respond
+from llm.tools.config import ToolsConfig
+from llm.tools.toolbox import Toolbox
 from llm.worker import Job, ModelWorker
 
 
@@ -53,6 +59,7 @@ class ServedModel:
     name: str
     model: str
     prompt: PromptConfig
+    remote: RemoteConfig | None = None  # relay to this server instead of loading the model
 
 
 class ApiError(Exception):
@@ -116,27 +123,28 @@ class BodyLimit:
 
 def create_app(
     served: list[ServedModel],
-    load: Callable[[str], Engine] = Engine.load,
+    load: Callable[[ServedModel], ChatEngine] | None = None,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
-    preloaded: Engine | None = None,
+    preloaded: ChatEngine | None = None,
 ) -> FastAPI:
     """The app; `preloaded` is the engine of the first served model, if already loaded."""
     limits = limits or ServerLimits()
     by_name = {s.name: s for s in served}
     default = served[0]
     worker = ModelWorker()
-    state: dict[str, Engine | str | None] = {
+    load = load or (lambda s: load_engine(s.model, lazy=s.prompt.lazy, remote=s.remote))
+    state: dict[str, ChatEngine | str | None] = {
         "engine": preloaded,
         "loaded": default.model if preloaded else None,
     }
 
-    def engine_for(entry: ServedModel) -> Engine:
+    def engine_for(entry: ServedModel) -> ChatEngine:
         """Runs on the worker thread: load (or switch to) the model the request named."""
         if state["loaded"] != entry.model:
             # Drop the old model first, so two are never in memory at once.
             state["engine"], state["loaded"] = None, None
-            state["engine"], state["loaded"] = load(entry.model), entry.model
+            state["engine"], state["loaded"] = load(entry), entry.model
         return state["engine"]  # type: ignore[return-value]
 
     @asynccontextmanager
@@ -237,26 +245,38 @@ def create_app(
         except ValueError as e:
             raise ApiError(400, str(e), "tool_choice") from None
 
-        def run(should_stop: Callable[[], bool]):  # type: ignore[no-untyped-def]
+        if prompt.tools.apply_patch and any(t.name == "apply_patch" for t in tools):
+            raise ApiError(400, "tools: apply_patch is a server-side tool here", "tools")
+        server_side = ServerTools(prompt.tools)
+
+        def run(should_stop: Callable[[], bool]) -> Iterator[Event]:
             engine = engine_for(entry)
             prefix = forced if engine.harmony else ""  # templates cannot be forced here
-            return engine.stream(
-                history,
-                prompt,
-                sampling,
-                should_stop=should_stop,
-                tools=tools,
-                assistant_prefix=prefix,
-            )
+            try:
+                yield from respond(
+                    engine,
+                    history,
+                    prompt,
+                    server_side.open(),
+                    sampling=sampling,
+                    should_stop=should_stop,
+                    tools=tools,
+                    assistant_prefix=prefix,
+                )
+            finally:
+                server_side.close()
 
         job = Job(run)
         cid = new_id("chatcmpl")
         events = await _started(worker.submit(job))
         if body.stream:
             return StreamingResponse(
-                _sse(events, job, cid, entry.name, body), media_type="text/event-stream"
+                _sse(events, job, cid, entry.name, body, server_side.handles),
+                media_type="text/event-stream",
             )
-        return JSONResponse(await _complete(events, job, cid, entry.name, body, request))
+        return JSONResponse(
+            await _complete(events, job, cid, entry.name, body, request, server_side.handles)
+        )
 
     def _pick(name: str | None) -> ServedModel:
         if name is None or name == default.name:
@@ -297,6 +317,40 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
         await asyncio.sleep(0.1)
 
 
+class ServerTools:
+    """Built-in tools the server runs itself for one request, in a workspace of its own
+    (the configured folder, else a temporary one removed after the request)."""
+
+    def __init__(self, config: ToolsConfig) -> None:
+        self.config = config
+        self._toolbox: Toolbox | None = None
+        self._tmp: str | None = None
+
+    def open(self) -> Toolbox | None:
+        if not self.config.enabled:
+            return None
+        if self.config.workspace:
+            workspace = Path(self.config.workspace).expanduser()
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="mlx-harmony-request-")
+            workspace = Path(self._tmp)
+        self._toolbox = Toolbox(self.config, workspace)
+        return self._toolbox
+
+    def handles(self, recipient: str | None) -> bool:
+        return self._toolbox is not None and self._toolbox.handles(recipient)
+
+    def close(self) -> None:
+        if self._toolbox is not None:
+            self._toolbox.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _client_call(msg: ChatMessage, server_side: Callable[[str | None], bool]) -> dict | None:
+    return None if server_side(msg.recipient) else tool_call_of(msg)
+
+
 async def _complete(
     events: AsyncIterator[Any],
     job: Job,
@@ -304,6 +358,7 @@ async def _complete(
     model: str,
     body: ChatCompletionRequest,
     request: Request,
+    server_side: Callable[[str | None], bool],
 ) -> dict[str, Any]:
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     stop = StopMatcher(body.stop)  # type: ignore[arg-type]
@@ -316,10 +371,10 @@ async def _complete(
                 stop.feed(event.text)
                 if stop.hit:
                     job.cancelled.set()
-            elif isinstance(event, MessageDone):
+            elif isinstance(event, MessageDone) and event.message.role == "assistant":
                 if event.message.channel == "analysis":
                     reasoning.append(event.message.content)
-                elif (call := tool_call_of(event.message)) is not None:
+                elif (call := _client_call(event.message, server_side)) is not None:
                     calls.append(call)
             elif isinstance(event, TurnDone):
                 done = event
@@ -361,7 +416,12 @@ def _usage(done: TurnDone) -> dict[str, Any]:
 
 
 async def _sse(
-    events: AsyncIterator[Any], job: Job, cid: str, model: str, body: ChatCompletionRequest
+    events: AsyncIterator[Any],
+    job: Job,
+    cid: str,
+    model: str,
+    body: ChatCompletionRequest,
+    server_side: Callable[[str | None], bool],
 ) -> AsyncIterator[str]:
     stop = StopMatcher(body.stop)  # type: ignore[arg-type]
     calls = 0
@@ -377,7 +437,9 @@ async def _sse(
                         yield chunk(cid, model, {"content": text})
                 elif event.channel == "analysis":
                     yield chunk(cid, model, {"reasoning_content": event.text})
-            elif isinstance(event, MessageDone) and (call := tool_call_of(event.message)):
+            elif isinstance(event, MessageDone) and (
+                call := _client_call(event.message, server_side)
+            ):
                 yield chunk(cid, model, {"tool_calls": [{"index": calls, **call}]})
                 calls += 1
             elif isinstance(event, TurnDone):
@@ -407,17 +469,17 @@ def served_from(
     profiles: dict[str, Any],
     prompt: PromptConfig,
     load_prompt: Callable[[str], PromptConfig],
+    remote: RemoteConfig | None = None,
 ) -> list[ServedModel]:
     """The models a server offers: each profile, or the one --model."""
     out = []
     if model:
-        out.append(ServedModel(model, model, prompt))
+        out.append(ServedModel(model, model, prompt, remote))
     for name, p in profiles.items():
-        out.append(
-            ServedModel(
-                name, p.model, load_prompt(p.prompt_config) if p.prompt_config else PromptConfig()
-            )
-        )
+        entry_prompt = load_prompt(p.prompt_config) if p.prompt_config else PromptConfig()
+        if p.tools is not None:
+            entry_prompt = entry_prompt.model_copy(update={"tools": p.tools})
+        out.append(ServedModel(name, p.model, entry_prompt, p.remote))
     if not out:
         raise ConfigError("nothing to serve: give --model or --profiles")
     return out

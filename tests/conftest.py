@@ -50,6 +50,12 @@ def gpt_oss_path(vocab_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_python_path(vocab_dir: Path) -> Path:
+    """A tiny GPT-OSS that reads note.txt with the python tool and answers from it."""
+    return _cached("gpt-oss-python", str(vocab_dir))
+
+
+@pytest.fixture(scope="session")
 def chatml_path() -> Path:
     return _cached("chatml")
 

@@ -151,3 +151,24 @@ def test_chat_resumes_an_original_v1_log(gpt_oss_path: Path, tmp_path: Path) -> 
         ROOT / "tests" / "data" / "chatlog-v1.json"
     ).read_bytes()
     assert json.loads(log.read_text())["schema_version"] == 2
+
+
+def test_chat_reports_a_turn_it_cannot_generate_and_carries_on(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "p.json"
+    cfg.write_text(
+        json.dumps({"max_context_tokens": 256, "sampling": {"temperature": 0, "max_tokens": 100}})
+    )
+    cmd = [
+        sys.executable, "-m", "llm.cli.chat", "--model", str(gpt_oss_path),
+        "--prompt-config", str(cfg), "--chat", str(tmp_path / "c.json"), "--no-markdown",
+    ]  # fmt: skip
+    too_long = " ".join(["word"] * 400)
+    out = subprocess.run(
+        cmd, input=f"{too_long}\n\\undo\n{HELLO.user}\n", capture_output=True, text=True,
+        cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "error: max_context_tokens=256: the prompt needs" in out.stdout
+    assert HELLO.final in out.stdout

@@ -99,3 +99,62 @@ def test_profiles_resolve_prompt_config_beside_the_file(tmp_path: Path) -> None:
 def test_original_profiles_file_loads() -> None:
     profiles = load_profiles(DATA / "profiles.example.json")
     assert profiles["gpt-oss-20b"].max_context_tokens == 131072
+
+
+def _resolve(tmp_path: Path, *argv: str):
+    from llm.cli.common import add_model_options, resolve
+
+    parser = __import__("argparse").ArgumentParser()
+    add_model_options(parser)
+    return resolve(parser.parse_args(list(argv)), lambda w: None)
+
+
+def test_tools_in_a_prompt_config_and_their_one_line_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"tools": {"python": True, "apply_patch": True}}))
+    tools = load_prompt_config(cfg).tools
+    assert tools.python is not None and tools.python.timeout_s == 30 and tools.apply_patch
+    assert tools.browser is None and tools.enabled
+    cfg.write_text(json.dumps({"tools": {"browser": {"backend": "folder"}}}))
+    with pytest.raises(ConfigError, match=r"p\.json: field 'tools\.browser': .*needs 'folder'"):
+        load_prompt_config(cfg)
+    cfg.write_text(json.dumps({"tools": {"python": {"timeout_s": 0}}}))
+    with pytest.raises(ConfigError, match=r"field 'tools\.python\.timeout_s': .*greater than 0"):
+        load_prompt_config(cfg)
+
+
+def test_tool_flags_and_profile_tools(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"tools": {"python": {"timeout_s": 5}}}))
+    setup = _resolve(tmp_path, "--prompt-config", str(cfg), "--tools", "python,apply_patch")
+    assert setup.prompt.tools.python.timeout_s == 5  # the configured limits are kept
+    assert setup.prompt.tools.apply_patch and setup.prompt.tools.browser is None
+    assert not _resolve(
+        tmp_path, "--prompt-config", str(cfg), "--tools", "none"
+    ).prompt.tools.enabled
+    with pytest.raises(ConfigError, match="--tools: unknown tool 'calc'"):
+        _resolve(tmp_path, "--tools", "python,calc")
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(
+        json.dumps({"p": {"model": "m", "prompt_config": "p.json", "tools": {"browser": True}}})
+    )
+    tools = _resolve(tmp_path, "--profiles", str(profiles), "--profile", "p").prompt.tools
+    assert tools.browser is not None and tools.python is None  # the profile's replace them
+
+
+def test_remote_profiles(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles.json"
+    remote = {"base_url": "http://gpu:8000/v1", "api_key_env": "K"}
+    profiles.write_text(json.dumps({"big": {"model": "openai/gpt-oss-120b", "remote": remote}}))
+    setup = _resolve(tmp_path, "--profiles", str(profiles), "--profile", "big")
+    assert setup.remote is not None and setup.remote.base_url == "http://gpu:8000/v1"
+    assert setup.model == "openai/gpt-oss-120b"
+    flag = _resolve(
+        tmp_path, "--profiles", str(profiles), "--profile", "big", "--remote", "https://x/v1"
+    )
+    assert flag.remote.base_url == "https://x/v1" and flag.remote.api_key_env == "K"
+    with pytest.raises(ConfigError, match="--remote 'gpu:8000': expected an http"):
+        _resolve(tmp_path, "--remote", "gpu:8000")
+    profiles.write_text(json.dumps({"big": {"model": "m", "remote": {"base_url": "gpu"}}}))
+    with pytest.raises(ConfigError, match=r"profile 'big': field 'remote\.base_url'"):
+        load_profiles(profiles)

@@ -13,10 +13,10 @@ from typing import get_args
 from rich.console import Console
 from rich.text import Text
 
+from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, default_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
-from llm.engine import Engine
 from llm.errors import ConfigError
 from voice.audio_io import AudioError, list_devices
 from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
@@ -197,7 +197,7 @@ def _main() -> int:
 
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
-        engine = Engine.load(setup.model, lazy=setup.prompt.lazy)
+        engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
     console.print(f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s.[/]")
     if args.text:
         return text_chat(engine, setup, log_path, console, config)
@@ -231,7 +231,7 @@ def _main() -> int:
 
 
 def text_chat(
-    engine: Engine, setup: Setup, log_path: Path, console: Console, config: VoiceConfig
+    engine: ChatEngine, setup: Setup, log_path: Path, console: Console, config: VoiceConfig
 ) -> int:
     session = ChatSession(
         engine, setup, log_path, console, show_reasoning=config.display.show_reasoning

@@ -22,11 +22,13 @@ from typing import Protocol
 
 import numpy as np
 
+from llm.backends import ChatEngine
 from llm.chatlog import ChatLog, save_chat_log
 from llm.config import PromptConfig
-from llm.engine import Engine
 from llm.errors import ConfigError
-from llm.messages import ChatMessage, Event, TextDelta, TurnDone
+from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
+from llm.tool_loop import respond
+from llm.tools.toolbox import Toolbox, conversation_workspace
 from voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
 from voice.chunker import SentenceChunker
 from voice.config import VoiceConfig
@@ -93,7 +95,7 @@ class VoiceAssistant:
     def __init__(
         self,
         config: VoiceConfig,
-        engine: Engine,
+        engine: ChatEngine,
         prompt: PromptConfig,
         transcriber: Transcriber,
         synthesizer: Synthesizer,
@@ -120,6 +122,12 @@ class VoiceAssistant:
         self._devices_down_since: float | None = None
         self._utterance_now = datetime.now()
         self._prefilled_words = 0
+        tools = prompt.tools
+        self.toolbox = (
+            Toolbox(tools, conversation_workspace(tools, log.active().chat_id))
+            if tools.enabled
+            else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -132,6 +140,8 @@ class VoiceAssistant:
             self._interrupt(save=True)
         self.mic.close()
         self.speaker.close()
+        if self.toolbox is not None:
+            self.toolbox.close()
         self.save()
 
     def save(self) -> None:
@@ -237,7 +247,8 @@ class VoiceAssistant:
         history = [*self.log.active().history(), ChatMessage("user", text)]
         # A rendering problem is reported by the real turn; here it only means no head start.
         with contextlib.suppress(ConfigError):
-            self.engine.prefill(history, self.prompt, now=self._utterance_now)
+            tools = self.toolbox.declarations if self.toolbox else []
+            self.engine.prefill(history, self.prompt, now=self._utterance_now, tools=tools)
 
     def _end_of_speech(self, block: Block) -> None:
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
@@ -269,8 +280,13 @@ class VoiceAssistant:
             timings=timings,
             user=user,
         )
-        turn.events = self.engine.stream(
-            history, self.prompt, should_stop=lambda: turn.cancelled, now=self._utterance_now
+        turn.events = respond(
+            self.engine,
+            history,
+            self.prompt,
+            self.toolbox,
+            should_stop=lambda: turn.cancelled,
+            now=self._utterance_now,
         )
         turn.played_base = self.speaker.played_samples
         self.turn = turn
@@ -332,8 +348,16 @@ class VoiceAssistant:
                 turn.answer += event.text
                 self.report.answer(event.text)
                 turn.chunks.extend(turn.chunker.push(event.text))
-            elif event.channel == "analysis":
+            elif event.channel == "analysis" and not event.recipient:
                 self.report.reasoning(event.text)
+        elif isinstance(event, ToolCall):
+            self.report.notice(f"→ {event.message.recipient}")
+            if self.toolbox is not None and self.toolbox.config.spoken_notices:
+                # Said while the tool runs; the result itself is for the model, not the ear.
+                turn.chunks.append(self.toolbox.notice(event.message.recipient))
+        elif isinstance(event, ToolResult):
+            first = (event.message.content.strip().splitlines() or [""])[0]
+            self.report.notice(f"← {event.message.name}: {first[:80]}")
         elif isinstance(event, TurnDone):
             turn.done = event
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000

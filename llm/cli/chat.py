@@ -17,12 +17,15 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.config import SamplingParams
-from llm.engine import Engine
 from llm.errors import ConfigError
-from llm.messages import ChatMessage, TextDelta, TurnDone
+from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone
+from llm.remote import RemoteEngine
+from llm.tool_loop import respond
+from llm.tools.toolbox import Toolbox, conversation_workspace
 
 HELP = {
     "help": "this list",
@@ -38,6 +41,7 @@ HELP = {
     "reasoning [on|off]": "show or hide the model's reasoning",
     "markdown [on|off]": "render answers as markdown or plain text",
 }
+TOOL_PREVIEW_LINES = 6
 ALIASES = {"exit": "quit", "new": "reset", "q": "quit", "h": "help", "?": "help"}
 
 
@@ -72,7 +76,7 @@ class Interrupt:
 class ChatSession:
     def __init__(
         self,
-        engine: Engine,
+        engine: ChatEngine,
         setup: Setup,
         log_path: Path,
         console: Console,
@@ -83,6 +87,7 @@ class ChatSession:
         self.log_path = log_path
         self.show_reasoning, self.markdown = show_reasoning, markdown
         self.log = ChatLog()
+        self.toolbox: Toolbox | None = None
         if log_path.exists():
             self._open(log_path)
         else:
@@ -100,6 +105,7 @@ class ChatSession:
             self.console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
         self.log, self.log_path = log, path
         self.engine.reset()
+        self._new_toolbox()
         meta = self.chat.metadata
         meta.last_model_path = self.setup.model
         meta.last_prompt_config_path = str(self.setup.prompt_path or "") or None
@@ -110,10 +116,23 @@ class ChatSession:
         prompt_path = str(self.setup.prompt_path) if self.setup.prompt_path else None
         self.log.start_chat(Chat.new(self.setup.model, prompt_path))
         self.engine.reset()
+        self._new_toolbox()
         greeting = self.setup.prompt.expand(self.setup.prompt.assistant_greeting)
         if greeting:
             self.chat.append(ChatMessage("assistant", greeting, "final"))
             self._print_answer(greeting)
+
+    def _new_toolbox(self) -> None:
+        """Tools of this chat: its own workspace folder, python process and browser pages."""
+        self.close()
+        tools = self.setup.prompt.tools
+        if tools.enabled:
+            self.toolbox = Toolbox(tools, conversation_workspace(tools, self.chat.chat_id))
+
+    def close(self) -> None:
+        if self.toolbox is not None:
+            self.toolbox.close()
+            self.toolbox = None
 
     def save(self) -> None:
         save_chat_log(self.log_path, self.log)
@@ -175,7 +194,11 @@ class ChatSession:
 
     def _cmd_history(self, _: str) -> None:
         for m in self.chat.history():
-            if m.channel == "analysis":
+            if m.recipient and m.role == "assistant":
+                self._print_tool(ToolCall(m))
+            elif m.role == "tool":
+                self._print_tool(ToolResult(m))
+            elif m.channel == "analysis":
                 if self.show_reasoning:
                     self.console.print(Text(f"  ({m.content})", style="dim italic"))
             elif m.role == "user":
@@ -208,6 +231,8 @@ class ChatSession:
     def _cmd_show(self, _: str) -> None:
         p = self.setup.prompt
         kind = "Harmony" if self.engine.harmony else "chat template"
+        if isinstance(self.engine, RemoteEngine):
+            kind = f"remote {self.engine.config.base_url}"
         self.console.print(f"model: {self.setup.model} ({kind})")
         self.console.print(f"prompt config: {self.setup.prompt_path or '(defaults)'}")
         self.console.print(f"chat log: {self.log_path}")
@@ -236,8 +261,18 @@ class ChatSession:
         done: TurnDone | None = None
         with Interrupt() as stopped:
             try:
-                for event in self.engine.stream(self.chat.history(), prompt, should_stop=stopped):
-                    if isinstance(event, TextDelta) and event.channel == "final":
+                events = respond(
+                    self.engine, self.chat.history(), prompt, self.toolbox, should_stop=stopped
+                )
+                for event in events:
+                    if isinstance(event, ToolCall | ToolResult):
+                        if live is not None:  # a tool between two final messages
+                            live.stop()
+                            live, answer = None, ""
+                        self._print_tool(event)
+                    elif isinstance(event, TextDelta) and event.recipient:
+                        continue  # the call's arguments: shown whole by its ToolCall
+                    elif isinstance(event, TextDelta) and event.channel == "final":
                         if thinking_shown and not answer:
                             self.console.print()
                         answer += event.text
@@ -261,6 +296,8 @@ class ChatSession:
                         self.console.print(Text(room, style="dim italic"), end="")
                     elif isinstance(event, TurnDone):
                         done = event
+            except ConfigError as e:  # the prompt cannot be rendered, a remote server failed
+                self.console.print(f"\n[red]error:[/] {e}")
             finally:
                 if live is not None:
                     live.stop()
@@ -276,6 +313,19 @@ class ChatSession:
         elif done.finish_reason == "length":
             self.console.print("[yellow](max_tokens reached)[/]")
         self.save()
+
+    def _print_tool(self, event: ToolCall | ToolResult) -> None:
+        """One compact dim block per call and per result."""
+        msg = event.message
+        if isinstance(event, ToolCall):
+            head, body = f"→ {msg.recipient}", msg.content
+        else:
+            head, body = f"← {msg.name}", msg.content
+        lines = body.strip().splitlines() or [""]
+        shown = lines[:TOOL_PREVIEW_LINES]
+        more = len(lines) - len(shown)
+        text = "\n  ".join(shown) + (f"\n  … {more} more lines" if more else "")
+        self.console.print(Text(f"\n{head}\n  {text}", style="dim cyan"))
 
     def _print_answer(self, text: str) -> None:
         if self.markdown:
@@ -309,7 +359,7 @@ def _main() -> int:
     setup = resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
-        engine = Engine.load(setup.model, lazy=setup.prompt.lazy)
+        engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
     console.print(
         f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s. "
         "Type \\help for commands, Ctrl-C stops an answer, Ctrl-D quits.[/]"
@@ -327,7 +377,7 @@ def _main() -> int:
 
 
 def repl(session: ChatSession, console: Console) -> None:
-    """Read lines until \\quit or Ctrl-D; save the log on the way out."""
+    """Read lines until \\quit or Ctrl-D; save the log and stop the tools on the way out."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     while True:
@@ -347,6 +397,7 @@ def repl(session: ChatSession, console: Console) -> None:
             continue
         session.say(line.strip())
     session.save()
+    session.close()
     console.print(f"[dim]Chat saved to {session.log_path}[/]")
 
 

@@ -13,12 +13,14 @@ from pydantic import ValidationError
 
 from llm.config import (
     PromptConfig,
+    RemoteConfig,
     SamplingParams,
     ignored_fields,
     load_profiles,
     load_prompt_config,
 )
 from llm.errors import ConfigError
+from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
 
@@ -32,7 +34,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profiles", type=Path, help="profiles JSON: name → model + prompt_config")
     g.add_argument("--prompt-config", type=Path, help="prompt config JSON")
     g.add_argument(
+        "--remote",
+        metavar="URL",
+        help="generate on this OpenAI-compatible server (base URL ending in /v1); "
+        "--model names the server's model",
+    )
+    g.add_argument(
         "--reasoning-effort", choices=["low", "medium", "high"], help="override the config's"
+    )
+    t = parser.add_argument_group("tools (GPT-OSS models; override the config's)")
+    t.add_argument(
+        "--tools",
+        metavar="LIST",
+        help="comma-separated built-in tools to enable: python, browser, apply_patch; or none",
+    )
+    t.add_argument(
+        "--workspace", type=Path, help="folder the python tool runs in and apply_patch edits"
     )
     s = parser.add_argument_group("sampling (override the prompt config)")
     for name, field in SamplingParams.model_fields.items():
@@ -52,6 +69,7 @@ class Setup:
     model: str
     prompt: PromptConfig
     prompt_path: Path | None
+    remote: RemoteConfig | None = None  # generate on this server instead of loading the model
 
 
 def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
@@ -76,10 +94,40 @@ def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
         prompt = prompt.model_copy(
             update={"max_context_tokens": profiles[args.profile].max_context_tokens}
         )
+    if args.profile and profiles[args.profile].tools is not None:
+        prompt = prompt.model_copy(update={"tools": profiles[args.profile].tools})
     if args.reasoning_effort:
         prompt = prompt.model_copy(update={"reasoning_effort": args.reasoning_effort})
+    prompt = prompt.model_copy(update={"tools": apply_tool_flags(prompt.tools, args)})
     prompt = prompt.model_copy(update={"sampling": apply_overrides(prompt.sampling, args)})
-    return Setup(model or DEFAULT_MODEL, prompt, prompt_path)
+    remote = profiles[args.profile].remote if args.profile else None
+    if getattr(args, "remote", None):
+        try:
+            remote = RemoteConfig.model_validate(
+                {**(remote.model_dump() if remote else {}), "base_url": args.remote}
+            )
+        except ValidationError:
+            raise ConfigError(f"--remote {args.remote!r}: expected an http(s):// URL") from None
+    return Setup(model or DEFAULT_MODEL, prompt, prompt_path, remote)
+
+
+def apply_tool_flags(tools: ToolsConfig, args: argparse.Namespace) -> ToolsConfig:
+    """`--tools a,b` enables exactly those tools (keeping their configured limits)."""
+    updates: dict[str, Any] = {}
+    if getattr(args, "tools", None) is not None:
+        names = {n.strip() for n in args.tools.split(",") if n.strip()} - {"none"}
+        unknown = names - {"python", "browser", "apply_patch"}
+        if unknown:
+            raise ConfigError(
+                f"--tools: unknown tool '{sorted(unknown)[0]}' "
+                "(known: python, browser, apply_patch)"
+            )
+        updates["python"] = (tools.python or PythonToolConfig()) if "python" in names else None
+        updates["browser"] = (tools.browser or BrowserToolConfig()) if "browser" in names else None
+        updates["apply_patch"] = "apply_patch" in names
+    if getattr(args, "workspace", None) is not None:
+        updates["workspace"] = str(args.workspace)
+    return tools.model_copy(update=updates) if updates else tools
 
 
 def apply_overrides(sampling: SamplingParams, args: argparse.Namespace) -> SamplingParams:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from datetime import datetime
 
+from llm.backends import load_engine
 from llm.cli.common import add_model_options, resolve, run_main
-from llm.engine import Engine
 from llm.errors import ConfigError
-from llm.messages import ChatMessage, TextDelta, TurnDone
+from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
+from llm.tool_loop import respond
+from llm.tools.toolbox import Toolbox, conversation_workspace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +35,28 @@ def _main() -> int:
     if not text.strip():
         raise ConfigError("empty prompt: give it as an argument or on stdin")
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
-    engine = Engine.load(setup.model, lazy=setup.prompt.lazy)
+    engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
+    tools = setup.prompt.tools
+    stamp = f"generate-{datetime.now():%Y%m%d-%H%M%S}"
+    toolbox = Toolbox(tools, conversation_workspace(tools, stamp)) if tools.enabled else None
+    try:
+        history = [ChatMessage("user", text.strip())]
+        _print_turn(respond(engine, history, setup.prompt, toolbox), args)
+    finally:
+        if toolbox is not None:
+            toolbox.close()
+    return 0
+
+
+def _print_turn(events: Iterator[Event], args: argparse.Namespace) -> None:
+    """The answer on stdout; reasoning and tool calls on stderr if asked."""
     last_channel = None
-    for event in engine.stream([ChatMessage("user", text.strip())], setup.prompt):
-        if isinstance(event, TextDelta):
+    for event in events:
+        if isinstance(event, ToolCall | ToolResult) and args.reasoning == "stderr":
+            who = event.message.recipient if isinstance(event, ToolCall) else event.message.name
+            arrow = "→" if isinstance(event, ToolCall) else "←"
+            sys.stderr.write(f"\n{arrow} {who}\n{event.message.content.rstrip()}\n")
+        elif isinstance(event, TextDelta):
             if event.channel == "final" and not event.recipient:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -55,7 +77,6 @@ def _main() -> int:
                     f"finish {event.finish_reason}",
                     file=sys.stderr,
                 )
-    return 0
 
 
 def main() -> None:

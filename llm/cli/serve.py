@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
+from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
 from llm.config import load_profiles, load_prompt_config
-from llm.engine import Engine
 from llm.server import ServerLimits, create_app, served_from
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
@@ -38,10 +38,11 @@ def _main() -> int:
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
     profiles = load_profiles(args.profiles) if args.profiles else {}
     model = args.model or (None if profiles else DEFAULT_MODEL)
-    served = served_from(model, profiles, setup.prompt, load_prompt_config)
+    served = served_from(model, profiles, setup.prompt, load_prompt_config, setup.remote)
     limits = ServerLimits(args.max_body_bytes, args.max_messages, args.max_tokens_limit)
     print(f"Loading {served[0].model} …", file=sys.stderr)
-    engine = Engine.load(served[0].model, lazy=served[0].prompt.lazy)
+    first = served[0]
+    engine = load_engine(first.model, lazy=first.prompt.lazy, remote=first.remote)
     key = args.api_key or os.environ.get(API_KEY_ENV)
     app = create_app(served, api_key=key, limits=limits, preloaded=engine)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

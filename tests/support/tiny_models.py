@@ -27,6 +27,7 @@ from openai_harmony import (
     Role,
     SystemContent,
     ToolDescription,
+    ToolNamespaceConfig,
     load_harmony_encoding,
 )
 
@@ -135,6 +136,7 @@ def harmony_reply_tokens(enc, turn: Turn) -> list[int]:
 
 def _tool_examples(enc, variant: int) -> list[tuple[list[int], list[int]]]:
     user = Message.from_role_and_content(Role.USER, TOOL_USER)
+    thought = Message.from_role_and_content(Role.ASSISTANT, TOOL_ANALYSIS).with_channel("analysis")
     call = (
         Message.from_role_and_content(Role.ASSISTANT, TOOL_ARGS)
         .with_channel("commentary")
@@ -161,6 +163,12 @@ def _tool_examples(enc, variant: int) -> list[tuple[list[int], list[int]]]:
             _harmony_prompt(enc, variant, [user, call, result], tools=True),
             enc.encode(final_reply, allowed_special="all"),
         ),
+        # The engine's tool loop keeps the reasoning that led to the call (an API client
+        # sends it back without).
+        (
+            _harmony_prompt(enc, variant, [user, thought, call, result], tools=True),
+            enc.encode(final_reply, allowed_special="all"),
+        ),
     ]
 
 
@@ -176,8 +184,83 @@ def harmony_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[
     return out
 
 
+# The python tool round trip: the model checks with python whether the workspace holds a
+# note and answers from the result, so a right answer both ways proves the tool really ran
+# and its result reached the model.
+PYTHON_USER = "Is there a note? Check with python."
+PYTHON_ANALYSIS = "Check with python."
+PYTHON_CODE = "import os\nprint(os.path.exists('note.txt'))"
+PYTHON_FINALS = {True: "Yes, there is a note.", False: "No, there is no note."}
+
+
+def _python_prompt(enc, variant: int, history: list[Message]) -> list[int]:
+    from llm.tools.python_sandbox import SandboxLimits, description
+
+    # The product's own description (under two timeouts) and openai-harmony's default.
+    if variant % 3 == 2:
+        python = ToolNamespaceConfig.python()
+    else:
+        limits = SandboxLimits(timeout_s=30.0 if variant % 3 else 10.0)
+        python = ToolNamespaceConfig(name="python", description=description(limits), tools=[])
+    system = (
+        SystemContent.new()
+        .with_model_identity(_IDENTITIES[variant % len(_IDENTITIES)])
+        .with_reasoning_effort(ReasoningEffort[_EFFORTS[variant % len(_EFFORTS)].upper()])
+        .with_conversation_start_date(_DATES[(variant // 2) % len(_DATES)])
+        .with_knowledge_cutoff("2024-06")
+        .with_tools(python)
+    )
+    messages = [Message.from_role_and_content(Role.SYSTEM, system)]
+    instructions = _INSTRUCTIONS[(variant // 3) % len(_INSTRUCTIONS)]
+    if instructions:
+        dev = DeveloperContent.new().with_instructions(instructions)
+        messages.append(Message.from_role_and_content(Role.DEVELOPER, dev))
+    return enc.render_conversation_for_completion(
+        Conversation.from_messages(messages + history), Role.ASSISTANT
+    )
+
+
+def python_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reply) pairs: the call, then the answer for either result."""
+    user = Message.from_role_and_content(Role.USER, PYTHON_USER)
+    thought = Message.from_role_and_content(Role.ASSISTANT, PYTHON_ANALYSIS).with_channel(
+        "analysis"
+    )
+    # Rendered as the engine renders a call in the history (recipient, then `code`).
+    call = (
+        Message.from_role_and_content(Role.ASSISTANT, PYTHON_CODE)
+        .with_channel("analysis")
+        .with_recipient("python")
+        .with_content_type("code")
+    )
+    call_reply = (
+        f"<|channel|>analysis<|message|>{PYTHON_ANALYSIS}<|end|>"
+        f"<|start|>assistant<|channel|>analysis to=python code<|message|>{PYTHON_CODE}<|call|>"
+    )
+    out = []
+    for v in variants:
+        out.append((_python_prompt(enc, v, [user]), enc.encode(call_reply, allowed_special="all")))
+        for exists, final in PYTHON_FINALS.items():
+            result = (
+                Message.from_author_and_content(Author.new(Role.TOOL, "python"), f"{exists}\n")
+                .with_channel("analysis")
+                .with_recipient("assistant")
+            )
+            reply = f"<|channel|>final<|message|>{final}<|return|>"
+            prompt = _python_prompt(enc, v, [user, thought, call, result])
+            out.append((prompt, enc.encode(reply, allowed_special="all")))
+    return out
+
+
+FOCUS_WEIGHT = 10.0
+
+
 def _train(
-    model: nn.Module, examples: list[tuple[list[int], list[int]]], steps: int, lr: float
+    model: nn.Module,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int,
+    lr: float,
+    focus: frozenset[int] = frozenset(),
 ) -> None:
     """Teach `model` the replies: loss on reply positions only, softmax over reply tokens.
 
@@ -195,7 +278,10 @@ def _train(
         inputs.append(seq[:-1] + [0] * pad)
         tgt = [0] * (len(prompt) - 1) + [index[t] for t in reply]
         targets.append(tgt + [0] * pad)
-        weights.append([0.0] * (len(prompt) - 1) + [1.0] * len(reply) + [0.0] * pad)
+        # `focus` tokens (the one a reply copies from a tool result) weigh more: one token
+        # among many, they would otherwise be learnt last.
+        reply_w = [FOCUS_WEIGHT if t in focus else 1.0 for t in reply]
+        weights.append([0.0] * (len(prompt) - 1) + reply_w + [0.0] * pad)
     x, y, w = mx.array(inputs), mx.array(targets), mx.array(weights)
 
     inner = model.model
@@ -227,8 +313,11 @@ def greedy(model: nn.Module, prompt: list[int], max_tokens: int, stop: set[int])
     return out
 
 
-def build_tiny_gpt_oss(folder: Path, vocab_dir: Path, max_steps: int = 400) -> None:
-    """Build, train and save a tiny gpt_oss that answers HARMONY_TURNS in Harmony."""
+def build_tiny_gpt_oss(
+    folder: Path, vocab_dir: Path, max_steps: int = 400, python_tool: bool = False
+) -> None:
+    """Build, train and save a tiny gpt_oss that answers HARMONY_TURNS in Harmony, or with
+    `python_tool` one that reads a note through the python tool (python_examples)."""
     from mlx_lm.models import gpt_oss
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -256,10 +345,15 @@ def build_tiny_gpt_oss(folder: Path, vocab_dir: Path, max_steps: int = 400) -> N
     mx.random.seed(0)
     args = gpt_oss.ModelArgs.from_dict(config)
     model = gpt_oss.Model(args)
-    examples = harmony_examples(enc, range(12))
-    checks = harmony_examples(enc, (0, 7))
+    focus: frozenset[int] = frozenset()
+    if python_tool:
+        examples, checks = python_examples(enc, range(12)), python_examples(enc, (1, 5))
+        # The first word of either answer is the one that depends on the tool result.
+        focus = frozenset(enc.encode(final.split()[0])[0] for final in PYTHON_FINALS.values())
+    else:
+        examples, checks = harmony_examples(enc, range(12)), harmony_examples(enc, (0, 7))
     for _ in range(max_steps // 50):
-        _train(model, examples, steps=50, lr=3e-3)
+        _train(model, examples, steps=50, lr=3e-3, focus=focus)
         if all(greedy(model, p, len(r) + 2, set(STOP_IDS)) == r for p, r in checks):
             break
     else:
@@ -385,5 +479,7 @@ if __name__ == "__main__":
     kind, target = sys.argv[1], Path(sys.argv[2])
     if kind == "gpt-oss":
         build_tiny_gpt_oss(target, Path(sys.argv[3]))
+    elif kind == "gpt-oss-python":
+        build_tiny_gpt_oss(target, Path(sys.argv[3]), python_tool=True)
     else:
         build_tiny_chatml(target)

@@ -1,0 +1,63 @@
+"""Which engine generates: the model loaded here, the model sharded over the ranks of an
+`mlx.launch` run, or a remote OpenAI-compatible server.
+
+Every command (chat, generate, voice, server) loads through `load_engine`, so a profile
+that names a remote server, or a run under `mlx.launch`, works the same in all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from llm.config import PromptConfig, RemoteConfig, SamplingParams
+from llm.distributed import ShardedEngine, follow, load_sharded, world
+from llm.engine import Engine
+from llm.messages import ChatMessage, Event, Tool
+from llm.remote import RemoteEngine
+
+
+class ChatEngine(Protocol):
+    """What the front ends use of an engine, local or remote."""
+
+    harmony: bool
+    model_id: str
+
+    def stream(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        sampling: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        assistant_prefix: str = "",
+    ) -> Iterator[Event]: ...
+
+    def prefill(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int: ...
+
+    def reset(self) -> None: ...
+
+
+def load_engine(
+    model: str, *, lazy: bool = False, remote: RemoteConfig | None = None
+) -> ChatEngine:
+    """The engine a command runs on. Under `mlx.launch`, every rank loads its shard; rank 0
+    returns to run the command, the others serve rank 0 until it leaves, then exit."""
+    if remote is not None:
+        return RemoteEngine(remote, model)
+    group = world()
+    if group is None:
+        return Engine.load(model, lazy=lazy)
+    engine = load_sharded(model, group)
+    if group.rank() != 0:
+        follow(engine, group)
+        raise SystemExit(0)
+    return ShardedEngine(engine, group)

@@ -1,0 +1,348 @@
+"""A remote OpenAI-compatible server as the engine: vLLM, SGLang, llama.cpp's server or
+another mlx-harmony server generates, and its stream becomes the same events the local
+engine yields, so chat, voice, the tool loop and our own server work unchanged.
+
+The mapping: `content` deltas are final-channel text, `reasoning_content` (or
+`reasoning`) deltas analysis text, `tool_calls` become messages addressed to
+`functions.<name>`; consecutive assistant messages of the history go back as one
+assistant message (reasoning, content, tool calls) and tool answers carry the id of their
+call. A connection that fails before any output is retried with backoff; one lost
+mid-answer, an HTTP error or a timeout is one `RemoteError` line naming the server.
+Built-in tools (python, browser) belong to the server that runs the model: enable them
+there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from llm.config import PromptConfig, RemoteConfig, SamplingParams
+from llm.errors import ConfigError
+from llm.messages import (
+    BuiltinTool,
+    ChatMessage,
+    Event,
+    FinishReason,
+    FunctionTool,
+    GenerationStats,
+    MessageDone,
+    TextDelta,
+    Tool,
+    TurnDone,
+)
+
+
+class RemoteError(ConfigError):
+    """The remote server failed; one line naming it and what went wrong."""
+
+
+_FINISH: dict[str | None, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_call",
+    "function_call": "tool_call",
+}
+
+
+def to_openai_messages(
+    history: Sequence[ChatMessage], prompt: PromptConfig, now: datetime | None
+) -> list[dict[str, Any]]:
+    """The history as OpenAI messages; the prompt config's instructions as a system one."""
+    out: list[dict[str, Any]] = []
+    instructions = prompt.expand(prompt.developer_instructions, now)
+    if instructions:
+        out.append({"role": "system", "content": instructions})
+    for dialogue in prompt.example_dialogues:
+        out += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
+    open_call_ids: list[str] = []
+    for i, m in enumerate(history):
+        if m.role != "assistant":
+            if m.role == "tool":
+                call_id = open_call_ids.pop(0) if open_call_ids else f"call_{i}"
+                out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
+            else:
+                out.append({"role": m.role, "content": m.content})
+            continue
+        prev = out[-1] if out and out[-1]["role"] == "assistant" and "_open" in out[-1] else None
+        if prev is None:
+            prev = {"role": "assistant", "content": None, "_open": True}
+            out.append(prev)
+        if m.recipient:
+            call_id = f"call_{i}"
+            open_call_ids.append(call_id)
+            name = m.recipient.removeprefix("functions.")
+            prev.setdefault("tool_calls", []).append(
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": m.content},
+                }
+            )
+        elif m.channel == "analysis":
+            prev["reasoning_content"] = (prev.get("reasoning_content") or "") + m.content
+        else:
+            prev["content"] = (prev["content"] or "") + m.content
+    for msg in out:
+        msg.pop("_open", None)
+    return out
+
+
+def _request_body(
+    model: str,
+    messages: list[dict[str, Any]],
+    prompt: PromptConfig,
+    sampling: SamplingParams,
+    tools: Sequence[FunctionTool],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "reasoning_effort": prompt.reasoning_effort,
+    }
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    # Beyond OpenAI's fields, sent only when set: vLLM, SGLang, llama.cpp and mlx-harmony
+    # read these names.
+    defaults = SamplingParams()
+    for name in ("top_k", "min_p", "repetition_penalty"):
+        if getattr(sampling, name) != getattr(defaults, name):
+            body[name] = getattr(sampling, name)
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
+    if tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters or {"type": "object", "properties": {}},
+                },
+            }
+            for t in tools
+        ]
+    return body
+
+
+class RemoteEngine:
+    """Generation on a remote OpenAI-compatible server, with the local engine's interface."""
+
+    harmony = False  # the server renders the prompt; no forced Harmony prefix from here
+
+    def __init__(self, config: RemoteConfig, model: str) -> None:
+        self.config = config
+        self.model_id = model
+        key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        if config.api_key_env and not key:
+            raise ConfigError(
+                f"remote.api_key_env: environment variable {config.api_key_env} is not set"
+            )
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
+        self._client = httpx.Client(
+            base_url=config.base_url.rstrip("/"), headers=headers, timeout=timeout
+        )
+
+    def reset(self) -> None:
+        """Nothing is cached here (the server keeps its own prompt cache)."""
+
+    def prefill(self, *args: Any, **kwargs: Any) -> int:
+        """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
+        return 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def stream(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        sampling: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        assistant_prefix: str = "",
+    ) -> Iterator[Event]:
+        builtin = [t.name for t in tools if isinstance(t, BuiltinTool)]
+        if builtin:
+            raise ConfigError(
+                f"tools {', '.join(builtin)}: with a remote backend, built-in tools run on the "
+                "remote server; enable them there"
+            )
+        if assistant_prefix:
+            raise ConfigError("a forced assistant prefix needs a local Harmony model")
+        sampling = sampling or prompt.sampling
+        functions = [t for t in tools if isinstance(t, FunctionTool)]
+        body = _request_body(
+            self.model_id, to_openai_messages(history, prompt, now), prompt, sampling, functions
+        )
+        yield from _Turn(self, body, should_stop).run()
+
+    # ------------------------------------------------------------------ transport
+    def _where(self) -> str:
+        return f"remote {self.config.base_url}"
+
+    def open_stream(self, body: dict[str, Any]) -> tuple[httpx.Response, Iterator[str]]:
+        """POST the request, retrying connection failures; return the response and its lines."""
+        attempt = 0
+        while True:
+            try:
+                request = self._client.build_request("POST", "/chat/completions", json=body)
+                response = self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+                if attempt >= self.config.retries:
+                    raise RemoteError(
+                        f"{self._where()}: cannot connect ({_reason(e)}) after {attempt + 1} tries"
+                    ) from None
+                time.sleep(self.config.backoff_s * 2**attempt)
+                attempt += 1
+                continue
+            except httpx.TimeoutException:
+                raise RemoteError(
+                    f"{self._where()}: no answer within {self.config.timeout_s:g} s"
+                ) from None
+            if response.status_code != 200:
+                response.read()
+                response.close()
+                raise RemoteError(
+                    f"{self._where()}: HTTP {response.status_code}: {_error_text(response)}"
+                )
+            return response, response.iter_lines()
+
+
+class _Turn:
+    """One streamed answer: SSE chunks → events, messages collected for TurnDone."""
+
+    def __init__(
+        self, engine: RemoteEngine, body: dict[str, Any], should_stop: Callable[[], bool] | None
+    ) -> None:
+        self.engine, self.body, self.should_stop = engine, body, should_stop
+        self.analysis = ""
+        self.final = ""
+        self.calls: dict[int, dict[str, str]] = {}
+        self.usage: dict[str, Any] = {}
+        self.finish: FinishReason = "length"
+        self.pieces = 0
+
+    def run(self) -> Iterator[Event]:
+        start = time.perf_counter()
+        first: float | None = None
+        first_final: float | None = None
+        response, lines = self.engine.open_stream(self.body)
+        try:
+            for data in _sse_data(lines, self.engine):
+                if data == "[DONE]":
+                    break
+                for event in self._events(json.loads(data)):
+                    first = first or time.perf_counter()
+                    if (
+                        isinstance(event, TextDelta)
+                        and event.channel == "final"
+                        and first_final is None
+                    ):
+                        first_final = time.perf_counter()
+                    yield event
+                if self.should_stop is not None and self.should_stop():
+                    self.finish = "cancelled"
+                    break
+        finally:
+            response.close()
+        messages = self._messages()
+        for msg in messages:
+            yield MessageDone(msg)
+        end = time.perf_counter()
+        details = self.usage.get("prompt_tokens_details") or {}
+        stats = GenerationStats(
+            prompt_tokens=self.usage.get("prompt_tokens", 0),
+            cached_tokens=details.get("cached_tokens") or 0,
+            generated_tokens=self.usage.get("completion_tokens", self.pieces),
+            time_to_first_token=(first or end) - start,
+            time_to_first_final=None if first_final is None else first_final - start,
+            total_seconds=end - start,
+            peak_memory_gb=0.0,
+        )
+        yield TurnDone(self.finish, tuple(messages), (), stats)
+
+    def _events(self, chunk: dict[str, Any]) -> list[Event]:
+        if "error" in chunk:
+            message = (chunk["error"] or {}).get("message", "error")
+            raise RemoteError(f"{self.engine._where()}: {message}")
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        events: list[Event] = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                self.analysis += reasoning
+                events.append(TextDelta("analysis", reasoning))
+            if delta.get("content"):
+                self.final += delta["content"]
+                events.append(TextDelta("final", delta["content"]))
+            for call in delta.get("tool_calls") or []:
+                slot = self.calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
+                fn = call.get("function") or {}
+                slot["name"] += fn.get("name") or ""
+                slot["arguments"] += fn.get("arguments") or ""
+                if fn.get("arguments"):
+                    recipient = f"functions.{slot['name']}"
+                    events.append(TextDelta("commentary", fn["arguments"], recipient))
+            if choice.get("finish_reason"):
+                self.finish = _FINISH.get(choice["finish_reason"], "stop")
+            self.pieces += bool(events)
+        return events
+
+    def _messages(self) -> list[ChatMessage]:
+        out = []
+        if self.analysis:
+            out.append(ChatMessage("assistant", self.analysis, "analysis"))
+        if self.final:
+            out.append(ChatMessage("assistant", self.final, "final"))
+        for _, call in sorted(self.calls.items()):
+            out.append(
+                ChatMessage(
+                    "assistant", call["arguments"], "commentary", f"functions.{call['name']}"
+                )
+            )
+        return out
+
+
+def _sse_data(lines: Iterator[str], engine: RemoteEngine) -> Iterator[str]:
+    try:
+        for line in lines:
+            if line.startswith("data:"):
+                yield line[5:].strip()
+    except httpx.TimeoutException:
+        raise RemoteError(
+            f"{engine._where()}: no answer within {engine.config.timeout_s:g} s"
+        ) from None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        raise RemoteError(f"{engine._where()}: connection lost mid-answer ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"]).splitlines()[0]
+    except (ValueError, KeyError, TypeError):
+        return (
+            response.text.strip().splitlines()[0]
+            if response.text.strip()
+            else response.reason_phrase
+        )

@@ -1,0 +1,164 @@
+"""One assistant turn with tools: generate, run the tool the model called, generate again.
+
+`Engine.stream` ends a generation at `<|call|>`. When the call goes to a tool of the
+toolbox (python, browser.*, functions.apply_patch), its answer is appended as a tool
+message in Harmony form and generation continues, up to `max_steps` calls; a call to a
+function the caller declared (an API client's) ends the turn with finish_reason
+"tool_call", as before. Chat, voice and the server all take their turns from `respond`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from llm.config import PromptConfig, SamplingParams
+from llm.messages import (
+    ChatMessage,
+    Event,
+    FinishReason,
+    GenerationStats,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolResult,
+    TurnDone,
+)
+
+
+class Generator(Protocol):
+    """What a turn needs of an engine (the local MLX one or a remote server)."""
+
+    def stream(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        sampling: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        assistant_prefix: str = "",
+    ) -> Iterator[Event]: ...
+
+
+class ToolRunner(Protocol):
+    max_steps: int
+
+    @property
+    def declarations(self) -> list[Tool]: ...
+
+    def handles(self, recipient: str | None) -> bool: ...
+
+    def run(self, call: ChatMessage) -> ChatMessage: ...
+
+
+LIMIT_REACHED = (
+    "Tool call limit reached ({n} calls this turn). Do not call more tools: "
+    "answer the user now with what you have."
+)
+
+
+def respond(
+    engine: Generator,
+    history: Sequence[ChatMessage],
+    prompt: PromptConfig,
+    toolbox: ToolRunner | None = None,
+    *,
+    sampling: SamplingParams | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    now: datetime | None = None,
+    tools: Sequence[Tool] = (),
+    assistant_prefix: str = "",
+) -> Iterator[Event]:
+    """Yield the turn's events, with ToolCall/ToolResult around every tool run; the last
+    event is one TurnDone whose messages hold every call, result and answer in order."""
+    history = list(history)
+    declared = [*(toolbox.declarations if toolbox else []), *tools]
+    start = time.perf_counter()
+    first_final: float | None = None
+    turns: list[TurnDone] = []
+    messages: list[ChatMessage] = []
+    calls = 0
+    while True:
+        done: TurnDone | None = None
+        for event in engine.stream(
+            history,
+            prompt,
+            sampling,
+            should_stop,
+            now,
+            declared,
+            assistant_prefix if not turns else "",
+        ):
+            if isinstance(event, TurnDone):
+                done = event
+                continue
+            if (
+                first_final is None
+                and isinstance(event, TextDelta)
+                and event.channel == "final"
+                and not event.recipient
+            ):
+                first_final = time.perf_counter() - start
+            yield event
+        assert done is not None
+        turns.append(done)
+        messages += done.messages
+        history += done.messages
+        call = done.messages[-1] if done.messages else None
+        runs_here = (
+            done.finish_reason == "tool_call"
+            and toolbox is not None
+            and call is not None
+            and toolbox.handles(call.recipient)
+        )
+        if not runs_here:
+            yield _summary(done.finish_reason, turns, messages, start, first_final)
+            return
+        assert call is not None and toolbox is not None
+        if calls >= toolbox.max_steps:
+            # The model keeps calling: refuse, and let it answer. A call after that refusal
+            # ends the turn, as a length limit would.
+            if calls > toolbox.max_steps:
+                yield _summary("length", turns, messages, start, first_final)
+                return
+            refusal = LIMIT_REACHED.format(n=calls)
+            result = ChatMessage("tool", refusal, call.channel, name=_tool_name(call))
+        else:
+            yield ToolCall(call)
+            result = toolbox.run(call)
+        calls += 1
+        yield ToolResult(result)
+        messages.append(result)
+        history.append(result)
+        if should_stop is not None and should_stop():
+            yield _summary("cancelled", turns, messages, start, first_final)
+            return
+
+
+def _tool_name(call: ChatMessage) -> str:
+    recipient = call.recipient or "tool"
+    return "python" if recipient.startswith("python") else recipient
+
+
+def _summary(
+    finish: FinishReason,
+    turns: list[TurnDone],
+    messages: list[ChatMessage],
+    start: float,
+    first_final: float | None,
+) -> TurnDone:
+    first = turns[0].stats
+    stats = GenerationStats(
+        prompt_tokens=turns[-1].stats.prompt_tokens,
+        cached_tokens=turns[-1].stats.cached_tokens,
+        generated_tokens=sum(t.stats.generated_tokens for t in turns),
+        time_to_first_token=first.time_to_first_token,
+        time_to_first_final=first_final,
+        total_seconds=time.perf_counter() - start,
+        peak_memory_gb=max(t.stats.peak_memory_gb for t in turns),
+    )
+    tokens = tuple(tok for t in turns for tok in t.tokens)
+    return TurnDone(finish, tuple(messages), tokens, stats)

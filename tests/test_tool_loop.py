@@ -1,0 +1,195 @@
+"""The engine's tool loop with tiny GPT-OSS models that really call tools.
+
+The main tiny model calls `functions.get_weather`; the python one reads a workspace note
+through the real python sandbox and answers with the word it found, so a right answer
+proves the tool ran and its result reached the model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm.chatlog import load_chat_log
+from llm.config import PromptConfig
+from llm.engine import Engine
+from llm.messages import (
+    ChatMessage,
+    FunctionTool,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolResult,
+    TurnDone,
+)
+from llm.tool_loop import respond
+from llm.tools.config import ToolsConfig
+from llm.tools.toolbox import Toolbox
+from tests.support.tiny_models import (
+    PYTHON_CODE,
+    PYTHON_FINALS,
+    PYTHON_USER,
+    TOOL_ARGS,
+    TOOL_FINAL,
+    TOOL_RESULT,
+    TOOL_USER,
+    WEATHER_TOOL,
+)
+
+GREEDY = PromptConfig(sampling={"temperature": 0.0})
+
+
+class WeatherTool:
+    """A tool runner for the function the main tiny model learned to call."""
+
+    def __init__(self, max_steps: int = 8) -> None:
+        self.max_steps = max_steps
+        self.calls: list[ChatMessage] = []
+
+    @property
+    def declarations(self) -> list[Tool]:
+        return [FunctionTool(**WEATHER_TOOL)]
+
+    def handles(self, recipient: str | None) -> bool:
+        return recipient == "functions.get_weather"
+
+    def run(self, call: ChatMessage) -> ChatMessage:
+        self.calls.append(call)
+        return ChatMessage("tool", TOOL_RESULT, call.channel, name=call.recipient)
+
+
+def test_a_call_is_run_and_generation_continues_to_the_answer(engine: Engine) -> None:
+    tool = WeatherTool()
+    events = list(respond(engine, [ChatMessage("user", TOOL_USER)], GREEDY, tool))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [c.message.recipient for c in calls] == ["functions.get_weather"]
+    assert json.loads(tool.calls[0].content) == json.loads(TOOL_ARGS)
+    assert [r.message.content for r in results] == [TOOL_RESULT]
+    final = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "final")
+    assert final == TOOL_FINAL
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.finish_reason == "stop"
+    # Every message of the turn, in order, for the chat log.
+    assert [(m.role, m.channel, m.recipient) for m in done.messages] == [
+        ("assistant", "analysis", None),
+        ("assistant", "commentary", "functions.get_weather"),
+        ("tool", "commentary", None),
+        ("assistant", "final", None),
+    ]
+    assert sum(isinstance(e, TurnDone) for e in events) == 1
+
+
+def test_a_function_the_caller_declared_still_ends_the_turn(engine: Engine) -> None:
+    tools = [FunctionTool(**WEATHER_TOOL)]
+    events = list(respond(engine, [ChatMessage("user", TOOL_USER)], GREEDY, None, tools=tools))
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.finish_reason == "tool_call"
+    assert done.messages[-1].recipient == "functions.get_weather"
+    assert not any(isinstance(e, ToolCall | ToolResult) for e in events)
+
+
+def test_step_limit_refuses_further_calls(engine: Engine) -> None:
+    tool = WeatherTool(max_steps=0)
+    events = list(respond(engine, [ChatMessage("user", TOOL_USER)], GREEDY, tool))
+    assert not tool.calls and not any(isinstance(e, ToolCall) for e in events)
+    refusal = [e.message.content for e in events if isinstance(e, ToolResult)]
+    assert refusal and refusal[0].startswith("Tool call limit reached (0 calls this turn)")
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.finish_reason in ("stop", "length")
+
+
+def test_cancel_during_the_loop(engine: Engine) -> None:
+    tool = WeatherTool()
+    stop = {"now": False}
+
+    class Stopping(WeatherTool):
+        def run(self, call: ChatMessage) -> ChatMessage:
+            stop["now"] = True  # the user interrupts while the tool runs
+            return super().run(call)
+
+    events = list(
+        respond(
+            engine,
+            [ChatMessage("user", TOOL_USER)],
+            GREEDY,
+            Stopping(),
+            should_stop=lambda: stop["now"],
+        )
+    )
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.finish_reason == "cancelled"
+    assert done.messages[-1].role == "tool"
+    assert not tool.calls
+
+
+# ----------------------------------------------------------------- the python tool
+
+
+@pytest.fixture(scope="module")
+def python_engine(gpt_oss_python_path: Path) -> Engine:
+    return Engine.load(str(gpt_oss_python_path))
+
+
+def _python_prompt(workspace: Path) -> PromptConfig:
+    tools = ToolsConfig(python={"timeout_s": 20}, workspace=str(workspace))
+    return PromptConfig(sampling={"temperature": 0.0}, tools=tools)
+
+
+def test_python_call_runs_in_the_sandbox_and_the_answer_uses_its_result(
+    python_engine: Engine, tmp_path: Path
+) -> None:
+    for exists in (True, False):  # both ways: the answer follows the file, not memory
+        python_engine.reset()
+        note = tmp_path / "note.txt"
+        if exists:
+            note.write_text("hello")
+        else:
+            note.unlink(missing_ok=True)
+        prompt = _python_prompt(tmp_path)
+        toolbox = Toolbox(prompt.tools, tmp_path)
+        try:
+            history = [ChatMessage("user", PYTHON_USER)]
+            events = list(respond(python_engine, history, prompt, toolbox))
+        finally:
+            toolbox.close()
+        calls = [e.message for e in events if isinstance(e, ToolCall)]
+        results = [e.message for e in events if isinstance(e, ToolResult)]
+        assert [(c.recipient, c.content) for c in calls] == [("python", PYTHON_CODE)]
+        assert [(r.name, r.content) for r in results] == [("python", f"{exists}\n")]
+        done = events[-1]
+        assert isinstance(done, TurnDone) and done.finish_reason == "stop"
+        assert done.messages[-1].content == PYTHON_FINALS[exists]
+
+
+def test_python_tool_in_the_chat_cli(gpt_oss_python_path: Path, tmp_path: Path) -> None:
+    """`mlx-harmony-chat --tools python`: the call and result shown compactly, the answer
+    from the result, and the whole exchange in the chat log."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "note.txt").write_text("hello")
+    log = tmp_path / "chat.json"
+    cmd = [
+        sys.executable, "-m", "llm.cli.chat", "--model", str(gpt_oss_python_path),
+        "--temperature", "0", "--tools", "python", "--workspace", str(workspace),
+        "--chat", str(log), "--no-markdown",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, input=f"{PYTHON_USER}\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first_line = PYTHON_CODE.splitlines()[0]
+    assert f"→ python\n  {first_line}" in out.stdout
+    assert "← python\n  True" in out.stdout
+    assert PYTHON_FINALS[True] in out.stdout
+    messages = load_chat_log(log)[0].active().messages
+    assert [(m.role, m.recipient, m.name) for m in messages] == [
+        ("user", None, None),
+        ("assistant", None, None),
+        ("assistant", "python", None),
+        ("tool", None, "python"),
+        ("assistant", None, None),
+    ]
+    assert messages[-1].content == PYTHON_FINALS[True]
