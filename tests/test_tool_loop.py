@@ -193,3 +193,44 @@ def test_python_tool_in_the_chat_cli(gpt_oss_python_path: Path, tmp_path: Path) 
         ("assistant", None, None),
     ]
     assert messages[-1].content == PYTHON_FINALS[True]
+
+
+def test_the_server_runs_built_in_tools_itself(python_engine: Engine, tmp_path: Path) -> None:
+    """A server with python enabled answers from the tool's result; the client sees the
+    answer and the reasoning, no tool_calls of its own to run."""
+    import openai
+
+    from llm.server import ServedModel, create_app
+    from tests.test_server import LiveServer, free_port
+
+    (tmp_path / "note.txt").write_text("hello")
+    served = [ServedModel("py", "py-path", _python_prompt(tmp_path))]
+    app = create_app(served, load=lambda _: python_engine, preloaded=python_engine)
+    with LiveServer(app, free_port()) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(
+            model="py", messages=[{"role": "user", "content": PYTHON_USER}], temperature=0
+        )
+        choice = r.choices[0]
+        assert choice.message.content == PYTHON_FINALS[True]
+        assert not choice.message.tool_calls and choice.finish_reason == "stop"
+        assert PYTHON_CODE in choice.message.model_extra["reasoning_content"]
+        stream = client.chat.completions.create(
+            model="py",
+            messages=[{"role": "user", "content": PYTHON_USER}],
+            temperature=0,
+            stream=True,
+        )
+        chunks = [c for c in stream if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == PYTHON_FINALS[True]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks)
+        # apply_patch is the server's own here: a client may not declare one too.
+        served[0].prompt.tools.apply_patch = True
+        fn = {"name": "apply_patch", "parameters": {"type": "object"}}
+        with pytest.raises(openai.BadRequestError, match="server-side tool"):
+            client.chat.completions.create(
+                model="py",
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[{"type": "function", "function": fn}],
+            )

@@ -296,3 +296,73 @@ def test_a_microphone_that_stops_delivering_is_reopened(
 
     serve(assistant, scenario)
     assert rec.texts("heard") == [HEARD]
+
+
+class SpokenTexts:
+    """The synthesizer, noting every text it is asked to speak."""
+
+    def __init__(self, tts) -> None:
+        self.tts, self.texts = tts, []
+
+    def speak(self, text: str):
+        self.texts.append(text)
+        return self.tts.speak(text)
+
+
+def test_a_tool_call_is_announced_not_read_aloud(
+    virtual_audio, synthesizer, voice_models, gpt_oss_python_path, tmp_path
+) -> None:
+    """The tiny tool model, asked aloud, checks the workspace with python: the assistant
+    says a short notice while the tool runs and then the answer from its result; the
+    result itself is never spoken, and the chat log keeps the call and the result."""
+    from llm.engine import Engine
+    from tests.support.tiny_models import PYTHON_CODE, PYTHON_FINALS, PYTHON_USER
+    from voice.stt import Transcriber
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "note.txt").write_text("hello")
+    stt = Transcriber.load(str(voice_models / "stt-python"), max_seconds=16)
+    stt.warmup()
+    config = VoiceConfig()
+    for key, value in {
+        "endpointing.silence_ms": SILENCE_MS,
+        "endpointing.warmup_blocks": 0,
+        "audio.input_device": "pulse",
+        "audio.output_device": "pulse",
+    }.items():
+        config = apply_override(config, key, value)
+    prompt = PromptConfig(
+        sampling={"temperature": 0.0}, tools={"python": True, "workspace": str(workspace)}
+    )
+    log = ChatLog()
+    log.start_chat(Chat.new("tiny"))
+    rec, spoken = Recorder(), SpokenTexts(synthesizer)
+    engine = Engine.load(str(gpt_oss_python_path))
+    assistant = VoiceAssistant(
+        config, engine, prompt, stt, spoken, make_detector(config.endpointing, 24_000),
+        log, tmp_path / "chat.json", rec,
+    )  # fmt: skip
+    question = virtual_audio.say("Is there a note?", tmp_path, lead_silence=0.3)
+
+    def scenario(stop: threading.Event) -> None:
+        time.sleep(0.3)
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("turn_done", timeout=120)
+
+    serve(assistant, scenario)
+
+    assert rec.texts("heard") == [PYTHON_USER]
+    assert spoken.texts == ["Running some Python.", PYTHON_FINALS[True]]
+    assert "→ python" in rec.texts("notice") and "← python: True" in rec.texts("notice")
+    assert "".join(rec.texts("answer")) == PYTHON_FINALS[True]
+    assert PYTHON_CODE not in "".join(rec.texts("reasoning"))  # the call is not reasoning
+    messages = log.active().messages
+    assert [(m.role, m.recipient, m.name) for m in messages] == [
+        ("user", None, None),
+        ("assistant", None, None),
+        ("assistant", "python", None),
+        ("tool", None, "python"),
+        ("assistant", None, None),
+    ]
+    assert messages[3].content == "True\n" and messages[4].content == PYTHON_FINALS[True]

@@ -26,6 +26,8 @@ from moshi_mlx import models
 from moshi_mlx.models.mimi import Mimi, MimiConfig
 from moshi_mlx.modules import SeanetConfig, TransformerConfig
 
+from tests.support.tiny_models import PYTHON_USER
+
 TEXT_CARD = 64
 MIMI_NQ = 4
 MIMI_BINS = 64
@@ -245,11 +247,11 @@ def _tie_shared(params: dict[str, mx.array], cfg: models.LmConfig) -> None:
             params[k] = params[f"depformer.slices.{first_of[schedule[s]]}.{tail}"]
 
 
-def write_tokenizer(path: Path, model_type: str = "unigram") -> None:
+def write_tokenizer(path: Path, model_type: str = "unigram", heard: str = HEARD) -> None:
     import sentencepiece as spm
 
     corpus = path.with_suffix(".txt")
-    corpus.write_text("\n".join([*CORPUS, HEARD] * 20))
+    corpus.write_text("\n".join([*CORPUS, heard] * 20))
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(path.with_suffix("")), vocab_size=TEXT_CARD,
         model_type=model_type, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
@@ -291,19 +293,20 @@ def hear_one_sentence(params: dict[str, mx.array], token_ids: list[int], start: 
     params["text_linear.weight"] = mx.array(head)
 
 
-def build_stt(folder: Path) -> None:
+def build_stt(folder: Path, heard: str = HEARD) -> None:
+    """A tiny Kyutai STT that hears `heard`, whatever the audio."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True)
     raw = _lm_config(n_q=MIMI_NQ, dep_q=0, tts=False)
     (folder / "config.json").write_text(json.dumps(raw, indent=1))
-    write_tokenizer(folder / raw["tokenizer_name"], model_type="word")
+    write_tokenizer(folder / raw["tokenizer_name"], model_type="word", heard=heard)
     write_mimi(folder, raw["mimi_name"], MIMI_NQ)
     cfg = models.LmConfig.from_config_dict(raw)
     lm = models.Lm(cfg)
     params = _randomize(lm)
     tokenizer = spm.SentencePieceProcessor(str(folder / raw["tokenizer_name"]))  # type: ignore[call-arg]
-    hear_one_sentence(params, tokenizer.encode(HEARD), start=cfg.text_out_vocab_size)
+    hear_one_sentence(params, tokenizer.encode(heard), start=cfg.text_out_vocab_size)
     lm.load_weights(list(params.items()), strict=True)
     lm.save_weights(str(folder / raw["moshi_name"]))
     check = models.Lm(cfg)
@@ -337,6 +340,8 @@ def build(folder: Path) -> None:
     mx.random.seed(1234)
     build_stt(folder / "stt")
     build_tts(folder / "tts")
+    # One that hears the question the tiny tool model answers with the python tool.
+    build_stt(folder / "stt-python", heard=PYTHON_USER)
 
 
 if __name__ == "__main__":
