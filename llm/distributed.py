@@ -77,6 +77,18 @@ def _call(op: str, **args: Any) -> bytes:
     return json.dumps({"op": op, **args}).encode()
 
 
+def _turn(
+    history: Sequence[ChatMessage], prompt: PromptConfig, now: datetime, tools: Sequence[Tool]
+) -> dict[str, Any]:
+    """What a turn is rendered from, as JSON (read back in `follow`)."""
+    return {
+        "history": [asdict(m) for m in history],
+        "prompt": prompt.model_dump(mode="json"),
+        "now": now.isoformat(),
+        "tools": _encode_tools(tools),
+    }
+
+
 class DistributedError(ConfigError):
     """The ranks no longer compute the same thing; their answers would be garbage."""
 
@@ -138,11 +150,8 @@ class ShardedEngine:
             self.group,
             _call(
                 "stream",
-                history=[asdict(m) for m in history],
-                prompt=prompt.model_dump(mode="json"),
+                **_turn(history, prompt, now, tools),
                 sampling=sampling.model_dump(mode="json"),
-                now=now.isoformat(),
-                tools=_encode_tools(tools),
                 prefix=assistant_prefix,
             ),
         )
@@ -172,16 +181,7 @@ class ShardedEngine:
         tools: Sequence[Tool] = (),
     ) -> int:
         now = now or datetime.now().astimezone()
-        _broadcast(
-            self.group,
-            _call(
-                "prefill",
-                history=[asdict(m) for m in history],
-                prompt=prompt.model_dump(mode="json"),
-                now=now.isoformat(),
-                tools=_encode_tools(tools),
-            ),
-        )
+        _broadcast(self.group, _call("prefill", **_turn(history, prompt, now, tools)))
         return self.engine.prefill(history, prompt, now, tools)
 
     def reset(self) -> None:

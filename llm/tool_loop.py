@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from llm.backends import ChatEngine
 from llm.config import PromptConfig, SamplingParams
 from llm.messages import (
     ChatMessage,
@@ -26,21 +27,6 @@ from llm.messages import (
     ToolResult,
     TurnDone,
 )
-
-
-class Generator(Protocol):
-    """What a turn needs of an engine (the local MLX one or a remote server)."""
-
-    def stream(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        sampling: SamplingParams | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-        assistant_prefix: str = "",
-    ) -> Iterator[Event]: ...
 
 
 class ToolRunner(Protocol):
@@ -61,7 +47,7 @@ LIMIT_REACHED = (
 
 
 def respond(
-    engine: Generator,
+    engine: ChatEngine,
     history: Sequence[ChatMessage],
     prompt: PromptConfig,
     toolbox: ToolRunner | None = None,
