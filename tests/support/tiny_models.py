@@ -93,7 +93,11 @@ TOOL_RESULT = '{"sky":"sunny"}'
 TOOL_FINAL = "It is sunny in Paris."
 
 
-def _harmony_prompt(enc, variant: int, history: list[Message], tools: bool = False) -> list[int]:
+def _harmony_prompt(
+    enc, variant: int, history: list[Message], tools: bool = False, python: bool = False
+) -> list[int]:
+    """A prompt under system/developer variation `variant`; `tools` declares the weather
+    function, `python` the python tool."""
     identity = _IDENTITIES[variant % len(_IDENTITIES)]
     effort = _EFFORTS[variant % len(_EFFORTS)]
     date = _DATES[(variant // 2) % len(_DATES)]
@@ -105,6 +109,8 @@ def _harmony_prompt(enc, variant: int, history: list[Message], tools: bool = Fal
         .with_conversation_start_date(date)
         .with_knowledge_cutoff("2024-06")
     )
+    if python:
+        system = system.with_tools(_python_namespace(variant))
     messages = [Message.from_role_and_content(Role.SYSTEM, system)]
     dev = DeveloperContent.new()
     if instructions:
@@ -193,31 +199,14 @@ PYTHON_CODE = "import os\nprint(os.path.exists('note.txt'))"
 PYTHON_FINALS = {True: "Yes, there is a note.", False: "No, there is no note."}
 
 
-def _python_prompt(enc, variant: int, history: list[Message]) -> list[int]:
+def _python_namespace(variant: int) -> ToolNamespaceConfig:
+    """The product's own python description (under two timeouts), or openai-harmony's."""
     from llm.tools.python_sandbox import SandboxLimits, description
 
-    # The product's own description (under two timeouts) and openai-harmony's default.
     if variant % 3 == 2:
-        python = ToolNamespaceConfig.python()
-    else:
-        limits = SandboxLimits(timeout_s=30.0 if variant % 3 else 10.0)
-        python = ToolNamespaceConfig(name="python", description=description(limits), tools=[])
-    system = (
-        SystemContent.new()
-        .with_model_identity(_IDENTITIES[variant % len(_IDENTITIES)])
-        .with_reasoning_effort(ReasoningEffort[_EFFORTS[variant % len(_EFFORTS)].upper()])
-        .with_conversation_start_date(_DATES[(variant // 2) % len(_DATES)])
-        .with_knowledge_cutoff("2024-06")
-        .with_tools(python)
-    )
-    messages = [Message.from_role_and_content(Role.SYSTEM, system)]
-    instructions = _INSTRUCTIONS[(variant // 3) % len(_INSTRUCTIONS)]
-    if instructions:
-        dev = DeveloperContent.new().with_instructions(instructions)
-        messages.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    return enc.render_conversation_for_completion(
-        Conversation.from_messages(messages + history), Role.ASSISTANT
-    )
+        return ToolNamespaceConfig.python()
+    limits = SandboxLimits(timeout_s=30.0 if variant % 3 else 10.0)
+    return ToolNamespaceConfig(name="python", description=description(limits), tools=[])
 
 
 def python_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -239,7 +228,12 @@ def python_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[i
     )
     out = []
     for v in variants:
-        out.append((_python_prompt(enc, v, [user]), enc.encode(call_reply, allowed_special="all")))
+        out.append(
+            (
+                _harmony_prompt(enc, v, [user], python=True),
+                enc.encode(call_reply, allowed_special="all"),
+            )
+        )
         for exists, final in PYTHON_FINALS.items():
             result = (
                 Message.from_author_and_content(Author.new(Role.TOOL, "python"), f"{exists}\n")
@@ -247,7 +241,7 @@ def python_examples(enc, variants: range | tuple[int, ...]) -> list[tuple[list[i
                 .with_recipient("assistant")
             )
             reply = f"<|channel|>final<|message|>{final}<|return|>"
-            prompt = _python_prompt(enc, v, [user, thought, call, result])
+            prompt = _harmony_prompt(enc, v, [user, thought, call, result], python=True)
             out.append((prompt, enc.encode(reply, allowed_special="all")))
     return out
 
