@@ -156,6 +156,27 @@ def test_chat_cli_with_a_remote_profile(remote_url: str, tmp_path: Path) -> None
     assert f"remote {remote_url}" in out.stdout
 
 
+def test_our_server_relays_to_a_remote(remote_url: str, monkeypatch) -> None:
+    """mlx-harmony-server with a remote profile serves a model it does not load."""
+    import openai
+
+    from llm.server import ServedModel, create_app
+    from tests.test_server import LiveServer, free_port
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    remote = RemoteConfig(base_url=remote_url, api_key_env=KEY_ENV)
+    app = create_app([ServedModel("relay", "tiny", PromptConfig(), remote)])
+    with LiveServer(app, free_port()) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(
+            model="relay",
+            messages=[{"role": "user", "content": HARMONY_TURNS[1].user}],
+            temperature=0,
+        )
+    assert r.choices[0].message.content == HARMONY_TURNS[1].final
+    assert r.choices[0].message.model_extra["reasoning_content"] == HARMONY_TURNS[1].analysis
+
+
 def test_wrong_key_and_missing_key_are_one_line_errors(remote_url: str, monkeypatch) -> None:
     monkeypatch.setenv(KEY_ENV, "wrong")
     bad = RemoteEngine(RemoteConfig(base_url=remote_url, api_key_env=KEY_ENV), "tiny")
