@@ -52,6 +52,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/plain", LONG)
         elif url.path == "/big":
             self._send(200, "text/plain", "x" * 50_000)
+        elif url.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/private")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif url.path == "/image.png":
             self._send(200, "image/png", "\x89PNG")
         else:
@@ -79,7 +84,9 @@ def site() -> Iterator[str]:
 
 @pytest.fixture
 def browser(site: str) -> Browser:
-    backend = HttpBackend(f"{site}/search?q={{query}}&format=json", timeout_s=5, max_bytes=20_000)
+    # The test site is on loopback: a private address the browser refuses by default.
+    search = f"{site}/search?q={{query}}&format=json"
+    backend = HttpBackend(search, timeout_s=5, max_bytes=20_000, allow_private_network=True)
     return Browser(backend, BrowserLimits(view_chars=4000, max_results=10))
 
 
@@ -139,8 +146,35 @@ def test_errors_are_answers_not_exceptions(browser: Browser, site: str) -> None:
     assert "cannot fetch" in browser.call("open", {"id": "http://127.0.0.1:9/"})
 
 
+def test_private_addresses_are_refused_unless_allowed(site: str) -> None:
+    backend = HttpBackend(f"{site}/search?q={{query}}&format=json", timeout_s=5, max_bytes=10**5)
+    browser = Browser(backend)
+    # The configured search endpoint is the user's own choice, local or not...
+    assert "【0†Paris - Facts" in browser.call("search", {"query": "paris"})
+    # ...but the model may not open pages on this machine or the LAN.
+    out = browser.call("open", {"id": 0})
+    assert "127.0.0.1 is a private or local address" in out
+    assert "allow_private_network" in out
+    assert "private or local" in browser.call("open", {"id": "http://192.168.1.1/"})
+    assert "private or local" in browser.call("open", {"id": "http://[::1]:8080/"})
+
+
+def test_a_redirect_into_the_private_network_is_refused(site: str, monkeypatch) -> None:
+    import llm.tools.browser_backends as bb
+
+    real = bb._check_public
+
+    def loopback_is_public_but_private_path_is_not(url: str) -> None:
+        if "/private" in url:
+            real("http://10.0.0.1/")  # stands for a LAN address
+
+    monkeypatch.setattr(bb, "_check_public", loopback_is_public_but_private_path_is_not)
+    out = Browser(HttpBackend(None, 5, 10**5)).call("open", {"id": f"{site}/redirect"})
+    assert "cannot fetch" in out and "10.0.0.1 is a private or local address" in out
+
+
 def test_fetch_size_limit(site: str) -> None:
-    backend = HttpBackend(None, timeout_s=5, max_bytes=1000)
+    backend = HttpBackend(None, timeout_s=5, max_bytes=1000, allow_private_network=True)
     page = backend.fetch(f"{site}/big")
     assert len(page.text) == 1000
     out = Browser(backend).call("search", {"query": "x"})

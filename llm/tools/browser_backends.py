@@ -9,8 +9,10 @@ local folder (offline documentation, notes, tests).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,20 +36,63 @@ class BrowserBackend(Protocol):
     def fetch(self, url: str) -> Page: ...
 
 
+def _check_public(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return  # unresolvable: the fetch reports it
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if not addr.is_global:
+            raise BrowserError(
+                f"`{url}`: {addr} is a private or local address; the browser only opens "
+                "public pages (tools.browser.allow_private_network to allow it)"
+            )
+
+
+class _PublicRedirects(urllib.request.HTTPRedirectHandler):
+    """Every redirect hop is checked too: a public page must not bounce into the LAN."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        try:
+            _check_public(newurl)
+        except BrowserError as e:
+            raise urllib.error.URLError(str(e).split(": ", 1)[1]) from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_PUBLIC_ONLY = urllib.request.build_opener(_PublicRedirects)
+
+
 class HttpBackend:
     source = "web"
 
-    def __init__(self, search_url: str | None, timeout_s: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        search_url: str | None,
+        timeout_s: float,
+        max_bytes: int,
+        allow_private_network: bool = False,
+    ) -> None:
         self.search_url = search_url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
+        self.allow_private_network = allow_private_network
 
-    def _get(self, url: str) -> tuple[bytes, str, str]:
+    def _get(self, url: str, trusted: bool = False) -> tuple[bytes, str, str]:
+        """Fetch `url`. Unless `trusted` (the configured search endpoint), the model may not
+        reach this machine or its private network: the router's admin page or a local
+        service must not become readable to whatever a web page tells the model."""
         if urlparse(url).scheme not in ("http", "https"):
             raise BrowserError(f"`{url}`: only http and https URLs can be opened")
+        guard = trusted or self.allow_private_network
+        opener = urllib.request.build_opener() if guard else _PUBLIC_ONLY
+        if not guard:
+            _check_public(url)
         req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with opener.open(req, timeout=self.timeout_s) as resp:
                 body = resp.read(self.max_bytes + 1)
                 ctype = resp.headers.get("Content-Type", "")
                 final = resp.geturl()
@@ -75,7 +120,8 @@ class HttpBackend:
             raise BrowserError(
                 "no search provider is configured (tools.browser.search_url); open a URL instead"
             )
-        body, _, _ = self._get(self.search_url.replace("{query}", quote_plus(query)))
+        url = self.search_url.replace("{query}", quote_plus(query))
+        body, _, _ = self._get(url, trusted=True)
         try:
             results = json.loads(body)["results"]
             return [

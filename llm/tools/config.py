@@ -25,6 +25,9 @@ class BrowserToolConfig(BaseModel):
     folder: str | None = None
     timeout_s: float = Field(10.0, gt=0)
     max_bytes: int = Field(2_000_000, ge=1000)
+    # Let the model open pages on this machine and the private network (off: a page could
+    # otherwise steer it to a router's or a local service's pages).
+    allow_private_network: bool = False
     view_chars: int = Field(4000, ge=200)
     max_results: int = Field(10, ge=1, le=50)
 

@@ -41,7 +41,9 @@ def _browser_backend(config: BrowserToolConfig) -> BrowserBackend:
     if config.backend == "folder":
         assert config.folder is not None  # the config's validator requires it
         return FolderBackend(Path(config.folder))
-    return HttpBackend(config.search_url, config.timeout_s, config.max_bytes)
+    return HttpBackend(
+        config.search_url, config.timeout_s, config.max_bytes, config.allow_private_network
+    )
 
 
 def _browser_functions() -> tuple[FunctionTool, ...]:
