@@ -61,36 +61,30 @@ def to_openai_messages(
         out.append({"role": "system", "content": instructions})
     for dialogue in prompt.example_dialogues:
         out += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
-    open_call_ids: list[str] = []
+    open_call_ids: list[str] = []  # calls not yet answered, oldest first
+    turn: dict[str, Any] | None = None  # one assistant message from consecutive ones
     for i, m in enumerate(history):
         if m.role != "assistant":
+            turn = None
             if m.role == "tool":
                 call_id = open_call_ids.pop(0) if open_call_ids else f"call_{i}"
                 out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
             else:
                 out.append({"role": m.role, "content": m.content})
             continue
-        prev = out[-1] if out and out[-1]["role"] == "assistant" and "_open" in out[-1] else None
-        if prev is None:
-            prev = {"role": "assistant", "content": None, "_open": True}
-            out.append(prev)
+        if turn is None:
+            turn = {"role": "assistant", "content": None}
+            out.append(turn)
         if m.recipient:
-            call_id = f"call_{i}"
-            open_call_ids.append(call_id)
-            name = m.recipient.removeprefix("functions.")
-            prev.setdefault("tool_calls", []).append(
-                {
-                    "id": call_id,
-                    "type": "function",
-                    "function": {"name": name, "arguments": m.content},
-                }
+            open_call_ids.append(f"call_{i}")
+            call = {"name": m.recipient.removeprefix("functions."), "arguments": m.content}
+            turn.setdefault("tool_calls", []).append(
+                {"id": f"call_{i}", "type": "function", "function": call}
             )
         elif m.channel == "analysis":
-            prev["reasoning_content"] = (prev.get("reasoning_content") or "") + m.content
+            turn["reasoning_content"] = (turn.get("reasoning_content") or "") + m.content
         else:
-            prev["content"] = (prev["content"] or "") + m.content
-    for msg in out:
-        msg.pop("_open", None)
+            turn["content"] = (turn["content"] or "") + m.content
     return out
 
 
