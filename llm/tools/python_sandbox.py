@@ -85,10 +85,6 @@ class PythonSandbox:
         self._proc: subprocess.Popen[bytes] | None = None
         self._reply_fd: int | None = None
 
-    @property
-    def network_isolated(self) -> bool:
-        return bool(_network_off_prefix())
-
     def run(self, code: str) -> str:
         """Run `code`; return what the model reads (output, traceback or what went wrong)."""
         if self._proc is None or self._proc.poll() is not None:
