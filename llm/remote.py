@@ -152,12 +152,15 @@ class RemoteEngine:
     def reset(self) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
-    def prefill(self, *args: Any, **kwargs: Any) -> int:
+    def prefill(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0
-
-    def close(self) -> None:
-        self._client.close()
 
     def stream(
         self,
