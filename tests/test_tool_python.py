@@ -136,6 +136,25 @@ def test_long_output_is_truncated(tmp_path: Path) -> None:
         box.close()
 
 
+def test_a_flood_of_output_is_cut_in_the_sandbox(tmp_path: Path) -> None:
+    """200 MB printed: only the limit crosses to the assistant's process."""
+    box = PythonSandbox(tmp_path, SandboxLimits(max_output_chars=1000, memory_mb=2048))
+    try:
+        raw_reply = []
+        real = box._read_reply
+
+        def spy(deadline: float) -> bytes | None:
+            raw_reply.append(real(deadline))
+            return raw_reply[-1]
+
+        box._read_reply = spy  # type: ignore[method-assign]
+        out = box.run("for _ in range(200):\n    print('z' * 1_000_000)")
+        assert out.startswith("z" * 1000) and "[output truncated: " in out
+        assert raw_reply[0] is not None and len(raw_reply[0]) < 2000
+    finally:
+        box.close()
+
+
 def test_writes_to_fd1_cannot_break_the_protocol(sandbox: PythonSandbox) -> None:
     sandbox.run("import os; os.write(1, b'garbage\\n'); os.write(2, b'more\\n')")
     assert sandbox.run("print('ok')") == "ok\n"

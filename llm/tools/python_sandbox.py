@@ -98,11 +98,10 @@ class PythonSandbox:
             raw = None
         if raw is None:
             return self._failed()
-        reply = json.loads(raw)
-        text = reply["stdout"] + reply["stderr"]
+        text = json.loads(raw)["output"]
         if not self.limits.persistent:
             self.close()
-        return self._truncate(text) if text.strip() else NO_OUTPUT
+        return text if text.strip() else NO_OUTPUT
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -125,6 +124,7 @@ class PythonSandbox:
         limits = {
             "memory_mb": self.limits.memory_mb,
             "cpu_s": self.limits.cpu_s,
+            "max_output_chars": self.limits.max_output_chars,
         }
         env = {
             "LANG": "C.UTF-8",
@@ -192,9 +192,3 @@ class PythonSandbox:
             }.get(name, "")
             return f"The python process was killed by {name}{why}.{lost}"
         return f"The python process exited with status {status}.{lost}"
-
-    def _truncate(self, text: str) -> str:
-        limit = self.limits.max_output_chars
-        if len(text) <= limit:
-            return text
-        return text[:limit] + f"\n[output truncated: {len(text) - limit} more characters]"

@@ -3,8 +3,9 @@
 Started by `llm.tools.python_sandbox` as `python -I sandbox_child.py WORKSPACE REPLY_FD`
 with its limits in an environment variable. Only the standard library is imported here.
 Requests arrive as JSON lines on stdin ({"code": …}); each answer is one JSON line on
-REPLY_FD ({"stdout": …, "stderr": …}), so what the code writes to fd 1 or 2 cannot
-corrupt it.
+REPLY_FD ({"output": stdout then stderr, cut at the output limit here, so that a flood
+of output never crosses the pipe}), so what the code writes to fd 1 or 2 cannot corrupt
+it.
 
 Audit hooks (PEP 578) refuse, for the code and everything it imports: files outside the
 workspace (reading is also allowed under the Python installation), sockets, new
@@ -143,8 +144,13 @@ def run(code: str, scope: dict) -> tuple[str, str]:
     return out.getvalue(), err.getvalue()
 
 
-def _set_limits() -> None:
-    limits = json.loads(os.environ.pop("MLX_HARMONY_SANDBOX_LIMITS", "{}"))
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[output truncated: {len(text) - limit} more characters]"
+
+
+def _set_limits(limits: dict) -> None:
     wanted = {
         resource.RLIMIT_CPU: limits.get("cpu_s"),
         resource.RLIMIT_AS: limits.get("memory_mb") and limits["memory_mb"] << 20,
@@ -165,7 +171,9 @@ def _set_limits() -> None:
 def main() -> None:
     os.chdir(WORKSPACE)
     reply = os.fdopen(int(sys.argv[2]), "w", encoding="utf-8")
-    _set_limits()
+    limits = json.loads(os.environ.pop("MLX_HARMONY_SANDBOX_LIMITS", "{}"))
+    max_chars = int(limits.get("max_output_chars", 8000))
+    _set_limits(limits)
     requests = sys.stdin
     sys.stdin = io.StringIO()  # the code must not read the protocol
     sys.path[:0] = [WORKSPACE]
@@ -174,7 +182,7 @@ def main() -> None:
     for line in requests:
         code = json.loads(line)["code"]
         stdout, stderr = run(code, scope)
-        reply.write(json.dumps({"stdout": stdout, "stderr": stderr}) + "\n")
+        reply.write(json.dumps({"output": _truncate(stdout + stderr, max_chars)}) + "\n")
         reply.flush()
 
 
