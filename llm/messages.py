@@ -100,10 +100,17 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolWaiting:
+    """The tool called by `message` is still running (sent every few tens of ms)."""
+
+    message: ChatMessage
+
+
+@dataclass(frozen=True)
 class ToolResult:
     """What the tool answered, as the tool message the model reads next."""
 
     message: ChatMessage
 
 
-Event = TextDelta | MessageDone | TurnDone | ToolCall | ToolResult
+Event = TextDelta | MessageDone | TurnDone | ToolCall | ToolWaiting | ToolResult

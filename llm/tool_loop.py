@@ -9,8 +9,9 @@ function the caller declared (an API client's) ends the turn with finish_reason
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from llm.messages import (
     Tool,
     ToolCall,
     ToolResult,
+    ToolWaiting,
     TurnDone,
 )
 
@@ -39,6 +41,10 @@ class ToolRunner(Protocol):
 
     def run(self, call: ChatMessage) -> ChatMessage: ...
 
+    def cancel(self) -> None: ...
+
+
+WAIT_SLICE_S = 0.05  # how often a running tool lets the consumer act
 
 LIMIT_REACHED = (
     "Tool call limit reached ({n} calls this turn). Do not call more tools: "
@@ -114,7 +120,11 @@ def respond(
             result = ChatMessage("tool", refusal, call.channel, name=_tool_name(call))
         else:
             yield ToolCall(call)
-            result = toolbox.run(call)
+            ran = yield from _run_tool(toolbox, call, should_stop)
+            if ran is None:  # stopped while the tool ran: no result to show the model
+                yield _summary("cancelled", turns, messages, start, first_final)
+                return
+            result = ran
         calls += 1
         yield ToolResult(result)
         messages.append(result)
@@ -122,6 +132,33 @@ def respond(
         if should_stop is not None and should_stop():
             yield _summary("cancelled", turns, messages, start, first_final)
             return
+
+
+def _run_tool(
+    toolbox: ToolRunner, call: ChatMessage, should_stop: Callable[[], bool] | None
+) -> Generator[Event, None, ChatMessage | None]:
+    """Run the call on a thread, yielding ToolWaiting while it runs, so that the consumer
+    stays responsive (a voice keeps speaking its notice and hears a barge-in) and a stop
+    cancels the tool; return its message, or None when stopped."""
+    done: list[ChatMessage] = []
+
+    def work() -> None:
+        try:
+            done.append(toolbox.run(call))
+        except Exception as e:  # a tool's own bug must not end the assistant's turn
+            text = f"The tool failed: {type(e).__name__}: {e}"
+            done.append(ChatMessage("tool", text, call.channel, name=_tool_name(call)))
+
+    worker = threading.Thread(target=work, name="tool", daemon=True)
+    worker.start()
+    while True:
+        worker.join(WAIT_SLICE_S)
+        if not worker.is_alive():
+            return done[0]
+        if should_stop is not None and should_stop():
+            toolbox.cancel()  # a fetch that cannot be cancelled ends on its own timeout
+            return None
+        yield ToolWaiting(call)
 
 
 def _tool_name(call: ChatMessage) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from llm.messages import (
     Tool,
     ToolCall,
     ToolResult,
+    ToolWaiting,
     TurnDone,
 )
 from llm.tool_loop import respond
@@ -49,6 +52,7 @@ class WeatherTool:
     def __init__(self, max_steps: int = 8) -> None:
         self.max_steps = max_steps
         self.calls: list[ChatMessage] = []
+        self.cancelled = False
 
     @property
     def declarations(self) -> list[Tool]:
@@ -60,6 +64,9 @@ class WeatherTool:
     def run(self, call: ChatMessage) -> ChatMessage:
         self.calls.append(call)
         return ChatMessage("tool", TOOL_RESULT, call.channel, name=call.recipient)
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def test_a_call_is_run_and_generation_continues_to_the_answer(engine: Engine) -> None:
@@ -125,6 +132,51 @@ def test_cancel_during_the_loop(engine: Engine) -> None:
     assert isinstance(done, TurnDone) and done.finish_reason == "cancelled"
     assert done.messages[-1].role == "tool"
     assert not tool.calls
+
+
+def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: Engine) -> None:
+    """While a tool runs the loop reports ToolWaiting (a voice keeps speaking and listening);
+    a stop then cancels the tool and ends the turn at once."""
+    release = threading.Event()
+
+    class Slow(WeatherTool):
+        def run(self, call: ChatMessage) -> ChatMessage:
+            release.wait(10)
+            return super().run(call)
+
+        def cancel(self) -> None:
+            super().cancel()
+            release.set()
+
+    tool, waits = Slow(), []
+    started = time.perf_counter()
+    for event in respond(
+        engine,
+        [ChatMessage("user", TOOL_USER)],
+        GREEDY,
+        tool,
+        should_stop=lambda: len(waits) >= 3,
+    ):
+        if isinstance(event, ToolWaiting):
+            waits.append(event)
+        last = event
+    assert isinstance(last, TurnDone) and last.finish_reason == "cancelled"
+    assert len(waits) == 3 and tool.cancelled
+    assert time.perf_counter() - started < 5  # not the tool's 10 s
+    assert [m.recipient for m in last.messages if m.recipient] == ["functions.get_weather"]
+
+
+def test_a_python_call_is_killed_from_another_thread(tmp_path: Path) -> None:
+    toolbox = Toolbox(ToolsConfig(python=True), tmp_path)
+    call = ChatMessage("assistant", "while True: pass", "analysis", "python")
+    out: list[ChatMessage] = []
+    worker = threading.Thread(target=lambda: out.append(toolbox.run(call)))
+    worker.start()
+    time.sleep(1.0)
+    toolbox.cancel()
+    worker.join(5)
+    toolbox.close()
+    assert out and "killed by SIGKILL" in out[0].content
 
 
 # ----------------------------------------------------------------- the python tool

@@ -103,6 +103,14 @@ class PythonSandbox:
             self.close()
         return text if text.strip() else NO_OUTPUT
 
+    def kill(self) -> None:
+        """Kill the running code's process group; safe from another thread: the call in
+        progress sees the end of its reply pipe and reports it."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def close(self) -> None:
         proc, self._proc = self._proc, None
         if self._reply_fd is not None:

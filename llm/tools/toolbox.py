@@ -123,6 +123,11 @@ class Toolbox:
             return "Reading a page."
         return "Editing files." if r == APPLY_PATCH else "Using a tool."
 
+    def cancel(self) -> None:
+        """Stop a running python call (from another thread); its run reports the kill."""
+        if self._python is not None:
+            self._python.kill()
+
     def close(self) -> None:
         if self._python is not None:
             self._python.close()
