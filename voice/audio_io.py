@@ -44,12 +44,28 @@ def sounddevice() -> ModuleType:
     return sd
 
 
-def rescan() -> None:
-    """Make PortAudio list devices again (it enumerates them only when initialised)."""
+# Streams whose close is still running on its own thread (see _Stream.close).
+_closing: set[threading.Thread] = set()
+
+
+def rescan(wait: float = 2.0) -> bool:
+    """Make PortAudio list devices again (it enumerates them only when initialised).
+
+    Terminating PortAudio while another thread is still aborting a stream deadlocks both
+    (seen when the sound server went away under an open stream): wait up to `wait` s for
+    pending closes, and if one is still stuck, leave PortAudio alone and return False (the
+    caller retries; devices with stable names still reopen meanwhile).
+    """
+    deadline = time.monotonic() + wait
+    for closer in list(_closing):
+        closer.join(max(0.0, deadline - time.monotonic()))
+    if any(closer.is_alive() for closer in list(_closing)):
+        return False
     sd = sounddevice()
     with contextlib.suppress(Exception):
         sd._terminate()
     sd._initialize()
+    return True
 
 
 def permission_hint() -> str:
@@ -192,14 +208,18 @@ class _Stream:
             return
 
         def shut() -> None:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            with contextlib.suppress(Exception):
-                stream.close()
+            try:
+                with contextlib.suppress(Exception):
+                    stream.abort()
+                with contextlib.suppress(Exception):
+                    stream.close()
+            finally:
+                _closing.discard(threading.current_thread())
 
         # Aborting a stream whose device vanished can block inside PortAudio; never let
         # that hang the assistant (the stream is abandoned instead).
         closer = threading.Thread(target=shut, name="audio-close", daemon=True)
+        _closing.add(closer)
         closer.start()
         closer.join(CLOSE_SECONDS)
 
