@@ -286,3 +286,44 @@ def test_the_server_runs_built_in_tools_itself(python_engine: Engine, tmp_path: 
                 messages=[{"role": "user", "content": "hi"}],
                 tools=[{"type": "function", "function": fn}],
             )
+
+
+def test_toolbox_declares_and_dispatches_every_tool(engine: Engine, tmp_path: Path) -> None:
+    """The Harmony prompt declares each enabled tool where GPT-OSS expects it, and each
+    kind of call reaches its tool, errors coming back as text for the model."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "garden.md").write_text("# Garden\nTomatoes need sun.\n")
+    config = ToolsConfig(
+        python=True, browser={"backend": "folder", "folder": str(docs)}, apply_patch=True
+    )
+    toolbox = Toolbox(config, tmp_path / "ws")
+    try:
+        prompt = engine.format.encoding.decode(
+            engine.render([ChatMessage("user", "hi")], GREEDY, tools=toolbox.declarations)
+        )
+        system, developer = prompt.split("<|start|>developer", 1)
+        assert "## browser" in system and "type search = " in system
+        assert "## python" in system and "sandboxed process" in system
+        assert "type apply_patch = " in developer and "*** Begin Patch" in developer
+        assert all(toolbox.handles(r) for r in ("python", "browser.find", "functions.apply_patch"))
+        assert not toolbox.handles("functions.get_weather") and not toolbox.handles(None)
+
+        def call(recipient: str, content: str) -> str:
+            msg = ChatMessage("assistant", content, "analysis", recipient)
+            result = toolbox.run(msg)
+            assert result.role == "tool" and result.channel == "analysis"
+            return result.content
+
+        assert call("python", "print(2 + 2)") == "4\n"
+        assert "【0†Garden†" in call("browser.search", '{"query": "tomatoes"}')
+        assert "Tomatoes need sun." in call("browser.open", '{"id": 0}')
+        assert call("browser.find", "{not json").startswith("Invalid JSON arguments")
+        patch = "*** Begin Patch\n*** Add File: notes.txt\n+hi\n*** End Patch"
+        assert call("functions.apply_patch", json.dumps({"patch": patch})).startswith("Done!")
+        assert (tmp_path / "ws" / "notes.txt").read_text() == "hi\n"
+        # The python tool and apply_patch share the workspace.
+        assert call("python", "print(open('notes.txt').read())") == "hi\n\n"
+        assert call("functions.apply_patch", patch).startswith("Error: Add File notes.txt")
+    finally:
+        toolbox.close()
