@@ -27,6 +27,15 @@ class ChatMessage:
     created_at: float = field(default_factory=time.time)
 
 
+def tool_answer(call: ChatMessage, text: str) -> ChatMessage:
+    """The tool message answering `call`, on the call's channel. Its author is the tool:
+    `python` for any python call, else the full recipient (`browser.search`,
+    `functions.apply_patch`), as GPT-OSS's tools sign their answers."""
+    recipient = call.recipient or "tool"
+    author = "python" if recipient.startswith("python") else recipient
+    return ChatMessage("tool", text, call.channel, name=author)
+
+
 @dataclass(frozen=True)
 class FunctionTool:
     """A function the caller offers the model (OpenAI's `tools` entry of type function)."""

@@ -188,7 +188,9 @@ class RemoteEngine:
         yield from _Turn(self, body, should_stop).run()
 
     # ------------------------------------------------------------------ transport
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """How errors name this server."""
         return f"remote {self.config.base_url}"
 
     def open_stream(self, body: dict[str, Any]) -> tuple[httpx.Response, Iterator[str]]:
@@ -201,20 +203,20 @@ class RemoteEngine:
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 if attempt >= self.config.retries:
                     raise RemoteError(
-                        f"{self._where()}: cannot connect ({_reason(e)}) after {attempt + 1} tries"
+                        f"{self.where}: cannot connect ({_reason(e)}) after {attempt + 1} tries"
                     ) from None
                 time.sleep(self.config.backoff_s * 2**attempt)
                 attempt += 1
                 continue
             except httpx.TimeoutException:
                 raise RemoteError(
-                    f"{self._where()}: no answer within {self.config.timeout_s:g} s"
+                    f"{self.where}: no answer within {self.config.timeout_s:g} s"
                 ) from None
             if response.status_code != 200:
                 response.read()
                 response.close()
                 raise RemoteError(
-                    f"{self._where()}: HTTP {response.status_code}: {_error_text(response)}"
+                    f"{self.where}: HTTP {response.status_code}: {_error_text(response)}"
                 )
             return response, response.iter_lines()
 
@@ -275,7 +277,7 @@ class _Turn:
     def _events(self, chunk: dict[str, Any]) -> list[Event]:
         if "error" in chunk:
             message = (chunk["error"] or {}).get("message", "error")
-            raise RemoteError(f"{self.engine._where()}: {message}")
+            raise RemoteError(f"{self.engine.where}: {message}")
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         events: list[Event] = []
@@ -323,10 +325,10 @@ def _sse_data(lines: Iterator[str], engine: RemoteEngine) -> Iterator[str]:
                 yield line[5:].strip()
     except httpx.TimeoutException:
         raise RemoteError(
-            f"{engine._where()}: no answer within {engine.config.timeout_s:g} s"
+            f"{engine.where}: no answer within {engine.config.timeout_s:g} s"
         ) from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-        raise RemoteError(f"{engine._where()}: connection lost mid-answer ({_reason(e)})") from None
+        raise RemoteError(f"{engine.where}: connection lost mid-answer ({_reason(e)})") from None
 
 
 def _reason(e: Exception) -> str:

@@ -28,6 +28,7 @@ from llm.messages import (
     ToolResult,
     ToolWaiting,
     TurnDone,
+    tool_answer,
 )
 
 
@@ -117,7 +118,7 @@ def respond(
                 yield _summary("length", turns, messages, start, first_final)
                 return
             refusal = LIMIT_REACHED.format(n=calls)
-            result = ChatMessage("tool", refusal, call.channel, name=_tool_name(call))
+            result = tool_answer(call, refusal)
         else:
             yield ToolCall(call)
             ran = yield from _run_tool(toolbox, call, should_stop)
@@ -147,7 +148,7 @@ def _run_tool(
             done.append(toolbox.run(call))
         except Exception as e:  # a tool's own bug must not end the assistant's turn
             text = f"The tool failed: {type(e).__name__}: {e}"
-            done.append(ChatMessage("tool", text, call.channel, name=_tool_name(call)))
+            done.append(tool_answer(call, text))
 
     worker = threading.Thread(target=work, name="tool", daemon=True)
     worker.start()
@@ -159,11 +160,6 @@ def _run_tool(
             toolbox.cancel()  # a fetch that cannot be cancelled ends on its own timeout
             return None
         yield ToolWaiting(call)
-
-
-def _tool_name(call: ChatMessage) -> str:
-    recipient = call.recipient or "tool"
-    return "python" if recipient.startswith("python") else recipient
 
 
 def _summary(

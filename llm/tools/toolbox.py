@@ -14,7 +14,7 @@ from pathlib import Path
 
 from openai_harmony import ToolNamespaceConfig
 
-from llm.messages import BuiltinTool, ChatMessage, FunctionTool, Tool
+from llm.messages import BuiltinTool, ChatMessage, FunctionTool, Tool, tool_answer
 from llm.tools import apply_patch
 from llm.tools.browser import Browser, BrowserLimits
 from llm.tools.browser_backends import BrowserBackend, FolderBackend, HttpBackend
@@ -101,7 +101,6 @@ class Toolbox:
     def run(self, call: ChatMessage) -> ChatMessage:
         """Run a call this toolbox handles; the answer is the tool message to append."""
         recipient = call.recipient or ""
-        name = "python" if recipient.startswith("python") else recipient
         if recipient.startswith("python"):
             assert self._python is not None
             text = self._python.run(call.content)
@@ -110,7 +109,7 @@ class Toolbox:
             text = self._browser_call(recipient.removeprefix("browser."), call.content)
         else:
             text = self._apply_patch(call.content)
-        return ChatMessage("tool", text, call.channel, name=name)
+        return tool_answer(call, text)
 
     def notice(self, recipient: str | None) -> str:
         """A short sentence a voice can say while the tool runs."""
