@@ -135,6 +135,48 @@ def chatml_engine(chatml_path: Path):
     return Engine.load(str(chatml_path))
 
 
+# The live voice tests' settings: short silences, the virtual devices, quick reopening.
+VOICE_TEST_SETTINGS = {
+    "endpointing.silence_ms": 400,
+    "endpointing.warmup_blocks": 0,
+    "chunking.min_chars": 10,
+    "audio.input_device": "pulse",
+    "audio.output_device": "pulse",
+    "audio.reopen_seconds": 0.3,
+}
+
+
+@pytest.fixture
+def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
+    """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
+    `speaks` False leave out the STT / TTS, `prompt` replaces the prompt config, and
+    dotted keyword arguments override config fields."""
+    from llm.chatlog import Chat, ChatLog
+    from llm.config import PromptConfig
+    from tests.support.voice_loop import Recorder
+    from voice.config import VoiceConfig, apply_override
+    from voice.daemon import VoiceAssistant
+    from voice.vad import make_detector
+
+    def make(prompt=None, hears: bool = True, speaks: bool = True, **overrides):
+        config = VoiceConfig()
+        for key, value in (VOICE_TEST_SETTINGS | overrides).items():
+            config = apply_override(config, key, value)
+        log = ChatLog()
+        log.start_chat(Chat.new("tiny"))
+        recorder = Recorder()
+        path = tmp_path / "voice-chat.json"
+        prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
+        detector = make_detector(config.endpointing, 24_000)
+        assistant = VoiceAssistant(
+            config, engine, prompt, transcriber if hears else None,
+            synthesizer if speaks else None, detector, log, path, recorder,
+        )  # fmt: skip
+        return assistant, recorder, path
+
+    return make
+
+
 _exit_status = 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.virtual_audio import read_wav, sox_stat
+from bench.virtual_audio import non_silent_seconds, read_wav, sox_stat
 from tests.support.tiny_voice import HEARD
 
 ROOT = Path(__file__).parent.parent
@@ -137,6 +137,83 @@ def test_sigint_while_speaking_saves_what_was_heard(
     assert messages[-1]["voice_timings"]["interrupted"] is True
 
 
+@pytest.mark.slow
+def test_a_running_assistant_takes_typed_lines_and_ctl_commands(
+    voice_env, voice_config_file, tmp_path
+) -> None:
+    log, sock = tmp_path / "chat.json", tmp_path / "run" / "voice.sock"
+    run = Running(
+        [*VOICE, "--config", str(voice_config_file), "--chat", str(log),
+         "--control-socket", str(sock)],
+        voice_env,
+    )  # fmt: skip
+    run.wait_for("Listening.")
+    # One assistant per socket: a second one is refused before it loads anything.
+    second = subprocess.run(
+        [*VOICE, "--config", str(voice_config_file), "--control-socket", str(sock)],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.strip() == (
+        f"error: another mlx-harmony-voice is running (control socket {sock})"
+    )
+
+    def ctl(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*VOICE, "ctl", "--socket", str(sock), *words],
+            env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    asked = ctl("ask", "What is the capital of France?")
+    assert asked.returncode == 0 and asked.stdout.strip() == ANSWER
+    run.wait_for("ms after")
+    assert run.proc.stdin is not None
+    run.proc.stdin.write("What is the capital of France?\n")
+    run.proc.stdin.flush()
+    run.wait_for("ms after")
+    status = ctl("status")
+    assert status.returncode == 0
+    assert "state: listening" in status.stdout and f"chat log: {log}" in status.stdout
+    assert f"config: {voice_config_file}" in status.stdout
+    refused = ctl("say")
+    assert refused.returncode == 2 and "'say' needs a non-empty 'text'" in refused.stderr
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
+    assert not sock.exists()
+    saved = json.loads(log.read_text())
+    messages = saved["chats"][saved["active_chat_id"]]["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "What is the capital of France?",
+        "What is the capital of France?",
+    ]
+    gone = ctl("status")
+    assert gone.returncode == 2 and gone.stderr.startswith("error: no assistant is running")
+
+
+def test_with_a_log_file_errors_land_there_with_a_time(voice_env, tmp_path) -> None:
+    broken = tmp_path / "voice.json"
+    broken.write_text('{"endpointing": {"silence_ms": "soon"}}')
+    logfile = tmp_path / "logs" / "voice.log"
+    out = subprocess.run(
+        [*VOICE, "--config", str(broken), "--log-file", str(logfile)],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stdout == out.stderr == ""
+    (line,) = logfile.read_text().splitlines()
+    stamp, message = line[:19], line[20:]
+    assert time.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+    assert message.startswith(f"error: {broken}: field 'endpointing.silence_ms'")
+
+
+def test_list_voices_names_the_voices_of_the_repo(voice_env, voice_models) -> None:
+    out = subprocess.run(
+        [*VOICE, "--list-voices", "--tts-voice-repo", str(voice_models / "tts" / "voices")],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["tiny-voice"]
+
+
 def test_no_usable_microphone_falls_back_to_the_text_chat(
     voice_env, voice_config_file, tmp_path
 ) -> None:
@@ -187,6 +264,38 @@ def test_hotmic_says_working_when_the_microphone_hears_speech(
     assert any("dBFS" in line for line in run.lines)  # the live meter
 
 
+@pytest.mark.slow
+def test_hotmic_speaker_plays_a_tone_and_a_spoken_line(
+    virtual_audio, voice_env, voice_config_file, tmp_path
+) -> None:
+    recording = tmp_path / "speaker.wav"
+    recorder = virtual_audio.record_speaker(recording)
+    try:
+        out = subprocess.run(
+            [*HOTMIC, "--speaker", "--config", str(voice_config_file)],
+            env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    finally:
+        recorder.terminate()
+        recorder.wait()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("working: ")
+    assert "played a tone and a spoken line" in out.stdout
+    # The 0.4 s tone and the spoken line after it both reached the device.
+    assert non_silent_seconds(read_wav(recording)) > 0.6
+
+
+def test_hotmic_speaker_says_no_device(voice_env) -> None:
+    out = subprocess.run(
+        [*HOTMIC, "--speaker", "--no-voice", "--output-device", "hdmi-that-is-not-there"],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stdout.splitlines()[-1] == (
+        "no device: no output device matching 'hdmi-that-is-not-there' (see --list-devices)"
+    )
+
+
 def test_hotmic_says_silent_for_a_microphone_that_delivers_zeros(voice_env) -> None:
     out = subprocess.run(
         [*HOTMIC, "--quiet"], env=voice_env, cwd=ROOT, capture_output=True, text=True
@@ -194,6 +303,29 @@ def test_hotmic_says_silent_for_a_microphone_that_delivers_zeros(voice_env) -> N
     assert out.returncode == 1
     assert out.stdout.startswith("silent: ")
     assert "muted, or this program may not use it" in out.stdout
+
+
+def test_hotmic_as_service_runs_the_check_under_the_service_manager(voice_env, tmp_path) -> None:
+    """`systemd-run` is a script that notes its arguments and runs the command without a
+    terminal (no user systemd instance runs on a test machine); the verdict and the exit
+    status of the check that ran there come back."""
+    fake = tmp_path / "bin" / "systemd-run"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\necho "$*" > "$CALLS"\n'
+        'while [ "$1" != "--" ]; do shift; done; shift\nexec "$@" < /dev/null\n'
+    )
+    fake.chmod(0o755)
+    env = {**voice_env, "PATH": f"{fake.parent}:{voice_env['PATH']}"}
+    env["CALLS"] = str(tmp_path / "calls.txt")
+    out = subprocess.run(
+        [*HOTMIC, "--as-service"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1, out.stderr  # the virtual microphone delivers only zeros
+    assert out.stdout.splitlines()[-1].startswith("silent: ")
+    call = (tmp_path / "calls.txt").read_text()
+    assert call.startswith("--user --wait --pipe --quiet --collect --unit=mlx-harmony-check-")
+    assert call.rstrip().endswith("-m voice.hotmic --seconds 2.5 --quiet")
 
 
 def test_hotmic_says_no_device(voice_env) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -21,117 +19,14 @@ from bench.virtual_audio import non_silent_seconds, read_wav
 from llm.chatlog import Chat, ChatLog
 from llm.config import PromptConfig
 from tests.support.tiny_voice import HEARD
+from tests.support.voice_loop import Recorder, serve
 from voice.config import VoiceConfig, apply_override
-from voice.daemon import TurnTimings, VoiceAssistant
+from voice.daemon import VoiceAssistant
 from voice.vad import make_detector
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
 SILENCE_MS = 400
 BLOCK_MS = 80
-
-
-class Recorder:
-    """A Reporter that keeps everything, with the time, and lets a thread wait for it."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, str, str]] = []
-        self.timings: list[TurnTimings] = []
-        self._changed = threading.Condition()
-
-    def _add(self, kind: str, text: str) -> None:
-        with self._changed:
-            self.events.append((time.perf_counter(), kind, text))
-            self._changed.notify_all()
-
-    def status(self, state: str) -> None:
-        self._add("status", state)
-
-    def heard(self, text: str) -> None:
-        self._add("heard", text)
-
-    def reasoning(self, text: str) -> None:
-        self._add("reasoning", text)
-
-    def answer(self, text: str) -> None:
-        self._add("answer", text)
-
-    def answer_done(self) -> None:
-        self._add("answer_done", "")
-
-    def notice(self, text: str) -> None:
-        self._add("notice", text)
-
-    def turn_done(self, timings: TurnTimings) -> None:
-        self.timings.append(timings)
-        self._add("turn_done", "")
-
-    def texts(self, kind: str) -> list[str]:
-        return [t for _, k, t in self.events if k == kind]
-
-    def wait(
-        self, kind: str, text: str | None = None, count: int = 1, timeout: float = 60
-    ) -> float:
-        """Block until `count` events of `kind` (matching `text`) happened; return the last time."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                hits = [e for e in self.events if e[1] == kind and (text is None or e[2] == text)]
-                if len(hits) >= count:
-                    return hits[count - 1][0]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {kind} {text or ''} after {timeout}s: {self.events}")
-                self._changed.wait(left)
-
-
-@pytest.fixture
-def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
-    def make(**overrides) -> tuple[VoiceAssistant, Recorder, Path]:
-        config = VoiceConfig()
-        settings = {
-            "endpointing.silence_ms": SILENCE_MS,
-            "endpointing.warmup_blocks": 0,
-            "chunking.min_chars": 10,
-            "audio.input_device": "pulse",
-            "audio.output_device": "pulse",
-            "audio.reopen_seconds": 0.3,
-        } | overrides
-        for key, value in settings.items():
-            config = apply_override(config, key, value)
-        log = ChatLog()
-        log.start_chat(Chat.new("tiny"))
-        recorder = Recorder()
-        path = tmp_path / "voice-chat.json"
-        prompt = PromptConfig(sampling={"temperature": 0.0})
-        detector = make_detector(config.endpointing, 24_000)
-        assistant = VoiceAssistant(
-            config, engine, prompt, transcriber, synthesizer, detector, log, path, recorder
-        )
-        return assistant, recorder, path
-
-    return make
-
-
-def serve(assistant: VoiceAssistant, scenario: Callable[[threading.Event], None]) -> None:
-    """Run the daemon here (it owns the models) while `scenario` plays in a thread."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def play() -> None:
-        try:
-            scenario(stop)
-        except BaseException as e:
-            errors.append(e)
-        finally:
-            stop.set()
-
-    assistant.open()
-    helper = threading.Thread(target=play)
-    helper.start()
-    assistant.serve(stop)
-    helper.join()
-    if errors:
-        raise errors[0]
 
 
 def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_path) -> None:

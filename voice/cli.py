@@ -1,9 +1,15 @@
-"""mlx-harmony-voice: the hands-free voice assistant (text chat with --text or no microphone)."""
+"""mlx-harmony-voice: the hands-free voice assistant (text chat with --text or no microphone).
+
+Also `mlx-harmony-voice ctl …` (control a running assistant) and `mlx-harmony-voice
+service …` (run it in the background from login on).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,11 +24,15 @@ from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, default_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.errors import ConfigError
+from voice import ctl, service
 from voice.audio_io import AudioError, list_devices
 from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
+from voice.control import ControlServer, Loading, default_socket_path
 from voice.daemon import TurnTimings, VoiceAssistant
+from voice.logfile import log_to_file
 from voice.stt import Transcriber
-from voice.tts import Synthesizer
+from voice.tts import Synthesizer, list_voices
+from voice.typed_input import read_typed_lines
 from voice.vad import make_detector
 
 FLAG_SECTIONS = [s for s in SECTIONS if s != "llm"]  # the llm section uses the chat's flags
@@ -75,7 +85,7 @@ class TerminalReporter:
 
     def turn_done(self, timings: TurnTimings) -> None:
         self._end_line()
-        parts = [f"transcript {timings.transcript_ms:.0f}"]
+        parts = [] if timings.typed else [f"transcript {timings.transcript_ms:.0f}"]
         for name, value in (
             ("first token", timings.first_token_ms),
             ("first final", timings.first_final_ms),
@@ -83,7 +93,8 @@ class TerminalReporter:
         ):
             if value is not None:
                 parts.append(f"{name} {value:.0f}")
-        self.console.print(Text("  ms after speech end: " + ", ".join(parts), style="dim"))
+        since = "the question" if timings.typed else "speech end"
+        self.console.print(Text(f"  ms after {since}: " + ", ".join(parts), style="dim"))
 
     def _end_line(self) -> None:
         if self._answering or self._thinking:
@@ -96,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-harmony-voice", description=__doc__)
     p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument(
+        "--list-voices", action="store_true", help="list the voices of tts.voice_repo and exit"
+    )
     p.add_argument("--text", action="store_true", help="text chat on the same engine and config")
     p.add_argument("--chat", type=Path, help="chat log to resume or create")
     p.add_argument(
@@ -105,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="override any config field, e.g. --set endpointing.silence_ms=500",
     )
+    p.add_argument(
+        "--control-socket",
+        type=Path,
+        help=f"where `ctl` reaches it (default {default_socket_path()})",
+    )
+    p.add_argument("--no-control", action="store_true", help="no control socket")
+    p.add_argument("--log-file", type=Path, help="everything it prints goes here, rotated")
     add_model_options(p)
     for section in FLAG_SECTIONS:
         group = p.add_argument_group(f"{section} (config section '{section}')")
@@ -158,32 +179,32 @@ def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
     return log
 
 
-def load_voice_models(config: VoiceConfig, console: Console) -> tuple[Transcriber, Synthesizer]:
-    with console.status(f"Loading speech to text {config.stt.model} …"):
-        stt = Transcriber.load(
-            config.stt.model,
-            quantize=config.stt.quantize,
-            temperature=config.stt.temperature,
-            max_seconds=config.endpointing.max_utterance_s + 1,
-        )
-        stt.warmup()
+def load_voice_models(
+    config: VoiceConfig, console: Console
+) -> tuple[Transcriber | None, Synthesizer | None]:
+    stt = tts = None
+    if config.audio.use_stt:
+        with console.status(f"Loading speech to text {config.stt.model} …"):
+            stt = Transcriber.load(
+                config.stt.model,
+                quantize=config.stt.quantize,
+                temperature=config.stt.temperature,
+                max_seconds=config.endpointing.max_utterance_s + 1,
+            )
+            stt.warmup()
     t = config.tts
+    if not config.audio.use_tts:
+        return stt, None
     with console.status(f"Loading text to speech {t.model} …"):
-        tts = Synthesizer.load(
-            t.model,
-            t.voice,
-            t.voice_repo,
-            quantize=t.quantize,
-            temperature=t.temperature,
-            cfg_coef=t.cfg_coef,
-            padding_between=t.padding_between,
-        )
+        tts = Synthesizer.from_config(t)
         tts.warmup()
     return stt, tts
 
 
 def _main() -> int:
     args = build_parser().parse_args()
+    if args.log_file:
+        log_to_file(args.log_file.expanduser())
     console = Console(highlight=False)
     if args.list_devices:
         print(list_devices())
@@ -191,20 +212,54 @@ def _main() -> int:
     config, ignored = voice_config(args)
     for name in ignored:
         console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
+    if args.list_voices:
+        print("\n".join(list_voices(config.tts.voice_repo)))
+        return 0
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
     log_path = log_path or default_log_path(setup.prompt.chats_dir)
+    voice = not args.text and (config.audio.use_stt or config.audio.use_tts)
 
-    started = time.perf_counter()
-    with console.status(f"Loading {setup.model} …"):
-        engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
-    console.print(f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s.[/]")
-    if args.text:
-        return text_chat(engine, setup, log_path, console, config)
+    # Up before the models load: a second instance is refused at once, and `ctl status`
+    # says "loading" meanwhile.
+    control = None
+    if voice and not args.no_control:
+        about = {
+            "pid": os.getpid(),
+            "started": time.time(),
+            "model": setup.model,
+            "config": str(args.config.resolve()) if args.config else None,
+        }
+        control = ControlServer(args.control_socket or default_socket_path(), Loading(), about)
+        control.open()
+    try:
+        started = time.perf_counter()
+        with console.status(f"Loading {setup.model} …"):
+            engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
+        console.print(f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s.[/]")
+        if not voice:
+            return text_chat(engine, setup, log_path, console, config)
+        return voice_assistant(args, config, engine, setup, log_path, console, control)
+    finally:
+        if control is not None:
+            control.close()
 
+
+def voice_assistant(
+    args: argparse.Namespace,
+    config: VoiceConfig,
+    engine: ChatEngine,
+    setup: Setup,
+    log_path: Path,
+    console: Console,
+    control: ControlServer | None,
+) -> int:
     stt, tts = load_voice_models(config, console)
     detector = make_detector(config.endpointing, sample_rate=24_000)
-    reporter = TerminalReporter(console, config.display.show_reasoning, config.display.status)
+    status = config.display.status
+    reporter = TerminalReporter(
+        console, config.display.show_reasoning, console.is_terminal if status is None else status
+    )
     assistant = VoiceAssistant(
         config, engine, setup.prompt, stt, tts, detector,
         open_log(log_path, setup, console), log_path, reporter,
@@ -215,6 +270,8 @@ def _main() -> int:
         assistant.close()
         console.print(f"[yellow]No usable audio device: {e}[/]")
         console.print("[yellow]Falling back to the text chat.[/]")
+        if control is not None:
+            control.close()  # the text chat takes no orders from outside
         return text_chat(engine, setup, log_path, console, config)
 
     stop = threading.Event()
@@ -224,7 +281,12 @@ def _main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    console.print("[dim]Listening. Speak any time; Ctrl-C quits.[/]")
+    if control is not None:
+        control.handler = assistant
+    if sys.stdin is not None and not sys.stdin.closed:
+        read_typed_lines(sys.stdin, assistant.submit, stop.set, console.print)
+    how = "Listening. Speak or type" if stt is not None else "Ready. Type"
+    console.print(f"[dim]{how} a question (\\help: commands); Ctrl-C quits.[/]")
     assistant.serve(stop)
     console.print(f"[dim]Chat saved to {log_path}[/]")
     return 0
@@ -242,7 +304,13 @@ def text_chat(
 
 
 def main() -> None:
-    run_main(_main)
+    argv = sys.argv[1:]
+    if argv[:1] == ["ctl"]:
+        run_main(lambda: ctl.main(argv[1:]))
+    elif argv[:1] == ["service"]:
+        run_main(lambda: service.main(argv[1:]))
+    else:
+        run_main(_main)
 
 
 if __name__ == "__main__":

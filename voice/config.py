@@ -50,6 +50,7 @@ class TtsSection(_Section):
     cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
     codebooks: int | None = Field(None, ge=1, description="audio codebooks to generate")
     padding_between: int = Field(1, ge=0, description="pause steps forced between words")
+    greeting: bool = Field(True, description="speak the prompt config's greeting at start")
 
 
 class AudioSection(_Section):
@@ -57,6 +58,8 @@ class AudioSection(_Section):
     output_device: str | int | None = Field(None, description="name (substring) or index")
     block_ms: int = Field(80, ge=10, le=500, description="microphone block length")
     reopen_seconds: float = Field(1.0, gt=0, description="retry period for a lost device")
+    use_stt: bool = Field(True, description="hear questions through the microphone")
+    use_tts: bool = Field(True, description="speak the answers")
 
 
 class EndpointingSection(_Section):
@@ -94,7 +97,9 @@ class BargeInSection(_Section):
 
 class DisplaySection(_Section):
     show_reasoning: bool = False
-    status: bool = True
+    status: bool | None = Field(
+        None, description="state changes on their own lines; default: only on a terminal"
+    )
 
 
 class VoiceConfig(_Section):
@@ -134,8 +139,8 @@ SEED_FIELDS: dict[str, tuple[str, str] | None] = {
     "tts_config_path": None,
     "stt_silence": None,
     "tts_stream": None,
-    "use_stt": None,
-    "use_tts": None,
+    "use_stt": ("audio", "use_stt"),
+    "use_tts": ("audio", "use_tts"),
     "smoke_test": None,
     "barge_in_window_seconds": None,
 }

@@ -1,16 +1,21 @@
 """The hands-free loop: microphone → endpointing → STT → engine → TTS → speaker.
 
 One thread (the caller's) owns every model: MLX work is never spread over threads, and
-the loop interleaves it. Each pass takes what the microphone delivered, then does one
-unit of model work for the running turn: an engine step (one token) or a TTS step (one
-80 ms frame), whichever keeps speech flowing while text keeps arriving. The audio
-callbacks only queue blocks (see `voice.audio_io`).
+the loop interleaves it. Each pass runs the commands other threads submitted (the
+control socket, typed lines), takes what the microphone delivered, then does one unit of
+model work for the running turn: an engine step (one token) or a TTS step (one 80 ms
+frame), whichever keeps speech flowing while text keeps arriving. The audio callbacks only
+queue blocks (see `voice.audio_io`).
+
+Either side may be off (`audio.use_stt` / `audio.use_tts`): without STT questions come
+only as typed or control-socket text; without TTS answers are only shown and returned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -23,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from llm.backends import ChatEngine
-from llm.chatlog import ChatLog, save_chat_log
+from llm.chatlog import Chat, ChatLog, save_chat_log
 from llm.config import PromptConfig
 from llm.errors import ConfigError
 from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
@@ -32,6 +37,7 @@ from llm.tools.toolbox import Toolbox, conversation_workspace
 from voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
 from voice.chunker import SentenceChunker
 from voice.config import VoiceConfig
+from voice.control import Reply, Request
 from voice.stt import Transcriber
 from voice.tts import Synthesizer
 from voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
@@ -69,6 +75,7 @@ class TurnTimings:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens: reused or prefilled while the user spoke
     interrupted: bool = False
+    typed: bool = False  # the question came as text: times count from its arrival
 
     def as_log(self) -> dict[str, float | int | bool | None]:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -76,11 +83,15 @@ class TurnTimings:
 
 @dataclass
 class _Turn:
+    """An answer being generated and spoken, or (without `user`) a text only spoken."""
+
     events: Iterator[Event]
     chunker: SentenceChunker
     speech_end_at: float
     timings: TurnTimings
-    user: ChatMessage
+    user: ChatMessage | None
+    reply: Reply | None = None  # who asked, when not the microphone
+    generated: bool = False  # the engine has nothing more to say
     chunks: deque[str] = field(default_factory=deque)
     speech: Iterator[np.ndarray] | None = None
     started_chunks: list[tuple[str, int]] = field(default_factory=list)  # (text, start sample)
@@ -97,8 +108,8 @@ class VoiceAssistant:
         config: VoiceConfig,
         engine: ChatEngine,
         prompt: PromptConfig,
-        transcriber: Transcriber,
-        synthesizer: Synthesizer,
+        transcriber: Transcriber | None,
+        synthesizer: Synthesizer | None,
         detector: Detector,
         log: ChatLog,
         log_path: Path,
@@ -109,8 +120,8 @@ class VoiceAssistant:
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
         self.log, self.log_path, self.report, self.clock = log, log_path, reporter, clock
         block_ms = config.audio.block_ms
-        self.mic = Microphone(config.audio.input_device, block_ms)
-        self.speaker = Speaker(config.audio.output_device)
+        self.mic = Microphone(config.audio.input_device, block_ms) if transcriber else None
+        self.speaker = Speaker(config.audio.output_device) if synthesizer else None
         self.endpointer = Endpointer(config.endpointing, block_ms)
         self.preroll: deque[Block] = deque(maxlen=config.endpointing.hits + PREROLL_EXTRA_BLOCKS)
         self.turn: _Turn | None = None
@@ -122,27 +133,43 @@ class VoiceAssistant:
         self._devices_down_since: float | None = None
         self._utterance_now = datetime.now()
         self._prefilled_words = 0
-        tools = prompt.tools
-        self.toolbox = (
-            Toolbox(tools, conversation_workspace(tools, log.active().chat_id))
-            if tools.enabled
-            else None
-        )
+        self.muted = False
+        self.turns = 0
+        self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
+        self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
+        self.toolbox: Toolbox | None = None
+        self._new_toolbox()
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
-        self.speaker.open()
-        self.mic.open()
-        self._set_state("listening")
+        self._open_devices()
+        self._set_state(self._idle_state)
+        self._greet(record=not self.log.active().messages)
 
     def close(self) -> None:
         if self.turn is not None:
             self._interrupt(save=True)
-        self.mic.close()
-        self.speaker.close()
+        self._close_devices()
         if self.toolbox is not None:
             self.toolbox.close()
         self.save()
+        leftovers = [*self._waiting, *self._drain_commands()]
+        self._waiting.clear()
+        for _, reply in leftovers:
+            if reply is not None:
+                reply.error("the assistant stopped")
+
+    def _open_devices(self) -> None:
+        if self.speaker is not None:
+            self.speaker.open()
+        if self.mic is not None:
+            self.mic.open()
+
+    def _close_devices(self) -> None:
+        if self.mic is not None:
+            self.mic.close()
+        if self.speaker is not None:
+            self.speaker.close()
 
     def save(self) -> None:
         save_chat_log(self.log_path, self.log)
@@ -157,52 +184,178 @@ class VoiceAssistant:
 
     def step(self) -> None:
         """One pass of the loop (tests drive it directly)."""
-        if self.mic.lost or self.speaker.lost:
-            self._recover()
+        lost = [d for d in (self.mic, self.speaker) if d is not None and d.lost]
+        if lost:
+            self._recover("microphone" if lost[0] is self.mic else "speaker")
             return
+        self._run_commands()
         busy = self.turn is not None
-        blocks = self.mic.drain() if busy else self._wait_block()
-        for block in blocks:
-            self._on_block(block)
+        if self.mic is not None:
+            for block in self.mic.drain() if busy else self._wait_block(self.mic):
+                self._on_block(block)
+        elif not busy:
+            self._wait_command(timeout=0.05)
         if self.turn is not None:
             self._advance()
+        elif self._waiting and not (self.stt is not None and self.stt.active):
+            self._start_waiting()
 
-    def _wait_block(self) -> list[Block]:
-        first = self.mic.read(timeout=0.05)
-        return [first, *self.mic.drain()] if first is not None else []
+    def _wait_block(self, mic: Microphone) -> list[Block]:
+        first = mic.read(timeout=0.05)
+        return [first, *mic.drain()] if first is not None else []
 
-    def _recover(self) -> None:
+    def _recover(self, which: str) -> None:
         now = self.clock()
         if self._devices_down_since is None:
             self._devices_down_since = now
-            which = "microphone" if self.mic.lost else "speaker"
             self.report.notice(f"the {which} went away; waiting for it to come back")
             self._set_state("waiting for audio device")
             if self.turn is not None:
                 self._interrupt(save=True)
-            self.mic.close()
-            self.speaker.close()
+            self._close_devices()
         time.sleep(self.cfg.audio.reopen_seconds)
         try:
             rescan()
-            self.speaker.open()
-            self.mic.open()
+            self._open_devices()
         except AudioError:
-            self.mic.close()
-            self.speaker.close()
+            self._close_devices()
             return
         self._devices_down_since = None
         self.endpointer.reset()
         self.report.notice("audio devices are back")
-        self._set_state("listening")
+        self._set_state(self._idle_state)
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
             self.report.status(state)
 
+    @property
+    def _idle_state(self) -> str:
+        if self.mic is None:
+            return "ready"  # for typed and control-socket questions
+        return "muted" if self.muted else "listening"
+
+    # ------------------------------------------------------------------ commands
+    def submit(self, request: Request, reply: Reply | None = None) -> None:
+        """Queue a command from any thread; it runs on the loop's thread, in order."""
+        self._commands.put((request, reply))
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for the control socket (read from its thread: plain values only)."""
+        return {
+            "state": self.state,
+            "muted": self.muted,
+            "hears": self.mic is not None,
+            "speaks": self.tts is not None,
+            "chat_log": str(self.log_path),
+            "chat_id": self._chat_id,
+            "turns": self.turns,
+            "waiting": len(self._waiting),
+        }
+
+    def _drain_commands(self) -> list[tuple[Request, Reply | None]]:
+        out = []
+        while True:
+            try:
+                out.append(self._commands.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _wait_command(self, timeout: float) -> None:
+        try:
+            command = self._commands.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._run(*command)
+
+    def _run_commands(self) -> None:
+        for command in self._drain_commands():
+            self._run(*command)
+
+    def _run(self, request: Request, reply: Reply | None) -> None:
+        reply = reply or Reply()
+        cmd = request.cmd
+        if cmd == "mute":
+            self._mute(True)
+            reply.done(muted=True)
+        elif cmd == "unmute":
+            self._mute(False)
+            reply.done(muted=False)
+        elif cmd == "stop":
+            stopped = self.turn is not None
+            if self.turn is not None:
+                self.report.notice("(stopped)")
+                self._interrupt(save=True)
+                self._after_turn()
+            reply.done(stopped=stopped)
+        elif cmd == "new-chat":
+            if self.turn is not None:
+                self._interrupt(save=True)
+                self._after_turn()
+            self._new_chat()
+            reply.done(chat_id=self._chat_id)
+        elif cmd == "say" and self.tts is None:
+            reply.error("speech output is off (audio.use_tts)")
+        elif cmd in ("say", "ask"):
+            self._waiting.append((request, reply))  # taken up once nothing else runs
+        else:
+            reply.error(f"'{cmd}' is answered by the control socket itself")
+
+    def _mute(self, muted: bool) -> None:
+        self.muted = muted
+        if self.stt is not None and self.stt.active and self.turn is None:
+            self.stt.finish()  # the words being heard are dropped, not answered
+        self.endpointer.reset(warmup=False)
+        if self.turn is None:
+            self._set_state(self._idle_state)
+
+    def _start_waiting(self) -> None:
+        request, reply = self._waiting.popleft()
+        assert request.text is not None
+        if request.cmd == "say":
+            self._start_saying(request.text, reply)
+            return
+        self.report.heard(request.text)
+        self._utterance_now = datetime.now()
+        self._start_turn(request.text, self.clock(), TurnTimings(typed=True), reply)
+
+    def _new_chat(self) -> None:
+        active = self.log.active()
+        meta = active.metadata
+        self.log.start_chat(Chat.new(meta.last_model_path, meta.last_prompt_config_path))
+        self.engine.reset()
+        self._new_toolbox()
+        self._greet(record=True)
+        self.save()
+
+    def _new_toolbox(self) -> None:
+        """The active chat's tools: a workspace, python process and browser of its own."""
+        if self.toolbox is not None:
+            self.toolbox.close()
+            self.toolbox = None
+        self._chat_id = self.log.active().chat_id
+        tools = self.prompt.tools
+        if tools.enabled:
+            self.toolbox = Toolbox(tools, conversation_workspace(tools, self._chat_id))
+
+    def _greet(self, record: bool) -> None:
+        """The prompt config's greeting, spoken at start (if so configured) and opening
+        each new chat's history, as in the text chat."""
+        greeting = self.prompt.expand(self.prompt.assistant_greeting)
+        if not greeting:
+            return
+        if record:
+            self.log.active().append(ChatMessage("assistant", greeting, "final"))
+        self.report.answer(greeting)
+        self.report.answer_done()
+        if self.tts is not None and self.cfg.tts.greeting:
+            self._waiting.appendleft((Request(cmd="say", text=greeting), None))
+
     # ------------------------------------------------------------------ listening
     def _on_block(self, block: Block) -> None:
+        if self.muted:
+            return  # nothing heard while muted, not even a barge-in
         if self.turn is not None:
             self._while_answering(block)
             return
@@ -221,7 +374,7 @@ class VoiceAssistant:
             self._end_of_speech(block)
         elif isinstance(event, SpeechDropped):
             self.stt.finish()
-            self._set_state("listening")
+            self._set_state(self._idle_state)
 
     def _start_hearing(self, blocks: list[Block]) -> None:
         self._set_state("hearing")
@@ -258,7 +411,7 @@ class VoiceAssistant:
         transcribed = self.clock()
         if not text:
             self.report.notice("(heard speech but no words)")
-            self._set_state("listening")
+            self._set_state(self._idle_state)
             return
         self.report.heard(text)
         timings = TurnTimings(
@@ -269,17 +422,30 @@ class VoiceAssistant:
         self._start_turn(text, speech_end, timings)
 
     # ------------------------------------------------------------------ answering
-    def _start_turn(self, text: str, speech_end: float, timings: TurnTimings) -> None:
-        user = ChatMessage("user", text)
-        history = [*self.log.active().history(), user]
+    def _new_turn(self, user: ChatMessage | None, at: float, timings: TurnTimings,
+                  reply: Reply | None) -> _Turn:  # fmt: skip
         c = self.cfg.chunking
         turn = _Turn(
             events=iter(()),
             chunker=SentenceChunker(c.chunk_chars, c.min_chars, c.sentences),
-            speech_end_at=speech_end,
+            speech_end_at=at,
             timings=timings,
             user=user,
+            reply=reply,
         )
+        if self.speaker is not None:
+            turn.played_base = self.speaker.played_samples
+            self.speaker.first_sound_at = None
+        self._barge_blocks = 0
+        self.turn = turn
+        return turn
+
+    def _start_turn(
+        self, text: str, speech_end: float, timings: TurnTimings, reply: Reply | None = None
+    ) -> None:
+        user = ChatMessage("user", text)
+        history = [*self.log.active().history(), user]
+        turn = self._new_turn(user, speech_end, timings, reply)
         turn.events = respond(
             self.engine,
             history,
@@ -288,11 +454,14 @@ class VoiceAssistant:
             should_stop=lambda: turn.cancelled,
             now=self._utterance_now,
         )
-        turn.played_base = self.speaker.played_samples
-        self.turn = turn
-        self.speaker.first_sound_at = None
-        self._barge_blocks = 0
         self._set_state("thinking")
+
+    def _start_saying(self, text: str, reply: Reply | None) -> None:
+        """Speak a text as the assistant's voice; it is not part of the conversation."""
+        turn = self._new_turn(None, self.clock(), TurnTimings(), reply)
+        turn.generated = True
+        turn.chunks.extend([*turn.chunker.push(text), *turn.chunker.flush()])
+        self._set_state("speaking")
 
     def _while_answering(self, block: Block) -> None:
         if not self.cfg.barge_in.enabled:
@@ -315,18 +484,22 @@ class VoiceAssistant:
         assert turn is not None
         if turn.speech is None and turn.chunks:
             self._start_chunk(turn)
-        need_text = turn.done is None and not turn.chunks
-        ahead = self.speaker.pending_seconds()
+        need_text = not turn.generated and not turn.chunks
+        ahead = self.speaker.pending_seconds() if self.speaker is not None else 0.0
         if need_text and (turn.speech is None or ahead >= AHEAD_SECONDS):
             self._engine_step(turn)
         elif turn.speech is not None:
             self._tts_step(turn)
-        elif turn.done is None:
+        elif not turn.generated:
             self._engine_step(turn)
-        elif self.speaker.busy:
+        elif self.speaker is not None and self.speaker.busy:
             time.sleep(0.01)
         else:
             self._finish_turn()
+
+    def _speak_later(self, turn: _Turn, chunks: list[str]) -> None:
+        if self.tts is not None:
+            turn.chunks.extend(chunks)
 
     def _engine_step(self, turn: _Turn) -> None:
         try:
@@ -335,8 +508,10 @@ class VoiceAssistant:
             return
         except ConfigError as e:
             self.report.notice(f"error: {e}")
+            if turn.reply is not None:
+                turn.reply.error(str(e))
             self.turn = None
-            self._set_state("listening")
+            self._set_state(self._idle_state)
             return
         now = self.clock()
         if isinstance(event, TextDelta):
@@ -347,31 +522,34 @@ class VoiceAssistant:
                     turn.timings.first_final_ms = (now - turn.speech_end_at) * 1000
                 turn.answer += event.text
                 self.report.answer(event.text)
-                turn.chunks.extend(turn.chunker.push(event.text))
+                if turn.reply is not None:
+                    turn.reply.event(event="answer", text=event.text)
+                self._speak_later(turn, turn.chunker.push(event.text))
             elif event.channel == "analysis" and not event.recipient:
                 self.report.reasoning(event.text)
         elif isinstance(event, ToolCall):
             self.report.notice(f"→ {event.message.recipient}")
             if self.toolbox is not None and self.toolbox.config.spoken_notices:
                 # Said while the tool runs; the result itself is for the model, not the ear.
-                turn.chunks.append(self.toolbox.notice(event.message.recipient))
+                self._speak_later(turn, [self.toolbox.notice(event.message.recipient)])
         elif isinstance(event, ToolResult):
             first = (event.message.content.strip().splitlines() or [""])[0]
             self.report.notice(f"← {event.message.name}: {first[:80]}")
         elif isinstance(event, TurnDone):
-            turn.done = event
+            turn.done, turn.generated = event, True
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000
             self.report.answer_done()
-            turn.chunks.extend(turn.chunker.flush())
+            self._speak_later(turn, turn.chunker.flush())
 
     def _start_chunk(self, turn: _Turn) -> None:
+        assert self.tts is not None
         text = turn.chunks.popleft()
         turn.started_chunks.append((text, turn.queued_samples))
         turn.speech = self.tts.speak(text)
         self._set_state("speaking")
 
     def _tts_step(self, turn: _Turn) -> None:
-        assert turn.speech is not None
+        assert turn.speech is not None and self.speaker is not None
         frame = next(turn.speech, None)
         if frame is None:
             turn.speech = None
@@ -383,39 +561,55 @@ class VoiceAssistant:
 
     def _finish_turn(self) -> None:
         turn = self.turn
-        assert turn is not None and turn.done is not None
-        self._record(turn, heard=None)
+        assert turn is not None
+        if turn.user is not None:
+            self._record(turn, heard=None)
+        elif turn.reply is not None:
+            turn.reply.done(interrupted=False)
         self.turn = None
-        self._deaf_until = self.clock() + self.cfg.barge_in.echo_guard_ms / 1000
+        self._after_turn()
+
+    def _after_turn(self) -> None:
+        if self.speaker is not None:
+            self._deaf_until = self.clock() + self.cfg.barge_in.echo_guard_ms / 1000
         self.endpointer.reset(warmup=False)
-        self._set_state("listening")
+        self._set_state(self._idle_state)
 
     def _interrupt(self, save: bool) -> None:
         """Stop speaking and generating now; keep in the history what the user heard."""
         turn = self.turn
         assert turn is not None
-        played = self.speaker.played_samples - turn.played_base
-        played = played * MODEL_RATE // self.speaker.rate  # chunk offsets are at model rate
-        self.speaker.clear()
+        played = 0
+        if self.speaker is not None:
+            played = self.speaker.played_samples - turn.played_base
+            played = played * MODEL_RATE // self.speaker.rate  # chunk offsets: model rate
+            self.speaker.clear()
         turn.cancelled = True
         if turn.speech is not None:
             turn.speech.close()  # type: ignore[attr-defined]
-        while turn.done is None:  # the engine stops after its current token
+        while not turn.generated:  # the engine stops after its current token
             try:
                 event = next(turn.events)
             except StopIteration:
                 break
             if isinstance(event, TurnDone):
-                turn.done = event
+                turn.done, turn.generated = event, True
         turn.timings.interrupted = True
-        heard = " ".join(text for text, start in turn.started_chunks if start < played)
-        if save and turn.done is not None:
+        # Without a speaker every word was shown, so all of it was "heard".
+        heard = (
+            " ".join(text for text, start in turn.started_chunks if start < played)
+            if self.speaker is not None
+            else turn.answer
+        )
+        if turn.user is not None and save and turn.done is not None:
             self._record(turn, heard=heard)
+        elif turn.reply is not None:
+            turn.reply.done(interrupted=True)
         self.turn = None
 
     def _record(self, turn: _Turn, heard: str | None) -> None:
-        assert turn.done is not None
-        if self.speaker.first_sound_at is not None:
+        assert turn.done is not None and turn.user is not None
+        if self.speaker is not None and self.speaker.first_sound_at is not None:
             turn.timings.first_audio_ms = (
                 self.speaker.first_sound_at + self.speaker.latency - turn.speech_end_at
             ) * 1000
@@ -435,4 +629,7 @@ class VoiceAssistant:
             final = finals[-1] if finals else ChatMessage("assistant", turn.answer, "final")
         chat.append(final, hyper, extra={"voice_timings": turn.timings.as_log()})
         self.save()
+        self.turns += 1
+        if turn.reply is not None:
+            turn.reply.done(answer=final.content, interrupted=heard is not None)
         self.report.turn_done(turn.timings)

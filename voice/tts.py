@@ -9,6 +9,7 @@ one call; the loop below is its loop, one step per `next()`, built from the same
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from moshi_mlx.utils.sampling import Sampler
 
 from llm.errors import ConfigError
 from voice.checkpoints import Checkpoint, fetch, load_checkpoint
+from voice.config import TtsSection
 
 
 def voice_file(voice: str, voice_repo: str, suffix: str) -> Path:
@@ -30,6 +32,27 @@ def voice_file(voice: str, voice_repo: str, suffix: str) -> Path:
         return as_path
     name = voice if voice.endswith(".safetensors") else voice + suffix
     return fetch(voice_repo, name)
+
+
+# A voice file's name ends in the TTS model's signature: `<voice>.<sig>@<epoch>.safetensors`.
+VOICE_SUFFIX = re.compile(r"\.[0-9a-f]+@\d+\.safetensors$")
+
+
+def list_voices(voice_repo: str) -> list[str]:
+    """The voice names in a voice repo (a folder or a Hugging Face repo id), as
+    `tts.voice` takes them."""
+    folder = Path(voice_repo).expanduser()
+    if folder.is_dir():
+        files = [str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")]
+    else:
+        from huggingface_hub import list_repo_files
+
+        try:
+            files = [f for f in list_repo_files(voice_repo) if f.endswith(".safetensors")]
+        except Exception as e:  # offline, no such repo: any of the hub's many errors
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{voice_repo}: cannot list its voices: {first}") from None
+    return sorted(VOICE_SUFFIX.sub("", f) for f in files)
 
 
 class Synthesizer:
@@ -82,6 +105,18 @@ class Synthesizer:
         model_id = checkpoint.raw_config.get("model_id") or {}
         suffix = f".{model_id.get('sig')}@{model_id.get('epoch')}.safetensors"
         return cls(checkpoint, voice_file(voice, voice_repo, suffix), **kwargs)
+
+    @classmethod
+    def from_config(cls, t: TtsSection) -> Synthesizer:
+        return cls.load(
+            t.model,
+            t.voice,
+            t.voice_repo,
+            quantize=t.quantize,
+            temperature=t.temperature,
+            cfg_coef=t.cfg_coef,
+            padding_between=t.padding_between,
+        )
 
     def _condition(self, attributes) -> None:
         # As in TTSModel.generate: summed text conditions and one cross-attention source.

@@ -1,0 +1,85 @@
+"""The voice loop in a test: a Reporter that records, and the loop run beside a scenario."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from voice.daemon import TurnTimings, VoiceAssistant
+
+
+class Recorder:
+    """A Reporter that keeps everything, with the time, and lets a thread wait for it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, str]] = []
+        self.timings: list[TurnTimings] = []
+        self._changed = threading.Condition()
+
+    def _add(self, kind: str, text: str) -> None:
+        with self._changed:
+            self.events.append((time.perf_counter(), kind, text))
+            self._changed.notify_all()
+
+    def status(self, state: str) -> None:
+        self._add("status", state)
+
+    def heard(self, text: str) -> None:
+        self._add("heard", text)
+
+    def reasoning(self, text: str) -> None:
+        self._add("reasoning", text)
+
+    def answer(self, text: str) -> None:
+        self._add("answer", text)
+
+    def answer_done(self) -> None:
+        self._add("answer_done", "")
+
+    def notice(self, text: str) -> None:
+        self._add("notice", text)
+
+    def turn_done(self, timings: TurnTimings) -> None:
+        self.timings.append(timings)
+        self._add("turn_done", "")
+
+    def texts(self, kind: str) -> list[str]:
+        return [t for _, k, t in self.events if k == kind]
+
+    def wait(
+        self, kind: str, text: str | None = None, count: int = 1, timeout: float = 60
+    ) -> float:
+        """Block until `count` events of `kind` (matching `text`) happened; return the last time."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                hits = [e for e in self.events if e[1] == kind and (text is None or e[2] == text)]
+                if len(hits) >= count:
+                    return hits[count - 1][0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {kind} {text or ''} after {timeout}s: {self.events}")
+                self._changed.wait(left)
+
+
+def serve(assistant: VoiceAssistant, scenario: Callable[[threading.Event], None]) -> None:
+    """Run the daemon here (it owns the models) while `scenario` plays in a thread."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def play() -> None:
+        try:
+            scenario(stop)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            stop.set()
+
+    assistant.open()
+    helper = threading.Thread(target=play)
+    helper.start()
+    assistant.serve(stop)
+    helper.join()
+    if errors:
+        raise errors[0]
