@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,151 @@ def test_symlink_out_of_the_workspace_is_refused(tmp_path: Path) -> None:
 )
 def test_call_arguments_in_any_form_the_model_writes(arguments: str) -> None:
     assert patch_text(arguments) == "*** Begin Patch\n*** End Patch"
+
+
+def test_an_updated_file_keeps_its_mode_and_new_files_are_0644(tmp_path: Path) -> None:
+    ws = _ws(tmp_path)
+    script = ws / "run.sh"
+    script.write_text("echo hi\n")
+    script.chmod(0o755)
+    patch = (
+        "*** Begin Patch\n*** Update File: run.sh\n@@\n-echo hi\n+echo hello\n"
+        "*** Add File: new.txt\n+x\n*** End Patch"
+    )
+    apply_patch(ws, patch)
+    assert script.read_text() == "echo hello\n"
+    assert script.stat().st_mode & 0o777 == 0o755
+    assert (ws / "new.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("a\0b.txt", "must not contain a NUL character"),
+        ("x/" * 2100 + "f.txt", "path longer than 4096 bytes"),
+        ("n" * 300 + ".txt", "a name longer than 255 bytes"),
+        ("old.txt/inner.txt", "a part of the path is a file, not a folder"),
+        ("src", "a folder, not a file"),
+    ],
+)
+def test_odd_paths_are_refused_as_text(tmp_path: Path, path: str, message: str) -> None:
+    ws = _ws(tmp_path)
+    for kind in ("Add File", "Update File", "Delete File"):
+        body = "\n+x" if kind == "Add File" else ("\n@@\n-x\n+y" if kind == "Update File" else "")
+        patch = f"*** Begin Patch\n*** {kind}: {path}{body}\n*** End Patch"
+        with pytest.raises(PatchError) as err:
+            apply_patch(ws, patch)
+        assert message in str(err.value), (kind, str(err.value))
+
+
+def test_a_file_deleted_and_then_updated_in_one_patch_is_refused(tmp_path: Path) -> None:
+    ws = _ws(tmp_path)
+    patch = (
+        "*** Begin Patch\n*** Delete File: old.txt\n*** Update File: old.txt\n@@\n-bye\n+hi\n"
+        "*** End Patch"
+    )
+    with pytest.raises(PatchError, match="an earlier operation of this patch deleted or moved"):
+        apply_patch(ws, patch)
+    assert (ws / "old.txt").read_text() == "bye\n"
+
+
+def test_a_file_added_and_deleted_in_one_patch_leaves_nothing(tmp_path: Path) -> None:
+    ws = _ws(tmp_path)
+    patch = "*** Begin Patch\n*** Add File: tmp.txt\n+x\n*** Delete File: tmp.txt\n*** End Patch"
+    apply_patch(ws, patch)
+    assert not (ws / "tmp.txt").exists()
+
+
+def test_a_symlinked_folder_inside_the_path_is_refused(tmp_path: Path) -> None:
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (ws / "docs").symlink_to(outside)
+    patch = "*** Begin Patch\n*** Add File: docs/new.txt\n+x\n*** End Patch"
+    with pytest.raises(PatchError, match="a symbolic link is in the way"):
+        apply_patch(ws, patch)
+    assert list(outside.iterdir()) == []
+
+
+# Swaps two names atomically (renameat2 RENAME_EXCHANGE) as fast as it can, until killed.
+FLIPPER = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (p.encode() for p in sys.argv[1:3])
+print("ready", flush=True)
+for _ in range(50_000_000):
+    libc.renameat2(-100, a, -100, b, 2)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
+def test_a_symlink_swapped_in_while_patching_never_leads_a_write_outside(tmp_path: Path) -> None:
+    """Another process flips `ws/sub` between a real folder and a link to a folder outside
+    while patches are applied: every write lands inside, or the patch is refused."""
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (ws / "sub").mkdir()
+    (ws / "link").symlink_to(outside)
+    flipper = subprocess.Popen(
+        [sys.executable, "-c", FLIPPER, str(ws / "sub"), str(ws / "link")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert flipper.stdout is not None and flipper.stdout.readline() == "ready\n"
+        refused = i = 0
+        # Until the flips have really raced the patches (bounded: a loaded machine may
+        # give the flipper little time).
+        while (i < 2000 or refused < 20) and i < 100_000:
+            patch = f"*** Begin Patch\n*** Add File: sub/f{i}.txt\n+x\n*** End Patch"
+            try:
+                apply_patch(ws, patch)
+            except PatchError:
+                refused += 1
+            i += 1
+    finally:
+        flipper.kill()
+        flipper.wait()
+    assert 0 < refused < i
+    assert list(outside.iterdir()) == []
+
+
+def test_a_failure_while_writing_puts_back_what_was_changed_or_says_what_was_not(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from llm.tools import apply_patch as module
+
+    ws = _ws(tmp_path)
+    real_write = module.Workspace.write
+    calls: list[str] = []
+
+    def failing(self, rel, data, mode):  # the disk fills up on the second file
+        calls.append(rel)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(self, rel, data, mode)
+
+    monkeypatch.setattr(module.Workspace, "write", failing)
+    patch = (
+        "*** Begin Patch\n*** Update File: old.txt\n@@\n-bye\n+hi\n"
+        "*** Add File: new.txt\n+x\n*** End Patch"
+    )
+    with pytest.raises(PatchError, match="No space left on device; nothing was changed"):
+        apply_patch(ws, patch)
+    assert (ws / "old.txt").read_text() == "bye\n" and not (ws / "new.txt").exists()
+
+    calls.clear()
+
+    def broken(self, rel, data, mode):  # and then cannot even put the first one back
+        calls.append(rel)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device")
+        return real_write(self, rel, data, mode)
+
+    monkeypatch.setattr(module.Workspace, "write", broken)
+    with pytest.raises(
+        PatchError,
+        match=r"putting back the files already changed failed for "
+        r"old\.txt \(No space left on device\)",
+    ):
+        apply_patch(ws, patch)

@@ -198,3 +198,22 @@ def test_status_of_a_running_assistant_comes_from_its_socket(
     assert "config: /c.json" in lines and "turns answered: 3" in lines
     assert any(line.startswith("since: ") and "(pid 4242)" in line for line in lines)
     assert lines[-1] == "last error: none"
+
+
+def test_the_log_file_is_stamped_and_rotated(monkeypatch, tmp_path: Path) -> None:
+    from voice import logfile
+
+    monkeypatch.setattr(logfile, "MAX_BYTES", 2_000)
+    path = tmp_path / "logs" / "voice.log"
+    stream = logfile.LogStream(path)
+    for i in range(200):
+        stream.write(f"line {i}\nhalf ")  # a line may arrive in pieces
+        stream.write("done\n")
+    stream.write("no newline at the end")
+    stream.close()
+    files = sorted(path.parent.iterdir())
+    assert [f.name for f in files] == ["voice.log", "voice.log.1", "voice.log.2", "voice.log.3"]
+    assert all(f.stat().st_size <= 2_000 for f in files)
+    lines = path.read_text().splitlines()
+    assert lines[-1][20:] == "no newline at the end" and lines[-2][20:] == "half done"
+    assert all(line[4] == "-" and line[19] == " " for line in lines)  # "YYYY-MM-DD HH:MM:SS "

@@ -120,8 +120,10 @@ class VoiceAssistant:
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
         self.log, self.log_path, self.report, self.clock = log, log_path, reporter, clock
         block_ms = config.audio.block_ms
-        self.mic = Microphone(config.audio.input_device, block_ms) if transcriber else None
-        self.speaker = Speaker(config.audio.output_device) if synthesizer else None
+        self.mic = (
+            Microphone(config.audio.input_device, block_ms) if transcriber is not None else None
+        )
+        self.speaker = Speaker(config.audio.output_device) if synthesizer is not None else None
         self.endpointer = Endpointer(config.endpointing, block_ms)
         self.preroll: deque[Block] = deque(maxlen=config.endpointing.hits + PREROLL_EXTRA_BLOCKS)
         self.turn: _Turn | None = None

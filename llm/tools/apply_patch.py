@@ -9,12 +9,14 @@ Errors are `PatchError`s whose message tells the model exactly what did not matc
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from llm.files import atomic_write_bytes
 
 BEGIN, END = "*** Begin Patch", "*** End Patch"
 ADD, DELETE, UPDATE = "*** Add File: ", "*** Delete File: ", "*** Update File: "
@@ -198,76 +200,232 @@ def _apply_hunks(path: str, text: str, hunks: list[_Hunk]) -> str:
     return "\n".join(lines) + ("\n" if trailing_newline or not lines else "")
 
 
+# Limits on a path the model writes: the kernel's own (PATH_MAX is 4096, NAME_MAX 255),
+# checked first so that an over-long path is a message, not an exception.
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+NEW_FILE_MODE = 0o644
+
+
 class Workspace:
-    """A folder the tool may change; every path is checked to stay inside it."""
+    """The folder the tool may change, reached only through a descriptor of its root.
+
+    Every path component is opened with O_NOFOLLOW relative to its parent's descriptor
+    (openat style), and files are created and renamed relative to their folder's
+    descriptor: a symlink swapped in while a patch is applied cannot redirect a read or a
+    write outside, whatever the timing. Symlinks inside the workspace are refused too.
+    """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def path(self, rel: str) -> Path:
+    def close(self) -> None:
+        os.close(self.fd)
+
+    @staticmethod
+    def parts(rel: str) -> list[str]:
+        """The path's components, or a PatchError saying why the path is refused."""
+        if "\0" in rel:
+            raise PatchError(f"{rel!r}: a path must not contain a NUL character")
+        if len(rel.encode()) > MAX_PATH_BYTES:
+            raise PatchError(f"{rel[:60]}…: path longer than {MAX_PATH_BYTES} bytes")
         if Path(rel).is_absolute():
             raise PatchError(f"{rel}: paths must be relative to the workspace")
-        full = (self.root / rel).resolve()
-        if full != self.root and self.root not in full.parents:
-            raise PatchError(f"{rel}: outside the workspace")
-        return full
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise PatchError(f"{rel}: '..' leads outside the workspace")
+        if not parts:
+            raise PatchError(f"{rel!r}: not a file path")
+        for part in parts:
+            if len(part.encode()) > MAX_NAME_BYTES:
+                raise PatchError(f"{rel}: a name longer than {MAX_NAME_BYTES} bytes")
+        return parts
+
+    def _parent(self, parts: list[str], create: bool) -> int:
+        """A new descriptor of the folder holding the last component."""
+        fd = os.dup(self.fd)
+        try:
+            for part in parts[:-1]:
+                try:
+                    nxt = _open_dir(part, fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt = _open_dir(part, fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read(self, rel: str) -> tuple[bytes, int] | None:
+        """The file's bytes and mode, or None if there is no such file."""
+        parts = self.parts(rel)
+        try:
+            parent = self._parent(parts, create=False)
+        except FileNotFoundError:
+            return None
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PatchError(f"{rel}: not a regular file")
+            return fh.read(), stat.S_IMODE(st.st_mode)
+
+    def write(self, rel: str, data: bytes, mode: int) -> None:
+        """Replace the file by rename, in its folder, keeping `mode`; fsynced."""
+        parts = self.parts(rel)
+        parent = self._parent(parts, create=True)
+        tmp = f".{parts[-1][:200]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent
+            )
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fchmod(fh.fileno(), mode)
+                    os.fsync(fh.fileno())
+                os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+
+    def remove(self, rel: str) -> None:
+        parts = self.parts(rel)
+        parent = self._parent(parts, create=False)
+        try:
+            os.unlink(parts[-1], dir_fd=parent)
+        finally:
+            os.close(parent)
+
+
+def _open_dir(name: str, dir_fd: int) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except NotADirectoryError:
+        # O_DIRECTORY|O_NOFOLLOW reports a symlink as "not a directory": say which it is.
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
+def _os_error(rel: str, e: OSError) -> PatchError:
+    """An OS error on `rel`, as a sentence the model can act on."""
+    why = {
+        errno.ELOOP: "a symbolic link is in the way (links are not followed: they may lead "
+        "outside the workspace); patch the real file",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "a folder, not a file",
+        errno.ENAMETOOLONG: "the path is too long",
+    }.get(e.errno or 0, os.strerror(e.errno or 0))
+    return PatchError(f"{rel}: {why}")
 
 
 def apply_patch(root: Path, text: str) -> str:
     """Apply a V4A patch to the folder `root`; return a summary, or raise PatchError."""
-    ws = Workspace(root)
-    writes: dict[Path, bytes] = {}
-    deletes: list[Path] = []
+    ops = parse_patch(text)
+    try:
+        ws = Workspace(root)
+    except OSError as e:
+        raise PatchError(f"the workspace {root}: {os.strerror(e.errno or 0)}") from None
+    try:
+        return _apply(ws, ops)
+    finally:
+        ws.close()
+
+
+def _apply(ws: Workspace, ops: list[_FileOp]) -> str:
+    writes: dict[str, tuple[bytes, int]] = {}  # path → (contents, mode)
+    deletes: list[str] = []
     summary = []
-    for op in parse_patch(text):
-        target = ws.path(op.path)
+    for op in ops:
+        key = "/".join(ws.parts(op.path))
+        if key in deletes:
+            raise PatchError(
+                f"{op.kind.title()} File {op.path}: an earlier operation of this patch "
+                "deleted or moved it; change each file once per patch"
+            )
+        try:
+            current = writes.get(key) or ws.read(key)
+        except OSError as e:
+            raise _os_error(op.path, e) from None
         if op.kind == "add":
-            if target.exists() or target in writes:
+            if current is not None:
                 raise PatchError(f"Add File {op.path}: the file already exists")
-            writes[target] = ("\n".join(op.lines) + "\n").encode()
+            writes[key] = (("\n".join(op.lines) + "\n").encode(), NEW_FILE_MODE)
             summary.append(f"A {op.path}")
             continue
-        if not target.is_file():
+        if current is None:
             raise PatchError(f"{op.kind.title()} File {op.path}: no such file")
         if op.kind == "delete":
-            deletes.append(target)
+            deletes.append(key)
+            writes.pop(key, None)
             summary.append(f"D {op.path}")
             continue
+        data, mode = current
         try:
-            old = writes.get(target, target.read_bytes()).decode()
+            old = data.decode()
         except UnicodeDecodeError:
             raise PatchError(f"Update File {op.path}: not a UTF-8 text file") from None
         new = _apply_hunks(op.path, old, op.hunks).encode()
         if op.move_to:
-            dest = ws.path(op.move_to)
-            if dest.exists():
+            dest = "/".join(ws.parts(op.move_to))
+            try:
+                taken = dest in writes or ws.read(dest) is not None
+            except OSError as e:
+                raise _os_error(op.move_to, e) from None
+            if taken:
                 raise PatchError(f"Move to {op.move_to}: the file already exists")
-            writes[dest] = new
-            deletes.append(target)
+            writes[dest] = (new, mode)
+            writes.pop(key, None)
+            deletes.append(key)
             summary.append(f"M {op.path} -> {op.move_to}")
         else:
-            writes[target] = new
+            writes[key] = (new, mode)
             summary.append(f"M {op.path}")
-    _commit(writes, deletes)
+    _commit(ws, writes, deletes)
     return "Done!\n" + "\n".join(summary)
 
 
-def _commit(writes: dict[Path, bytes], deletes: list[Path]) -> None:
+def _commit(ws: Workspace, writes: dict[str, tuple[bytes, int]], deletes: list[str]) -> None:
     """Write every file, then delete; on a failure put back what was already changed."""
-    backups: dict[Path, bytes | None] = {}
+    backups: dict[str, tuple[bytes, int] | None] = {}
+    current = ""
     try:
-        for path, data in writes.items():
-            backups[path] = path.read_bytes() if path.exists() else None
-            atomic_write_bytes(path, data)
-        for path in deletes:
-            if path not in writes:
-                backups[path] = path.read_bytes()
-                path.unlink()
+        for current, (data, mode) in writes.items():
+            backups[current] = ws.read(current)
+            ws.write(current, data, mode)
+        for current in deletes:
+            backups[current] = old = ws.read(current)
+            if old is not None:  # else added by this same patch: nothing on disk yet
+                ws.remove(current)
     except OSError as e:
-        for path, data in backups.items():
-            if data is None:
-                path.unlink(missing_ok=True)
-            else:
-                atomic_write_bytes(path, data)
-        why = os.strerror(e.errno or 0)
-        raise PatchError(f"{e.filename or ''}: {why}; nothing was changed") from e
+        failed = []
+        for path, old in backups.items():
+            try:
+                if old is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        ws.remove(path)
+                else:
+                    ws.write(path, *old)
+            except OSError as undo:
+                failed.append(f"{path} ({os.strerror(undo.errno or 0)})")
+        if failed:
+            raise PatchError(
+                f"{_os_error(current, e)}; putting back the files already changed failed "
+                f"for {', '.join(failed)}: re-read them before patching again"
+            ) from e
+        raise PatchError(f"{_os_error(current, e)}; nothing was changed") from e
