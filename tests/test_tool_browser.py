@@ -4,6 +4,7 @@ local folder: search, open by link id and URL, scrolling, find, citations, error
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from llm.tools import http_fetch
 from llm.tools.browser import Browser, BrowserLimits
 from llm.tools.browser_backends import FolderBackend, HttpBackend
 
@@ -30,7 +32,10 @@ LONG = "\n".join(f"line number {i} of a long text" for i in range(300))
 
 
 class _Handler(BaseHTTPRequestHandler):
+    hits = 0
+
     def do_GET(self) -> None:
+        type(self).hits += 1
         url = urlparse(self.path)
         base = f"http://{self.headers['Host']}"
         if url.path == "/search":
@@ -57,6 +62,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", "/private")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif url.path == "/to-lan":
+            self.send_response(302)
+            self.send_header("Location", "http://10.0.0.1/private")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif url.path == "/odd-charset":
+            self._send(200, "text/plain; charset=no-such-charset", "caf\u00e9 au lait")
+        elif url.path == "/codec-charset":
+            self._send(200, "text/plain; charset=base64", "plain words")
         elif url.path == "/image.png":
             self._send(200, "image/png", "\x89PNG")
         else:
@@ -159,18 +173,137 @@ def test_private_addresses_are_refused_unless_allowed(site: str) -> None:
     assert "private or local" in browser.call("open", {"id": "http://[::1]:8080/"})
 
 
+def loopback_counts_as_public(monkeypatch, *addresses: str) -> None:
+    """The test site stands for a public one: `addresses` pass the check, nothing else."""
+    real = http_fetch.is_public
+    monkeypatch.setattr(http_fetch, "is_public", lambda a: a in addresses or real(a))
+
+
 def test_a_redirect_into_the_private_network_is_refused(site: str, monkeypatch) -> None:
-    import llm.tools.browser_backends as bb
+    loopback_counts_as_public(monkeypatch, "127.0.0.1")
+    out = Browser(HttpBackend(None, 5, 10**5)).call("open", {"id": f"{site}/to-lan"})
+    assert "10.0.0.1 is a private or local address" in out
 
-    real = bb._check_public
 
-    def loopback_is_public_but_private_path_is_not(url: str) -> None:
-        if "/private" in url:
-            real("http://10.0.0.1/")  # stands for a LAN address
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1", "10.0.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+        "224.0.0.1", "::1", "::", "fe80::1", "fe80::1%eth0", "fc00::1", "::ffff:127.0.0.1",
+        "::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::7f00:1",
+        "2002:7f00:1::", "2001:0:4136:e378:8000:63bf:80ff:fffe", "not an address", "",
+    ],
+)  # fmt: skip
+def test_local_private_and_disguised_addresses_are_not_public(address: str) -> None:
+    assert not http_fetch.is_public(address)
 
-    monkeypatch.setattr(bb, "_check_public", loopback_is_public_but_private_path_is_not)
-    out = Browser(HttpBackend(None, 5, 10**5)).call("open", {"id": f"{site}/redirect"})
-    assert "cannot fetch" in out and "10.0.0.1 is a private or local address" in out
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"])
+def test_public_addresses_are_public(address: str) -> None:
+    assert http_fetch.is_public(address)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::127.0.0.1]/", "is a private or local address"),
+        ("http://[64:ff9b::7f00:1]/", "is a private or local address"),
+        ("http://[fe80::1%25lo]/", "an address with a zone id is local"),
+        ("http://2130706433/", "(127.0.0.1) is a private or local address"),
+        ("http://0x7f.1/", "(127.0.0.1) is a private or local address"),
+        ("http://[::1/", "not a valid URL"),
+        ("http://example.org:99999/", "not a valid URL"),
+        ("http:///path", "the URL has no host"),
+        ("ftp://example.org/", "only http and https"),
+    ],
+)
+def test_odd_and_malformed_urls_are_refused_as_text(url: str, message: str) -> None:
+    out = Browser(HttpBackend(None, 5, 10**5)).call("open", {"id": url})
+    assert message in out
+
+
+def test_proxies_in_the_environment_are_not_used(monkeypatch) -> None:
+    """With http_proxy set, a name that does not resolve here is refused, not handed to
+    the proxy (which could reach what the check would have refused)."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(var, url)
+        before = _Handler.hits
+        out = Browser(HttpBackend(None, 5, 10**5)).call(
+            "open", {"id": "http://no-such-host.invalid/page"}
+        )
+    finally:
+        proxy.shutdown()
+    assert "cannot resolve no-such-host.invalid" in out
+    assert _Handler.hits == before
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(site: str, monkeypatch) -> None:
+    """A name whose DNS answer changes after the check (rebinding) still reaches only the
+    checked address: here 127.0.0.2, where nothing listens, and never the site."""
+    port = int(site.rsplit(":", 1)[1])
+    answers = iter(["127.0.0.2"] + ["127.0.0.1"] * 10)
+
+    def rebinding(host, port, *args, **kwargs):
+        address = host if host.startswith("127.") else next(answers)  # literals stay
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    loopback_counts_as_public(monkeypatch, "127.0.0.2")
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    before = _Handler.hits
+    out = Browser(HttpBackend(None, 5, 10**5)).call(
+        "open", {"id": f"http://rebind.test:{port}/paris"}
+    )
+    assert "cannot fetch" in out and _Handler.hits == before
+
+
+def dripping_server(head: bytes, drip: bytes, every_s: float) -> tuple[str, threading.Event]:
+    """A server that sends `head` at once, then one byte of `drip` every `every_s`: it
+    stops by itself once `drip` is sent or the client has gone."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    finished = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.recv(65536)
+            try:
+                conn.sendall(head)
+                for byte in drip:
+                    if finished.wait(every_s):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/", finished
+
+
+@pytest.mark.parametrize(
+    ("head", "drip"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n\r\n", b"x" * 40),
+        (b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"y" * 40),
+    ],
+    ids=["body", "headers"],
+)
+def test_one_deadline_covers_a_server_that_drips_its_bytes(head: bytes, drip: bytes) -> None:
+    url, finished = dripping_server(head, drip, every_s=0.25)
+    backend = HttpBackend(None, timeout_s=1, max_bytes=10**5, allow_private_network=True)
+    try:
+        out = Browser(backend).call("open", {"id": url})
+    finally:
+        finished.set()
+    assert "took longer than 1 s" in out
+
+
+def test_unknown_or_non_text_charsets_fall_back_to_utf8(browser: Browser, site: str) -> None:
+    assert "café au lait" in browser.call("open", {"id": f"{site}/odd-charset"})
+    assert "plain words" in browser.call("open", {"id": f"{site}/codec-charset"})
 
 
 def test_fetch_size_limit(site: str) -> None:
@@ -192,3 +325,16 @@ def test_folder_backend(tmp_path: Path) -> None:
     page = browser.call("open", {"id": 0})
     assert "Tomatoes" in page
     assert "no such page" in browser.call("open", {"id": "file:///etc/passwd"})
+
+
+def test_folder_backend_passes_over_a_link_that_leads_outside(tmp_path: Path) -> None:
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    docs.mkdir()
+    outside.mkdir()
+    (outside / "secret.md").write_text("# Secret\ntomatoes are the password\n")
+    (docs / "notes.md").write_text("# Garden\nTomatoes need sun.\n")
+    (docs / "leak.md").symlink_to(outside / "secret.md")
+    (docs / "leakdir").symlink_to(outside)
+    browser = Browser(FolderBackend(docs))
+    results = browser.call("search", {"query": "tomatoes"})
+    assert "Garden" in results and "Secret" not in results and "password" not in results

@@ -1,6 +1,7 @@
 """Where the browser tool's pages come from.
 
-`HttpBackend` fetches pages over HTTP(S) with a size and time limit and searches through
+`HttpBackend` fetches pages over HTTP(S) (`http_fetch`: public addresses only, pinned
+connections, one deadline, no proxies from the environment) and searches through
 a configurable provider: a URL template answering in SearxNG's JSON form
 (`{"results": [{"title", "url", "content"}]}`), which a self-hosted SearxNG gives with
 `format=json`. `FolderBackend` searches and opens the text, Markdown and HTML files of a
@@ -9,19 +10,14 @@ local folder (offline documentation, notes, tests).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
-import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote_plus, urlparse
+from urllib.parse import quote_plus
 
 from llm.tools.browser_pages import Page, SearchHit, html_page, text_page
-
-USER_AGENT = "mlx-harmony-browser/1.0"
+from llm.tools.http_fetch import FetchError, Response, fetch
 
 
 class BrowserError(Exception):
@@ -36,35 +32,6 @@ class BrowserBackend(Protocol):
     def fetch(self, url: str) -> Page: ...
 
 
-def _check_public(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return  # unresolvable: the fetch reports it
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not addr.is_global:
-            raise BrowserError(
-                f"`{url}`: {addr} is a private or local address; the browser only opens "
-                "public pages (tools.browser.allow_private_network to allow it)"
-            )
-
-
-class _PublicRedirects(urllib.request.HTTPRedirectHandler):
-    """Every redirect hop is checked too: a public page must not bounce into the LAN."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        try:
-            _check_public(newurl)
-        except BrowserError as e:
-            raise urllib.error.URLError(str(e).split(": ", 1)[1]) from None
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_PUBLIC_ONLY = urllib.request.build_opener(_PublicRedirects)
-
-
 class HttpBackend:
     source = "web"
 
@@ -74,45 +41,36 @@ class HttpBackend:
         timeout_s: float,
         max_bytes: int,
         allow_private_network: bool = False,
+        proxy: str | None = None,
     ) -> None:
         self.search_url = search_url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.allow_private_network = allow_private_network
+        self.proxy = proxy
 
-    def _get(self, url: str, trusted: bool = False) -> tuple[bytes, str, str]:
+    def _get(self, url: str, trusted: bool = False) -> Response:
         """Fetch `url`. Unless `trusted` (the configured search endpoint), the model may not
         reach this machine or its private network: the router's admin page or a local
         service must not become readable to whatever a web page tells the model."""
-        if urlparse(url).scheme not in ("http", "https"):
-            raise BrowserError(f"`{url}`: only http and https URLs can be opened")
-        guard = trusted or self.allow_private_network
-        opener = urllib.request.build_opener() if guard else _PUBLIC_ONLY
-        if not guard:
-            _check_public(url)
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         try:
-            with opener.open(req, timeout=self.timeout_s) as resp:
-                body = resp.read(self.max_bytes + 1)
-                ctype = resp.headers.get("Content-Type", "")
-                final = resp.geturl()
-        except urllib.error.HTTPError as e:
-            raise BrowserError(f"`{url}`: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise BrowserError(f"`{url}`: cannot fetch ({reason})") from None
-        if len(body) > self.max_bytes:
-            body = body[: self.max_bytes]  # a long page is shown up to the limit
-        return body, ctype, final
+            return fetch(
+                url,
+                self.timeout_s,
+                self.max_bytes,
+                allow_private=trusted or self.allow_private_network,
+                proxy=self.proxy,
+            )
+        except FetchError as e:
+            raise BrowserError(f"`{url}`: {e}") from None
 
     def fetch(self, url: str) -> Page:
-        body, ctype, final = self._get(url)
-        charset = re.search(r"charset=([\w-]+)", ctype)
-        text = body.decode(charset.group(1) if charset else "utf-8", errors="replace")
+        resp = self._get(url)
+        ctype, text = resp.content_type, resp.text()
         if "html" in ctype or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
-            return html_page(final, text)
+            return html_page(resp.url, text)
         if ctype.startswith(("text/", "application/json")) or not ctype:
-            return text_page(final, text)
+            return text_page(resp.url, text)
         raise BrowserError(f"`{url}`: cannot show content of type {ctype.split(';')[0]}")
 
     def search(self, query: str, topn: int) -> list[SearchHit]:
@@ -121,7 +79,7 @@ class HttpBackend:
                 "no search provider is configured (tools.browser.search_url); open a URL instead"
             )
         url = self.search_url.replace("{query}", quote_plus(query))
-        body, _, _ = self._get(url, trusted=True)
+        body = self._get(url, trusted=True).body
         try:
             results = json.loads(body)["results"]
             return [
@@ -146,14 +104,20 @@ class FolderBackend:
         self.folder = Path(folder).expanduser().resolve()
 
     def _files(self) -> list[Path]:
+        """The folder's documents; a link that leads out of the folder is passed over."""
         return sorted(
-            p for p in self.folder.rglob("*") if p.is_file() and p.suffix in _FOLDER_SUFFIXES
+            p
+            for p in self.folder.rglob("*")
+            if p.suffix in _FOLDER_SUFFIXES and p.is_file() and self._inside(p.resolve())
         )
+
+    def _inside(self, path: Path) -> bool:
+        return self.folder in path.parents
 
     def fetch(self, url: str) -> Page:
         path = Path(url.removeprefix("file://"))
         path = (path if path.is_absolute() else self.folder / path).resolve()
-        if self.folder not in path.parents or not path.is_file():
+        if not self._inside(path) or not path.is_file():
             raise BrowserError(f"`{url}`: no such page")
         text = path.read_text(errors="replace")
         uri = f"file://{path}"

@@ -28,6 +28,9 @@ class BrowserToolConfig(BaseModel):
     # Let the model open pages on this machine and the private network (off: a page could
     # otherwise steer it to a router's or a local service's pages).
     allow_private_network: bool = False
+    # An HTTP(S) proxy for pages (never taken from the environment). Names must still
+    # resolve here to public addresses, but the proxy connects on its own: it is trusted.
+    proxy: str | None = None
     view_chars: int = Field(4000, ge=200)
     max_results: int = Field(10, ge=1, le=50)
 

@@ -42,7 +42,11 @@ def _browser_backend(config: BrowserToolConfig) -> BrowserBackend:
         assert config.folder is not None  # the config's validator requires it
         return FolderBackend(Path(config.folder))
     return HttpBackend(
-        config.search_url, config.timeout_s, config.max_bytes, config.allow_private_network
+        config.search_url,
+        config.timeout_s,
+        config.max_bytes,
+        config.allow_private_network,
+        config.proxy,
     )
 
 
