@@ -43,6 +43,16 @@ class ChatEngine(Protocol):
         tools: Sequence[Tool] = (),
     ) -> int: ...
 
+    def prompt_size(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int | None:
+        """Tokens the prompt will take (None where the prompt is rendered elsewhere)."""
+        ...
+
     def reset(self) -> None: ...
 
 

@@ -22,6 +22,10 @@ from llm.tools.config import ToolsConfig
 IGNORED_FIELDS = frozenset({"mlock", "logs_dir"})
 
 
+# MLX's random seed is an unsigned 64-bit number.
+MAX_SEED = 2**64 - 1
+
+
 class SamplingParams(BaseModel):
     """Generation settings; defaults are GPT-OSS's recommended ones."""
 
@@ -39,7 +43,7 @@ class SamplingParams(BaseModel):
     repetition_context_size: int = Field(20, ge=1)
     logit_bias: dict[int, float] = Field(default_factory=dict)
     max_tokens: int = Field(1024, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, le=MAX_SEED)  # negative: a random seed each run
     reseed_each_turn: bool = False
 
     @field_validator("seed", mode="before")

@@ -184,6 +184,15 @@ class ShardedEngine:
         _broadcast(self.group, _call("prefill", **_turn(history, prompt, now, tools)))
         return self.engine.prefill(history, prompt, now, tools)
 
+    def prompt_size(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int | None:
+        return self.engine.prompt_size(history, prompt, now, tools)  # rank 0 alone: no model
+
     def reset(self) -> None:
         _broadcast(self.group, _call("reset"))
         self.engine.reset()

@@ -114,6 +114,15 @@ class Engine:
             tokens = self._render(prompt, history, now, tools)
         return tokens
 
+    def prompt_size(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int:
+        return len(self.render(history, prompt, 0, now, tools))
+
     def _render(
         self,
         prompt: PromptConfig,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llm.config import SamplingParams
+from llm.config import MAX_SEED, SamplingParams
 from llm.messages import ChatMessage, FinishReason, FunctionTool
 
 MAX_STOP_SEQUENCES = 4
@@ -100,12 +100,13 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    # Strict: `true` is not a number of tokens (pydantic would read it as 1).
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED, strict=True)
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=1, strict=True)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
@@ -115,9 +116,9 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     # Extensions beyond OpenAI's fields, named as in mlx-lm's server.
     min_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, strict=True)
     repetition_penalty: float | None = Field(None, gt=0)
-    repetition_context_size: int | None = Field(None, ge=1)
+    repetition_context_size: int | None = Field(None, ge=1, strict=True)
     xtc_probability: float | None = Field(None, ge=0, le=1)
     xtc_threshold: float | None = Field(None, ge=0, le=0.5)
 
@@ -133,7 +134,7 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias key {key!r} is not a token id")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias for {key} must be between -100 and 100")

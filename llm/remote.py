@@ -162,6 +162,16 @@ class RemoteEngine:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0
 
+    def prompt_size(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> int | None:
+        """Unknown here: the remote server renders (and limits) the prompt."""
+        return None
+
     def stream(
         self,
         history: Sequence[ChatMessage],

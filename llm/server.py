@@ -9,6 +9,7 @@ that disconnects cancels its generation.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import shutil
 import tempfile
@@ -50,6 +51,13 @@ class ServerLimits:
     max_body_bytes: int = 1_000_000
     max_messages: int = 512
     max_tokens: int = 16_384
+    # A long prompt costs prefill time before anything else can run (1 MB ≈ 76 s on a
+    # laptop): above this a request is refused before it is prefilled.
+    max_prompt_tokens: int = 32_768
+    # Connections that have not sent their request headers within this time are closed,
+    # and at most this many connections are open at once (idle keep-alives included).
+    header_timeout_s: float = 10.0
+    max_connections: int = 256
 
 
 @dataclass
@@ -92,8 +100,31 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+class ApiKey:
+    """The bearer key on every route but /health. Plain ASGI: a `BaseHTTPMiddleware` in
+    the chain would hide a client's disconnect from the request (its receive wrapper
+    cannot answer without waiting), and a queued request could no longer be cancelled."""
+
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                refused = ApiError(
+                    401,
+                    "invalid or missing API key",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
+                return await refused.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
-    """Refuses bodies over the limit before they are read, with OpenAI's error shape."""
+    """Refuses bodies over the limit with OpenAI's error shape: by their declared length
+    before reading, else (chunked bodies) as soon as more arrives than the limit."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -103,22 +134,30 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         too_big = ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
-        if length is not None and int(length) > self.limit:
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_big.response()(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
+        # Read the whole body here (it is small: at most the limit), so that an oversized
+        # chunked one is a 413 rather than a parse error deep inside the framework.
+        body = bytearray()
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_big
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await too_big.response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:
-            await e.response()(scope, receive, send)
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later: disconnect notices
+
+        await self.app(scope, replay, send)
 
 
 def create_app(
@@ -154,6 +193,7 @@ def create_app(
 
     app = FastAPI(title="mlx-harmony", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(ApiKey, key=api_key)  # outermost: nothing is read before the key
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -170,18 +210,6 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), kind="invalid_request_error").response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):  # type: ignore[no-untyped-def]
-        authorized = request.headers.get("authorization") == f"Bearer {api_key}"
-        if api_key and request.url.path != "/health" and not authorized:
-            return ApiError(
-                401,
-                "invalid or missing API key",
-                kind="authentication_error",
-                code="invalid_api_key",
-            ).response()
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -252,6 +280,12 @@ def create_app(
         def run(should_stop: Callable[[], bool]) -> Iterator[Event]:
             engine = engine_for(entry)
             prefix = forced if engine.harmony else ""  # templates cannot be forced here
+            size = engine.prompt_size(history, prompt, tools=tools)
+            if size is not None and size > limits.max_prompt_tokens:
+                raise ConfigError(
+                    f"messages: the prompt is {size} tokens, over this server's limit of "
+                    f"{limits.max_prompt_tokens} (--max-prompt-tokens)"
+                )
             try:
                 yield from respond(
                     engine,
@@ -268,15 +302,23 @@ def create_app(
 
         job = Job(run)
         cid = new_id("chatcmpl")
-        events = await _started(worker.submit(job))
+        # From now on a client that leaves cancels the job, also while it waits in the
+        # queue (it is then skipped) or before its first event.
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            events = await _started(worker.submit(job))
+        except BaseException:
+            watcher.cancel()
+            raise
         if body.stream:
-            return StreamingResponse(
-                _sse(events, job, cid, entry.name, body, server_side.handles),
-                media_type="text/event-stream",
+            stream = _sse(events, job, cid, entry.name, body, server_side.handles)
+            return StreamingResponse(_cancelling(stream, watcher), media_type="text/event-stream")
+        try:
+            return JSONResponse(
+                await _complete(events, job, cid, entry.name, body, server_side.handles)
             )
-        return JSONResponse(
-            await _complete(events, job, cid, entry.name, body, request, server_side.handles)
-        )
+        finally:
+            watcher.cancel()
 
     def _pick(name: str | None) -> ServedModel:
         if name is None or name == default.name:
@@ -291,11 +333,21 @@ def create_app(
     return app
 
 
+async def _cancelling(stream: AsyncIterator[str], watcher: asyncio.Task) -> AsyncIterator[str]:
+    try:
+        async for part in stream:
+            yield part
+    finally:
+        watcher.cancel()
+
+
 async def _started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """Wait for the first event, so that a request the engine refuses (a token id outside
     the vocabulary, a conversation over the context limit) is a 400, not a broken 200."""
     try:
         first = await anext(events)
+    except StopAsyncIteration:  # cancelled before it ran: its client has gone
+        raise ApiError(499, "the client closed the request", code="client_closed") from None
     except ConfigError as e:
         field = str(e).split(":")[0]
         param = field if field in ChatCompletionRequest.model_fields else "messages"
@@ -357,29 +409,24 @@ async def _complete(
     cid: str,
     model: str,
     body: ChatCompletionRequest,
-    request: Request,
     server_side: Callable[[str | None], bool],
 ) -> dict[str, Any]:
-    watcher = asyncio.create_task(_watch_disconnect(request, job))
     stop = StopMatcher(body.stop)  # type: ignore[arg-type]
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
     done: TurnDone | None = None
-    try:
-        async for event in events:
-            if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
-                stop.feed(event.text)
-                if stop.hit:
-                    job.cancelled.set()
-            elif isinstance(event, MessageDone) and event.message.role == "assistant":
-                if event.message.channel == "analysis":
-                    reasoning.append(event.message.content)
-                elif (call := _client_call(event.message, server_side)) is not None:
-                    calls.append(call)
-            elif isinstance(event, TurnDone):
-                done = event
-    finally:
-        watcher.cancel()
+    async for event in events:
+        if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
+            stop.feed(event.text)
+            if stop.hit:
+                job.cancelled.set()
+        elif isinstance(event, MessageDone) and event.message.role == "assistant":
+            if event.message.channel == "analysis":
+                reasoning.append(event.message.content)
+            elif (call := _client_call(event.message, server_side)) is not None:
+                calls.append(call)
+        elif isinstance(event, TurnDone):
+            done = event
     assert done is not None
     stop.flush()
     message: dict[str, Any] = {"role": "assistant", "content": stop.text or None}

@@ -36,12 +36,26 @@ class ModelWorker:
         self._jobs: queue.Queue[tuple[Job, asyncio.AbstractEventLoop, asyncio.Queue] | None] = (
             queue.Queue()
         )
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop now: queued jobs are dropped and the running one ends at its next token
+        (a server that is told to stop does not first work through its queue)."""
+        while True:
+            try:
+                entry = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not None:
+                job, loop, out = entry
+                job.cancelled.set()
+                _deliver(loop, out, _END)
+        if (current := self._current) is not None:
+            current.cancelled.set()
         self._jobs.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
     @property
     def pending(self) -> int:
@@ -67,12 +81,15 @@ class ModelWorker:
         try:
             while (entry := self._jobs.get()) is not None:
                 job, loop, out = entry
-                if not job.cancelled.is_set():
+                if not job.cancelled.is_set():  # a client that left while queued costs nothing
+                    self._current = job
                     try:
                         for event in job.run(job.cancelled.is_set):
                             _deliver(loop, out, event)
                     except Exception as exc:  # delivered to the request, which answers 500
                         _deliver(loop, out, exc)
+                    finally:
+                        self._current = None
                 _deliver(loop, out, _END)
         finally:
             # MLX keeps per-thread streams; left to thread-exit destructors they have

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 
 from llm.config import PromptConfig, SamplingParams
 from llm.engine import Engine, collect
+from llm.http_guard import server_config
 from llm.messages import ChatMessage
 from llm.server import ServedModel, ServerLimits, create_app
 from tests.support.tiny_models import (
@@ -45,10 +47,18 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app, port: int) -> None:
+    def __init__(self, app, port: int, limits: ServerLimits | None = None) -> None:
         self.port = port
+        limits = limits or ServerLimits()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+            server_config(
+                app,
+                "127.0.0.1",
+                port,
+                limits.header_timeout_s,
+                limits.max_connections,
+                log_level="warning",
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -93,7 +103,9 @@ def server(tiny: Engine) -> Iterator[LiveServer]:
         load=lambda _: tiny,
         api_key=KEY,
         preloaded=tiny,
-        limits=ServerLimits(max_body_bytes=200_000, max_messages=50, max_tokens=20_000),
+        limits=ServerLimits(
+            max_body_bytes=200_000, max_messages=50, max_tokens=20_000, max_prompt_tokens=2_000
+        ),
     )
     with LiveServer(app, free_port()) as live:
         yield live
@@ -234,6 +246,19 @@ def test_models_and_health(server: LiveServer, client: openai.OpenAI) -> None:
             400,
             "logit_bias",
         ),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"١٢": 1}},
+            400,
+            "logit_bias",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "many words " * 2_000}]},
+            400,
+            "over this server's limit of 2000 (--max-prompt-tokens)",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(
@@ -259,6 +284,14 @@ def test_malformed_and_oversized_bodies(server: LiveServer) -> None:
     big = {"messages": [{"role": "user", "content": "x" * 300_000}]}
     r = httpx.post(url, json=big, headers=headers)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    # The same body in chunks, without a declared length, is refused the same way.
+    data = json.dumps(big).encode()
+    pieces = (data[i : i + 16_384] for i in range(0, len(data), 16_384))
+    r = httpx.post(url, content=pieces, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    small = json.dumps({"messages": [{"role": "user", "content": HELLO.user}], "temperature": 0})
+    r = httpx.post(url, content=iter([small[:10].encode(), small[10:].encode()]), headers=headers)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == HELLO.final
 
 
 def test_api_key_is_required(server: LiveServer) -> None:
@@ -289,6 +322,60 @@ def test_disconnect_mid_stream_cancels_generation(
     )
     assert r2.choices[0].message.content == HELLO.final
     assert time.monotonic() - started < 30
+
+
+def test_a_client_that_leaves_while_queued_costs_nothing(
+    server: LiveServer, client: openai.OpenAI
+) -> None:
+    endless = {
+        "messages": [{"role": "user", "content": HELLO.user}],
+        "temperature": 0,
+        "max_tokens": 20_000,
+        "logit_bias": ENDLESS_BIAS,
+    }
+    with stream_post(server, {**endless, "stream": True}) as running:
+        for line in running.iter_lines():
+            if "content" in line:
+                break  # the worker is busy with this one
+        # Queued behind it, this client gives up; its 20,000 tokens must never be generated.
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                server.url + "/v1/chat/completions",
+                json=endless,
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=httpx.Timeout(30, read=1.0),
+            )
+    started = time.monotonic()
+    r = client.chat.completions.create(
+        model="tiny", temperature=0, messages=[{"role": "user", "content": HELLO.user}]
+    )
+    assert r.choices[0].message.content == HELLO.final
+    assert time.monotonic() - started < 30  # minutes, had the abandoned one run
+
+
+def test_silent_connections_are_closed_and_capped(tiny: Engine) -> None:
+    limits = ServerLimits(header_timeout_s=0.5, max_connections=8)
+    app = create_app([ServedModel("tiny", "tiny-path", PromptConfig())], preloaded=tiny)
+    with LiveServer(app, free_port(), limits) as live:
+        silent = [socket.create_connection(("127.0.0.1", live.port), timeout=20) for _ in range(8)]
+        extra = socket.create_connection(("127.0.0.1", live.port), timeout=20)
+        try:
+            assert extra.recv(1) == b""  # over the cap: closed at once
+            for conn in silent:  # no request headers within the deadline: closed
+                assert conn.recv(1) == b""
+        finally:
+            for conn in [*silent, extra]:
+                conn.close()
+        assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_negative_limits_are_refused_at_start() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.serve", "--max-prompt-tokens", "-5"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--max-prompt-tokens: -5 is not above zero" in out.stderr
 
 
 def test_queued_requests_are_served_in_turn(client: openai.OpenAI) -> None:
@@ -345,34 +432,27 @@ def test_openapi_schema_fuzz_gives_no_server_error(gpt_oss_engine: Engine) -> No
         check()
 
 
-def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
+def start_server_command(model: Path) -> tuple[subprocess.Popen, int, dict]:
+    """`mlx-harmony-server` in a process of its own; returns it once /health answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llm.cli.serve",
-            "--model",
-            str(gpt_oss_path),
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-        ],
-        cwd=Path(__file__).parent.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "llm.cli.serve", "--model", str(model), "--port", str(port),
+         "--api-key", KEY],
+        cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
-    )
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+        try:
+            return proc, port, httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
+    proc, port, health = start_server_command(gpt_oss_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
         assert health["loaded_model"] == str(gpt_oss_path)  # loaded before serving
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
         r = client.chat.completions.create(
@@ -384,6 +464,49 @@ def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_sigterm_stops_the_server_promptly_despite_running_and_queued_work(
+    gpt_oss_path: Path,
+) -> None:
+    proc, port, _ = start_server_command(gpt_oss_path)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    endless = {
+        "messages": [{"role": "user", "content": HELLO.user}],
+        "temperature": 0,
+        "max_tokens": 16_000,  # the command's default limit
+        "logit_bias": ENDLESS_BIAS,
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    generating = threading.Event()
+
+    def running() -> None:
+        try:
+            with httpx.stream("POST", url, json={**endless, "stream": True}, headers=headers,
+                              timeout=120) as r:  # fmt: skip
+                for line in r.iter_lines():
+                    if "content" in line:
+                        generating.set()
+        except httpx.HTTPError:
+            pass  # the server went away: expected
+
+    def queued() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(url, json=endless, headers=headers, timeout=120)
+
+    threads = [threading.Thread(target=running), threading.Thread(target=queued)]
+    try:
+        threads[0].start()
+        assert generating.wait(60), "the first request never started generating"
+        threads[1].start()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)  # not after 32,000 tokens
+    finally:
+        proc.kill()
+        for t in threads:
+            if t.ident is not None:
+                t.join(timeout=60)
     assert proc.returncode == 0, out
 
 

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
 from llm.config import load_profiles, load_prompt_config
+from llm.http_guard import server_config
 from llm.server import ServerLimits, create_app, served_from
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (a limit of 0 or less is a mistake)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not above zero")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above zero")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help=f"require this bearer key (or set {API_KEY_ENV})")
-    p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
-    p.add_argument("--max-messages", type=int, default=ServerLimits.max_messages)
+    d = ServerLimits()
+    p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes)
+    p.add_argument("--max-messages", type=positive_int, default=d.max_messages)
     p.add_argument(
         "--max-tokens-limit",
-        type=int,
-        default=ServerLimits.max_tokens,
+        type=positive_int,
+        default=d.max_tokens,
         help="largest max_tokens a request may ask for",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=positive_int,
+        default=d.max_prompt_tokens,
+        help=f"longest prompt a request may send, in tokens (default {d.max_prompt_tokens})",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=d.header_timeout_s,
+        help="seconds a connection has to send its request headers",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=d.max_connections,
+        help="open connections at most (idle ones included)",
     )
     add_model_options(p)
     return p
@@ -39,13 +82,28 @@ def _main() -> int:
     profiles = load_profiles(args.profiles) if args.profiles else {}
     model = args.model or (None if profiles else DEFAULT_MODEL)
     served = served_from(model, profiles, setup.prompt, load_prompt_config, setup.remote)
-    limits = ServerLimits(args.max_body_bytes, args.max_messages, args.max_tokens_limit)
+    limits = ServerLimits(
+        args.max_body_bytes,
+        args.max_messages,
+        args.max_tokens_limit,
+        args.max_prompt_tokens,
+        args.header_timeout,
+        args.max_connections,
+    )
     print(f"Loading {served[0].model} …", file=sys.stderr)
     first = served[0]
     engine = load_engine(first.model, lazy=first.prompt.lazy, remote=first.remote)
     key = args.api_key or os.environ.get(API_KEY_ENV)
     app = create_app(served, api_key=key, limits=limits, preloaded=engine)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    config = server_config(
+        app, args.host, args.port, limits.header_timeout_s, limits.max_connections,
+        log_level="info",
+    )  # fmt: skip
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with
+    # the handler it found: by then the work is done, so both end in a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()
     return 0
 
 
