@@ -41,7 +41,11 @@ class Stamp(BaseModel):
         if isinstance(value, int | float):
             return cls.at(float(value))
         if isinstance(value, str):
-            return cls.at(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+            try:
+                when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise ConfigError(f"timestamp {value[:40]!r}: not an ISO date") from None
+            return cls.at(when.timestamp())
         return cls.at(time.time())
 
 
@@ -166,6 +170,10 @@ class ChatLog(BaseModel):
 
 def _v1_to_v2(raw: dict[str, Any]) -> ChatLog:
     meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ConfigError("'metadata': expected an object")
+    if not isinstance(raw["messages"], list):
+        raise ConfigError("'messages': expected a list")
     created = Stamp.parse(meta.get("created_at", time.time()))
     chat = Chat.new(meta.get("model"), meta.get("prompt_config"))
     chat.metadata.created_at = created
@@ -209,8 +217,11 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
             return _v1_to_v2(raw), 1
         if version == SCHEMA_VERSION:
             log = ChatLog.model_validate(raw)
-            if log.active_chat_id is None and log.chat_order:
-                log.active_chat_id = log.chat_order[-1]
+            if log.active_chat_id not in log.chats:
+                if not log.chats:
+                    raise ConfigError("no chats in it (and so no active chat)")
+                known = [c for c in log.chat_order if c in log.chats] or list(log.chats)
+                log.active_chat_id = known[-1]
             return log, SCHEMA_VERSION
     except ValidationError as e:
         first = e.errors()[0]
@@ -218,6 +229,8 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
         raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:  # a value of the wrong kind deep inside
+        raise ConfigError(f"{source}: not a valid chat log ({e})") from None
     raise ConfigError(f"{source}: unknown chat log schema_version {version!r}")
 
 

@@ -140,14 +140,23 @@ def _error_line(path: Path | str, err: ValidationError) -> str:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file's value; anything wrong with the file is one ConfigError naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config or a log") from None
 
 
 def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") -> PromptConfig:
@@ -157,7 +166,10 @@ def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") ->
     # Sampling fields may sit at the top level (the original tool's layout) or nested.
     flat = {k: data.pop(k) for k in list(data) if k in SAMPLING_FIELDS}
     if flat:
-        data["sampling"] = {**flat, **data.get("sampling", {})}
+        nested = data.get("sampling", {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{source}: field 'sampling': expected an object")
+        data["sampling"] = {**flat, **nested}
     try:
         return PromptConfig.model_validate(data)
     except ValidationError as e:

@@ -98,21 +98,35 @@ class Engine:
         now: datetime | None = None,
         tools: Sequence[Tool] = (),
     ) -> list[int]:
-        """The prompt's token ids, older turns dropped if it would overflow the context."""
+        """The prompt's token ids, the oldest exchanges dropped (each: everything up to the
+        next user message) as far as needed to fit `max_context_tokens`."""
         history = list(history)
         tokens = self._render(prompt, history, now, tools)
         limit = prompt.max_context_tokens
-        while limit and len(tokens) + max_tokens > limit:
-            # Drop the oldest exchange: everything up to the next user message.
-            users = [i for i, m in enumerate(history) if m.role == "user"]
-            if len(users) < 2:
-                raise ConfigError(
-                    f"max_context_tokens={limit}: the prompt needs {len(tokens)} tokens "
-                    f"plus max_tokens={max_tokens}; raise the limit or shorten the message"
-                )
-            history = history[users[1] :]
-            tokens = self._render(prompt, history, now, tools)
-        return tokens
+        if not limit or len(tokens) + max_tokens <= limit:
+            return tokens
+        users = [i for i, m in enumerate(history) if m.role == "user"]
+
+        def fits(drop: int) -> list[int] | None:
+            kept = self._render(prompt, history[users[drop] :], now, tools)
+            return kept if len(kept) + max_tokens <= limit else None
+
+        # Fewer exchanges never render longer, so the fewest to drop is found by bisection:
+        # a few renders instead of one per dropped exchange (quadratic on long chats).
+        low, high = 1, len(users) - 1  # dropping all but the last exchange is the most
+        best = fits(high) if high >= 1 else None
+        if best is None:
+            raise ConfigError(
+                f"max_context_tokens={limit}: the prompt needs {len(tokens)} tokens "
+                f"plus max_tokens={max_tokens}; raise the limit or shorten the message"
+            )
+        while low < high:
+            mid = (low + high) // 2
+            if (kept := fits(mid)) is not None:
+                best, high = kept, mid
+            else:
+                low = mid + 1
+        return best
 
     def prompt_size(
         self,

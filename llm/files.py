@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+# A temporary file whose writer may still be alive is left alone for this long.
+STALE_TEMP_SECONDS = 3600
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, rename it over `path`.
 
     rename() within one folder is atomic on POSIX, and the fsync of the folder makes the
-    rename itself survive a power cut.
+    rename itself survive a power cut. Temporary files left by writers that were killed
+    mid-write are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -36,3 +45,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove `.<name>.<pid>.<random>.tmp` files of writers that no longer run (and,
+    whatever their name, those older than STALE_TEMP_SECONDS)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        try:
+            stale = now - tmp.lstat().st_mtime > STALE_TEMP_SECONDS or (
+                pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+            )
+            if stale:
+                tmp.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,19 +102,107 @@ while True:
 
 
 def test_kill_9_mid_write_leaves_a_whole_log(tmp_path: Path) -> None:
+    """The writer is killed after its first save and then 0 to 4 saves more (whenever it
+    is, however loaded the machine): the log always parses, holding the last completed
+    save or the one in flight, and the next save clears the killed writers' leftovers."""
     path = tmp_path / "log.json"
-    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
+    for more in range(5):
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE
         )
-        time.sleep(delay)
+        assert proc.stdout is not None
+        written = [int(proc.stdout.readline()) for _ in range(more + 1)]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert proc.stdout is not None
-        written = proc.stdout.read().split()
+        written += [int(n) for n in proc.stdout.read().split()]
         log, _ = load_chat_log(path)  # parses: the old or the new file, never half
         count = len(log.active().messages)
-        # The file holds the last save that completed or the one in flight.
-        assert int(written[-1]) <= count <= int(written[-1]) + 1 if written else count <= 1
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "log.json"]
-    assert all(name.endswith(".tmp") for name in leftovers)
+        assert written[-1] <= count <= written[-1] + 1
+    save_chat_log(path, log)
+    assert [p.name for p in tmp_path.iterdir()] == ["log.json"]
+
+
+BAD_LOGS = {
+    "folder": (None, "a folder, not a file"),
+    "invalid UTF-8": (b'\xff{"messages": []}', "not UTF-8 text"),
+    "deep nesting": (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),
+    "bad v1 timestamp": (
+        b'{"metadata": {"created_at": "last Tuesday"}, "messages": []}',
+        "timestamp 'last Tuesday': not an ISO date",
+    ),
+    "bad v2 timestamp": (
+        json.dumps(
+            {
+                "schema_version": 2,
+                "active_chat_id": "c",
+                "chats": {
+                    "c": {
+                        "chat_id": "c",
+                        "metadata": {
+                            "chat_id": "c",
+                            "created_at": {"unix": "x", "iso": 1},
+                            "updated_at": 1,
+                        },
+                    }
+                },
+            }
+        ).encode(),
+        "field 'chats.c.metadata.created_at",
+    ),
+    "metadata a list": (b'{"metadata": [1, 2], "messages": []}', "'metadata': expected an object"),
+    "messages an object": (
+        b'{"metadata": {}, "messages": {"a": 1}}',
+        "'messages': expected a list",
+    ),
+    "message content a number": (
+        b'{"messages": [{"role": "user", "content": 5}]}',
+        "field 'content': Input should be a valid string",
+    ),
+    "no chats": (
+        b'{"schema_version": 2, "chats": {}, "active_chat_id": "zzz"}',
+        "no chats in it (and so no active chat)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_LOGS)
+def test_corrupt_logs_are_one_line_and_left_untouched(tmp_path: Path, kind: str) -> None:
+    content, expected = BAD_LOGS[kind]
+    path = tmp_path / "chat.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_chat_log(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+    if content is not None:
+        assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("kind", ["invalid UTF-8", "metadata a list", "bad v1 timestamp"])
+def test_migrate_refuses_a_corrupt_log_in_one_line(tmp_path: Path, kind: str) -> None:
+    content, expected = BAD_LOGS[kind]
+    assert content is not None
+    path = tmp_path / "chat.json"
+    path.write_bytes(content)
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.migrate", str(path)], capture_output=True, text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {path}: ") and expected in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert path.read_bytes() == content and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_an_active_chat_id_missing_from_the_chats_falls_back_to_the_last_chat(
+    tmp_path: Path,
+) -> None:
+    raw = json.loads((DATA / "chatlog-v2.json").read_text())
+    raw["active_chat_id"] = "chat-that-is-not-there"
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(raw))
+    log, _ = load_chat_log(path)
+    assert log.active_chat_id == [c for c in raw["chat_order"] if c in raw["chats"]][-1]

@@ -52,6 +52,7 @@ def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) 
         (["hi", "--top-p", "3", "--model", "x"], "error: --top_p: Input should be less than"),
         ([" ", "--model", "x"], "error: empty prompt"),
         (["hi", "--profile", "a"], "error: --profile needs --profiles FILE"),
+        (["hi", "--seed", str(2**70), "--model", "x"], "error: --seed: Input should be less"),
     ],
 )
 def test_generate_errors_are_one_line(args: list[str], message: str) -> None:

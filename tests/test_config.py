@@ -75,6 +75,35 @@ def test_bad_field_names_file_and_field(tmp_path: Path, patch: dict, expected: s
     assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "a folder, not a file"),
+        (b"\xff\xfe{}", "not UTF-8 text (byte 0)"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"temperature": 0.5, "sampling": 5}', "field 'sampling': expected an object"),
+        (b'{"sampling": [1, 2]}', "field 'sampling': Input should be a valid dictionary"),
+        (b'{"sampling": {"seed": 1180591620717411303424}}', "field 'sampling.seed'"),
+        (b'{"placeholders": "city"}', "field 'placeholders'"),
+        (b"null", "expected a JSON object"),
+    ],
+)
+def test_odd_config_files_are_one_line_and_left_as_they_are(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / "prompt.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_prompt_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+    if content is not None:
+        assert path.read_bytes() == content
+
+
 def test_broken_json_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"temperature": 0.5,,}')

@@ -180,6 +180,30 @@ def test_context_limit_drops_oldest_exchanges(engine: Engine) -> None:
         engine.render(history[-1:], tiny, max_tokens=1000)
 
 
+def test_a_long_chat_is_cut_to_the_context_in_a_few_renders(engine: Engine, monkeypatch) -> None:
+    exchanges = 64
+    history = []
+    for i in range(exchanges):
+        history += [
+            ChatMessage("user", f"Question number {i}?"),
+            ChatMessage("assistant", f"Answer number {i}.", "final"),
+        ]
+    history.append(ChatMessage("user", "Tell me a joke"))
+    full = len(engine.render(history, GREEDY))
+    limited = GREEDY.model_copy(update={"max_context_tokens": full // 2})
+    # The fewest exchanges dropped that make it fit, found one by one.
+    expected = next(
+        tokens
+        for drop in range(1, exchanges + 1)
+        if len(tokens := engine.render(history[2 * drop :], GREEDY)) <= full // 2
+    )
+    renders = []
+    real = engine.format.render
+    monkeypatch.setattr(engine.format, "render", lambda *a: renders.append(1) or real(*a))
+    assert engine.render(history, limited) == expected
+    assert len(renders) <= 9  # log2(64) + 2, not one per dropped exchange
+
+
 def test_chat_template_model_answers_and_stops(chatml_engine: Engine) -> None:
     chatml_engine.reset()
     assert not chatml_engine.harmony
