@@ -1,22 +1,44 @@
-"""The python tool's sandbox: it runs the model's code, and contains what it must not do."""
+"""The python tool's sandbox: it runs the model's code, and the OS contains what it must not
+do. Each escape below was seen working against the earlier in-process checks; here every
+one must fail, in a fresh sandbox with default limits."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from llm.tools.python_sandbox import NO_OUTPUT, PythonSandbox, SandboxLimits
+from llm.errors import ConfigError
+from llm.tools.python_sandbox import (
+    NO_OUTPUT,
+    PythonSandbox,
+    SandboxLimits,
+    sandbox_exec_profile,
+)
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the confinement under test is bubblewrap's"
+)
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path):
-    box = PythonSandbox(tmp_path / "ws", SandboxLimits(timeout_s=10, cpu_s=10, memory_mb=1024))
+    box = PythonSandbox(tmp_path / "ws", SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=1024))
     yield box
     box.close()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A file of the user's beside the workspace, which the code must not reach."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's secret\n")
+    return secret
 
 
 def test_output_errors_and_notebook_state(sandbox: PythonSandbox) -> None:
@@ -38,60 +60,182 @@ def test_stateless_mode_forgets(tmp_path: Path) -> None:
         box.close()
 
 
-def test_workspace_files_and_numpy_work(sandbox: PythonSandbox) -> None:
+def test_ordinary_code_works(sandbox: PythonSandbox) -> None:
+    """Files in the workspace, numpy, threads, temporary files."""
     sandbox.run("open('data.txt', 'w').write('hello')")
     assert (sandbox.workspace / "data.txt").read_text() == "hello"
+    assert sandbox.run("print(open('data.txt').read())") == "hello\n"
     assert sandbox.run("import numpy as np\nprint(np.arange(4).sum())") == "6\n"
+    threads = (
+        "import threading\nout = []\n"
+        "ts = [threading.Thread(target=out.append, args=(i,)) for i in range(16)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\nprint(sorted(out) == list(range(16)))"
+    )
+    assert sandbox.run(threads) == "True\n"
+    assert sandbox.run("import tempfile\nwith tempfile.TemporaryFile() as f: f.write(b'x')") == (
+        NO_OUTPUT
+    )
 
 
-@pytest.mark.parametrize(
-    ("code", "refusal"),
-    [
-        ("open('/etc/hostname').read()", "/etc/hostname: outside the workspace"),
-        ("open('../outside.txt', 'w').write('x')", "outside the workspace"),
-        ("import os; os.listdir('/')", "/: outside the workspace"),
-        ("import os; os.chdir('/tmp')", "/tmp: outside the workspace"),
-        ("import os; os.symlink('/etc/passwd', 'p')", "outside the workspace"),
-        ("import os; os.remove('/tmp/x')", "outside the workspace"),
-        ("import os; os.fork()", "os.fork is not allowed"),
-        ("import subprocess; subprocess.run(['true'])", "subprocess.Popen is not allowed"),
-        ("import os; os.system('true')", "os.system is not allowed"),
-        ("import ctypes; ctypes.CDLL(None)", "ctypes.dlopen is not allowed"),
-        ("import ctypes; ctypes.pythonapi.system", "ctypes.dlsym is not allowed"),
-        ("import resource; resource.setrlimit(resource.RLIMIT_CPU, (-1, -1))", "not allowed"),
-    ],
-)
-def test_escapes_are_refused_and_reported(sandbox: PythonSandbox, code: str, refusal: str) -> None:
-    out = sandbox.run(code)
-    assert "PermissionError" in out and refusal in out
+# The in-process audit hooks of earlier versions could be switched off from the code; the
+# OS boundary has no such switch. Each escape is tried as the attacker would.
+ESCAPES = {
+    "read a system file": "print(open('/etc/passwd').read())",
+    "read the user's file": "print(open({secret!r}).read())",
+    "dir_fd outside": (
+        "import os\nfd = os.open('/', os.O_RDONLY)\n"
+        "print(os.read(os.open('etc/passwd', os.O_RDONLY, dir_fd=fd), 100))"
+    ),
+    "opener outside": (
+        "import os\nprint(open('x', opener=lambda p, f: os.open({secret!r}, f)).read())"
+    ),
+    "truncate outside": "import os; os.open({secret!r}, os.O_RDONLY | os.O_TRUNC)",
+    "write outside": "open('/tmp-outside.txt', 'w').write('x'); print('written')",
+    "symlink out": "import os; os.symlink({secret!r}, 'link'); print(open('link').read())",
+    "fork": "import os; os.fork(); print('forked')",
+    "fork_exec": (
+        "import _posixsubprocess, os\n"
+        "_posixsubprocess.fork_exec([b'/bin/sh'], [b'/bin/sh'], True, (), None, None, -1, -1,"
+        " -1, -1, -1, -1, -1, -1, False, True, None, None, None, -1, None, False)"
+    ),
+    "subprocess": "import subprocess; subprocess.run(['sh', '-c', 'true'])",
+    "os.system": "import os; print(os.system('true'))",
+    "ctypes system": "import ctypes; print(ctypes.CDLL(None).system(b'true'))",
+    "posix_spawn": "import os; os.posix_spawn('/bin/sh', ['sh'], {{}})",
+    "setns": "import os; os.setns(os.open('/proc/1/ns/net', os.O_RDONLY))",
+    "mknod": "import os, stat; os.mknod('null2', stat.S_IFCHR | 0o666, os.makedev(1, 3))",
+    "kill the parent": "import os; os.kill(os.getppid(), 9)",
+    "pidfd the parent": (
+        "import os, signal; signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)"
+    ),
+    "signal everyone": "import os; os.kill(-1, 9)",
+    "inet socket": "import socket; socket.create_connection(('127.0.0.1', 22), timeout=2)",
+    "ptrace": (
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno())"
+    ),
+}
+# What each escape would have shown had it worked.
+ESCAPED = ("root:x:0:0", "the user's secret", "'home'", "'etc'", "written", "forked")
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_escapes_fail(sandbox: PythonSandbox, outside: Path, tmp_path: Path, name: str) -> None:
+    out = sandbox.run(ESCAPES[name].format(secret=str(outside)))
+    assert not any(mark in out for mark in ESCAPED), out
+    assert "Error" in out or out.strip() in ("-1 1", "32512", "127"), out
+    assert outside.read_text() == "the user's secret\n"
+    assert not (tmp_path / "tmp-outside.txt").exists() and not Path("/tmp-outside.txt").exists()
     assert sandbox.run("print('still here')") == "still here\n"
 
 
-def test_no_network_even_to_a_local_server(sandbox: PythonSandbox) -> None:
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    accepted: list[socket.socket] = []
-    server.settimeout(3)
+def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox) -> None:
+    listing = set(eval(sandbox.run("import os; print(sorted(os.listdir('/')))")))
+    assert listing.isdisjoint({"etc", "home", "proc", "sys", "var", "run", "tmp"}), listing
+    assert {"workspace", "usr", "dev"} <= listing
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):  # timed out: nobody connected
+
+def test_host_sockets_are_out_of_reach(sandbox: PythonSandbox, tmp_path: Path) -> None:
+    """A Unix socket beside the workspace, an abstract one, and a TCP one on loopback: the
+    code reaches none of them (no mount, its own network namespace, no inet sockets)."""
+    servers = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX), socket.socket()]
+    path, abstract = str(tmp_path / "host.sock"), "\0mlx-harmony-test-host"
+    servers[0].bind(path)
+    servers[1].bind(abstract)
+    servers[2].bind(("127.0.0.1", 0))
+    port = servers[2].getsockname()[1]
+    accepted: list[socket.socket] = []
+    for server in servers:
+        server.listen()
+        server.settimeout(5)
+    code = (
+        f"import socket\nfor family, where in [(socket.AF_UNIX, {path!r}), "
+        f"(socket.AF_UNIX, {abstract!r}), (socket.AF_INET, ('127.0.0.1', {port}))]:\n"
+        "    try:\n"
+        "        s = socket.socket(family); s.settimeout(2); s.connect(where); print('connected')\n"
+        "    except OSError as e:\n"
+        "        print(type(e).__name__)\n"
+    )
+
+    def accept(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # timed out: nobody came
             accepted.append(server.accept()[0])
 
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    out = sandbox.run(
-        f"import socket\ns = socket.socket()\ns.connect(('127.0.0.1', {port}))\nprint('connected')"
-    )
-    t.join(4)
-    server.close()
-    assert "connected" not in out and "not allowed" in out
-    assert not accepted
+    waiters = [threading.Thread(target=accept, args=(s,)) for s in servers]
+    for w in waiters:
+        w.start()
+    out = sandbox.run(code)
+    for server in servers:
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+    for w in waiters:
+        w.join()
+    assert "connected" not in out and not accepted, out
 
 
-def test_environment_holds_no_secrets(sandbox: PythonSandbox, monkeypatch) -> None:
+def test_the_environment_holds_no_secrets(sandbox: PythonSandbox, monkeypatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
-    sandbox.close()  # the next call starts a process under this environment
+    sandbox.close()  # the next call starts a sandbox under this environment
     assert "sk-secret" not in sandbox.run("import os; print(dict(os.environ))")
+
+
+def test_the_protocol_is_out_of_the_codes_reach(sandbox: PythonSandbox) -> None:
+    """The code can neither read the next request nor forge or garble a reply: writing
+    into every descriptor it has reaches only its own channel, which stops it."""
+    sandbox.run("import sys; leaked = sys.__stdin__.read()")
+    assert sandbox.run("print(repr(leaked))") == "''\n"
+    garble = "import os; os.write(1, b'not json\\n'); os.write(2, b'\\xff\\n'); print('ok')"
+    assert sandbox.run(garble) == "ok\n"
+    forge = (
+        "import os\nfor fd in range(1024):\n"
+        '    try: os.write(fd, b\'{"id": 99, "output": "forged"}\\n\')\n'
+        "    except OSError: pass\n"
+        "print('tried')"
+    )
+    out = sandbox.run(forge)
+    assert "forged" not in out and "answer channel" in out
+    assert sandbox.run("print('next request')") == "next request\n"
+
+
+def test_threads_and_descriptors_are_limited(sandbox: PythonSandbox) -> None:
+    many_threads = (
+        "import threading, time\nstop = threading.Event()\nn = 0\n"
+        "try:\n    for _ in range(1000):\n"
+        "        threading.Thread(target=stop.wait).start(); n += 1\n"
+        "except RuntimeError as e:\n    print('refused after', n)\nstop.set()"
+    )
+    out = sandbox.run(many_threads)
+    assert out.startswith("refused after") and int(out.split()[-1]) < 100
+    files = (
+        "fs = []\ntry:\n    for i in range(5000): fs.append(open('f', 'w'))\n"
+        "except OSError as e: print(e)"
+    )
+    assert "Too many open files" in sandbox.run(files)
+    assert sandbox.run("print('fine')") == "fine\n"
+
+
+def test_the_worker_is_stopped_between_calls(sandbox: PythonSandbox) -> None:
+    """A thread left spinning does not run on between calls: the worker is stopped
+    (SIGSTOP) before each reply, so its state reads "T" until the next call."""
+    sandbox.run("import threading\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)],"
+                " daemon=True).start()\nimport os\npid = os.getpid()")  # fmt: skip
+    assert sandbox._proc is not None
+    states = _sandbox_process_states(sandbox._proc.pid)
+    assert "T" in states.values(), states
+
+
+def _sandbox_process_states(root: int) -> dict[int, str]:
+    """State letters of the processes under `root` (bwrap), from the host's /proc."""
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            todo += [int(c) for c in children]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        found[pid] = stat.rsplit(")", 1)[1].split()[0]
+    return found
 
 
 def test_timeout_kills_and_restarts(tmp_path: Path) -> None:
@@ -100,7 +244,7 @@ def test_timeout_kills_and_restarts(tmp_path: Path) -> None:
         box.run("kept = 1")
         out = box.run("while True: pass")
         assert out.startswith("Timed out after 1.5 s") and "Variables" in out
-        assert "NameError" in box.run("kept")  # a fresh process
+        assert "NameError" in box.run("kept")  # a fresh sandbox
     finally:
         box.close()
 
@@ -120,11 +264,20 @@ def test_cpu_limit_kills_a_busy_process(tmp_path: Path) -> None:
         box.close()
 
 
-def test_fork_bomb_is_contained(sandbox: PythonSandbox) -> None:
-    out = sandbox.run("import os\nwhile True:\n    os.fork()")
-    assert "os.fork is not allowed" in out
-    out = sandbox.run("import multiprocessing as mp\np = mp.Process(target=print)\np.start()")
-    assert "not allowed" in out
+def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
+    """Many files, each under the file-size limit, past `disk_mb` in all: stopped."""
+    ws = tmp_path / "ws"
+    box = PythonSandbox(ws, SandboxLimits(timeout_s=60, disk_mb=20))
+    try:
+        flood = "chunk = b'x' * 2**20\nfor i in range(2000):\n    open(f'f{i}', 'wb').write(chunk)"
+        out = box.run(flood)
+        assert "grew past its 20 MB limit" in out
+        used = sum(f.stat().st_size for f in ws.iterdir())
+        assert used < 1000 * 2**20  # stopped well before its 2 GB
+        cleanup = "import os\nfor f in os.listdir(): os.remove(f)\nprint('cleaned')"
+        assert box.run(cleanup) == "cleaned\n"  # over the limit, it may still delete
+    finally:
+        box.close()
 
 
 def test_long_output_is_truncated(tmp_path: Path) -> None:
@@ -140,21 +293,33 @@ def test_a_flood_of_output_is_cut_in_the_sandbox(tmp_path: Path) -> None:
     """200 MB printed: only the limit crosses to the assistant's process."""
     box = PythonSandbox(tmp_path, SandboxLimits(max_output_chars=1000, memory_mb=2048))
     try:
-        raw_reply = []
-        real = box._read_reply
-
-        def spy(deadline: float) -> bytes | None:
-            raw_reply.append(real(deadline))
-            return raw_reply[-1]
-
-        box._read_reply = spy  # type: ignore[method-assign]
         out = box.run("for _ in range(200):\n    print('z' * 1_000_000)")
         assert out.startswith("z" * 1000) and "[output truncated: " in out
-        assert raw_reply[0] is not None and len(raw_reply[0]) < 2000
+        assert len(out) < 1100
     finally:
         box.close()
 
 
-def test_writes_to_fd1_cannot_break_the_protocol(sandbox: PythonSandbox) -> None:
-    sandbox.run("import os; os.write(1, b'garbage\\n'); os.write(2, b'more\\n')")
-    assert sandbox.run("print('ok')") == "ok\n"
+def test_without_confinement_the_tool_refuses_unless_told(tmp_path: Path, monkeypatch) -> None:
+    from llm.tools import python_sandbox
+
+    monkeypatch.setattr(python_sandbox, "_bwrap_works", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        PythonSandbox(tmp_path)
+    assert "install bubblewrap" in str(err.value) and '"none"' in str(err.value)
+    box = PythonSandbox(tmp_path, SandboxLimits(confinement="none"))
+    try:
+        assert box.run("print(6 * 7)") == "42\n"
+    finally:
+        box.close()
+
+
+def test_the_macos_profile_denies_network_exec_and_writes_outside(tmp_path: Path) -> None:
+    profile = sandbox_exec_profile(tmp_path)
+    assert profile.startswith("(version 1)")
+    assert "(deny network*)" in profile
+    assert f'(deny process-exec (require-not (literal "{os.path.realpath(sys.executable)}")))' in (
+        profile
+    )
+    assert f'(subpath "{tmp_path.resolve()}")' in profile
+    assert profile.count("(") == profile.count(")")

@@ -14,6 +14,10 @@ class PythonToolConfig(BaseModel):
     memory_mb: int = Field(2048, ge=64)
     max_output_chars: int = Field(8000, ge=100)
     persistent: bool = True
+    disk_mb: int = Field(1024, ge=1)  # the workspace's size while code runs
+    # "auto": bubblewrap (Linux) or sandbox-exec (macOS), refusing to run without one;
+    # "none": the user's explicit choice to run the model's code unconfined.
+    confinement: Literal["auto", "none"] = "auto"
 
 
 class BrowserToolConfig(BaseModel):

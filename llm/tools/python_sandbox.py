@@ -1,14 +1,23 @@
-"""The `python` tool: the model's code in a separate, limited process.
+"""The `python` tool: the model's code, confined by the operating system.
 
-Each conversation gets one child process (`sandbox_child.py`) working in the
-conversation's workspace folder. The child sets its own memory, CPU-time, file-size and
-process limits before it installs audit hooks that keep files, sockets and new processes
-away from the code; where the OS offers it, the child also starts with no network at all
-(a Linux network namespace through `unshare`, macOS's `sandbox-exec`). A wall-clock
-timeout kills the child's whole process group. With `persistent`, variables survive from
-one call to the next like notebook cells; otherwise every call starts a fresh process.
-The child's environment is empty but for a few locale variables: the user's API keys and
-tokens never reach the code.
+Code the model writes (and web pages it reads can steer) is hostile, so the boundary is
+the OS, never checks inside a Python process:
+
+- Linux: bubblewrap (`bwrap`) starts `sandbox_child.py` in new user, PID, network, IPC,
+  UTS and mount namespaces, as uid 65534 with no capabilities, in a root file system that
+  holds only the system libraries and the Python installation (read-only), the workspace
+  at /workspace (read-write) and a minimal /dev: no /proc, no /etc, no home, no host
+  sockets, no network. Inside, the code runs in a worker under resource limits and a
+  seccomp filter (see `sandbox_child`); a timeout kills the whole PID namespace.
+- macOS: `sandbox-exec` with a generated profile: no network, no writes outside the
+  workspace, no reads of the user's files outside it, no programs but Python itself.
+- Elsewhere, or without bubblewrap, the tool refuses to run, naming what to install,
+  unless the config says `"confinement": "none"` (then only the resource limits hold).
+
+The workspace's disk use is watched while code runs: past `disk_mb` (and growing) the
+code is stopped. With `persistent`, variables survive between calls like notebook cells;
+otherwise every call starts afresh. The environment is empty but for a few locale
+variables: the user's API keys and tokens never reach the code.
 """
 
 from __future__ import annotations
@@ -17,18 +26,33 @@ import contextlib
 import functools
 import json
 import os
-import select
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from llm.errors import ConfigError
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-LIMITS_ENV = "MLX_HARMONY_SANDBOX_LIMITS"
+SETTINGS_ENV = "MLX_HARMONY_SANDBOX"  # as in sandbox_child
 NO_OUTPUT = "[no output: use print() to see values]"
+INSIDE_WORKSPACE = "/workspace"
+INSIDE_CHILD = "/sandbox/sandbox_child.py"
+NOBODY = 65534
+MAX_FILES = 256  # open descriptors of the code
+MAX_TASKS = 64  # processes and threads in the sandbox's user namespace
+DISK_POLL_S = 0.02
+INSTALL_HINT = {
+    "linux": "install bubblewrap (sudo apt install bubblewrap, or your distribution's "
+    "package) and allow unprivileged user namespaces",
+    "darwin": "sandbox-exec is missing from this macOS",
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,8 @@ class SandboxLimits:
     memory_mb: int = 2048
     max_output_chars: int = 8000
     persistent: bool = True
+    disk_mb: int = 1024
+    confinement: Literal["auto", "none"] = "auto"
 
 
 def description(limits: SandboxLimits) -> str:
@@ -55,57 +81,167 @@ def description(limits: SandboxLimits) -> str:
         "When you send a message containing Python code to python, it will be executed in a "
         f"sandboxed process; python will respond with the output of the execution or time out "
         f"after {limits.timeout_s:g} seconds. {state} The current folder is the conversation's "
-        "workspace; files outside it cannot be read or written. There is no internet access "
-        "and no subprocesses."
+        "workspace; nothing outside it can be written, and little outside it can be read. "
+        "There is no internet access and no subprocesses."
+    )
+
+
+# ---------------------------------------------------------------------- confinements
+
+
+def _python_roots() -> list[str]:
+    """Folders the interpreter and its packages live in, as named and as resolved."""
+    roots: set[str] = set()
+    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)):
+        roots |= {os.path.abspath(p), os.path.realpath(p)}
+    # Keep the outermost folders only (a venv inside the base prefix needs no mount).
+    out: list[str] = []
+    for root in sorted(roots, key=len):
+        if not any(root == o or root.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(root)
+    return out
+
+
+def bwrap_command(workspace: Path) -> list[str]:
+    cmd = [
+        "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
+    ]  # fmt: skip
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: /lib -> usr/lib
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    system = [d for d in ("/usr/lib", "/usr/lib64", "/usr/share/zoneinfo") if os.path.isdir(d)]
+    for root in [*system, *_python_roots()]:
+        cmd += ["--ro-bind", os.path.realpath(root), root]
+    cmd += [
+        "--ro-bind", str(CHILD), INSIDE_CHILD,
+        "--bind", str(workspace.resolve()), INSIDE_WORKSPACE,
+        "--dev", "/dev",
+        "--remount-ro", "/dev",  # /dev/shm would be unlimited memory
+        "--remount-ro", "/",
+        "--chdir", INSIDE_WORKSPACE,
+    ]  # fmt: skip
+    return [*cmd, "--", sys.executable, "-I", "-B", INSIDE_CHILD]
+
+
+def _sbpl(path: str) -> str:
+    return json.dumps(path)  # SBPL strings are double-quoted with backslash escapes
+
+
+def sandbox_exec_profile(workspace: Path) -> str:
+    """macOS's sandbox profile for the python tool (the SBPL of `sandbox-exec -p`)."""
+    ws = _sbpl(str(workspace.resolve()))
+    python = _sbpl(os.path.realpath(sys.executable))
+    readable = " ".join(
+        f"(subpath {_sbpl(r)})" for r in [str(workspace.resolve()), *_python_roots()]
+    )
+    return "\n".join(
+        [
+            "(version 1)",
+            "(allow default)",
+            "(deny network*)",
+            f"(deny process-exec (require-not (literal {python})))",
+            "(deny file-write* (require-not (require-any",
+            f'    (subpath {ws}) (literal "/dev/null") (literal "/dev/tty"))))',
+            "(deny file-read* (require-all",
+            '    (require-any (subpath "/Users") (subpath "/Volumes") (subpath "/private")',
+            '                 (subpath "/opt") (subpath "/usr/local") (subpath "/Library"))',
+            f"    (require-not (require-any {readable}",
+            '                 (subpath "/private/var/db/dyld") (literal "/private/etc/localtime")',
+            '                 (subpath "/usr/local/lib") (subpath "/Library/Frameworks")))))',
+        ]
     )
 
 
 @functools.cache
-def _network_off_prefix() -> tuple[str, ...]:
-    """A command prefix that starts the child without network, if this OS has one."""
-    candidates: list[tuple[str, ...]] = []
-    if sys.platform.startswith("linux") and shutil.which("unshare"):
-        candidates += [("unshare", "--net"), ("unshare", "--map-root-user", "--net")]
+def _bwrap_works() -> bool:
+    if not shutil.which("bwrap"):
+        return False
+    probe = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def confinement_command(workspace: Path, kind: str) -> tuple[list[str], str]:
+    """The command that starts the child confined, and the workspace path inside."""
+    if kind == "none":
+        return [sys.executable, "-I", "-B", str(CHILD)], str(workspace.resolve())
+    if sys.platform.startswith("linux") and _bwrap_works():
+        return bwrap_command(workspace), INSIDE_WORKSPACE
     if sys.platform == "darwin" and shutil.which("sandbox-exec"):
-        candidates.append(("sandbox-exec", "-p", "(version 1)(allow default)(deny network*)"))
-    for prefix in candidates:
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
+        profile = sandbox_exec_profile(workspace)
+        cmd = ["sandbox-exec", "-p", profile, sys.executable, "-I", "-B", str(CHILD)]
+        return cmd, str(workspace.resolve())
+    hint = INSTALL_HINT.get(sys.platform.rstrip("0123456789"), "no confinement is known here")
+    raise ConfigError(
+        f"the python tool runs the model's code confined by the OS: {hint}; or set "
+        'tools.python.confinement to "none" to run it unconfined'
+    )
+
+
+def disk_use(folder: Path) -> int:
+    """Bytes the folder's files take on disk (blocks, so sparse files count as stored)."""
+    total, stack = 0, [str(folder)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+# ---------------------------------------------------------------------- the tool
 
 
 class PythonSandbox:
     def __init__(self, workspace: Path, limits: SandboxLimits | None = None) -> None:
         self.workspace = Path(workspace)
         self.limits = limits or SandboxLimits()
+        # Refuse now (a config problem for the user), not at the model's first call.
+        confinement_command(self.workspace, self.limits.confinement)
         self._proc: subprocess.Popen[bytes] | None = None
-        self._reply_fd: int | None = None
+        self._next_id = 0
+        self._disk_stop = False
 
     def run(self, code: str) -> str:
         """Run `code`; return what the model reads (output, traceback or what went wrong)."""
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         assert self._proc is not None and self._proc.stdin is not None
+        self._next_id += 1
+        request = json.dumps({"id": self._next_id, "code": code}) + "\n"
+        watcher = self._watch_disk()
         try:
-            self._proc.stdin.write((json.dumps({"code": code}) + "\n").encode())
+            self._proc.stdin.write(request.encode())
             self._proc.stdin.flush()
-            raw = self._read_reply(time.monotonic() + self.limits.timeout_s)
-        except BrokenPipeError:
-            raw = None
-        if raw is None:
-            return self._failed()
-        text = json.loads(raw)["output"]
+            reply = self._read_reply(self._next_id, time.monotonic() + self.limits.timeout_s)
+        except (BrokenPipeError, OSError):
+            reply = None
+        finally:
+            watcher.set()
+        if reply is not None and reply.get("broken"):
+            self.close()
+            return (
+                "The code wrote into the sandbox's own answer channel; its process was "
+                "stopped and its variables are lost."
+            )
+        if reply is None or "output" not in reply:
+            return self._failed(None if reply is None else reply.get("status"))
         if not self.limits.persistent:
             self.close()
+        text = str(reply["output"])
         return text if text.strip() else NO_OUTPUT
 
     def kill(self) -> None:
-        """Kill the running code's process group; safe from another thread: the call in
-        progress sees the end of its reply pipe and reports it."""
+        """Kill the sandbox; safe from another thread: the call in progress sees the end
+        of its reply pipe and reports it."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -113,90 +249,120 @@ class PythonSandbox:
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        if self._reply_fd is not None:
-            os.close(self._reply_fd)
-            self._reply_fd = None
         if proc is None:
             return
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
     def _start(self) -> None:
         self.close()
         self.workspace.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
-        limits = {
+        cmd, inside = confinement_command(self.workspace, self.limits.confinement)
+        confined = self.limits.confinement != "none"
+        settings = {
+            "workspace": inside,
             "memory_mb": self.limits.memory_mb,
             "cpu_s": self.limits.cpu_s,
+            "disk_mb": self.limits.disk_mb,
+            "max_files": MAX_FILES,
             "max_output_chars": self.limits.max_output_chars,
+            "persistent": self.limits.persistent,
+            # Counted per user namespace: only inside bubblewrap's is it the sandbox's own.
+            "nproc": MAX_TASKS if confined and sys.platform.startswith("linux") else None,
         }
         env = {
             "LANG": "C.UTF-8",
-            "HOME": str(self.workspace),
-            "TMPDIR": str(self.workspace),
+            "HOME": inside,
+            "TMPDIR": inside,
             "PYTHONIOENCODING": "utf-8",
-            LIMITS_ENV: json.dumps(limits),
+            SETTINGS_ENV: json.dumps(settings),
         }
-        cmd = [
-            *_network_off_prefix(),
-            sys.executable,
-            "-I",
-            "-B",
-            str(CHILD),
-            str(self.workspace),
-            str(write_fd),
-        ]
+        if cmd[0] == "bwrap":  # it clears the environment: set it after --clearenv
+            end = cmd.index("--")
+            cmd[end:end] = [a for k, v in env.items() for a in ("--setenv", k, v)]
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=self.workspace,
+            start_new_session=True,  # its own process group: the timeout kills it all
+        )
+
+    def _read_reply(self, request_id: int, deadline: float) -> dict | None:
+        """The reply line to `request_id`, read with a size cap; None on timeout, a dead
+        sandbox, or a reply that is too long, not JSON or for another request."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        cap = self.limits.max_output_chars * 8 + 4096  # JSON-escaped UTF-8 and the frame
+        buf = bytearray()
+        with selectors.DefaultSelector() as sel:  # poll/epoll: no 1,024-descriptor limit
+            sel.register(fd, selectors.EVENT_READ)
+            while not buf.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    return None
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:  # the sandbox is gone: collect its exit status for the report
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self._proc.wait(timeout=5)
+                    return None
+                buf += chunk
+                if len(buf) > cap:
+                    return None
         try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(write_fd,),
-                env=env,
-                cwd=self.workspace,
-                start_new_session=True,  # its own process group: the timeout kills it all
-            )
-        finally:
-            os.close(write_fd)
-        self._reply_fd = read_fd
+            reply = json.loads(buf)
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) and reply.get("id") == request_id else None
 
-    def _read_reply(self, deadline: float) -> bytes | None:
-        assert self._reply_fd is not None
-        buf = b""
-        while not buf.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([self._reply_fd], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(self._reply_fd, 1 << 16)
-            if not chunk:  # the child is gone: collect its exit status for the report
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(timeout=5)  # type: ignore[union-attr]
-                return None
-            buf += chunk
-        return buf
+    def _watch_disk(self) -> threading.Event:
+        """While code runs: stop it if the workspace grows past `disk_mb`."""
+        done = threading.Event()
+        limit = self.limits.disk_mb << 20
+        start = disk_use(self.workspace)
+        self._disk_stop = False
 
-    def _failed(self) -> str:
-        assert self._proc is not None
+        def watch() -> None:
+            while not done.wait(DISK_POLL_S):
+                use = disk_use(self.workspace)
+                if use > limit and use > start:
+                    self._disk_stop = True
+                    self.kill()
+                    return
+
+        threading.Thread(target=watch, name="python-disk", daemon=True).start()
+        return done
+
+    def _failed(self, status: int | None) -> str:
         proc = self._proc
-        status = proc.poll()
         lost = " Variables from earlier calls are lost." if self.limits.persistent else ""
+        alive = proc is not None and proc.poll() is None
+        if status is None and proc is not None and not alive:
+            status = proc.returncode  # the whole sandbox ended (killed: a stop, a timeout)
         self.close()
-        if status is None:
+        if self._disk_stop:
+            return (
+                f"Stopped: the workspace grew past its {self.limits.disk_mb} MB limit. "
+                f"Delete files to make room.{lost}"
+            )
+        if status is None and alive:
             return f"Timed out after {self.limits.timeout_s:g} s; the process was stopped.{lost}"
-        if status < 0:
+        if status is not None and status < 0:
             name = signal.Signals(-status).name
             why = {
                 "SIGKILL": " (memory or CPU-time limit?)",
                 "SIGXCPU": " (CPU-time limit)",
                 "SIGXFSZ": " (file-size limit)",
+                "SIGSYS": " (a forbidden system call)",
             }.get(name, "")
             return f"The python process was killed by {name}{why}.{lost}"
-        return f"The python process exited with status {status}.{lost}"
+        if status is not None:
+            return f"The python process exited with status {status}.{lost}"
+        return f"The python process stopped answering and was ended.{lost}"

@@ -73,7 +73,13 @@ class Toolbox:
         if config.python:
             p = config.python
             limits = SandboxLimits(
-                p.timeout_s, p.cpu_s, p.memory_mb, p.max_output_chars, p.persistent
+                p.timeout_s,
+                p.cpu_s,
+                p.memory_mb,
+                p.max_output_chars,
+                p.persistent,
+                p.disk_mb,
+                p.confinement,
             )
             self._python = PythonSandbox(self.workspace, limits)
         if config.browser:
