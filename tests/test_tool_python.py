@@ -117,6 +117,7 @@ ESCAPES = {
 }
 # What each escape would have shown had it worked.
 ESCAPED = ("root:x:0:0", "the user's secret", "'home'", "'etc'", "written", "forked")
+NOBODY = 65534
 
 
 @pytest.mark.parametrize("name", ESCAPES)
@@ -323,3 +324,83 @@ def test_the_macos_profile_denies_network_exec_and_writes_outside(tmp_path: Path
     )
     assert f'(subpath "{tmp_path.resolve()}")' in profile
     assert profile.count("(") == profile.count(")")
+
+
+UNPRIVILEGED = """
+import json, sys
+from pathlib import Path
+from llm.tools.python_sandbox import PythonSandbox, SandboxLimits
+codes = json.load(sys.stdin)
+box = PythonSandbox(Path(sys.argv[1]), SandboxLimits(timeout_s=20))
+results = {}
+for name, code in codes.items():
+    results[name] = [box.run(code), box.run("print('still here')")]
+box.close()
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+    reason="needs root to act as another user, and a system Python that user may run",
+)
+def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> None:
+    """The assistant run by an ordinary user (uid 65534 here): the same escapes fail and
+    ordinary code (files, threads) works. The project's own Python may live where only
+    root enters, so the system's runs it, with a copy of the tool's modules (the sandbox
+    needs only the standard library)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="mlx-harmony-unprivileged-"))
+    try:
+        shutil.copytree(Path(__file__).parent.parent / "llm", home / "llm")
+        (home / "ws").mkdir()
+        secret = home / "secret.txt"
+        secret.write_text("the user's secret\n")
+        for path in [home, *home.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        os.chown(home / "ws", NOBODY, NOBODY)
+        codes = {name: code.format(secret=str(secret)) for name, code in ESCAPES.items()}
+        codes["files and threads"] = (
+            "import threading\nopen('mine.txt', 'w').write('ok')\nout = []\n"
+            "ts = [threading.Thread(target=out.append, args=(1,)) for _ in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(open('mine.txt').read(), sum(out))"
+        )
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", UNPRIVILEGED, str(home / "ws")],
+            input=json.dumps(codes), capture_output=True, text=True, timeout=300,
+            user=NOBODY, group=NOBODY, extra_groups=[], cwd=home,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(home)},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        assert results.pop("files and threads") == ["ok 8\n", "still here\n"]
+        for name, (answer, after) in results.items():
+            assert not any(mark in answer for mark in ESCAPED), (name, answer)
+            assert after == "still here\n", (name, after)
+        assert secret.read_text() == "the user's secret\n"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_calls_work_while_the_assistant_holds_many_descriptors(sandbox: PythonSandbox) -> None:
+    """A server with 1,100 open connections: select() breaks above 1,023 descriptors; the
+    sandbox's reply is read with selectors (poll/epoll) and still arrives."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 4096)
+    if wanted < 1200:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert sandbox.run("print('answered')") == "answered\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
