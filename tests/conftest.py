@@ -139,7 +139,6 @@ def chatml_engine(chatml_path: Path):
 VOICE_TEST_SETTINGS = {
     "endpointing.silence_ms": 400,
     "endpointing.warmup_blocks": 0,
-    "chunking.min_chars": 10,
     "audio.input_device": "pulse",
     "audio.output_device": "pulse",
     "audio.reopen_seconds": 0.3,

@@ -66,7 +66,6 @@ def test_voice_latency_benchmark_smoke(
         "tts": {"model": str(voice_models / "tts"), "voice": "tiny-voice",
                 "voice_repo": str(voice_models / "tts" / "voices")},
         "endpointing": {"silence_ms": 400, "warmup_blocks": 0},
-        "chunking": {"min_chars": 10},
     }))  # fmt: skip
     out = tmp_path / "bench"
     run = subprocess.run(

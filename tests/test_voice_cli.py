@@ -86,7 +86,6 @@ def voice_config_file(tmp_path: Path, voice_models: Path, gpt_oss_path: Path) ->
         },
         "audio": {"input_device": "pulse", "output_device": "pulse"},
         "endpointing": {"silence_ms": 400, "warmup_blocks": 0},
-        "chunking": {"min_chars": 10},
     }
     path = tmp_path / "voice.json"
     path.write_text(json.dumps(config))

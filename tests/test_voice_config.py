@@ -42,7 +42,7 @@ def test_the_original_moshi_config_is_read_and_its_unused_fields_named(tmp_path:
     assert config.tts.voice == raw["tts_voice_path"]
     assert config.endpointing.silence_ms == raw["stt_silence_ms"]
     assert config.endpointing.energy_threshold == raw["stt_silence_threshold"]
-    assert config.chunking.chunk_chars == raw["tts_chunk_chars"]
+    assert "tts_chunk_chars" in ignored  # the answer is spoken word by word now
     assert config.stt.quantize == config.tts.quantize == raw["quantize"]
     assert config.barge_in.enabled == raw["barge_in"]
     assert config.endpointing.detector == ("silero" if raw["stt_vad"] else "energy")
@@ -55,7 +55,6 @@ def test_the_original_moshi_config_is_read_and_its_unused_fields_named(tmp_path:
         ({"endpointing": {"silence_ms": "soon"}}, "field 'endpointing.silence_ms'"),
         ({"endpointing": {"detector": "psychic"}}, "field 'endpointing.detector'"),
         ({"tts": {"voise": "x"}}, "field 'tts.voise': Extra inputs are not permitted"),
-        ({"chunking": {"min_chars": 500}}, "min_chars must not exceed chunk_chars"),
         ({"stt": {"quantize": 3}}, "field 'stt.quantize'"),
         ({"stt_model_path": "m", "stt_silense_ms": 3}, "field 'stt_silense_ms'"),
         ([1, 2], "expected a JSON object"),
@@ -86,6 +85,15 @@ def test_relative_model_paths_are_beside_the_config(tmp_path: Path) -> None:
     assert config.tts.model == "org/repo"  # not a folder there: a repo id stays as it is
 
 
+def test_a_chunking_section_of_earlier_versions_loads_and_is_named_ignored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps({"chunking": {"min_chars": 30}, "barge_in": {"enabled": True}}))
+    config, ignored = load_voice_config(path)
+    assert ignored == ["chunking"] and config.barge_in.enabled
+
+
 def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "voice.json"
     path.write_text(json.dumps({"endpointing": {"silence_ms": 900}}))
@@ -93,7 +101,7 @@ def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> 
         [
             "--config", str(path), "--endpointing-silence-ms", "450", "--barge-in-enabled",
             "--audio-input-device", "3", "--set", "tts.voice=alba",
-            "--set", "chunking.min_chars=20",
+            "--set", "tts.padding_between=2",
         ]
     )  # fmt: skip
     config, _ = voice_config(args)
@@ -101,7 +109,7 @@ def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> 
     assert config.barge_in.enabled is True
     assert config.audio.input_device == "3"
     assert config.tts.voice == "alba"
-    assert config.chunking.min_chars == 20
+    assert config.tts.padding_between == 2
     fields = {f"{s}.{n}" for s, sec in VoiceConfig.model_fields.items() if s != "llm"
               for n in sec.annotation.model_fields}  # fmt: skip
     help_text = build_parser().format_help()

@@ -20,7 +20,7 @@ from bench.virtual_audio import non_silent_seconds, read_wav
 from llm.config import PromptConfig
 from llm.errors import ConfigError
 from tests.support.tiny_voice import HEARD
-from tests.support.voice_loop import serve
+from tests.support.voice_loop import SpokenTexts, serve
 from voice.control import ControlServer, Loading, NotRunning, Reply, Request, send_request
 from voice.typed_input import typed_request
 
@@ -340,14 +340,8 @@ def test_say_speaks_without_touching_the_chat_and_new_chat_starts_one(
     control, ask = controlled(assistant, tmp_path)
     recording = tmp_path / "speaker.wav"
     seen: dict[str, Any] = {}
-    spoken: list[str] = []
-    real_speak = assistant.tts.speak
-
-    def speak(text: str):
-        spoken.append(text)
-        return real_speak(text)
-
-    assistant.tts.speak = speak
+    spoken = SpokenTexts(assistant.tts)
+    assistant.tts = spoken
 
     def scenario(stop: threading.Event) -> None:
         recorder = virtual_audio.record_speaker(recording)
@@ -364,11 +358,10 @@ def test_say_speaks_without_touching_the_chat_and_new_chat_starts_one(
         serve(assistant, scenario)
     finally:
         control.close()
-        del assistant.tts.speak
     assert seen["say"] == {"ok": True, "interrupted": False}
     assert non_silent_seconds(read_wav(recording)) > 0.3
     # The greeting opens each chat (spoken at start and in the new chat); "say" is not kept.
-    assert spoken == ["Hello there.", "The tea is ready.", "Hello there."]
+    assert spoken.spoken() == ["Hello there.", "The tea is ready.", "Hello there."]
     log = json.loads(log_path.read_text())
     assert len(log["chats"]) == 2 and log["active_chat_id"] == seen["new"]["chat_id"]
     assert seen["new"]["chat_id"] != seen["first chat"]

@@ -19,7 +19,7 @@ from bench.virtual_audio import non_silent_seconds, read_wav
 from llm.chatlog import Chat, ChatLog
 from llm.config import PromptConfig
 from tests.support.tiny_voice import HEARD
-from tests.support.voice_loop import Recorder, serve
+from tests.support.voice_loop import Recorder, SpokenTexts, serve
 from voice.config import VoiceConfig, apply_override
 from voice.daemon import VoiceAssistant
 from voice.vad import make_detector
@@ -31,6 +31,7 @@ BLOCK_MS = 80
 
 def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_path) -> None:
     assistant, rec, log_path = make_assistant()
+    spoken = assistant.tts = SpokenTexts(assistant.tts)
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
     feeds: list[float] = []
     real_feed = assistant.stt.feed
@@ -75,6 +76,11 @@ def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_
     assert t.first_chunk_ms is not None and t.generation_ms is not None
     assert t.first_chunk_ms < t.generation_ms
     assert t.first_audio_ms is not None and not t.interrupted
+    # One TTS session for the answer, and it started on its first words, not its first
+    # sentence.
+    assert spoken.spoken() == [ANSWER]
+    first_sentence = ANSWER.split(". ")[0] + "."
+    assert len(spoken.at_first_step[0].split()) < len(first_sentence.split())
     # The words heard while the user spoke were prefilled: the end left only the last one.
     assert 0 < t.prompt_tokens - t.cached_tokens <= 8
     assert non_silent_seconds(read_wav(recording)) > 0.5
@@ -193,17 +199,6 @@ def test_a_microphone_that_stops_delivering_is_reopened(
     assert rec.texts("heard") == [HEARD]
 
 
-class SpokenTexts:
-    """The synthesizer, noting every text it is asked to speak."""
-
-    def __init__(self, tts) -> None:
-        self.tts, self.texts = tts, []
-
-    def speak(self, text: str):
-        self.texts.append(text)
-        return self.tts.speak(text)
-
-
 def test_a_tool_call_is_announced_not_read_aloud(
     virtual_audio, synthesizer, voice_models, gpt_oss_python_path, tmp_path
 ) -> None:
@@ -248,7 +243,8 @@ def test_a_tool_call_is_announced_not_read_aloud(
     serve(assistant, scenario)
 
     assert rec.texts("heard") == [PYTHON_USER]
-    assert spoken.texts == ["Running some Python.", PYTHON_FINALS[True]]
+    # One TTS session for the whole answer: the notice, then the answer from the result.
+    assert spoken.spoken() == [f"Running some Python. {PYTHON_FINALS[True]}"]
     assert "→ python" in rec.texts("notice") and "← python: True" in rec.texts("notice")
     assert "".join(rec.texts("answer")) == PYTHON_FINALS[True]
     assert PYTHON_CODE not in "".join(rec.texts("reasoning"))  # the call is not reasoning

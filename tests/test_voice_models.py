@@ -40,6 +40,48 @@ def test_a_stopped_utterance_leaves_the_next_one_intact(synthesizer: Synthesizer
     assert len(again) == len(whole)
 
 
+def _drain(session) -> np.ndarray:
+    frames = []
+    while session.ready:
+        frame = session.step()
+        if frame is not None:
+            frames.append(frame)
+    return np.concatenate(frames) if frames else np.zeros(0, dtype=np.float32)
+
+
+def test_words_pushed_as_they_come_sound_as_the_whole_text(synthesizer: Synthesizer) -> None:
+    """One session per answer, fed piece by piece as a model writes: the same tokens, so
+    the same audio, as the text in one piece (greedy); it waits for words rather than
+    ending early, and never steps past the text it has."""
+    text = "The capital of France is Paris. It is also the largest city in the country."
+    whole = np.concatenate(list(synthesizer.speak(text)))
+    session = synthesizer.session()
+    pieces, waited = [], 0
+    for piece in ["The cap", "ital of", " France", " is Par", "is. It is also", " the",
+                  " largest city in", " the country."]:  # fmt: skip
+        session.push(piece)
+        pieces.append(_drain(session))
+        waited += not session.ready and not session.done  # out of words: it waits
+    session.close()
+    pieces.append(_drain(session))
+    assert session.done and waited > 0
+    assert np.array_equal(np.concatenate(pieces), whole)
+
+
+def test_a_session_knows_which_words_were_heard(synthesizer: Synthesizer) -> None:
+    session = synthesizer.session()
+    session.push("one two three four five six seven eight nine ten")
+    session.close()
+    frames = 0
+    while not session.done:
+        frames += session.step() is not None
+    assert session.heard(0) == ""
+    assert session.heard(frames) == "one two three four five six seven eight nine ten"
+    partly = session.heard(frames // 2)
+    assert partly and "one two three four five six seven eight nine ten".startswith(partly)
+    assert partly != session.heard(frames)
+
+
 def test_streaming_stt_emits_text_while_audio_arrives(
     transcriber: Transcriber, synthesizer: Synthesizer
 ) -> None:

@@ -1,11 +1,11 @@
-"""Pure pieces of the voice pipeline: endpointing rules, chunking of the spoken answer."""
+"""Pure pieces of the voice pipeline: endpointing rules, the spoken answer's words."""
 
 from __future__ import annotations
 
 import pytest
 
-from voice.chunker import SentenceChunker, speakable
 from voice.config import EndpointingSection
+from voice.speakable import SpeakableStream, speakable
 from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, energy_detector
 
 BLOCK_MS = 80
@@ -68,36 +68,30 @@ def test_energy_detector_threshold() -> None:
     assert detect(np.full(1920, 0.05, dtype=np.float32))
 
 
-def chunks_of(text: str, pieces: int = 7, **kw) -> list[str]:
-    chunker = SentenceChunker(**kw)
-    out = []
+def spoken_words(text: str, pieces: int = 7) -> str:
+    stream = SpeakableStream()
+    out = ""
     for i in range(0, len(text), pieces):  # streamed a few characters at a time
-        out += chunker.push(text[i : i + pieces])
-    return out + chunker.flush()
+        out += stream.push(text[i : i + pieces])
+    return out + stream.flush()
 
 
-def test_sentences_are_released_as_soon_as_they_are_long_enough() -> None:
-    chunker = SentenceChunker(chunk_chars=100, min_chars=10)
-    assert chunker.push("Paris is the capital") == []
-    assert chunker.push(" of France. It is") == ["Paris is the capital of France."]
-    assert chunker.flush() == ["It is"]
+def test_words_are_released_as_soon_as_they_are_complete() -> None:
+    stream = SpeakableStream()
+    assert stream.push("Paris is the capi") == "Paris is the "
+    assert stream.push("tal of") == "capital "
+    assert stream.flush() == "of "
 
 
-def test_short_sentences_wait_for_min_chars() -> None:
-    got = chunks_of("Hi. Yes. The capital of France is Paris. Done.", min_chars=20)
-    assert got == ["Hi. Yes. The capital of France is Paris.", "Done."]
-
-
-def test_long_text_is_cut_at_a_word_boundary() -> None:
-    text = "word " * 30
-    got = chunks_of(text, chunk_chars=40, min_chars=10)
-    assert all(len(c) <= 40 for c in got)
-    assert " ".join(got).split() == text.split()
-
-
-def test_sentence_mode_off_cuts_by_size_only() -> None:
-    got = chunks_of("One. Two. Three. Four.", chunk_chars=12, min_chars=1, sentences=False)
-    assert got == ["One. Two.", "Three.", "Four."]
+@pytest.mark.parametrize("pieces", [1, 2, 3, 5, 8, 13, 1000])
+def test_markup_split_anywhere_is_still_not_read(pieces: int) -> None:
+    text = (
+        "**Paris** is the _capital_ of France. See [the city page](https://ex.com/paris).\n\n"
+        "- one\n- two\n```python\nprint(1)\n```\nDone."
+    )
+    assert spoken_words(text, pieces) == (
+        "Paris is the capital of France. See the city page. one two Done. "
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,8 +108,8 @@ def test_markup_is_not_read_aloud(markdown: str, spoken: str) -> None:
 
 
 def test_code_blocks_are_not_cut_in_the_middle() -> None:
-    got = chunks_of("Here:\n```\na. b. c. d. e. f. g. h.\n```\nThat is all.", min_chars=3)
-    assert got == ["Here: That is all."]
+    got = spoken_words("Here:\n```\na. b. c. d. e. f. g. h.\n```\nThat is all.", 3)
+    assert got == "Here: That is all. "
 
 
 def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:

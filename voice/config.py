@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm.config import read_json
 from llm.errors import ConfigError
@@ -75,18 +75,6 @@ class EndpointingSection(_Section):
     warmup_blocks: int = Field(2, ge=0, description="blocks ignored after opening the mic")
 
 
-class ChunkingSection(_Section):
-    chunk_chars: int = Field(180, ge=10, description="a chunk is cut at this length")
-    min_chars: int = Field(60, ge=1, description="a sentence shorter than this waits for more")
-    sentences: bool = Field(True, description="cut at sentence ends")
-
-    @model_validator(mode="after")
-    def _min_below_max(self) -> ChunkingSection:
-        if self.min_chars > self.chunk_chars:
-            raise ValueError("min_chars must not exceed chunk_chars")
-        return self
-
-
 class BargeInSection(_Section):
     enabled: bool = False
     min_speech_ms: int = Field(240, ge=0, description="speech over the assistant that counts")
@@ -108,10 +96,11 @@ class VoiceConfig(_Section):
     tts: TtsSection = TtsSection()
     audio: AudioSection = AudioSection()
     endpointing: EndpointingSection = EndpointingSection()
-    chunking: ChunkingSection = ChunkingSection()
     barge_in: BargeInSection = BargeInSection()
     display: DisplaySection = DisplaySection()
 
+
+RETIRED_SECTIONS = ("chunking",)
 
 SECTIONS: dict[str, type[_Section]] = {
     name: field.annotation for name, field in VoiceConfig.model_fields.items()
@@ -130,9 +119,10 @@ SEED_FIELDS: dict[str, tuple[str, str] | None] = {
     "stt_warmup_blocks": ("endpointing", "warmup_blocks"),
     "tts_model_path": ("tts", "model"),
     "tts_voice_path": ("tts", "voice"),
-    "tts_chunk_chars": ("chunking", "chunk_chars"),
-    "tts_chunk_sentences": ("chunking", "sentences"),
-    "tts_chunk_min_chars": ("chunking", "min_chars"),
+    # The answer is spoken word by word as it is written: no chunks to size.
+    "tts_chunk_chars": None,
+    "tts_chunk_sentences": None,
+    "tts_chunk_min_chars": None,
     "barge_in": ("barge_in", "enabled"),
     "enabled": None,
     "stt_config_path": None,
@@ -199,6 +189,12 @@ def parse_voice_config(raw: Any, source: str = "<voice config>") -> tuple[VoiceC
     ignored: list[str] = []
     if is_seed_layout(raw):
         raw, ignored = from_seed_layout(raw, source)
+    # Earlier versions cut the answer into chunks for the TTS; it now takes words as they
+    # come, so a config that still sizes chunks loads, with the section named as ignored.
+    for old in RETIRED_SECTIONS:
+        if old in raw:
+            raw = {k: v for k, v in raw.items() if k != old}
+            ignored.append(old)
     try:
         return VoiceConfig.model_validate(raw), ignored
     except ValidationError as e:

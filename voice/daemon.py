@@ -25,8 +25,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from llm.backends import ChatEngine
 from llm.chatlog import Chat, ChatLog, save_chat_log
 from llm.config import PromptConfig
@@ -35,11 +33,11 @@ from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, Tu
 from llm.tool_loop import respond
 from llm.tools.toolbox import Toolbox, conversation_workspace
 from voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
-from voice.chunker import SentenceChunker
 from voice.config import VoiceConfig
 from voice.control import Reply, Request
+from voice.speakable import SpeakableStream
 from voice.stt import Transcriber
-from voice.tts import Synthesizer
+from voice.tts import SpeechSession, Synthesizer
 from voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
 
 # Speech to have queued on the speaker before text generation gets a turn again.
@@ -68,7 +66,7 @@ class TurnTimings:
     transcript_ms: float = 0.0  # STT flushed: transcript complete
     first_token_ms: float | None = None
     first_final_ms: float | None = None
-    first_chunk_ms: float | None = None  # the first sentence's first frame went to the speaker
+    first_chunk_ms: float | None = None  # the answer's first audio frame went to the speaker
     generation_ms: float | None = None  # the engine finished the answer
     first_audio_ms: float | None = None  # first audible sample played by the device
     stt_frames_while_speaking: int = 0
@@ -86,16 +84,13 @@ class _Turn:
     """An answer being generated and spoken, or (without `user`) a text only spoken."""
 
     events: Iterator[Event]
-    chunker: SentenceChunker
+    speech: SpeechSession | None  # one TTS session for the whole answer (None: no TTS)
     speech_end_at: float
     timings: TurnTimings
     user: ChatMessage | None
     reply: Reply | None = None  # who asked, when not the microphone
     generated: bool = False  # the engine has nothing more to say
-    chunks: deque[str] = field(default_factory=deque)
-    speech: Iterator[np.ndarray] | None = None
-    started_chunks: list[tuple[str, int]] = field(default_factory=list)  # (text, start sample)
-    queued_samples: int = 0
+    text: SpeakableStream = field(default_factory=SpeakableStream)
     done: TurnDone | None = None
     cancelled: bool = False
     answer: str = ""
@@ -426,10 +421,9 @@ class VoiceAssistant:
     # ------------------------------------------------------------------ answering
     def _new_turn(self, user: ChatMessage | None, at: float, timings: TurnTimings,
                   reply: Reply | None) -> _Turn:  # fmt: skip
-        c = self.cfg.chunking
         turn = _Turn(
             events=iter(()),
-            chunker=SentenceChunker(c.chunk_chars, c.min_chars, c.sentences),
+            speech=self.tts.session() if self.tts is not None else None,
             speech_end_at=at,
             timings=timings,
             user=user,
@@ -462,7 +456,8 @@ class VoiceAssistant:
         """Speak a text as the assistant's voice; it is not part of the conversation."""
         turn = self._new_turn(None, self.clock(), TurnTimings(), reply)
         turn.generated = True
-        turn.chunks.extend([*turn.chunker.push(text), *turn.chunker.flush()])
+        self._say(turn, turn.text.push(text) + turn.text.flush())
+        self._close_speech(turn)
         self._set_state("speaking")
 
     def _while_answering(self, block: Block) -> None:
@@ -484,13 +479,9 @@ class VoiceAssistant:
     def _advance(self) -> None:
         turn = self.turn
         assert turn is not None
-        if turn.speech is None and turn.chunks:
-            self._start_chunk(turn)
-        need_text = not turn.generated and not turn.chunks
+        speech_ready = turn.speech is not None and turn.speech.ready
         ahead = self.speaker.pending_seconds() if self.speaker is not None else 0.0
-        if need_text and (turn.speech is None or ahead >= AHEAD_SECONDS):
-            self._engine_step(turn)
-        elif turn.speech is not None:
+        if speech_ready and (turn.generated or ahead < AHEAD_SECONDS):
             self._tts_step(turn)
         elif not turn.generated:
             self._engine_step(turn)
@@ -499,9 +490,15 @@ class VoiceAssistant:
         else:
             self._finish_turn()
 
-    def _speak_later(self, turn: _Turn, chunks: list[str]) -> None:
-        if self.tts is not None:
-            turn.chunks.extend(chunks)
+    @staticmethod
+    def _say(turn: _Turn, words: str) -> None:
+        if turn.speech is not None and words:
+            turn.speech.push(words)
+
+    @staticmethod
+    def _close_speech(turn: _Turn) -> None:
+        if turn.speech is not None:
+            turn.speech.close()
 
     def _engine_step(self, turn: _Turn) -> None:
         try:
@@ -526,14 +523,15 @@ class VoiceAssistant:
                 self.report.answer(event.text)
                 if turn.reply is not None:
                     turn.reply.event(event="answer", text=event.text)
-                self._speak_later(turn, turn.chunker.push(event.text))
+                self._say(turn, turn.text.push(event.text))
             elif event.channel == "analysis" and not event.recipient:
                 self.report.reasoning(event.text)
         elif isinstance(event, ToolCall):
             self.report.notice(f"→ {event.message.recipient}")
             if self.toolbox is not None and self.toolbox.config.spoken_notices:
                 # Said while the tool runs; the result itself is for the model, not the ear.
-                self._speak_later(turn, [self.toolbox.notice(event.message.recipient)])
+                notice = self.toolbox.notice(event.message.recipient)
+                self._say(turn, turn.text.flush() + turn.text.push(notice + " "))
         elif isinstance(event, ToolResult):
             first = (event.message.content.strip().splitlines() or [""])[0]
             self.report.notice(f"← {event.message.name}: {first[:80]}")
@@ -541,25 +539,18 @@ class VoiceAssistant:
             turn.done, turn.generated = event, True
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000
             self.report.answer_done()
-            self._speak_later(turn, turn.chunker.flush())
-
-    def _start_chunk(self, turn: _Turn) -> None:
-        assert self.tts is not None
-        text = turn.chunks.popleft()
-        turn.started_chunks.append((text, turn.queued_samples))
-        turn.speech = self.tts.speak(text)
-        self._set_state("speaking")
+            self._say(turn, turn.text.flush())
+            self._close_speech(turn)
 
     def _tts_step(self, turn: _Turn) -> None:
         assert turn.speech is not None and self.speaker is not None
-        frame = next(turn.speech, None)
+        frame = turn.speech.step()
         if frame is None:
-            turn.speech = None
             return
         self.speaker.play(frame)
         if turn.timings.first_chunk_ms is None:
             turn.timings.first_chunk_ms = (self.clock() - turn.speech_end_at) * 1000
-        turn.queued_samples += len(frame)
+            self._set_state("speaking")
 
     def _finish_turn(self) -> None:
         turn = self.turn
@@ -584,11 +575,9 @@ class VoiceAssistant:
         played = 0
         if self.speaker is not None:
             played = self.speaker.played_samples - turn.played_base
-            played = played * MODEL_RATE // self.speaker.rate  # chunk offsets: model rate
+            played = played * MODEL_RATE // self.speaker.rate  # the session counts at model rate
             self.speaker.clear()
         turn.cancelled = True
-        if turn.speech is not None:
-            turn.speech.close()  # type: ignore[attr-defined]
         while not turn.generated:  # the engine stops after its current token
             try:
                 event = next(turn.events)
@@ -599,8 +588,8 @@ class VoiceAssistant:
         turn.timings.interrupted = True
         # Without a speaker every word was shown, so all of it was "heard".
         heard = (
-            " ".join(text for text, start in turn.started_chunks if start < played)
-            if self.speaker is not None
+            turn.speech.heard(played // self.tts.frame_samples)
+            if turn.speech is not None and self.tts is not None
             else turn.answer
         )
         if turn.user is not None and save and turn.done is not None:

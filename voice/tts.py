@@ -1,10 +1,11 @@
 """Streaming text to speech with Kyutai's delayed-streams TTS (moshi-mlx).
 
-`Synthesizer.speak(text)` is a generator of 80 ms PCM frames: the caller pulls one frame at
-a time, so synthesis interleaves with the language model and stops the moment the caller
-stops pulling (barge-in). moshi-mlx's `TTSModel.generate` runs a whole script to the end in
-one call; the loop below is its loop, one step per `next()`, built from the same parts
-(`TTSModel`'s state machine, script preparation and conditioning, `LmGen`, Mimi).
+`Synthesizer.session()` takes an answer's text as it is written and gives 80 ms PCM frames
+one `step()` at a time, so synthesis interleaves with the language model and stops the
+moment the caller stops stepping (barge-in); `speak(text)` does the same for a whole text.
+moshi-mlx's `TTSModel.generate` runs a whole script to the end in one call; the session's
+loop is its loop, one step at a time, built from the same parts (`TTSModel`'s state
+machine, script preparation and conditioning, `LmGen`, Mimi).
 """
 
 from __future__ import annotations
@@ -135,33 +136,62 @@ class Synthesizer:
         for _ in self.speak("ok"):
             pass
 
+    def session(self) -> SpeechSession:
+        """One answer's speech: push its text as it arrives, step frames out of it."""
+        return SpeechSession(self)
+
     def speak(self, text: str) -> Iterator[np.ndarray]:
         """Frames of `frame_samples` float32 samples for `text`, generated on demand."""
-        model, machine = self.model, self.model.machine
-        entries = model.prepare_script([text], padding_between=self.padding_between)
-        if not entries:
-            return
-        for cache in self.lm.transformer_cache:
+        session = self.session()
+        session.push(text)
+        session.close()
+        while not session.done:
+            frame = session.step()
+            if frame is not None:
+                yield frame
+
+
+class SpeechSession:
+    """Kyutai's TTS as the streaming-text model it is: words are pushed while the answer
+    is being written and each `step()` runs one 80 ms frame, so the audio delay is paid
+    once per answer and speech starts after the first words, not the first sentence.
+
+    The model is only stepped when the words it may need next are there (a word in hand
+    plus the lookahead stream's), or once the text is closed: waiting for text never
+    makes it end the speech early. Pushing the text word by word gives the same tokens
+    as pushing it at once.
+    """
+
+    def __init__(self, synth: Synthesizer) -> None:
+        self.synth = synth
+        model, lm = synth.model, synth.lm
+        for cache in lm.transformer_cache:
             cache.reset()
-        for cache in self.lm.depformer_cache:
+        for cache in lm.depformer_cache:
             cache.reset()
-        self.mimi.reset_all()
-        state = machine.new_state(entries)
-        ids = machine.token_ids
-        offset = 0
+        synth.mimi.reset_all()
+        self.machine = model.machine
+        self.state = self.machine.new_state([])
+        self.offset = 0
+        self.closed = False
+        self.first_audio_step: int | None = None
+        self.frames = 0
+        self._pending = ""  # text after the last complete word
+        self._started = False
+        ids = self.machine.token_ids
 
         def on_audio(audio_tokens: mx.array) -> None:
             # Codebooks whose delay has not elapsed yet are fed as "zero" (as generate does).
-            for q, delay in enumerate(self.lm.delays[: audio_tokens.shape[1]]):
-                if offset < delay + model.delay_steps:
+            for q, delay in enumerate(lm.delays[: audio_tokens.shape[1]]):
+                if self.offset < delay + model.delay_steps:
                     audio_tokens[:, q] = ids.zero
 
         def on_text(text_tokens: mx.array) -> None:
-            token, _ = machine.process(offset, state, int(text_tokens[0, 0].item()))
+            token, _ = self.machine.process(self.offset, self.state, int(text_tokens[0, 0].item()))
             text_tokens[:] = mx.array([[token]], dtype=mx.int64)
 
-        gen = models.LmGen(
-            self.lm,
+        self.gen = models.LmGen(
+            lm,
             max_steps=model.max_gen_length,
             text_sampler=Sampler(temp=model.temp),
             audio_sampler=Sampler(temp=model.temp),
@@ -169,14 +199,79 @@ class Synthesizer:
             on_text_hook=on_text,
             on_audio_hook=on_audio,
         )
-        missing = self.lm.n_q - self.lm.dep_q
-        inputs = mx.full((1, missing), ids.zero, dtype=mx.int64)
-        for offset in range(model.max_gen_length):
-            end = state.end_step
-            if end is not None and offset >= end + model.delay_steps + model.final_padding:
-                return
-            gen.step(inputs, ct=self.ct, cross_attention_src=self.cross)
-            frame = gen.last_audio_tokens()
-            if frame is not None and bool((frame != ids.zero).all()):
-                pcm = self.mimi.decode_step(frame[:, :, None])
-                yield np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
+        self._inputs = mx.full((1, lm.n_q - lm.dep_q), ids.zero, dtype=mx.int64)
+
+    def push(self, text: str) -> None:
+        """More of the answer's text (already speakable); complete words are queued."""
+        self._pending += text
+        cut = max(self._pending.rfind(" "), self._pending.rfind("\n"))
+        if cut >= 0:
+            self._queue(self._pending[:cut])
+            self._pending = self._pending[cut + 1 :]
+
+    def close(self) -> None:
+        """No more text: the rest is spoken and the session ends."""
+        self._queue(self._pending)
+        self._pending = ""
+        self.closed = True
+
+    @property
+    def ready(self) -> bool:
+        """A step can be taken now without running ahead of the text."""
+        if self.done:
+            return False
+        state = self.state
+        needed = 1 + self.machine.second_stream_ahead
+        return (
+            self.closed
+            or len(state.entries) >= needed
+            or bool(state.queued)
+            or (state.forced_padding > 0)
+        )
+
+    @property
+    def done(self) -> bool:
+        model, end = self.synth.model, self.state.end_step
+        if end is not None and self.offset >= end + model.delay_steps + model.final_padding:
+            return True
+        return self.offset >= model.max_gen_length or (self.closed and not self._started)
+
+    def step(self) -> np.ndarray | None:
+        """One model step; the 80 ms of audio it completed, if any."""
+        synth, ids = self.synth, self.machine.token_ids
+        self.gen.step(self._inputs, ct=synth.ct, cross_attention_src=synth.cross)
+        self.offset += 1
+        frame = self.gen.last_audio_tokens()
+        if frame is None or not bool((frame != ids.zero).all()):
+            return None
+        if self.first_audio_step is None:
+            self.first_audio_step = self.offset
+        self.frames += 1
+        pcm = synth.mimi.decode_step(frame[:, :, None])
+        return np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
+
+    def heard(self, frames_played: int) -> str:
+        """The words whose audio was among the first `frames_played` frames."""
+        if self.first_audio_step is None:
+            return ""
+        lag = self.synth.model.delay_steps + max(self.synth.lm.delays)
+        heard_until = self.first_audio_step + frames_played
+        return " ".join(w for w, step in self.state.transcript if step + lag < heard_until)
+
+    def _queue(self, text: str) -> None:
+        entries = self.synth.model.prepare_script(
+            [text], padding_between=self.synth.padding_between
+        )
+        if not entries:
+            return
+        if self._started:
+            # prepare_script opens every script with the speaker's token; within one
+            # answer only its first word carries it, as when the text comes in one piece.
+            first = entries[0]
+            speaker = self.machine.token_ids.main
+            if self.synth.model.multi_speaker and first.tokens and first.tokens[0] == speaker:
+                first.tokens = first.tokens[1:]
+                if self.synth.padding_between > 0:
+                    first.padding = max(0, self.synth.padding_between + len(first.tokens) - 1)
+        self._started = True
+        self.state.entries.extend(entries)

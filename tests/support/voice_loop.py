@@ -83,3 +83,37 @@ def serve(assistant: VoiceAssistant, scenario: Callable[[threading.Event], None]
     helper.join()
     if errors:
         raise errors[0]
+
+
+class SpokenTexts:
+    """The synthesizer, noting the words each of its sessions is given (one per answer)."""
+
+    def __init__(self, tts) -> None:
+        self.tts, self.texts = tts, []
+        self.frame_samples = tts.frame_samples
+        self.at_first_step: list[str] = []  # each session's words when it was first stepped
+
+    def session(self):
+        session = self.tts.session()
+        index = len(self.texts)
+        self.texts.append("")
+        push = session.push
+
+        def noted(words: str) -> None:
+            self.texts[index] += words
+            push(words)
+
+        step = session.step
+
+        def first_step():
+            if len(self.at_first_step) <= index:
+                self.at_first_step.append(self.texts[index])
+            return step()
+
+        session.push = noted
+        session.step = first_step
+        return session
+
+    def spoken(self) -> list[str]:
+        """Each session's words, white space folded."""
+        return [" ".join(text.split()) for text in self.texts]
