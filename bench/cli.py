@@ -159,8 +159,12 @@ def print_report(results: dict) -> None:
             print(f"  {key.removesuffix('_ms'):<36}{fa}{fb}")
     for r in results.get("kyutai", []):
         first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
+        tts = ""
+        if r.get("codebooks") is not None:
+            skip = " skip" if r.get("skip_delay_depformer") else ""
+            tts = f" {r['codebooks']}cb{skip}"
         print(
-            f"{r['model']:<9} q{r['quantize'] or 16:<3} step {r['step_ms_median']:.1f} ms "
+            f"{r['model']}{tts} q{r['quantize'] or 16} step {r['step_ms_median']:.1f} ms "
             f"(p90 {r['step_ms_p90']:.1f}), real-time factor {r['real_time_factor']:.2f}{first}"
         )
 
@@ -216,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filler", type=int, default=300, help="context words added per turn")
     p.add_argument("--kyutai", action="store_true", help="also time Kyutai TTS/STT real shapes")
     p.add_argument("--kyutai-frames", type=int, default=25, help="frames timed per model")
+    p.add_argument(
+        "--kyutai-codebooks",
+        default="32",
+        help="TTS codebook counts to time, e.g. 32,24,16,8 (each with and without skipping "
+        "the depformer in the text-only delay)",
+    )
     p.add_argument("--quantize", type=int, choices=(4, 8), action="append", default=None,
                    help="Kyutai quantizations to time besides bf16 (repeatable)")  # fmt: skip
     p.add_argument("--voice", action="store_true",
@@ -243,11 +253,15 @@ def _main() -> int:
         rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler, bias)
         results["multi_turn"] = [r.row() for r in rows]
     if args.kyutai:
-        from bench.kyutai import bench_stt, bench_tts
+        from bench.kyutai import bench_stt, bench_tts, bench_tts_moshi
 
         kyutai = []
+        codebooks = [int(c) for c in args.kyutai_codebooks.split(",")]
         for q in [None, *(args.quantize or [])]:
-            kyutai.append(bench_tts(args.kyutai_frames, q).row())
+            kyutai.append(bench_tts_moshi(args.kyutai_frames, q).row())
+            for k in codebooks:
+                for skip in (False, True):
+                    kyutai.append(bench_tts(args.kyutai_frames, q, k, skip).row())
             kyutai.append(bench_stt(args.kyutai_frames, q).row())
         results["kyutai"] = kyutai
     if "listening" not in args.skip:

@@ -7,6 +7,7 @@ audio is noise. A Mimi frame is 80 ms: a step has to stay well under that to kee
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import tempfile
@@ -27,17 +28,22 @@ from voice.tts import Synthesizer
 DATA = Path(__file__).parent / "data"
 FRAME_MS = 80.0
 TEXT = "The capital of France is Paris. It is also the largest city in the country."
+# Long enough that random weights (which end a script early, sampling "new word" often)
+# still speak for the frames that are timed.
+LONG_TEXT = " ".join([TEXT] * 6)
 
 
 @dataclass
 class KyutaiRecord:
-    model: str  # "tts-1.6b" or "stt-1b"
+    model: str  # "tts-1.6b", "tts-1.6b moshi-mlx generate" (the peer) or "stt-1b"
     quantize: int | None
     frames: int
     step_ms_median: float
     step_ms_p90: float
     real_time_factor: float  # step time / 80 ms: below 1 keeps up with speech
-    first_audio_s: float | None  # TTS: from speak() to the first 80 ms of audio
+    first_audio_s: float | None  # TTS: from the first words pushed to the first 80 ms out
+    codebooks: int | None = None  # TTS: audio codebooks generated
+    skip_delay_depformer: bool | None = None  # TTS: depformer skipped in the text-only delay
 
     def row(self) -> dict:
         return asdict(self)
@@ -93,39 +99,101 @@ def _mimi(codebooks: int) -> Mimi:
     return mimi
 
 
-def _summary(name: str, q: int | None, times: list[float], first: float | None) -> KyutaiRecord:
+def _summary(
+    name: str, q: int | None, times: list[float], first: float | None, **tts: object
+) -> KyutaiRecord:
     ms = sorted(t * 1000 for t in times)
     median = statistics.median(ms)
     p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
-    return KyutaiRecord(name, q, len(ms), median, p90, median / FRAME_MS, first)
+    return KyutaiRecord(name, q, len(ms), median, p90, median / FRAME_MS, first, **tts)  # type: ignore[arg-type]
 
 
-def bench_tts(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) -> KyutaiRecord:
+def _tts_parts(folder: Path, quantize: int | None, dtype: mx.Dtype) -> tuple[Checkpoint, Path]:
     raw = tts_config()
+    lm = _random_lm(raw, dtype)
+    if quantize:
+        quantize_lm(lm, quantize)
+    voice = folder / "voice.safetensors"
+    dim = raw["conditioners"]["speaker_wavs"]["tensor"]["dim"]
+    mx.save_safetensors(str(voice), {"speaker_wavs": mx.random.normal((1, dim, 125)) * 0.1})
+    return Checkpoint(None, raw, lm, _mimi(raw["dep_q"]), _tokenizer(folder)), voice
+
+
+def bench_tts(
+    frames: int,
+    quantize: int | None,
+    codebooks: int | None = None,
+    skip_delay_depformer: bool = True,
+    dtype: mx.Dtype = mx.bfloat16,
+) -> KyutaiRecord:
+    """The product's path: one streaming session, the answer's words pushed at once (a
+    language model writes faster than speech), frames stepped out; Mimi decode included."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        lm = _random_lm(raw, dtype)
-        if quantize:
-            quantize_lm(lm, quantize)
-        voice = folder / "voice.safetensors"
-        dim = raw["conditioners"]["speaker_wavs"]["tensor"]["dim"]
-        mx.save_safetensors(str(voice), {"speaker_wavs": mx.random.normal((1, dim, 125)) * 0.1})
-        ckpt = Checkpoint(None, raw, lm, _mimi(raw["dep_q"]), _tokenizer(folder))
-        tts = Synthesizer(ckpt, voice, temperature=0.6, max_seconds=60)
+        ckpt, voice = _tts_parts(Path(tmp), quantize, dtype)
+        tts = Synthesizer(
+            ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks,
+            skip_delay_depformer=skip_delay_depformer,
+        )  # fmt: skip
         for _ in tts.speak(TEXT):  # a whole utterance first: kernels compile per shape
             pass
+        session = tts.session()
         start = time.perf_counter()
-        speech = tts.speak(TEXT)
-        next(speech)
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(frames):
+        session.push(LONG_TEXT + " ")
+        first, times = None, []
+        while len(times) < frames and not session.done:
+            if not session.ready:
+                session.close()
+                continue
             t = time.perf_counter()
-            if next(speech, None) is None:
-                break
-            times.append(time.perf_counter() - t)
-        speech.close()
-    return _summary("tts-1.6b", quantize, times, first)
+            frame = session.step()
+            if frame is None:
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            else:
+                times.append(time.perf_counter() - t)
+    return _summary(
+        "tts-1.6b", quantize, times, first,
+        codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
+    )  # fmt: skip
+
+
+def bench_tts_moshi(
+    frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16
+) -> KyutaiRecord:
+    """The peer: moshi-mlx's own `TTSModel.generate` on the same shapes and text, each frame
+    decoded by Mimi as it comes (as its own `run_tts` does)."""
+    from moshi_mlx.models.tts import TTSModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, voice = _tts_parts(Path(tmp), quantize, dtype)
+        # Its loop runs a script to the end: stop it once the timed frames are out.
+        delay = int(ckpt.raw_config["tts_config"]["audio_delay"] * ckpt.mimi.frame_rate)
+        model = TTSModel(
+            ckpt.lm, ckpt.mimi, ckpt.tokenizer, temp=0.6, raw_config=ckpt.raw_config,
+            max_gen_length=frames + delay + 8,
+        )  # fmt: skip
+        cfg = 2.0 if model.valid_cfg_conditionings else None
+        attributes = model.make_condition_attributes([voice], cfg)
+        stamps: list[float] = []
+
+        def on_frame(frame: mx.array) -> None:
+            if bool((frame != -1).all()):
+                mx.eval(ckpt.mimi.decode_step(frame[:, :, None]))
+                stamps.append(time.perf_counter())
+
+        entries = model.prepare_script([LONG_TEXT], padding_between=1)
+        model.generate([entries], [attributes], on_frame=on_frame)  # compiles kernels
+        stamps.clear()
+        start = time.perf_counter()
+        entries = model.prepare_script([LONG_TEXT], padding_between=1)
+        model.generate([entries], [attributes], on_frame=on_frame)
+    first = stamps[0] - start if stamps else None
+    times = [b - a for a, b in itertools.pairwise(stamps)][:frames]
+    return _summary(
+        "tts-1.6b moshi-mlx generate", quantize, times, first,
+        codebooks=ckpt.lm.dep_q, skip_delay_depformer=False,
+    )  # fmt: skip
 
 
 def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) -> KyutaiRecord:
@@ -146,3 +214,28 @@ def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) 
                 times.append(time.perf_counter() - t)
             stt.finish()
     return _summary("stt-1b", quantize, times, None)
+
+
+def main() -> None:
+    """`python -m bench.kyutai`: the Kyutai tables alone, without the chat engine's
+    dependencies (for a GPU machine that has only MLX and moshi-mlx)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.kyutai", description=main.__doc__)
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--codebooks", default="32,24,16,8")
+    p.add_argument("--quantize", type=int, choices=[4, 8])
+    p.add_argument("--out", type=Path, default=Path("kyutai.json"))
+    args = p.parse_args()
+    rows = [bench_tts_moshi(args.frames, args.quantize).row()]
+    for k in (int(c) for c in args.codebooks.split(",")):
+        for skip in (False, True):
+            rows.append(bench_tts(args.frames, args.quantize, k, skip).row())
+            print(json.dumps(rows[-1]), flush=True)
+    rows.append(bench_stt(args.frames, args.quantize).row())
+    print(json.dumps(rows[0]), json.dumps(rows[-1]), sep="\n", flush=True)
+    args.out.write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,7 @@ def voice_config_file(tmp_path: Path, voice_models: Path, gpt_oss_path: Path) ->
         },
         "audio": {"input_device": "pulse", "output_device": "pulse"},
         "endpointing": {"silence_ms": 400, "warmup_blocks": 0},
+        "display": {"status": True},  # state lines although the output is not a terminal
     }
     path = tmp_path / "voice.json"
     path.write_text(json.dumps(config))

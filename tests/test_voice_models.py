@@ -178,3 +178,50 @@ def test_quantized_models_still_run(voice_models: Path) -> None:
     stt.start()
     stt.feed(np.zeros(FRAME * 2, dtype=np.float32))
     stt.finish()
+
+
+@pytest.fixture
+def tts_folder(voice_models: Path) -> Path:
+    return voice_models / "tts"
+
+
+def load_tts(folder: Path, **kwargs) -> Synthesizer:
+    return Synthesizer.load(
+        str(folder), "tiny-voice", str(folder / "voices"), temperature=0.0, **kwargs
+    )
+
+
+def test_skipping_the_depformer_in_the_text_only_delay_changes_nothing(tts_folder: Path) -> None:
+    """The first steps' audio is replaced by "zero" anyway: greedy, the session with the
+    skip speaks exactly as one without it, and its depformer ran fewer times."""
+    text = "The capital of France is Paris. It is also the largest city."
+    plain = load_tts(tts_folder, skip_delay_depformer=False)
+    skipping = load_tts(tts_folder)
+    runs = {"plain": 0, "skipping": 0}
+    for name, tts in (("plain", plain), ("skipping", skipping)):
+        real = tts.lm.depformer.sample
+
+        def counted(*args, name=name, real=real, **kwargs):
+            runs[name] += 1
+            return real(*args, **kwargs)
+
+        tts.lm.depformer.sample = counted
+    a = np.concatenate(list(plain.speak(text)))
+    b = np.concatenate(list(skipping.speak(text)))
+    assert np.array_equal(a, b)
+    delay = skipping.model.delay_steps
+    assert runs["plain"] - runs["skipping"] == delay > 0
+
+
+def test_fewer_codebooks_are_generated_when_asked(tts_folder: Path) -> None:
+    full = load_tts(tts_folder)
+    have = full.lm.dep_q
+    fewer = load_tts(tts_folder, codebooks=have // 2)
+    assert fewer.lm.dep_q == have // 2 and len(fewer.lm.depformer.slices) == have // 2
+    session = fewer.session()
+    session.push("hello there how are you")
+    session.close()
+    audio = _drain(session)
+    assert len(audio) and np.sqrt(np.mean(audio**2)) > 1e-4  # Mimi decodes what it gets
+    assert session.gen.last_audio_tokens().shape[1] == have // 2
+    assert load_tts(tts_folder, codebooks=have + 1).lm.dep_q == have  # at most all of them

@@ -48,7 +48,9 @@ class TtsSection(_Section):
     quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
     temperature: float = Field(0.6, ge=0.0)
     cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
-    codebooks: int | None = Field(None, ge=1, description="audio codebooks to generate")
+    codebooks: int | None = Field(
+        8, ge=1, description="audio codebooks to generate at most (null: all); fewer = faster"
+    )
     padding_between: int = Field(1, ge=0, description="pause steps forced between words")
     greeting: bool = Field(True, description="speak the prompt config's greeting at start")
 

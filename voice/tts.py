@@ -11,7 +11,7 @@ machine, script preparation and conditioning, `LmGen`, Mimi).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +22,7 @@ from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
 
 from llm.errors import ConfigError
-from voice.checkpoints import Checkpoint, fetch, load_checkpoint
+from voice.checkpoints import Checkpoint, fetch, keep_codebooks, load_checkpoint
 from voice.config import TtsSection
 
 
@@ -65,7 +65,12 @@ class Synthesizer:
         cfg_coef: float = 2.0,
         padding_between: int = 1,
         max_seconds: float = 60.0,
+        codebooks: int | None = None,
+        skip_delay_depformer: bool = True,
     ) -> None:
+        if codebooks is not None:
+            keep_codebooks(checkpoint.lm, codebooks)
+        self.skip_delay_depformer = skip_delay_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.model = TTSModel(
             checkpoint.lm,
@@ -117,6 +122,7 @@ class Synthesizer:
             temperature=t.temperature,
             cfg_coef=t.cfg_coef,
             padding_between=t.padding_between,
+            codebooks=t.codebooks,
         )
 
     def _condition(self, attributes) -> None:
@@ -190,8 +196,15 @@ class SpeechSession:
             token, _ = self.machine.process(self.offset, self.state, int(text_tokens[0, 0].item()))
             text_tokens[:] = mx.array([[token]], dtype=mx.int64)
 
+        # Until then every codebook's token is replaced by "zero" (see on_audio).
+        text_only_until = model.delay_steps + min(lm.delays[: lm.dep_q])
+        stepped = (
+            _DelaySkippingLm(lm, lambda: self.offset < text_only_until, ids.zero)
+            if synth.skip_delay_depformer
+            else lm
+        )
         self.gen = models.LmGen(
-            lm,
+            stepped,  # type: ignore[arg-type]
             max_steps=model.max_gen_length,
             text_sampler=Sampler(temp=model.temp),
             audio_sampler=Sampler(temp=model.temp),
@@ -275,3 +288,55 @@ class SpeechSession:
                     first.padding = max(0, self.synth.padding_between + len(first.tokens) - 1)
         self._started = True
         self.state.entries.extend(entries)
+
+
+class _DelaySkippingLm:
+    """The LM as `LmGen` uses it, with the depformer skipped on the steps whose audio is
+    replaced by "zero" anyway: the text-only delay at the start of a session (16 of the
+    first ≈19 steps of Kyutai's TTS), as Kyutai's own server does. moshi-mlx has no switch
+    for it, so the backbone half of `Lm._sample` is repeated here; greedy, the tokens are
+    the same with or without the skip (tested)."""
+
+    def __init__(self, lm: models.Lm, skip: Callable[[], bool], zero: int) -> None:
+        self.lm, self.skip, self.zero, self.cfg = lm, skip, zero, lm.cfg
+
+    def _sample(
+        self,
+        text_token_ids: mx.array,
+        audio_token_ids: list[mx.array],
+        text_sampler: Sampler,
+        audio_sampler: Sampler,
+        ct: ConditionTensor | None = None,
+        cross_attention_src: mx.array | None = None,
+        cfg_coef: float = 1.0,
+        on_text_hook: Callable[[mx.array], None] | None = None,
+        on_audio_hook: Callable[[mx.array], None] | None = None,
+    ) -> tuple[mx.array, mx.array | None, mx.array]:
+        lm = self.lm
+        if not self.skip():
+            return lm._sample(
+                text_token_ids, audio_token_ids, text_sampler, audio_sampler, ct,
+                cross_attention_src, cfg_coef, on_text_hook, on_audio_hook,
+            )  # fmt: skip
+        xs = lm.text_emb(text_token_ids)
+        for token_ids, emb in zip(audio_token_ids, lm.audio_embs, strict=False):
+            xs = xs + emb(token_ids).transpose(1, 0, 2)
+        if ct is not None:
+            xs = xs + mx.expand_dims(ct.tensor, axis=1)
+        if cfg_coef != 1:
+            xs = mx.tile(xs, (2, 1, 1))
+        out = lm.transformer(
+            xs, cache=lm.transformer_cache, cross_attention_src=cross_attention_src
+        )
+        out = lm.out_norm(out)
+        text_logits = lm.text_linear(out)
+        if cfg_coef != 1:
+            l1, l2 = text_logits.split(2, axis=0)
+            text_logits = cfg_coef * l1 - (cfg_coef - 1) * l2
+        text_token, _ = text_sampler(text_logits)
+        if on_text_hook is not None:
+            on_text_hook(text_token)
+        audio = mx.full((text_token.shape[0], lm.dep_q, 1), self.zero, dtype=mx.int32)
+        if on_audio_hook is not None:
+            on_audio_hook(audio)
+        return text_token, audio, out
