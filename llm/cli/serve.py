@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
@@ -17,25 +18,22 @@ from llm.server import ServerLimits, create_app, served_from
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number above zero (a limit of 0 or less is a mistake)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not above zero")
-    return value
+def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number above zero (a limit of 0 or less is a mistake)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{value:g} is not above zero")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not above zero")
-    return value
+positive_int, positive_float = positive(int), positive(float)
 
 
 def build_parser() -> argparse.ArgumentParser:
