@@ -18,6 +18,7 @@ from llm.tools.python_sandbox import (
     NO_OUTPUT,
     PythonSandbox,
     SandboxLimits,
+    _python_roots,
     sandbox_exec_profile,
 )
 
@@ -130,10 +131,17 @@ def test_escapes_fail(sandbox: PythonSandbox, outside: Path, tmp_path: Path, nam
     assert sandbox.run("print('still here')") == "still here\n"
 
 
-def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox) -> None:
+def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox, tmp_path: Path) -> None:
+    """Only the sandbox's own folders, and the parents of the Python installation's
+    mount point (which may lie under /tmp or /home): nothing else of the host."""
+    marker = tmp_path / "host-only.txt"
+    marker.write_text("x")
+    python_parents = {root.split("/")[1] for root in _python_roots()}
     listing = set(eval(sandbox.run("import os; print(sorted(os.listdir('/')))")))
-    assert listing.isdisjoint({"etc", "home", "proc", "sys", "var", "run", "tmp"}), listing
+    host_only = {"etc", "home", "proc", "sys", "var", "run", "tmp", "root", "srv"}
+    assert listing.isdisjoint(host_only - python_parents), listing
     assert {"workspace", "usr", "dev"} <= listing
+    assert sandbox.run(f"import os; print(os.path.exists({str(marker)!r}))") == "False\n"
 
 
 def test_host_sockets_are_out_of_reach(sandbox: PythonSandbox, tmp_path: Path) -> None:
