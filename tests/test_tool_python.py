@@ -18,7 +18,7 @@ from llm.tools.python_sandbox import (
     NO_OUTPUT,
     PythonSandbox,
     SandboxLimits,
-    _python_roots,
+    python_roots,
     sandbox_exec_profile,
 )
 
@@ -136,7 +136,7 @@ def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox, tmp_path: Path)
     mount point (which may lie under /tmp or /home): nothing else of the host."""
     marker = tmp_path / "host-only.txt"
     marker.write_text("x")
-    python_parents = {root.split("/")[1] for root in _python_roots()}
+    python_parents = {root.split("/")[1] for root in python_roots()}
     listing = set(eval(sandbox.run("import os; print(sorted(os.listdir('/')))")))
     host_only = {"etc", "home", "proc", "sys", "var", "run", "tmp", "root", "srv"}
     assert listing.isdisjoint(host_only - python_parents), listing

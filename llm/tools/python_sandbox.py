@@ -89,7 +89,7 @@ def description(limits: SandboxLimits) -> str:
 # ---------------------------------------------------------------------- confinements
 
 
-def _python_roots() -> list[str]:
+def python_roots() -> list[str]:
     """Folders the interpreter and its packages live in, as named and as resolved."""
     roots: set[str] = set()
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)):
@@ -113,7 +113,7 @@ def bwrap_command(workspace: Path) -> list[str]:
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
     system = [d for d in ("/usr/lib", "/usr/lib64", "/usr/share/zoneinfo") if os.path.isdir(d)]
-    for root in [*system, *_python_roots()]:
+    for root in [*system, *python_roots()]:
         cmd += ["--ro-bind", os.path.realpath(root), root]
     cmd += [
         "--ro-bind", str(CHILD), INSIDE_CHILD,
@@ -135,7 +135,7 @@ def sandbox_exec_profile(workspace: Path) -> str:
     ws = _sbpl(str(workspace.resolve()))
     python = _sbpl(os.path.realpath(sys.executable))
     readable = " ".join(
-        f"(subpath {_sbpl(r)})" for r in [str(workspace.resolve()), *_python_roots()]
+        f"(subpath {_sbpl(r)})" for r in [str(workspace.resolve()), *python_roots()]
     )
     return "\n".join(
         [
