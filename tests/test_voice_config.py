@@ -143,3 +143,21 @@ def test_the_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
         f"error: {path}: field 'barge_in.enabled': Input should be a valid boolean, "
         "unable to interpret input"
     ]
+
+
+def test_voice_mode_speaks_plainly_and_thinks_briefly_unless_told_otherwise(
+    tmp_path: Path,
+) -> None:
+    from llm.config import PromptConfig, load_prompt_config
+    from voice.config import LlmSection, spoken_prompt
+
+    plain = spoken_prompt(PromptConfig(developer_instructions="Be kind."), LlmSection())
+    assert plain.developer_instructions.startswith("Be kind.\n\nYou are speaking with the user")
+    assert "markdown" in plain.developer_instructions and plain.reasoning_effort == "low"
+    chosen = tmp_path / "prompt.json"
+    chosen.write_text(json.dumps({"reasoning_effort": "high"}))
+    assert spoken_prompt(load_prompt_config(chosen), LlmSection()).reasoning_effort == "high"
+    flag = PromptConfig().model_copy(update={"reasoning_effort": "medium"})  # --reasoning-effort
+    assert spoken_prompt(flag, LlmSection()).reasoning_effort == "medium"
+    off = spoken_prompt(PromptConfig(), LlmSection(spoken_style=None, reasoning_effort=None))
+    assert off.developer_instructions is None and off.reasoning_effort == "medium"

@@ -247,11 +247,13 @@ def controlled(assistant, tmp_path: Path) -> tuple[ControlServer, Client]:
     return control, Client(control.path)
 
 
-def user_messages(log_path: Path) -> list[str]:
+def active_messages(log_path: Path) -> list[dict[str, Any]]:
     log = json.loads(log_path.read_text())
-    return [
-        m["content"] for m in log["chats"][log["active_chat_id"]]["messages"] if m["role"] == "user"
-    ]
+    return log["chats"][log["active_chat_id"]]["messages"]
+
+
+def user_messages(log_path: Path) -> list[str]:
+    return [m["content"] for m in active_messages(log_path) if m["role"] == "user"]
 
 
 def test_muted_it_hears_nothing_but_answers_a_question_from_the_socket_aloud(
@@ -391,3 +393,25 @@ def test_without_microphone_or_speaker_questions_come_and_go_as_text(
     assert seen["ask"] == {"ok": True, "answer": ANSWER, "interrupted": False}
     assert seen["say"] == {"ok": False, "error": "speech output is off (audio.use_tts)"}
     assert user_messages(log_path) == ["What is the capital of France?"]
+
+
+def test_with_reasoning_skipped_the_answer_opens_on_the_final_channel(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """llm.reasoning "skip": no analysis at all, the reply starts with answer words."""
+    assistant, rec, log_path = make_assistant(
+        hears=False, speaks=False, **{"llm.reasoning": "skip"}
+    )
+    control, ask = controlled(assistant, tmp_path)
+    seen: dict[str, Any] = {}
+
+    def scenario(stop: threading.Event) -> None:
+        seen["ask"], seen["events"] = ask("ask", "What is the capital of France?")
+
+    try:
+        serve(assistant, scenario)
+    finally:
+        control.close()
+    assert seen["ask"]["ok"] and seen["ask"]["answer"].strip()
+    assert rec.texts("reasoning") == []
+    assert [m.get("channel") for m in active_messages(log_path)] == [None, "final"]

@@ -26,7 +26,7 @@ from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.errors import ConfigError
 from voice import ctl, service
 from voice.audio_io import AudioError, list_devices
-from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
+from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config, spoken_prompt
 from voice.control import ControlServer, Loading, default_socket_path
 from voice.daemon import TurnTimings, VoiceAssistant
 from voice.logfile import log_to_file
@@ -261,7 +261,7 @@ def voice_assistant(
         console, config.display.show_reasoning, console.is_terminal if status is None else status
     )
     assistant = VoiceAssistant(
-        config, engine, setup.prompt, stt, tts, detector,
+        config, engine, spoken_prompt(setup.prompt, config.llm), stt, tts, detector,
         open_log(log_path, setup, console), log_path, reporter,
     )  # fmt: skip
     try:

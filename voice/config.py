@@ -12,12 +12,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llm.config import read_json
+from llm.config import PromptConfig, read_json
 from llm.errors import ConfigError
 
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
 DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"
 DEFAULT_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"
+# What an answer meant to be heard should be like (added to the developer instructions).
+SPOKEN_STYLE = (
+    "You are speaking with the user: your answer is read aloud by a text-to-speech voice. "
+    "Answer in short spoken sentences. Do not use markdown, tables, lists or code unless the "
+    "user asks for them. Write numbers, units, symbols and abbreviations as they are said "
+    'aloud ("twenty-one degrees", not "21°C").'
+)
 
 
 class _Section(BaseModel):
@@ -32,6 +39,15 @@ class LlmSection(_Section):
     chat_log: str | None = Field(None, description="chat log to resume or create")
     prefill_while_listening: bool = Field(
         True, description="prefill the words heard so far while the user is still speaking"
+    )
+    spoken_style: str | None = Field(
+        SPOKEN_STYLE, description="developer instructions added in voice mode (null: none)"
+    )
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        "low", description="voice mode's effort unless the prompt config or a flag sets one"
+    )
+    reasoning: Literal["auto", "skip"] = Field(
+        "auto", description="skip: answer at once on the final channel, with no reasoning"
     )
 
 
@@ -241,3 +257,15 @@ def apply_override(config: VoiceConfig, dotted: str, value: Any) -> VoiceConfig:
         first = e.errors()[0]
         raise ConfigError(f"{dotted}: {first['msg']}") from None
     return config.model_copy(update={section: updated})
+
+
+def spoken_prompt(prompt: PromptConfig, llm: LlmSection) -> PromptConfig:
+    """The prompt config as voice mode uses it: the spoken style added to the developer
+    instructions, and the voice default effort unless the prompt config or a flag set one."""
+    updates: dict[str, Any] = {}
+    if llm.spoken_style:
+        parts = [prompt.developer_instructions, llm.spoken_style]
+        updates["developer_instructions"] = "\n\n".join(p for p in parts if p)
+    if llm.reasoning_effort and "reasoning_effort" not in prompt.model_fields_set:
+        updates["reasoning_effort"] = llm.reasoning_effort
+    return prompt.model_copy(update=updates)

@@ -40,6 +40,8 @@ from voice.stt import Transcriber
 from voice.tts import SpeechSession, Synthesizer
 from voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
 
+# The Harmony header that opens a reply on the final channel (llm.reasoning: "skip").
+FINAL_CHANNEL = "<|channel|>final<|message|>"
 # Speech to have queued on the speaker before text generation gets a turn again.
 AHEAD_SECONDS = 0.3
 # Blocks kept from before the detector fired, so the first syllable reaches the STT.
@@ -442,6 +444,7 @@ class VoiceAssistant:
         user = ChatMessage("user", text)
         history = [*self.log.active().history(), user]
         turn = self._new_turn(user, speech_end, timings, reply)
+        skip = self.cfg.llm.reasoning == "skip" and self.engine.harmony
         turn.events = respond(
             self.engine,
             history,
@@ -449,6 +452,7 @@ class VoiceAssistant:
             self.toolbox,
             should_stop=lambda: turn.cancelled,
             now=self._utterance_now,
+            assistant_prefix=FINAL_CHANNEL if skip else "",
         )
         self._set_state("thinking")
 
