@@ -90,22 +90,26 @@ class PromptConfig(BaseModel):
         return v.lower() if isinstance(v, str) else v
 
     def expand(self, text: str | None, now: datetime | None = None) -> str | None:
-        """Fill `<|DATE|>`-style time placeholders and user-defined `{name}` ones."""
+        """Fill `<|DATE|>`-style placeholders (any case, as the original tool did) and
+        user-defined `{name}` ones."""
         if text is None:
             return None
         now = now or datetime.now().astimezone()
         utc = now.astimezone(UTC)
         names = {"assistant": self.assistant_name, "user": self.user_name, **self.placeholders}
+        folded = {k.lower(): v for k, v in names.items()}
         times = {
             "DATE": now.strftime("%Y-%m-%d"),
             "DATETIME": now.strftime("%Y-%m-%d %H:%M"),
+            "TIME": now.strftime("%H:%M"),
+            "TIMEA": now.strftime("%I:%M %p").lstrip("0"),  # 12-hour clock, AM/PM
             "TIMEZ": now.strftime("%H:%M %Z"),
             "TIMEU": utc.strftime("%H:%M"),
         }
 
         def angle(m: re.Match[str]) -> str:
             key = m.group(1)
-            return times.get(key) or names.get(key) or m.group(0)
+            return times.get(key.upper()) or folded.get(key.lower()) or m.group(0)
 
         text = re.sub(r"<\|([A-Za-z_]+)\|>", angle, text)
         return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: names.get(m[1], m[0]), text)

@@ -53,7 +53,7 @@ def _system_message(
             prompt.expand(prompt.conversation_start_date, now)
         )
     if prompt.knowledge_cutoff:
-        content = content.with_knowledge_cutoff(prompt.knowledge_cutoff)
+        content = content.with_knowledge_cutoff(prompt.expand(prompt.knowledge_cutoff, now))
     return Message.from_role_and_content(Role.SYSTEM, content)
 
 

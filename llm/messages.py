@@ -27,6 +27,13 @@ class ChatMessage:
     created_at: float = field(default_factory=time.time)
 
 
+def empty_turn_notice(done: TurnDone) -> str | None:
+    """What to tell the user when the model ended its turn without a single message."""
+    if any(m.content.strip() for m in done.messages):
+        return None
+    return f"(the model gave no answer: it ended its turn at once, finish {done.finish_reason})"
+
+
 def tool_answer(call: ChatMessage, text: str) -> ChatMessage:
     """The tool message answering `call`, on the call's channel. Its author is the tool:
     `python` for any python call, else the full recipient (`browser.search`,

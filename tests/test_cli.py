@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +38,54 @@ def test_generate_prints_only_the_answer(gpt_oss_path: Path) -> None:
     assert FRANCE.analysis not in out.stderr
 
 
+def test_an_empty_turn_is_said_not_silent(gpt_oss_path: Path) -> None:
+    # <|return|> forced as the first token: the model ends its turn without a message.
+    args = ("--model", str(gpt_oss_path), "--temperature", "0", "--logit-bias", "200002=100")
+    out = generate(FRANCE.user, *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    assert "(the model gave no answer: it ended its turn at once, finish stop)" in out.stderr
+
+
+def test_the_original_tools_options_are_taken(gpt_oss_path: Path, tmp_path: Path) -> None:
+    """-p/--prompt, --profiles-file, --max-context-tokens, --lazy and --mlock as the
+    original mlx-harmony spelled them: taken (renamed or unused ones with a note)."""
+    args = ("--model", str(gpt_oss_path), "--temperature", "0", "--max-context-tokens", "4096")
+    out = generate("-p", FRANCE.user, *args, "--lazy", "--mlock")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == FRANCE.final + "\n"
+    assert "note: --mlock is ignored: MLX keeps the model's weights resident" in out.stderr
+    small = generate("--prompt", FRANCE.user, *args[:4], "--max-context-tokens", "16")
+    assert small.returncode == 2 and "max_context_tokens=16" in small.stderr
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps({"tiny": {"model": str(gpt_oss_path)}}))
+    renamed = generate(HELLO.user, "--profiles-file", str(profiles), "--profile", "tiny",
+                       "--temperature", "0")  # fmt: skip
+    assert renamed.returncode == 0, renamed.stderr
+    assert renamed.stdout == HELLO.final + "\n"
+    assert "note: --profiles-file is --profiles here" in renamed.stderr
+
+
+def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "profiles.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.serve"], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "MLX_HARMONY_PROFILES_FILE": str(missing)}, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {missing}: file not found"
+
+
+def test_migrate_in_place_is_the_default_spelled_out(tmp_path: Path) -> None:
+    log = tmp_path / "old.json"
+    log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
+    cmd = [sys.executable, "-m", "llm.cli.migrate", "--in-place", str(log)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "v1 → v2, 2 messages" in out.stdout
+    both = subprocess.run([*cmd, "-o", str(tmp_path / "x.json")], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    assert both.returncode == 2 and "choose one" in both.stderr
+
+
 def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) -> None:
     args = ("--model", str(gpt_oss_path), "--temperature", "0", "--reasoning", "stderr")
     out = generate(*args, "--stats", stdin=HELLO.user + "\n")
@@ -49,7 +98,7 @@ def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) 
     ("args", "message"),
     [
         (["hi", "--model", "/no/such/model"], "error: model /no/such/model: folder does not exist"),
-        (["hi", "--top-p", "3", "--model", "x"], "error: --top_p: Input should be less than"),
+        (["hi", "--top-p", "3", "--model", "x"], "error: --top-p: Input should be less than"),
         ([" ", "--model", "x"], "error: empty prompt"),
         (["hi", "--profile", "a"], "error: --profile needs --profiles FILE"),
         (["hi", "--seed", str(2**70), "--model", "x"], "error: --seed: Input should be less"),

@@ -38,6 +38,10 @@ def test_placeholders_expand() -> None:
     assert (
         cfg.expand("<|DATETIME|> {unknown} <|NOPE|>", NOW) == "2026-11-25 14:30 {unknown} <|NOPE|>"
     )
+    # Any case, as the original tool matched them; and its <|TIME|> and <|TIMEA|>.
+    assert cfg.expand("<|date|> <|User|> <|TIME|> <|timea|>", NOW) == (
+        "2026-11-25 Morgan 14:30 2:30 PM"
+    )
 
 
 def test_prompt_config_reaches_the_harmony_prompt(vocab_dir: Path) -> None:

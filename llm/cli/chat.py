@@ -22,7 +22,7 @@ from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.config import SamplingParams
 from llm.errors import ConfigError
-from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone
+from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
 from llm.remote import RemoteEngine
 from llm.tool_loop import respond
 from llm.tools.toolbox import Toolbox, conversation_workspace
@@ -308,7 +308,9 @@ class ChatSession:
         hyper = prompt.sampling.model_dump(exclude_defaults=False)
         for msg in done.messages:
             self.chat.append(msg, hyper if msg.channel == "final" else None)
-        if done.finish_reason == "cancelled":
+        if (notice := empty_turn_notice(done)) is not None:
+            self.console.print(Text(notice, style="yellow"))
+        elif done.finish_reason == "cancelled":
             self.console.print("[yellow](stopped)[/]")
         elif done.finish_reason == "length":
             self.console.print("[yellow](max_tokens reached)[/]")

@@ -25,14 +25,50 @@ from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
 
 
+class Renamed(argparse.Action):
+    """An option the original mlx-harmony spelled differently: taken, with a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        if option_string != self.option_strings[0]:
+            print(f"note: {option_string} is {self.option_strings[0]} here", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+class Unused(argparse.Action):
+    """An option of the original mlx-harmony that does nothing here: accepted, and said so."""
+
+    def __init__(self, *args: Any, why: str, **kwargs: Any) -> None:
+        super().__init__(*args, nargs=0, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        print(f"note: {option_string} is ignored: {self.why}", file=sys.stderr)
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and prompt")
     g.add_argument(
         "--model", help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})"
     )
     g.add_argument("--profile", help="profile name from --profiles")
-    g.add_argument("--profiles", type=Path, help="profiles JSON: name → model + prompt_config")
+    g.add_argument(
+        "--profiles",
+        "--profiles-file",
+        action=Renamed,
+        type=Path,
+        help="profiles JSON: name → model + prompt_config",
+    )
     g.add_argument("--prompt-config", type=Path, help="prompt config JSON")
+    g.add_argument(
+        "--max-context-tokens", type=int, metavar="N", help="override the config's context limit"
+    )
+    g.add_argument("--lazy", action="store_true", default=None, help="load weights lazily")
+    g.add_argument(
+        "--mlock",
+        action=Unused,
+        why="MLX keeps the model's weights resident (wired on Apple silicon) by itself",
+        help=argparse.SUPPRESS,
+    )
     g.add_argument(
         "--remote",
         metavar="URL",
@@ -98,6 +134,10 @@ def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
         prompt = prompt.model_copy(update={"tools": profiles[args.profile].tools})
     if args.reasoning_effort:
         prompt = prompt.model_copy(update={"reasoning_effort": args.reasoning_effort})
+    if getattr(args, "max_context_tokens", None):
+        prompt = prompt.model_copy(update={"max_context_tokens": args.max_context_tokens})
+    if getattr(args, "lazy", None):
+        prompt = prompt.model_copy(update={"lazy": True})
     prompt = prompt.model_copy(update={"tools": apply_tool_flags(prompt.tools, args)})
     prompt = prompt.model_copy(update={"sampling": apply_overrides(prompt.sampling, args)})
     remote = profiles[args.profile].remote if args.profile else None
@@ -142,7 +182,8 @@ def apply_overrides(sampling: SamplingParams, args: argparse.Namespace) -> Sampl
         return SamplingParams.model_validate({**sampling.model_dump(), **updates})
     except ValidationError as e:
         first = e.errors()[0]
-        raise ConfigError(f"--{'-'.join(map(str, first['loc']))}: {first['msg']}") from None
+        flag = "-".join(str(p).replace("_", "-") for p in first["loc"])  # as typed: --top-p
+        raise ConfigError(f"--{flag}: {first['msg']}") from None
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:

@@ -10,7 +10,15 @@ from datetime import datetime
 from llm.backends import load_engine
 from llm.cli.common import add_model_options, resolve, run_main
 from llm.errors import ConfigError
-from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
+from llm.messages import (
+    ChatMessage,
+    Event,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    TurnDone,
+    empty_turn_notice,
+)
 from llm.tool_loop import respond
 from llm.tools.toolbox import Toolbox, conversation_workspace
 
@@ -18,6 +26,7 @@ from llm.tools.toolbox import Toolbox, conversation_workspace
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-harmony-generate", description=__doc__)
     p.add_argument("prompt", nargs="?", help="the user message; '-' or absent reads stdin")
+    p.add_argument("-p", "--prompt", dest="prompt_option", metavar="TEXT", help="the same")
     p.add_argument(
         "--reasoning",
         choices=["stderr", "hide"],
@@ -31,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main() -> int:
     args = build_parser().parse_args()
-    text = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    given = args.prompt_option or args.prompt
+    text = given if given not in (None, "-") else sys.stdin.read()
     if not text.strip():
         raise ConfigError("empty prompt: give it as an argument or on stdin")
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
@@ -66,6 +76,8 @@ def _print_turn(events: Iterator[Event], args: argparse.Namespace) -> None:
         elif isinstance(event, TurnDone):
             if last_channel is not None:
                 sys.stdout.write("\n")
+            if (notice := empty_turn_notice(event)) is not None:
+                print(notice, file=sys.stderr)
             if args.reasoning == "stderr" and any(m.channel != "final" for m in event.messages):
                 sys.stderr.write("\n")
             if args.stats:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llm.chatlog import SCHEMA_VERSION, keep_backup, load_chat_log, save_chat_log
 from llm.cli.common import run_main
+from llm.errors import ConfigError
 
 
 def _main() -> int:
@@ -15,7 +16,14 @@ def _main() -> int:
     p.add_argument(
         "-o", "--output", type=Path, help="write here instead of in place (in place keeps a .bak)"
     )
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="rewrite the log itself, keeping the original as .v1.bak (the default)",
+    )
     args = p.parse_args()
+    if args.in_place and args.output:
+        raise ConfigError("--in-place and --output: choose one")
     log, version = load_chat_log(args.log)
     target = args.output or args.log
     if target == args.log:

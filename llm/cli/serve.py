@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
@@ -16,6 +17,7 @@ from llm.http_guard import server_config
 from llm.server import ServerLimits, create_app, served_from
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
+PROFILES_ENV = "MLX_HARMONY_PROFILES_FILE"
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -77,7 +79,9 @@ def _main() -> int:
 
     args = build_parser().parse_args()
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
-    profiles = load_profiles(args.profiles) if args.profiles else {}
+    # The original tool's variable for a server's profiles, when the flag is absent.
+    profiles_file = args.profiles or os.environ.get(PROFILES_ENV)
+    profiles = load_profiles(Path(profiles_file)) if profiles_file else {}
     model = args.model or (None if profiles else DEFAULT_MODEL)
     served = served_from(model, profiles, setup.prompt, load_prompt_config, setup.remote)
     limits = ServerLimits(
