@@ -23,6 +23,7 @@ class ChatTemplateFormat:
     def __init__(self, tokenizer: TokenizerWrapper) -> None:
         self.tokenizer = tokenizer
         self.stop_tokens = frozenset(tokenizer.eos_token_ids)
+        self.structure_tokens = self.stop_tokens
         think = tokenizer.has_thinking and len(tokenizer.think_start_tokens) == 1
         self._think = (tokenizer.think_start_id, tokenizer.think_end_id) if think else None
 

@@ -76,6 +76,10 @@ class Engine:
         self.format = HarmonyFormat() if harmony else ChatTemplateFormat(tokenizer)
         self._cache = ConversationCache(model)
         self._seeder = Seeder()
+        # XTC never cuts these (as the original tool did): the tokens that end a message or
+        # a turn, and the newline that shapes the answer.
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        self.xtc_protected = sorted({*self.format.structure_tokens, *newline})
 
     @classmethod
     def load(cls, ref: str, *, lazy: bool = False) -> Engine:
@@ -199,7 +203,7 @@ class Engine:
             mx.array(prompt_tokens[-1:]),
             self.model,
             max_tokens=sampling.max_tokens,
-            sampler=build_sampler(sampling, sorted(stops)),
+            sampler=build_sampler(sampling, self.xtc_protected),
             logits_processors=build_logits_processors(sampling, prompt_tokens[:-1]),
             prompt_cache=self._cache.cache,
         )

@@ -120,6 +120,9 @@ class HarmonyFormat:
         self.encoding = encoding or harmony_encoding()
         # <|return|> and <|call|>; <|end|> only separates messages within a turn.
         self.stop_tokens = frozenset(self.encoding.stop_tokens_for_assistant_actions())
+        self.structure_tokens = frozenset(
+            {*self.stop_tokens, *self.encoding.encode("<|end|>", allowed_special="all")}
+        )
 
     def render(
         self,

@@ -19,7 +19,7 @@ def build_sampler(params: SamplingParams, special_tokens: Sequence[int] = ()) ->
         top_k=params.top_k,
         xtc_probability=params.xtc_probability,
         xtc_threshold=params.xtc_threshold,
-        # XTC must never cut the tokens that end a message or a turn.
+        # XTC must never cut the tokens that shape the answer (ends, newline).
         xtc_special_tokens=[*special_tokens, *(params.xtc_special_tokens or [])],
     )
 

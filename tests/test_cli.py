@@ -222,3 +222,11 @@ def test_chat_reports_a_turn_it_cannot_generate_and_carries_on(
     assert out.returncode == 0, out.stderr
     assert "error: max_context_tokens=256: the prompt needs" in out.stdout
     assert HELLO.final in out.stdout
+
+
+def test_token_id_lists_are_read_as_lists() -> None:
+    from llm.cli.generate import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["hi", "--xtc-special-tokens", "12"]).xtc_special_tokens == [12]
+    assert parse(["hi", "--xtc-special-tokens", "1,2"]).xtc_special_tokens == [1, 2]

@@ -278,3 +278,9 @@ def test_prefill_of_a_transcript_that_changed_its_mind_is_undone(engine: Engine)
     fresh = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
     assert done.tokens == fresh.tokens
     assert 0 < done.stats.cached_tokens < fresh.stats.prompt_tokens
+
+
+def test_xtc_never_cuts_the_tokens_that_shape_an_answer(engine: Engine) -> None:
+    """As in the original tool: the ends of a turn and of a message, and the newline."""
+    newline = engine.tokenizer.encode("\n", add_special_tokens=False)
+    assert {200002, 200012, 200007, *newline} <= set(engine.xtc_protected)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -43,6 +43,13 @@ class Unused(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
         print(f"note: {option_string} is ignored: {self.why}", file=sys.stderr)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected token ids such as 11,12") from None
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +101,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
             continue
         kind = get_args(field.annotation) or (field.annotation,)
         typ = next(t for t in kind if t is not type(None))
-        if typ is bool:
+        if get_origin(typ) is list:  # token ids: "1,2" or "12"
+            s.add_argument(f"--{name.replace('_', '-')}", type=_token_ids, metavar="ID,ID")
+        elif typ is bool:
             s.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction)
         else:
             s.add_argument(f"--{name.replace('_', '-')}", type=typ, metavar=typ.__name__.upper())
