@@ -172,6 +172,26 @@ def test_chat_conversation_commands_save_and_resume(gpt_oss_path: Path, tmp_path
     assert chat["metadata"]["last_model_path"] == str(gpt_oss_path)
 
 
+def test_answers_carry_the_assistants_name_and_are_cut_for_display(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(
+        json.dumps({"assistant_name": "Dave", "truncate_response": 12, "temperature": 0})
+    )
+    log = tmp_path / "chat.json"
+    child = spawn_chat(gpt_oss_path, log, "--prompt-config", str(prompt), "--no-markdown")
+    child.sendline(FRANCE.user)
+    child.expect_exact(f"Dave: {FRANCE.final[:12]} …")
+    child.expect_exact(f"[{len(FRANCE.final) - 12} more characters in the log]")
+    child.expect("You: ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    saved = json.loads(log.read_text())
+    (chat,) = saved["chats"].values()
+    assert chat["messages"][-1]["content"] == FRANCE.final  # the log keeps all of it
+
+
 def test_ctrl_c_stops_the_answer_not_the_program(gpt_oss_path: Path, tmp_path: Path) -> None:
     # Forbid the stop tokens so that the answer would run on for a long time.
     endless = ["--temperature", "0", "--logit-bias", "200002=-1000", "--logit-bias", "200012=-1000"]

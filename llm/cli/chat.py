@@ -275,14 +275,14 @@ class ChatSession:
                     elif isinstance(event, TextDelta) and event.channel == "final":
                         if thinking_shown and not answer:
                             self.console.print()
-                        answer += event.text
+                        before, answer = answer, answer + event.text
                         if live is None and self.markdown:
                             live = Live(console=self.console, auto_refresh=False)
                             live.start()
                         if live is not None:
-                            live.update(Markdown(answer), refresh=True)
+                            live.update(Markdown(self._answer_view(answer)), refresh=True)
                         else:
-                            self.console.print(event.text, end="", markup=False, highlight=False)
+                            self._stream_plain(before, answer)
                     elif isinstance(event, TextDelta) and self.show_reasoning:
                         limit = prompt.truncate_thinking
                         room = (
@@ -308,6 +308,10 @@ class ChatSession:
         hyper = prompt.sampling.model_dump(exclude_defaults=False)
         for msg in done.messages:
             self.chat.append(msg, hyper if msg.channel == "final" else None)
+        cut = prompt.truncate_response
+        if cut is not None and not self.markdown and len(answer) > cut:
+            more = f"[{len(answer) - cut} more characters in the log]"
+            self.console.print(Text(more, style="dim"))
         if (notice := empty_turn_notice(done)) is not None:
             self.console.print(Text(notice, style="yellow"))
         elif done.finish_reason == "cancelled":
@@ -329,11 +333,31 @@ class ChatSession:
         text = "\n  ".join(shown) + (f"\n  … {more} more lines" if more else "")
         self.console.print(Text(f"\n{head}\n  {text}", style="dim cyan"))
 
+    def _answer_view(self, answer: str) -> str:
+        """An answer as shown: after the assistant's name (as the original tool showed it)
+        and cut at `truncate_response` characters (the log keeps all of it)."""
+        prompt = self.setup.prompt
+        limit = prompt.truncate_response
+        if limit is not None and len(answer) > limit:
+            answer = f"{answer[:limit]} … [{len(answer) - limit} more characters in the log]"
+        return f"{prompt.assistant_name}: {answer}" if prompt.assistant_name else answer
+
+    def _stream_plain(self, before: str, answer: str) -> None:
+        """Plain text: the name first, then each new piece up to `truncate_response`."""
+        prompt = self.setup.prompt
+        limit = len(answer) if prompt.truncate_response is None else prompt.truncate_response
+        out = f"{prompt.assistant_name}: " if prompt.assistant_name and not before else ""
+        out += answer[len(before) : limit] if len(before) < limit else ""
+        if len(before) <= limit < len(answer):
+            out += " …"
+        self.console.print(out, end="", markup=False, highlight=False)
+
     def _print_answer(self, text: str) -> None:
+        view = self._answer_view(text)
         if self.markdown:
-            self.console.print(Markdown(text))
+            self.console.print(Markdown(view))
         else:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(view, markup=False, highlight=False)
 
 
 def _toggle(arg: str, current: bool) -> bool:
