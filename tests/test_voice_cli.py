@@ -25,11 +25,14 @@ ANSWER = "The capital of France is Paris. It is also the largest city in the cou
 class Running:
     """A command whose output lines can be waited for while it runs."""
 
+    started: list[Running] = []  # noqa: RUF012 (ended after each test, see below)
+
     def __init__(self, args: list[str], env: dict[str, str], stdin: str | None = None) -> None:
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
         )  # fmt: skip
+        Running.started.append(self)
         if stdin is not None:
             assert self.proc.stdin is not None
             self.proc.stdin.write(stdin)
@@ -65,6 +68,18 @@ class Running:
         while (line := self._queue.get(timeout=5)) is not None:
             self.lines.append(line)
         return code
+
+
+@pytest.fixture(autouse=True)
+def no_command_outlives_its_test():
+    """A test that fails while its command runs must not leave it running (it would take
+    the CPU from every test after it)."""
+    yield
+    while Running.started:
+        proc = Running.started.pop().proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
