@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Protocol
 
 from llm.config import PromptConfig, RemoteConfig, SamplingParams
+from llm.debug_log import DebugLog
 from llm.distributed import ShardedEngine, follow, load_sharded, world
 from llm.engine import Engine
 from llm.messages import ChatMessage, Event, Tool
@@ -57,17 +58,25 @@ class ChatEngine(Protocol):
 
 
 def load_engine(
-    model: str, *, lazy: bool = False, remote: RemoteConfig | None = None
+    model: str,
+    *,
+    lazy: bool = False,
+    remote: RemoteConfig | None = None,
+    debug: DebugLog | None = None,
 ) -> ChatEngine:
     """The engine a command runs on. Under `mlx.launch`, every rank loads its shard; rank 0
-    returns to run the command, the others serve rank 0 until it leaves, then exit."""
+    returns to run the command, the others serve rank 0 until it leaves, then exit.
+    `debug` logs every prompt and response of a local model (a remote renders its own)."""
     if remote is not None:
         return RemoteEngine(remote, model)
     group = world()
     if group is None:
-        return Engine.load(model, lazy=lazy)
+        local = Engine.load(model, lazy=lazy)
+        local.debug = debug
+        return local
     engine = load_sharded(model, group)
     if group.rank() != 0:
         follow(engine, group)
         raise SystemExit(0)
+    engine.debug = debug
     return ShardedEngine(engine, group)

@@ -27,6 +27,10 @@ class ChatTemplateFormat:
         think = tokenizer.has_thinking and len(tokenizer.think_start_tokens) == 1
         self._think = (tokenizer.think_start_id, tokenizer.think_end_id) if think else None
 
+    def decode(self, ids: list[int]) -> str:
+        """Text with the special tokens spelled out (for the debug log)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def render(
         self,
         prompt: PromptConfig,

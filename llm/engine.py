@@ -21,6 +21,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from llm.chat_template import ChatTemplateFormat
 from llm.config import PromptConfig, SamplingParams
+from llm.debug_log import DebugLog
 from llm.errors import ConfigError
 from llm.harmony import HarmonyFormat
 from llm.messages import (
@@ -76,6 +77,7 @@ class Engine:
         self.format = HarmonyFormat() if harmony else ChatTemplateFormat(tokenizer)
         self._cache = ConversationCache(model)
         self._seeder = Seeder()
+        self.debug: DebugLog | None = None
         # XTC never cuts these (as the original tool did): the tokens that end a message or
         # a turn, and the newline that shapes the answer.
         newline = tokenizer.encode("\n", add_special_tokens=False)
@@ -256,6 +258,8 @@ class Engine:
             total_seconds=end - clock.start,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
         )
+        if self.debug is not None:
+            self.debug.write(prompt_tokens, generated, self.format.decode, self.model_id)
         yield TurnDone(finish, tuple(done), tuple(generated), stats)
 
     def prefill(

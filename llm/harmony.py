@@ -124,6 +124,10 @@ class HarmonyFormat:
             {*self.stop_tokens, *self.encoding.encode("<|end|>", allowed_special="all")}
         )
 
+    def decode(self, ids: list[int]) -> str:
+        """Text with the special tokens spelled out (for the debug log)."""
+        return self.encoding.decode(ids)
+
     def render(
         self,
         prompt: PromptConfig,

@@ -244,6 +244,28 @@ def test_chat_reports_a_turn_it_cannot_generate_and_carries_on(
     assert HELLO.final in out.stdout
 
 
+def test_the_debug_log_holds_every_prompt_and_raw_response(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    debug = tmp_path / "debug.log"
+    args = ("--model", str(gpt_oss_path), "--temperature", "0", "--debug-file", str(debug))
+    out = generate(FRANCE.user, *args, "--debug-tokens", "both")
+    assert out.returncode == 0, out.stderr
+    text = debug.read_text()
+    prompt = text.split("--- prompt ---\n")[1].split("\n--- response ---")[0]
+    response = text.split("--- response ---\n")[1].split("\n--- prompt ids ---")[0]
+    assert prompt.startswith("<|start|>system<|message|>")
+    assert prompt.endswith(f"<|start|>user<|message|>{FRANCE.user}<|end|><|start|>assistant")
+    assert response.startswith("<|channel|>analysis<|message|>")
+    assert f"<|channel|>final<|message|>{FRANCE.final}<|return|>" in response
+    ids = text.split("--- response ids ---\n")[1].split()
+    assert ids[-1] == "200002"  # <|return|>
+    again = generate(HELLO.user, *args)  # appended, without ids this time
+    assert again.returncode == 0
+    assert debug.read_text().count("--- prompt ---") == 2
+    assert debug.read_text().count("--- prompt ids ---") == 1
+
+
 def test_token_id_lists_are_read_as_lists() -> None:
     from llm.cli.generate import build_parser
 

@@ -235,7 +235,9 @@ def _main() -> int:
     try:
         started = time.perf_counter()
         with console.status(f"Loading {setup.model} …"):
-            engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
+            engine = load_engine(
+                setup.model, lazy=setup.prompt.lazy, remote=setup.remote, debug=setup.debug
+            )
         console.print(f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s.[/]")
         if not voice:
             return text_chat(engine, setup, log_path, console, config)

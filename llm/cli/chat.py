@@ -385,7 +385,9 @@ def _main() -> int:
     setup = resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
-        engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
+        engine = load_engine(
+            setup.model, lazy=setup.prompt.lazy, remote=setup.remote, debug=setup.debug
+        )
     console.print(
         f"[dim]Loaded {setup.model} in {time.perf_counter() - started:.1f}s. "
         "Type \\help for commands, Ctrl-C stops an answer, Ctrl-D quits.[/]"

@@ -19,6 +19,8 @@ from llm.config import (
     load_profiles,
     load_prompt_config,
 )
+from llm.debug_log import DebugLog
+from llm.debug_log import default_path as default_debug_path
 from llm.errors import ConfigError
 from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 
@@ -70,6 +72,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--max-context-tokens", type=int, metavar="N", help="override the config's context limit"
     )
     g.add_argument("--lazy", action="store_true", default=None, help="load weights lazily")
+    d = parser.add_argument_group("debug log")
+    d.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"write every prompt and raw response to {default_debug_path()}",
+    )
+    d.add_argument("--debug-file", type=Path, metavar="PATH", help="…to this file instead")
+    d.add_argument("--debug-tokens", choices=["in", "out", "both"], help="…with the token ids too")
     g.add_argument(
         "--mlock",
         action=Unused,
@@ -115,6 +125,7 @@ class Setup:
     prompt: PromptConfig
     prompt_path: Path | None
     remote: RemoteConfig | None = None  # generate on this server instead of loading the model
+    debug: DebugLog | None = None  # --debug: every prompt and response of the model
 
 
 def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
@@ -157,7 +168,14 @@ def resolve(args: argparse.Namespace, warn: Callable[[str], None]) -> Setup:
             )
         except ValidationError:
             raise ConfigError(f"--remote {args.remote!r}: expected an http(s):// URL") from None
-    return Setup(model or DEFAULT_MODEL, prompt, prompt_path, remote)
+    debug = None
+    if (
+        getattr(args, "debug", False)
+        or getattr(args, "debug_file", None)
+        or getattr(args, "debug_tokens", None)
+    ):
+        debug = DebugLog(args.debug_file or default_debug_path(), args.debug_tokens)
+    return Setup(model or DEFAULT_MODEL, prompt, prompt_path, remote, debug)
 
 
 def apply_tool_flags(tools: ToolsConfig, args: argparse.Namespace) -> ToolsConfig:

@@ -45,7 +45,9 @@ def _main() -> int:
     if not text.strip():
         raise ConfigError("empty prompt: give it as an argument or on stdin")
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
-    engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
+    engine = load_engine(
+        setup.model, lazy=setup.prompt.lazy, remote=setup.remote, debug=setup.debug
+    )
     tools = setup.prompt.tools
     stamp = f"generate-{datetime.now():%Y%m%d-%H%M%S}"
     toolbox = Toolbox(tools, conversation_workspace(tools, stamp)) if tools.enabled else None
