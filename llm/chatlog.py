@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llm.config import read_json
 from llm.errors import ConfigError
@@ -49,6 +49,11 @@ class Stamp(BaseModel):
         return cls.at(time.time())
 
 
+def _stamp(value: Any) -> Any:
+    """Timestamps as the original tool also wrote them: ISO strings or Unix numbers."""
+    return value if isinstance(value, dict | Stamp) else Stamp.parse(value)
+
+
 class LogMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -61,6 +66,8 @@ class LogMessage(BaseModel):
     content: str
     timestamp: Stamp
     hyperparameters: dict[str, Any] | None = None
+
+    _timestamp = field_validator("timestamp", mode="before")(_stamp)
 
 
 class ChatMetadata(BaseModel):
@@ -75,6 +82,8 @@ class ChatMetadata(BaseModel):
     max_context_tokens: int | None = None
     created_at: Stamp
     updated_at: Stamp
+
+    _stamps = field_validator("created_at", "updated_at", mode="before")(_stamp)
 
 
 class Chat(BaseModel):

@@ -206,3 +206,31 @@ def test_an_active_chat_id_missing_from_the_chats_falls_back_to_the_last_chat(
     path.write_text(json.dumps(raw))
     log, _ = load_chat_log(path)
     assert log.active_chat_id == [c for c in raw["chat_order"] if c in raw["chats"]][-1]
+
+
+def test_timestamps_written_as_iso_strings_or_numbers_are_read() -> None:
+    from llm.chatlog import parse_chat_log
+
+    raw = json.loads((DATA / "chatlog-v2.json").read_text())
+    chat = raw["chats"]["chat-001"]
+    chat["metadata"]["created_at"] = "2025-01-07T00:00:00Z"
+    chat["metadata"]["updated_at"] = 1736208000
+    chat["messages"][0]["timestamp"] = "2025-01-07T00:00:05+00:00"
+    log, _ = parse_chat_log(raw)
+    active = log.chats["chat-001"]
+    assert active.metadata.created_at.iso == "2025-01-07T00:00:00Z"
+    assert active.metadata.updated_at.unix == 1736208000
+    assert active.messages[0].timestamp.iso == "2025-01-07T00:00:05Z"
+
+
+def test_a_chat_name_is_found_in_the_chats_folder(tmp_path: Path) -> None:
+    from llm.cli.chat import chat_log_path
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "trip.json").write_text("{}")
+    assert chat_log_path(Path("trip"), str(chats)) == chats / "trip.json"
+    assert chat_log_path(Path("trip.json"), str(chats)) == chats / "trip.json"
+    assert chat_log_path(Path("new-one"), str(chats)) == chats / "new-one.json"  # created there
+    assert chat_log_path(tmp_path / "x.json", str(chats)) == tmp_path / "x.json"  # a path
+    assert chat_log_path(None, str(chats)).parent == chats

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
-from llm.cli.chat import ChatSession, default_log_path, repl
+from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.errors import ConfigError
 from voice import ctl, service
@@ -217,7 +217,7 @@ def _main() -> int:
         return 0
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
-    log_path = log_path or default_log_path(setup.prompt.chats_dir)
+    log_path = chat_log_path(log_path, setup.prompt.chats_dir)
     voice = not args.text and (config.audio.use_stt or config.audio.use_tts)
 
     # Up before the models load: a second instance is refused at once, and `ctl status`

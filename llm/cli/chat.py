@@ -45,13 +45,28 @@ TOOL_PREVIEW_LINES = 6
 ALIASES = {"exit": "quit", "new": "reset", "q": "quit", "h": "help", "?": "help"}
 
 
+def chats_folder(chats_dir: str | None) -> Path:
+    if chats_dir:
+        return Path(chats_dir).expanduser()
+    return Path.home() / ".local" / "share" / "mlx-harmony" / "chats"
+
+
 def default_log_path(chats_dir: str | None) -> Path:
-    base = (
-        Path(chats_dir).expanduser()
-        if chats_dir
-        else (Path.home() / ".local" / "share" / "mlx-harmony" / "chats")
-    )
-    return base / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+    return chats_folder(chats_dir) / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+
+
+def chat_log_path(given: Path | None, chats_dir: str | None) -> Path:
+    """`--chat`: a path, or (as in the original tool) a bare name of a log in the chats
+    folder, `.json` optional; no `--chat`: a new log there."""
+    if given is None:
+        return default_log_path(chats_dir)
+    if given.exists() or len(given.parts) > 1:
+        return given
+    folder = chats_folder(chats_dir)
+    for candidate in (folder / given.name, folder / f"{given.name}.json"):
+        if candidate.exists():
+            return candidate
+    return folder / (given.name if given.suffix == ".json" else f"{given.name}.json")
 
 
 class Interrupt:
@@ -372,7 +387,9 @@ def _toggle(arg: str, current: bool) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-harmony-chat", description=__doc__)
-    p.add_argument("--chat", type=Path, help="chat log to resume or create")
+    p.add_argument(
+        "--chat", type=Path, help="chat log to resume or create: a path, or a name in chats_dir"
+    )
     p.add_argument("--no-markdown", action="store_true", help="print answers as plain text")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the reasoning")
     add_model_options(p)
@@ -395,7 +412,7 @@ def _main() -> int:
     session = ChatSession(
         engine,
         setup,
-        args.chat or default_log_path(setup.prompt.chats_dir),
+        chat_log_path(args.chat, setup.prompt.chats_dir),
         console,
         show_reasoning=not args.hide_reasoning,
         markdown=not args.no_markdown,
