@@ -192,6 +192,25 @@ def test_answers_carry_the_assistants_name_and_are_cut_for_display(
     assert chat["messages"][-1]["content"] == FRANCE.final  # the log keeps all of it
 
 
+def test_chats_lists_the_chats_of_a_log_and_switches(gpt_oss_path: Path, tmp_path: Path) -> None:
+    log = tmp_path / "chat.json"
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0", "--no-markdown")
+    say(child, HELLO.user, HELLO.final)
+    say(child, "\\new", "New chat.")
+    say(child, FRANCE.user, FRANCE.final)
+    child.sendline("\\chats")
+    child.expect_exact(f"3 messages  {HELLO.user[:50]}")
+    child.expect_exact(f"3 messages  {FRANCE.user[:50]}")
+    child.expect("You: ")
+    say(child, "\\chats 1", "Continuing chat-")
+    say(child, "\\history", HELLO.final)
+    say(child, "\\chats 7", "no chat '7' in this log")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    saved = json.loads(log.read_text())
+    assert saved["active_chat_id"] == saved["chat_order"][0]
+
+
 def test_ctrl_c_stops_the_answer_not_the_program(gpt_oss_path: Path, tmp_path: Path) -> None:
     # Forbid the stop tokens so that the answer would run on for a long time.
     endless = ["--temperature", "0", "--logit-bias", "200002=-1000", "--logit-bias", "200012=-1000"]

@@ -33,6 +33,7 @@ HELP = {
     "save [PATH]": "save the chat log (to PATH from now on, if given)",
     "load PATH": "open a chat log and continue its active chat",
     "reset": "start a new chat in the same log (also \\new)",
+    "chats [N]": "list the chats in this log, or continue chat N (a number or an id)",
     "retry": "generate the last answer again",
     "undo": "remove the last exchange",
     "history": "print the conversation",
@@ -191,6 +192,31 @@ class ChatSession:
         self._new_chat()
         self.save()
         self.console.print("[dim]New chat.[/]")
+
+    def _cmd_chats(self, arg: str) -> None:
+        log = self.log
+        order = [c for c in log.chat_order if c in log.chats]
+        order += [c for c in log.chats if c not in order]
+        if not arg:
+            for i, chat_id in enumerate(order, 1):
+                chat = log.chats[chat_id]
+                first = next((m.content for m in chat.messages if m.role == "user"), "")
+                mark = "*" if chat_id == log.active_chat_id else " "
+                line = f"{mark} {i:>2} {chat_id}  {len(chat.messages)} messages  {first[:50]}"
+                self.console.print(line, markup=False, highlight=False)
+            return
+        if arg.isdigit() and 1 <= int(arg) <= len(order):
+            chosen = order[int(arg) - 1]
+        elif arg in log.chats:
+            chosen = arg
+        else:
+            raise ConfigError(f"no chat {arg!r} in this log (\\chats lists them)")
+        log.active_chat_id = chosen
+        self.engine.reset()
+        self._new_toolbox()
+        self.save()
+        n = len(self.chat.messages)
+        self.console.print(f"[dim]Continuing {chosen} ({n} messages).[/]")
 
     def _last_user_message(self, action: str) -> int:
         users = [i for i, m in enumerate(self.chat.messages) if m.role == "user"]
