@@ -181,7 +181,6 @@ class SpeechSession:
         self.offset = 0
         self.closed = False
         self.first_audio_step: int | None = None
-        self.frames = 0
         self._pending = ""  # text after the last complete word
         self._started = False
         ids = self.machine.token_ids
@@ -259,7 +258,6 @@ class SpeechSession:
             return None
         if self.first_audio_step is None:
             self.first_audio_step = self.offset
-        self.frames += 1
         pcm = synth.mimi.decode_step(frame[:, :, None])
         return np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
 

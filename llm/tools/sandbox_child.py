@@ -236,28 +236,21 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGCONT)
 
-    def end(self) -> int:
-        """Kill it; its exit status as `subprocess` reports one (-N for signal N)."""
+    def end(self) -> None:
+        """Kill it (if it still runs), reap it, close its pipes."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            _, status = os.waitpid(self.pid, 0)
-            self.status = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(ChildProcessError):  # already reaped by died()
+            os.waitpid(self.pid, 0)
         for fd in (self.code, self.answers):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        return getattr(self, "status", -signal.SIGKILL)
 
     def died(self) -> int | None:
-        """Its exit status if it has ended on its own (e.g. a limit killed it)."""
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return getattr(self, "status", None)
-        if pid == 0:
-            return None
-        self.status = os.waitstatus_to_exitcode(status)
-        return self.status
+        """Its exit status as `subprocess` reports one (-N for signal N) if it has ended
+        on its own (e.g. a limit killed it); None while it runs."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -302,7 +295,10 @@ def supervise() -> None:
         reply: dict = {"id": request["id"]}
         if answer is None:  # it died (a limit), or broke the framing and is stopped now
             status = current.died()
-            reply["status" if status is not None else "broken"] = status or True
+            if status is None:
+                reply["broken"] = True
+            else:
+                reply["status"] = status
             current.end()
             current = None
         else:
