@@ -129,6 +129,30 @@ class VirtualAudio:
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
+    def loop_speaker_into_mic(self, delay_ms: int = 60, volume: float = 0.7) -> str:
+        """What the speaker plays reaches the microphone `delay_ms` later at `volume`, as
+        a laptop's loudspeakers reach its microphone through the room. Returns the
+        module id for `unload_module`."""
+        module = self.pactl(
+            "load-module", "module-loopback", "source=spk.monitor", "sink=micsink",
+            f"latency_msec={delay_ms}", "source_dont_move=true", "sink_dont_move=true",
+        ).stdout.strip()  # fmt: skip
+
+        # `pactl list short sink-inputs`: index, sink, client, driver, sample spec.
+        def loop_input() -> str | None:
+            for line in self.pactl("list", "short", "sink-inputs").stdout.splitlines():
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "module-loopback.c":
+                    return fields[0]
+            return None
+
+        _wait(lambda: loop_input() is not None)
+        self.pactl("set-sink-input-volume", str(loop_input()), f"{round(volume * 65536)}")
+        return module
+
+    def unload_module(self, module: str) -> None:
+        self.pactl("unload-module", module)
+
     # ------------------------------------------------------------------ speaker
     def record_speaker(self, path: Path) -> subprocess.Popen:
         return subprocess.Popen(

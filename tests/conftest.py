@@ -6,6 +6,7 @@ second run skips training; the key changes whenever tests/support/tiny_models.py
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -30,6 +31,16 @@ def _cached(name: str, *args: str) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests():
+    """Free each test's reference cycles here, on the main thread, once the threads it
+    started (servers, model workers) are done — not at a random allocation later in some
+    other thread while a model worker runs MLX (the one CI abort, "Fatal Python error:
+    Aborted" while garbage-collecting in a server test's event-loop thread, was there)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -257,3 +257,63 @@ def test_a_tool_call_is_announced_not_read_aloud(
         ("assistant", None, None),
     ]
     assert messages[3].content == "True\n" and messages[4].content == PYTHON_FINALS[True]
+
+
+def test_its_own_voice_through_the_room_does_not_interrupt_it_but_the_user_does(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """Loudspeakers: the speaker is looped into the microphone with a room's delay. With
+    echo cancellation (the default) the assistant's own voice is removed from what the
+    microphone hears, so barge-in is on and only the user's voice interrupts it."""
+    assistant, rec, _ = make_assistant()
+    assert assistant.echo is not None and assistant.rules.barge_in
+    loop = virtual_audio.loop_speaker_into_mic(delay_ms=60)
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    interruption = virtual_audio.say("Stop, stop, wait a moment please.", tmp_path)
+    echo_db: list[float | None] = []
+    try:
+
+        def scenario(stop: threading.Event) -> None:
+            virtual_audio.play_into_mic(question).wait()
+            rec.wait("turn_done", timeout=90)  # spoken to the end, over its own echo
+            echo_db.append(assistant.echo.attenuation_db)  # before any double talk
+            virtual_audio.play_into_mic(question).wait()
+            rec.wait("status", "speaking", count=2, timeout=90)
+            virtual_audio.play_into_mic(interruption).wait()
+            rec.wait("notice", "(interrupted)", timeout=30)
+            rec.wait("turn_done", count=3, timeout=90)
+
+        serve(assistant, scenario)
+    finally:
+        virtual_audio.unload_module(loop)
+    first = rec.timings[0]
+    assert not first.interrupted, rec.events
+    assert rec.timings[1].interrupted
+    assert rec.texts("heard")[:2] == [HEARD, HEARD]
+    # Of the echo of its first answer (python -m bench.echo measures it on its own).
+    assert echo_db[0] is not None and echo_db[0] > 15, echo_db
+
+
+def test_without_echo_cancellation_its_own_voice_would_interrupt_it(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """The control for the test above: the same loop, cancellation off and barge-in forced
+    on — the echo is loud enough to count as speech (which is why barge-in defaults to
+    off without cancellation)."""
+    assistant, rec, _ = make_assistant(
+        **{"audio.echo_cancellation": "off", "barge_in.enabled": True}
+    )
+    assert assistant.echo is None
+    loop = virtual_audio.loop_speaker_into_mic(delay_ms=60)
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    try:
+
+        def scenario(stop: threading.Event) -> None:
+            virtual_audio.play_into_mic(question).wait()
+            rec.wait("notice", "(interrupted)", timeout=90)
+            rec.wait("turn_done", timeout=90)
+
+        serve(assistant, scenario)
+    finally:
+        virtual_audio.unload_module(loop)
+    assert rec.timings[0].interrupted

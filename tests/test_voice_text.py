@@ -15,7 +15,7 @@ def run(endpointer: Endpointer, pattern: str) -> list[tuple[int, object]]:
     """Feed 's' (speech) / '.' (silence) blocks; return (block index, event) pairs."""
     out = []
     for i, c in enumerate(pattern):
-        event = endpointer.update(c == "s")
+        endpointer, event = endpointer.update(c == "s")
         if event is not None:
             out.append((i, event))
     return out
@@ -23,7 +23,7 @@ def run(endpointer: Endpointer, pattern: str) -> list[tuple[int, object]]:
 
 def make(**kw) -> Endpointer:
     params = {"hits": 2, "silence_ms": 400, "min_speech_ms": 200, "warmup_blocks": 0} | kw
-    return Endpointer(EndpointingSection(**params), BLOCK_MS)
+    return Endpointer.new(EndpointingSection(**params), BLOCK_MS)
 
 
 def test_speech_starts_after_hits_and_ends_after_the_configured_silence() -> None:

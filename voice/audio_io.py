@@ -159,6 +159,8 @@ class _Resampler:
         return pcm if self.stream is None else self.stream.resample_chunk(pcm)
 
 
+# The speaker's played blocks kept for the echo canceller (20 ms each: 4 s).
+PLAYED_BLOCKS = 200
 # A stream whose callback has not run for this long has lost its device, even if PortAudio
 # still calls it active (seen when a sound server goes away under an open ALSA stream).
 STALL_SECONDS = 3.0
@@ -228,17 +230,24 @@ class _Stream:
 class Block:
     pcm: np.ndarray  # 24 kHz mono float32
     at: float  # time.perf_counter() when the callback received it
+    start: float = 0.0  # perf_counter time its first sample was captured (estimated)
 
 
 class Microphone(_Stream):
-    """Blocks of `block_ms` at 24 kHz; `read()` waits for the next one."""
+    """Blocks of `block_ms` at 24 kHz; `read()` waits for the next one.
+
+    The callback only queues what PortAudio delivers (a copy and the time); converting to
+    24 kHz and cutting blocks happen on the reader's thread, so the audio thread never
+    waits on anything.
+    """
 
     def __init__(self, device: str | int | None, block_ms: int = 80) -> None:
         super().__init__(device)
         self.block_ms = block_ms
         self.block = MODEL_RATE * block_ms // 1000
-        self._queue: queue.Queue[Block] = queue.Queue(maxsize=1000)
-        self.overflows = 0
+        self._raw: queue.SimpleQueue[tuple[np.ndarray, float]] = queue.SimpleQueue()
+        self._ready: deque[Block] = deque()
+        self.latency = 0.0
 
     def open(self) -> None:
         sd = sounddevice()
@@ -246,49 +255,74 @@ class Microphone(_Stream):
         rate = _device_rate(sd, device, "input")
         self._resample = _Resampler(rate, MODEL_RATE)
         self._carry = np.zeros(0, dtype=np.float32)
+        self._raw = queue.SimpleQueue()
+        self._ready.clear()
         self._start(
             "input", sd.InputStream, device=device, samplerate=rate,
             blocksize=rate * self.block_ms // 1000,
         )  # fmt: skip
+        self.latency = float(self._stream.latency)
 
     def _callback(self, indata: np.ndarray, frames: int, t: Any, status: Any) -> None:
         self._alive()
-        if status.input_overflow:
-            self.overflows += 1
-        pcm = self._resample(indata[:, 0].copy())
+        self._raw.put((indata[:, 0].copy(), time.perf_counter()))
+
+    def _cut(self, pcm: np.ndarray, at: float) -> None:
+        pcm = self._resample(pcm)
         pcm = np.concatenate([self._carry, pcm]) if len(self._carry) else pcm
-        now = time.perf_counter()
+        block_s = self.block / MODEL_RATE
         while len(pcm) >= self.block:
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(Block(pcm[: self.block], now))
+            # What is left after this block was captured after it.
+            later = (len(pcm) - self.block) / MODEL_RATE
+            start = at - self.latency - later - block_s
+            self._ready.append(Block(pcm[: self.block], at, start))
             pcm = pcm[self.block :]
         self._carry = pcm
 
-    def read(self, timeout: float) -> Block | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def drain(self) -> list[Block]:
-        out = []
+    def _take(self, timeout: float | None) -> None:
+        """Convert what the callback queued (waiting up to `timeout` s for something)."""
         while True:
             try:
-                out.append(self._queue.get_nowait())
+                if timeout is None:
+                    pcm, at = self._raw.get_nowait()
+                else:
+                    pcm, at = self._raw.get(timeout=timeout)
             except queue.Empty:
-                return out
+                return
+            self._cut(pcm, at)
+            if timeout is not None and self._ready:
+                timeout = None  # a block is ready: take only what is already queued
+
+    def read(self, timeout: float) -> Block | None:
+        if not self._ready:
+            self._take(timeout)
+        return self._ready.popleft() if self._ready else None
+
+    def drain(self) -> list[Block]:
+        self._take(None)
+        out = list(self._ready)
+        self._ready.clear()
+        return out
 
 
 class Speaker(_Stream):
-    """Plays queued 24 kHz PCM; writes silence when there is nothing to play."""
+    """Plays queued 24 kHz PCM; writes silence when there is nothing to play.
+
+    Without locks: the callback only pops what `play` appended (deque operations are
+    atomic), and `clear` moves to a new generation whose start the callback notices.
+    Every block the device was given is also kept with the time it is heard (`played`),
+    as the echo canceller's reference.
+    """
 
     def __init__(self, device: str | int | None) -> None:
         super().__init__(device)
-        self._frames: deque[np.ndarray] = deque()
-        self._lock = threading.Lock()
+        self._frames: deque[tuple[int, np.ndarray]] = deque()
+        self._generation = 0
         self._head = np.zeros(0, dtype=np.float32)
+        self._head_generation = 0
         self.first_sound_at: float | None = None  # perf_counter of the first audible block
         self.played_samples = 0
+        self.played: deque[tuple[float, np.ndarray]] = deque(maxlen=PLAYED_BLOCKS)
         self.latency = 0.0
         self.rate = MODEL_RATE
 
@@ -305,19 +339,21 @@ class Speaker(_Stream):
 
     def play(self, pcm: np.ndarray) -> None:
         pcm = self._resample(pcm.astype(np.float32, copy=False))
-        with self._lock:
-            self._frames.append(pcm)
+        self._frames.append((self._generation, pcm))
 
     def clear(self) -> None:
         """Stop at once (barge-in): drop everything not yet handed to the device."""
-        with self._lock:
-            self._frames.clear()
-            self._head = np.zeros(0, dtype=np.float32)
+        self._generation += 1
+        self._frames.clear()
 
     def pending_seconds(self) -> float:
-        with self._lock:
-            n = len(self._head) + sum(len(f) for f in self._frames)
-        return n / self.rate if self._stream is not None else 0.0
+        if self._stream is None:
+            return 0.0
+        # list() copies the deque in one step, whatever the callback does meanwhile.
+        frames = list(self._frames)
+        now = self._generation
+        head = len(self._head) if self._head_generation >= now else 0
+        return (head + sum(len(f) for g, f in frames if g >= now)) / self.rate
 
     @property
     def busy(self) -> bool:
@@ -327,17 +363,23 @@ class Speaker(_Stream):
         self._alive()
         out = outdata[:, 0]
         filled = 0
-        with self._lock:
-            while filled < frames:
-                if not len(self._head):
-                    if not self._frames:
-                        break
-                    self._head = self._frames.popleft()
-                take = min(frames - filled, len(self._head))
-                out[filled : filled + take] = self._head[:take]
-                self._head = self._head[take:]
-                filled += take
+        while filled < frames:
+            # A frame queued before the last clear() is dropped (generations only grow).
+            if self._head_generation < self._generation:
+                self._head = self._head[:0]
+            if not len(self._head):
+                try:
+                    self._head_generation, self._head = self._frames.popleft()
+                except IndexError:
+                    break
+                continue
+            take = min(frames - filled, len(self._head))
+            out[filled : filled + take] = self._head[:take]
+            self._head = self._head[take:]
+            filled += take
         out[filled:] = 0.0
+        now = time.perf_counter()
+        self.played.append((now + self.latency, out.copy()))
         self.played_samples += filled
         if self.first_sound_at is None and filled and np.abs(out[:filled]).max() > SILENCE_RMS:
-            self.first_sound_at = time.perf_counter()
+            self.first_sound_at = now

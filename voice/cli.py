@@ -46,6 +46,7 @@ class TerminalReporter:
         self._answering = False
         self._thinking = False
         self._deferred: str | None = None
+        self._partial = False  # a line of words heard so far is on screen
 
     def status(self, state: str) -> None:
         if self._answering:
@@ -54,6 +55,16 @@ class TerminalReporter:
         self._end_line()
         if self.show_status:
             self.console.print(Text(f"● {state}", style="dim"))
+
+    def partial(self, text: str) -> None:
+        """The words heard so far, rewritten in place (a terminal only)."""
+        if not (self.show_status and self.console.is_terminal):
+            return
+        width = max(10, self.console.width - 4)
+        shown = text if len(text) <= width else "…" + text[-(width - 1) :]
+        self.console.file.write("\r\x1b[2K" + (f"… {shown}" if shown else ""))
+        self.console.file.flush()
+        self._partial = bool(shown)
 
     def heard(self, text: str) -> None:
         self._end_line()
@@ -97,6 +108,8 @@ class TerminalReporter:
         self.console.print(Text(f"  ms after {since}: " + ", ".join(parts), style="dim"))
 
     def _end_line(self) -> None:
+        if self._partial:
+            self.partial("")
         if self._answering or self._thinking:
             self.console.print()
         self._answering = self._thinking = False

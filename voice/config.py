@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llm.config import PromptConfig, read_json
 from llm.errors import ConfigError
@@ -78,6 +78,11 @@ class AudioSection(_Section):
     reopen_seconds: float = Field(1.0, gt=0, description="retry period for a lost device")
     use_stt: bool = Field(True, description="hear questions through the microphone")
     use_tts: bool = Field(True, description="speak the answers")
+    echo_cancellation: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="remove the assistant's own voice from the microphone (WebRTC AEC3); "
+        "auto: on when both microphone and speaker are in use",
+    )
 
 
 class EndpointingSection(_Section):
@@ -94,11 +99,40 @@ class EndpointingSection(_Section):
 
 
 class BargeInSection(_Section):
-    enabled: bool = False
+    enabled: bool | None = Field(
+        None, description="speech over the answer interrupts it; default: on with echo cancellation"
+    )
     min_speech_ms: int = Field(240, ge=0, description="speech over the assistant that counts")
     echo_guard_ms: int = Field(
         300, ge=0, description="with barge-in off, how long after playback the mic stays deaf"
     )
+
+
+DEFAULT_WAKE_PHRASES = ["hey harmony", "okay harmony"]
+DEFAULT_STOP_PHRASES = [
+    "stop", "stop it", "be quiet", "quiet", "that's enough", "cancel", "never mind",
+]  # fmt: skip
+
+
+class ActivationSection(_Section):
+    mode: Literal["always", "wake_phrase", "push_to_talk"] = Field(
+        "always",
+        description="always: answer any speech; wake_phrase: only speech that starts with a "
+        "wake phrase (or follows an answer); push_to_talk: only after Enter (or `ctl listen`)",
+    )
+    wake_phrases: list[str] = Field(
+        DEFAULT_WAKE_PHRASES, min_length=1, description="matched forgivingly in the transcript"
+    )
+    follow_up_s: float = Field(
+        8.0, ge=0, description="after an answer or the wake phrase alone, no wake phrase needed"
+    )
+    stop_phrases: list[str] = Field(
+        DEFAULT_STOP_PHRASES, description="said alone, they stop the answer instead of asking"
+    )
+    earcons: bool | None = Field(
+        None, description="short tones when it starts and stops listening; default: unless always"
+    )
+    earcon_volume: float = Field(0.2, ge=0, le=1)
 
 
 class DisplaySection(_Section):
@@ -115,7 +149,16 @@ class VoiceConfig(_Section):
     audio: AudioSection = AudioSection()
     endpointing: EndpointingSection = EndpointingSection()
     barge_in: BargeInSection = BargeInSection()
+    activation: ActivationSection = ActivationSection()
     display: DisplaySection = DisplaySection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _activation_shorthand(cls, data: Any) -> Any:
+        """`"activation": "wake_phrase"` is short for `{"mode": "wake_phrase"}`."""
+        if isinstance(data, dict) and isinstance(data.get("activation"), str):
+            return {**data, "activation": {"mode": data["activation"]}}
+        return data
 
 
 RETIRED_SECTIONS = ("chunking",)

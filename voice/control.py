@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from llm.errors import ConfigError
 
-Command = Literal["status", "mute", "unmute", "stop", "new-chat", "say", "ask"]
+Command = Literal["status", "mute", "unmute", "stop", "listen", "new-chat", "say", "ask"]
 # A request line longer than this is refused (a typed question fits many times over).
 MAX_LINE = 64 * 1024
 # Requests that carry a text, and those that must not.

@@ -1,7 +1,7 @@
 """mlx-harmony-voice ctl: tell the running assistant what to do, through its control socket.
 
     mlx-harmony-voice ctl status
-    mlx-harmony-voice ctl mute | unmute | stop | new-chat
+    mlx-harmony-voice ctl mute | unmute | stop | listen | new-chat
     mlx-harmony-voice ctl say "The tea is ready."
     mlx-harmony-voice ctl ask "What is the capital of France?"
 
@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
         print("stopped" if final.get("stopped") else "nothing to stop")
     elif args.cmd in ("mute", "unmute"):
         print("muted" if final.get("muted") else "listening")
+    elif args.cmd == "listen":
+        print(final.get("state", ""))
     elif args.cmd == "new-chat":
         print(f"new chat {final.get('chat_id')}")
     return 0

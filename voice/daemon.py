@@ -14,7 +14,6 @@ only as typed or control-socket text; without TTS answers are only shown and ret
 from __future__ import annotations
 
 import contextlib
-import math
 import queue
 import threading
 import time
@@ -32,13 +31,43 @@ from llm.errors import ConfigError
 from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
 from llm.tool_loop import respond
 from llm.tools.toolbox import Toolbox, conversation_workspace
+from voice import turns
 from voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
 from voice.config import VoiceConfig
 from voice.control import Reply, Request
+from voice.earcons import Earcons
+from voice.echo import EchoCanceller
+from voice.echo import available as echo_available
 from voice.speakable import SpeakableStream
 from voice.stt import Transcriber
 from voice.tts import SpeechSession, Synthesizer
-from voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
+from voice.turns import (
+    AnswerFinished,
+    AnswerStarted,
+    Ask,
+    CancelTurn,
+    DeviceBack,
+    DeviceLost,
+    DropHearing,
+    Earcon,
+    Feed,
+    FinishHearing,
+    Mute,
+    Notice,
+    Prefill,
+    Rules,
+    ShowWords,
+    StartHearing,
+    StartTurn,
+    State,
+    Status,
+    Stop,
+    TalkKey,
+    Transcript,
+    Words,
+    free,
+)  # fmt: skip
+from voice.vad import Detector
 
 # The Harmony header that opens a reply on the final channel (llm.reasoning: "skip").
 FINAL_CHANNEL = "<|channel|>final<|message|>"
@@ -53,6 +82,7 @@ class Reporter(Protocol):
 
     def status(self, state: str) -> None: ...
     def heard(self, text: str) -> None: ...
+    def partial(self, text: str) -> None: ...  # the words heard so far ("" clears them)
     def reasoning(self, text: str) -> None: ...
     def answer(self, text: str) -> None: ...
     def answer_done(self) -> None: ...
@@ -100,6 +130,10 @@ class _Turn:
 
 
 class VoiceAssistant:
+    """The I/O shell around `voice.turns`: it turns audio, transcripts and playback into
+    turn-taking events and carries out the actions that come back. No turn rule lives
+    here; the devices and the clock are injected (built from the config when not given)."""
+
     def __init__(
         self,
         config: VoiceConfig,
@@ -112,37 +146,60 @@ class VoiceAssistant:
         log_path: Path,
         reporter: Reporter,
         clock: Callable[[], float] = time.perf_counter,
+        mic: Microphone | None = None,
+        speaker: Speaker | None = None,
     ) -> None:
         self.cfg, self.engine, self.prompt = config, engine, prompt
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
         self.log, self.log_path, self.report, self.clock = log, log_path, reporter, clock
-        block_ms = config.audio.block_ms
-        self.mic = (
-            Microphone(config.audio.input_device, block_ms) if transcriber is not None else None
+        audio = config.audio
+        if transcriber is not None:
+            self.mic = mic or Microphone(audio.input_device, audio.block_ms)
+        else:
+            self.mic = None
+        self.speaker = (speaker or Speaker(audio.output_device)) if synthesizer else None
+        self.echo = self._echo_canceller()
+        hears, speaks = self.mic is not None, self.speaker is not None
+        self.rules = Rules.from_config(config, self.echo is not None, hears, speaks)
+        self.conv = State.start(self.rules)
+        self.earcons = Earcons(config.activation.earcon_volume) if self.rules.earcons else None
+        self.preroll: deque[Block] = deque(
+            maxlen=max(config.endpointing.hits, self.rules.barge_in_blocks) + PREROLL_EXTRA_BLOCKS
         )
-        self.speaker = Speaker(config.audio.output_device) if synthesizer is not None else None
-        self.endpointer = Endpointer(config.endpointing, block_ms)
-        self.preroll: deque[Block] = deque(maxlen=config.endpointing.hits + PREROLL_EXTRA_BLOCKS)
         self.turn: _Turn | None = None
         self.state = ""
-        self._barge_blocks = 0
-        self._deaf_until = 0.0
-        self._last_speech_at = 0.0
+        self._block: Block | None = None  # the microphone block being handled
+        self._timings = TurnTimings()  # the utterance being transcribed
+        self._pending_reply: Reply | None = None  # who asked the question being started
         self._stt_frames_at_start = 0
-        self._devices_down_since: float | None = None
+        self._devices_down = False
         self._utterance_now = datetime.now()
-        self._prefilled_words = 0
-        self.muted = False
         self.turns = 0
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
         self.toolbox: Toolbox | None = None
         self._new_toolbox()
 
+    def _echo_canceller(self) -> EchoCanceller | None:
+        mode = self.cfg.audio.echo_cancellation
+        if mode == "off" or self.mic is None or self.speaker is None:
+            return None
+        if not echo_available():
+            if mode == "on":
+                raise ConfigError(
+                    "audio.echo_cancellation: on, but pywebrtc-audio is not installed"
+                )
+            return None
+        return EchoCanceller(self.speaker)
+
+    @property
+    def muted(self) -> bool:
+        return self.conv.muted
+
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
         self._open_devices()
-        self._set_state(self._idle_state)
+        self._set_state(self.conv.idle_status(self.clock()))
         self._greet(record=not self.log.active().messages)
 
     def close(self) -> None:
@@ -163,6 +220,8 @@ class VoiceAssistant:
             self.speaker.open()
         if self.mic is not None:
             self.mic.open()
+        if self.echo is not None:
+            self.echo.reset()
 
     def _close_devices(self) -> None:
         if self.mic is not None:
@@ -196,7 +255,7 @@ class VoiceAssistant:
             self._wait_command(timeout=0.05)
         if self.turn is not None:
             self._advance()
-        elif self._waiting and not (self.stt is not None and self.stt.active):
+        elif self._waiting and free(self.conv):
             self._start_waiting()
 
     def _wait_block(self, mic: Microphone) -> list[Block]:
@@ -204,13 +263,9 @@ class VoiceAssistant:
         return [first, *mic.drain()] if first is not None else []
 
     def _recover(self, which: str) -> None:
-        now = self.clock()
-        if self._devices_down_since is None:
-            self._devices_down_since = now
-            self.report.notice(f"the {which} went away; waiting for it to come back")
-            self._set_state("waiting for audio device")
-            if self.turn is not None:
-                self._interrupt(save=True)
+        if not self._devices_down:
+            self._devices_down = True
+            self._handle(DeviceLost(which))
             self._close_devices()
         time.sleep(self.cfg.audio.reopen_seconds)
         try:
@@ -219,21 +274,60 @@ class VoiceAssistant:
         except AudioError:
             self._close_devices()
             return
-        self._devices_down_since = None
-        self.endpointer.reset()
-        self.report.notice("audio devices are back")
-        self._set_state(self._idle_state)
+        self._devices_down = False
+        self._handle(DeviceBack())
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
             self.report.status(state)
 
-    @property
-    def _idle_state(self) -> str:
-        if self.mic is None:
-            return "ready"  # for typed and control-socket questions
-        return "muted" if self.muted else "listening"
+    # ------------------------------------------------------------------ turn-taking
+    def _handle(self, event: turns.Event) -> None:
+        """Run `event` through the turn rules and carry out their actions (which may
+        answer with events of their own: a transcript, the words heard so far)."""
+        pending = [event]
+        while pending:
+            self.conv, actions = turns.step(self.conv, pending.pop(0), self.clock())
+            for action in actions:
+                if (follow := self._act(action)) is not None:
+                    pending.append(follow)
+
+    def _act(self, action: turns.Action) -> turns.Event | None:
+        match action:
+            case Status(text):
+                self._set_state(text)
+            case Notice(text):
+                self.report.notice(text)
+            case ShowWords(text):
+                self.report.partial(text)
+            case StartHearing(blocks):
+                return self._start_hearing(list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :])
+            case Feed():
+                assert self.stt is not None and self._block is not None
+                if self.stt.active and self.stt.room > 0 and self.stt.feed(self._block.pcm):
+                    return Words(self.stt.text)
+            case Prefill(text):
+                self._prefill(text)
+            case FinishHearing():
+                return Transcript(self._finish_hearing())
+            case DropHearing():
+                assert self.stt is not None
+                if self.stt.active:
+                    self.stt.finish()
+            case StartTurn(text, at, typed):
+                timings = TurnTimings(typed=True) if typed else self._timings
+                reply, self._pending_reply = self._pending_reply, None
+                if not typed:
+                    self.report.heard(text)
+                self._start_turn(text, at, timings, reply if typed else None)
+            case CancelTurn():
+                if self.turn is not None:
+                    self._interrupt(save=True)
+            case Earcon(kind):
+                if self.earcons is not None and self.speaker is not None:
+                    self.speaker.play(self.earcons.tone(kind))
+        return None
 
     # ------------------------------------------------------------------ commands
     def submit(self, request: Request, reply: Reply | None = None) -> None:
@@ -247,6 +341,9 @@ class VoiceAssistant:
             "muted": self.muted,
             "hears": self.mic is not None,
             "speaks": self.tts is not None,
+            "activation": self.rules.activation,
+            "echo_cancellation": self.echo is not None,
+            "barge_in": self.rules.barge_in,
             "chat_log": str(self.log_path),
             "chat_id": self._chat_id,
             "turns": self.turns,
@@ -275,23 +372,23 @@ class VoiceAssistant:
     def _run(self, request: Request, reply: Reply | None) -> None:
         reply = reply or Reply()
         cmd = request.cmd
-        if cmd == "mute":
-            self._mute(True)
-            reply.done(muted=True)
-        elif cmd == "unmute":
-            self._mute(False)
-            reply.done(muted=False)
+        if cmd in ("mute", "unmute"):
+            self._handle(Mute(cmd == "mute"))
+            reply.done(muted=self.muted)
         elif cmd == "stop":
             stopped = self.turn is not None
-            if self.turn is not None:
-                self.report.notice("(stopped)")
-                self._interrupt(save=True)
-                self._after_turn()
+            self._handle(Stop())
             reply.done(stopped=stopped)
+        elif cmd == "listen":
+            if self.mic is None:
+                reply.error("speech input is off (audio.use_stt)")
+            else:
+                self._handle(TalkKey())
+                reply.done(state=self.state)
         elif cmd == "new-chat":
             if self.turn is not None:
                 self._interrupt(save=True)
-                self._after_turn()
+                self._handle(AnswerFinished())
             self._new_chat()
             reply.done(chat_id=self._chat_id)
         elif cmd == "say" and self.tts is None:
@@ -301,23 +398,17 @@ class VoiceAssistant:
         else:
             reply.error(f"'{cmd}' is answered by the control socket itself")
 
-    def _mute(self, muted: bool) -> None:
-        self.muted = muted
-        if self.stt is not None and self.stt.active and self.turn is None:
-            self.stt.finish()  # the words being heard are dropped, not answered
-        self.endpointer.reset(warmup=False)
-        if self.turn is None:
-            self._set_state(self._idle_state)
-
     def _start_waiting(self) -> None:
         request, reply = self._waiting.popleft()
         assert request.text is not None
         if request.cmd == "say":
             self._start_saying(request.text, reply)
+            self._handle(AnswerStarted())
             return
         self.report.heard(request.text)
         self._utterance_now = datetime.now()
-        self._start_turn(request.text, self.clock(), TurnTimings(typed=True), reply)
+        self._pending_reply = reply
+        self._handle(Ask(request.text))
 
     def _new_chat(self) -> None:
         active = self.log.active()
@@ -353,72 +444,45 @@ class VoiceAssistant:
 
     # ------------------------------------------------------------------ listening
     def _on_block(self, block: Block) -> None:
-        if self.muted:
-            return  # nothing heard while muted, not even a barge-in
-        if self.turn is not None:
-            self._while_answering(block)
-            return
-        if block.at < self._deaf_until:
-            return  # the tail of our own voice, still in the room
-        is_speech = self.detector(block.pcm)
-        event = self.endpointer.update(is_speech)
+        if self.echo is not None:
+            block = self.echo(block)
         self.preroll.append(block)
-        if is_speech:
-            self._last_speech_at = block.at
-        if isinstance(event, SpeechStarted):
-            self._start_hearing(list(self.preroll)[-(event.blocks_back + PREROLL_EXTRA_BLOCKS) :])
-        elif self.stt.active and self.stt.room > 0 and self.stt.feed(block.pcm):
-            self._prefill_heard_words()
-        if isinstance(event, SpeechEnded):
-            self._end_of_speech(block)
-        elif isinstance(event, SpeechDropped):
-            self.stt.finish()
-            self._set_state(self._idle_state)
+        self._block = block
+        speech = self.detector(block.pcm)
+        self._handle(turns.Block(block.at, speech))
 
-    def _start_hearing(self, blocks: list[Block]) -> None:
-        self._set_state("hearing")
+    def _start_hearing(self, blocks: list[Block]) -> turns.Event | None:
+        assert self.stt is not None
         self.stt.start()
         self._stt_frames_at_start = self.stt.frames_fed
         # One clock reading per utterance, so that the prompt rendered while listening and
         # the one rendered at the end agree on any time placeholder.
         self._utterance_now = datetime.now()
-        self._prefilled_words = 0
-        for b in blocks:
-            self.stt.feed(b.pcm)
+        new = [self.stt.feed(b.pcm) for b in blocks]
+        return Words(self.stt.text) if any(new) else None
 
-    def _prefill_heard_words(self) -> None:
+    def _prefill(self, text: str) -> None:
         """While the user speaks, prefill the conversation up to the words already heard,
         so that at the end of speech only the last words are left to prefill."""
-        if not self.cfg.llm.prefill_while_listening:
-            return
-        text = self.stt.text
-        words = len(text.split())
-        if words - 1 <= self._prefilled_words:  # the last word may still grow
-            return
-        self._prefilled_words = words - 1
         history = [*self.log.active().history(), ChatMessage("user", text)]
         # A rendering problem is reported by the real turn; here it only means no head start.
         with contextlib.suppress(ConfigError):
             tools = self.toolbox.declarations if self.toolbox else []
             self.engine.prefill(history, self.prompt, now=self._utterance_now, tools=tools)
 
-    def _end_of_speech(self, block: Block) -> None:
+    def _finish_hearing(self) -> str:
+        assert self.stt is not None and self._block is not None
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
-        speech_end = self._last_speech_at or block.at
+        speech_end = self.conv.last_speech_at or self._block.at
         endpointed = self.clock()
         text = self.stt.finish()
         transcribed = self.clock()
-        if not text:
-            self.report.notice("(heard speech but no words)")
-            self._set_state(self._idle_state)
-            return
-        self.report.heard(text)
-        timings = TurnTimings(
+        self._timings = TurnTimings(
             endpoint_ms=(endpointed - speech_end) * 1000,
             transcript_ms=(transcribed - speech_end) * 1000,
             stt_frames_while_speaking=frames_while_speaking,
         )
-        self._start_turn(text, speech_end, timings)
+        return text
 
     # ------------------------------------------------------------------ answering
     def _new_turn(self, user: ChatMessage | None, at: float, timings: TurnTimings,
@@ -434,7 +498,6 @@ class VoiceAssistant:
         if self.speaker is not None:
             turn.played_base = self.speaker.played_samples
             self.speaker.first_sound_at = None
-        self._barge_blocks = 0
         self.turn = turn
         return turn
 
@@ -454,7 +517,6 @@ class VoiceAssistant:
             now=self._utterance_now,
             assistant_prefix=FINAL_CHANNEL if skip else "",
         )
-        self._set_state("thinking")
 
     def _start_saying(self, text: str, reply: Reply | None) -> None:
         """Speak a text as the assistant's voice; it is not part of the conversation."""
@@ -462,23 +524,6 @@ class VoiceAssistant:
         turn.generated = True
         self._say(turn, turn.text.push(text) + turn.text.flush())
         self._close_speech(turn)
-        self._set_state("speaking")
-
-    def _while_answering(self, block: Block) -> None:
-        if not self.cfg.barge_in.enabled:
-            return  # the microphone would hear the assistant's own voice
-        self.preroll.append(block)
-        self._barge_blocks = self._barge_blocks + 1 if self.detector(block.pcm) else 0
-        needed = max(1, math.ceil(self.cfg.barge_in.min_speech_ms / self.cfg.audio.block_ms))
-        if self._barge_blocks >= needed:
-            self.report.notice("(interrupted)")
-            self._interrupt(save=True)
-            self.endpointer.reset(warmup=False)
-            # Carry on as if the endpointer had just heard the start of this utterance.
-            for _ in range(self.cfg.endpointing.hits):
-                self.endpointer.update(True)
-            self._last_speech_at = block.at
-            self._start_hearing(list(self.preroll)[-(needed + PREROLL_EXTRA_BLOCKS) :])
 
     def _advance(self) -> None:
         turn = self.turn
@@ -514,7 +559,7 @@ class VoiceAssistant:
             if turn.reply is not None:
                 turn.reply.error(str(e))
             self.turn = None
-            self._set_state(self._idle_state)
+            self._handle(AnswerFinished())
             return
         now = self.clock()
         if isinstance(event, TextDelta):
@@ -564,13 +609,7 @@ class VoiceAssistant:
         elif turn.reply is not None:
             turn.reply.done(interrupted=False)
         self.turn = None
-        self._after_turn()
-
-    def _after_turn(self) -> None:
-        if self.speaker is not None:
-            self._deaf_until = self.clock() + self.cfg.barge_in.echo_guard_ms / 1000
-        self.endpointer.reset(warmup=False)
-        self._set_state(self._idle_state)
+        self._handle(AnswerFinished())
 
     def _interrupt(self, save: bool) -> None:
         """Stop speaking and generating now; keep in the history what the user heard."""

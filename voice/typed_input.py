@@ -14,6 +14,7 @@ COMMANDS = {
     "mute": "stop hearing the microphone",
     "unmute": "hear it again",
     "stop": "stop the answer being spoken",
+    "listen": "listen for one question (push-to-talk; an empty line does the same)",
     "new": "start a new chat",
     "say TEXT": "speak TEXT",
     "quit": "save and leave (also Ctrl-C)",
@@ -23,7 +24,11 @@ ALIASES = {"new": "new-chat", "reset": "new-chat", "exit": "quit", "q": "quit"}
 
 
 def typed_request(line: str) -> Request | str:
-    """The request for a typed line, or the name of a local action ('quit', 'help')."""
+    """The request for a typed line, or the name of a local action ('quit', 'help').
+
+    An empty line is the push-to-talk key (Enter): listen for one spoken question."""
+    if not line:
+        return Request(cmd="listen")
     if not line.startswith("\\"):
         return Request(cmd="ask", text=line)
     name, _, text = line[1:].strip().partition(" ")
@@ -55,8 +60,6 @@ def read_typed_lines(
     def run() -> None:
         for raw in stream:
             line = raw.strip()
-            if not line:
-                continue
             action = typed_request(line)
             if action == "quit":
                 quit_()

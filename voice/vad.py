@@ -1,14 +1,14 @@
 """Endpointing: when an utterance starts and ends.
 
-`Endpointer` is a pure state machine over per-block speech decisions (quiet → speaking →
-ended), so its timing rules are testable without audio. The decisions come from a
+`Endpointer` is an immutable state machine over per-block speech decisions (quiet →
+speaking → ended), so its timing rules are testable without audio. The decisions come from a
 detector: block energy, or the Silero VAD model (`voice.silero`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -39,47 +39,50 @@ class SpeechDropped:
 VadEvent = SpeechStarted | SpeechEnded | SpeechDropped
 
 
+@dataclass(frozen=True)
 class Endpointer:
-    def __init__(self, params: EndpointingSection, block_ms: int) -> None:
-        self.p, self.block_ms = params, block_ms
-        self.reset()
+    """Immutable: `update` returns the next endpointer with the event, if any."""
 
-    def reset(self, warmup: bool = True) -> None:
-        self.speaking = False
-        self._warmup = self.p.warmup_blocks if warmup else 0
-        self._hits = 0
-        self._speech_blocks = 0
-        self._silent_blocks = 0
-        self._blocks = 0
+    p: EndpointingSection
+    block_ms: int
+    warmup: int = 0
+    speaking: bool = False
+    hits: int = 0
+    speech_blocks: int = 0
+    silent_blocks: int = 0
+    blocks: int = 0
 
-    def update(self, is_speech: bool) -> VadEvent | None:
-        if self._warmup > 0:
-            self._warmup -= 1
-            return None
+    @classmethod
+    def new(cls, params: EndpointingSection, block_ms: int, warmup: bool = True) -> Endpointer:
+        return cls(params, block_ms, warmup=params.warmup_blocks if warmup else 0)
+
+    def reset(self, warmup: bool = False) -> Endpointer:
+        return Endpointer.new(self.p, self.block_ms, warmup)
+
+    def started(self, blocks: int) -> Endpointer:
+        """As if the start of an utterance had just been decided, `blocks` blocks ago
+        (a barge-in or a talk key hands the utterance over already begun)."""
+        return replace(self.reset(), speaking=True, speech_blocks=blocks, blocks=blocks)
+
+    def update(self, is_speech: bool) -> tuple[Endpointer, VadEvent | None]:
+        if self.warmup > 0:
+            return replace(self, warmup=self.warmup - 1), None
         if not self.speaking:
-            self._hits = self._hits + 1 if is_speech else 0
-            if self._hits >= self.p.hits:
-                self.speaking = True
-                self._speech_blocks = self._blocks = self._hits
-                self._silent_blocks = 0
-                return SpeechStarted(blocks_back=self._hits)
-            return None
-        self._blocks += 1
-        if is_speech:
-            self._speech_blocks += 1
-            self._silent_blocks = 0
-        else:
-            self._silent_blocks += 1
-        speech_ms = self._speech_blocks * self.block_ms
-        if self._silent_blocks * self.block_ms >= self.p.silence_ms:
-            self.reset(warmup=False)
+            hits = self.hits + 1 if is_speech else 0
+            if hits >= self.p.hits:
+                return self.started(hits), SpeechStarted(blocks_back=hits)
+            return replace(self, hits=hits), None
+        blocks = self.blocks + 1
+        speech = self.speech_blocks + is_speech
+        silent = 0 if is_speech else self.silent_blocks + 1
+        speech_ms = speech * self.block_ms
+        if silent * self.block_ms >= self.p.silence_ms:
             if speech_ms < self.p.min_speech_ms:
-                return SpeechDropped(speech_ms)
-            return SpeechEnded("silence", speech_ms)
-        if self._blocks * self.block_ms >= self.p.max_utterance_s * 1000:
-            self.reset(warmup=False)
-            return SpeechEnded("max_length", speech_ms)
-        return None
+                return self.reset(), SpeechDropped(speech_ms)
+            return self.reset(), SpeechEnded("silence", speech_ms)
+        if blocks * self.block_ms >= self.p.max_utterance_s * 1000:
+            return self.reset(), SpeechEnded("max_length", speech_ms)
+        return replace(self, blocks=blocks, speech_blocks=speech, silent_blocks=silent), None
 
 
 def rms(block: np.ndarray) -> float:

@@ -28,6 +28,9 @@ class Recorder:
     def heard(self, text: str) -> None:
         self._add("heard", text)
 
+    def partial(self, text: str) -> None:
+        self._add("partial", text)
+
     def reasoning(self, text: str) -> None:
         self._add("reasoning", text)
 

@@ -1,0 +1,331 @@
+"""Turn-taking rules (`voice.turns`): scripted events and a fake clock, no audio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from voice.config import VoiceConfig, apply_override, parse_voice_config
+from voice.turns import (
+    AnswerFinished,
+    AnswerStarted,
+    Ask,
+    Block,
+    CancelTurn,
+    DeviceBack,
+    DeviceLost,
+    DropHearing,
+    Earcon,
+    Feed,
+    FinishHearing,
+    Mute,
+    Notice,
+    Prefill,
+    Rules,
+    StartHearing,
+    StartTurn,
+    State,
+    Status,
+    Stop,
+    TalkKey,
+    Transcript,
+    Words,
+    find_phrase,
+    free,
+    step,
+)
+
+BLOCK = 0.08  # s: the default 80 ms blocks
+
+
+def rules(echo_cancelled: bool = False, **overrides: Any) -> Rules:
+    config = VoiceConfig()
+    settings = {"endpointing.silence_ms": 400, "endpointing.warmup_blocks": 0} | overrides
+    for key, value in settings.items():
+        config = apply_override(config, key, value)
+    return Rules.from_config(config, echo_cancelled)
+
+
+class Talk:
+    """A conversation driven event by event; `actions` holds everything that came out."""
+
+    def __init__(self, rules: Rules, now: float = 100.0) -> None:
+        self.state = State.start(rules)
+        self.now = now
+        self.actions: list[Any] = []
+
+    def send(self, event: Any) -> list[Any]:
+        self.state, actions = step(self.state, event, self.now)
+        self.actions += actions
+        return actions
+
+    def blocks(self, pattern: str) -> list[Any]:
+        """'s' a speech block, '.' a silent one, each 80 ms later than the last."""
+        out = []
+        for c in pattern:
+            self.now += BLOCK
+            out += self.send(Block(self.now, c == "s"))
+        return out
+
+    def utterance(self, words: str, speech: int = 6, silence: int = 6) -> list[Any]:
+        """Speech blocks, the transcript as the STT would give it, silence to the end."""
+        out = self.blocks("s" * speech)
+        if self.state.phase == "hearing":
+            out += self.send(Words(words))
+        out += self.blocks("." * silence)
+        if any(isinstance(a, FinishHearing) for a in out):
+            out += self.send(Transcript(words))
+        return out
+
+    def wait(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def of(actions: list[Any], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+# ---------------------------------------------------------------------------- listening
+def test_an_utterance_is_heard_and_answered_after_the_silence() -> None:
+    talk = Talk(rules())
+    out = talk.blocks("..ss")
+    assert of(out, StartHearing) == [StartHearing(2)] and Status("hearing") in out
+    spoke_until = talk.now + 4 * BLOCK
+    out = talk.blocks("ssss")
+    assert len(of(out, Feed)) == 4
+    out = talk.blocks("....")
+    assert not of(out, FinishHearing)  # 320 ms of silence is a pause, not the end
+    out = talk.blocks(".")
+    assert of(out, FinishHearing)
+    out = talk.send(Transcript("what time is it"))
+    assert of(out, StartTurn) == [StartTurn("what time is it", pytest.approx(spoke_until))]
+    assert talk.state.phase == "answering" and not free(talk.state)
+
+
+def test_too_short_a_sound_is_dropped_and_nothing_is_asked() -> None:
+    talk = Talk(rules(**{"endpointing.min_speech_ms": 400}))
+    out = talk.blocks("sss" + "." * 6)
+    assert of(out, DropHearing) and not of(out, FinishHearing)
+    assert talk.state.phase == "idle"
+
+
+def test_an_endless_utterance_is_cut_at_the_maximum_length() -> None:
+    talk = Talk(rules(**{"endpointing.max_utterance_s": 1.6}))
+    out = talk.blocks("s" * 30)
+    assert len(of(out, FinishHearing)) == 1
+    assert out.index(FinishHearing()) == out.index(StartHearing(2)) + 2 + 18
+
+
+def test_speech_without_words_is_reported_and_not_asked() -> None:
+    talk = Talk(rules())
+    out = talk.utterance("")
+    assert Notice("(heard speech but no words)") in out and not of(out, StartTurn)
+
+
+def test_the_words_heard_so_far_are_prefilled_one_complete_word_at_a_time() -> None:
+    talk = Talk(rules())
+    talk.blocks("ss")
+    assert of(talk.send(Words("what")), Prefill) == []  # the only word may still grow
+    assert of(talk.send(Words("what is")), Prefill) == [Prefill("what is")]
+    assert of(talk.send(Words("what is")), Prefill) == []
+    assert of(talk.send(Words("what is the cap")), Prefill) == [Prefill("what is the cap")]
+    off = Talk(rules(**{"llm.prefill_while_listening": False}))
+    off.blocks("ss")
+    assert of(off.send(Words("what is the capital")), Prefill) == []
+
+
+def test_typed_questions_wait_while_the_user_speaks() -> None:
+    talk = Talk(rules())
+    talk.blocks("ss")
+    assert not free(talk.state) and talk.send(Ask("typed")) == []
+    talk.utterance("spoken", speech=0)
+    talk.send(AnswerFinished())
+    assert free(talk.state)
+    out = talk.send(Ask("typed"))
+    assert of(out, StartTurn) == [StartTurn("typed", talk.now, typed=True)]
+
+
+# ---------------------------------------------------------------------------- answering
+def answering(talk: Talk) -> None:
+    talk.utterance("tell me a story")
+    assert talk.state.phase == "answering"
+
+
+def test_without_echo_cancellation_speech_over_the_answer_is_not_heard() -> None:
+    talk = Talk(rules(echo_cancelled=False))
+    answering(talk)
+    assert talk.blocks("s" * 20) == []
+
+
+def test_with_echo_cancellation_speech_over_the_answer_interrupts_it() -> None:
+    talk = Talk(rules(echo_cancelled=True))  # barge-in: on by default with cancellation
+    answering(talk)
+    assert talk.blocks("ss.s.ss") == []  # 240 ms in a row are needed; blips are not enough
+    out = talk.blocks("s")
+    assert out[:2] == [Notice("(interrupted)"), CancelTurn()]
+    # The utterance carries on from the blocks that interrupted (no wake word needed).
+    assert StartHearing(3) in out and talk.state.phase == "hearing"
+    out = talk.utterance("stop talking about dragons", speech=2)
+    assert of(out, StartTurn)[0].text == "stop talking about dragons"
+
+
+def test_barge_in_can_be_switched_off_even_with_echo_cancellation() -> None:
+    talk = Talk(rules(echo_cancelled=True, **{"barge_in.enabled": False}))
+    answering(talk)
+    assert talk.blocks("s" * 20) == []
+
+
+def test_after_an_answer_the_microphone_is_deaf_for_the_echo_guard() -> None:
+    talk = Talk(rules(**{"barge_in.echo_guard_ms": 400}))
+    answering(talk)
+    talk.send(AnswerFinished())
+    assert talk.blocks("sssss") == []  # 400 ms of the room's echo of the last words
+    assert of(talk.blocks("ss"), StartHearing)
+    cancelled = Talk(rules(echo_cancelled=True, **{"barge_in.echo_guard_ms": 400}))
+    answering(cancelled)
+    cancelled.send(AnswerFinished())
+    assert of(cancelled.blocks("ss"), StartHearing)  # nothing to guard against
+
+
+def test_stop_cancels_the_answer_and_listens_again() -> None:
+    talk = Talk(rules())
+    answering(talk)
+    out = talk.send(Stop())
+    assert CancelTurn() in out and talk.state.phase == "idle"
+    assert Status("listening") in out
+    assert talk.send(Stop()) == []  # nothing left to stop
+
+
+def test_a_spoken_stop_is_not_a_question() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    talk.blocks("sss")  # the interruption
+    out = talk.utterance("Stop!", speech=2)
+    assert Notice("(stopped)") in out and not of(out, StartTurn)
+    assert talk.state.phase == "idle"
+
+
+def test_a_text_to_say_takes_the_speaker_like_an_answer() -> None:
+    talk = Talk(rules())
+    talk.send(AnswerStarted())
+    assert not free(talk.state) and talk.blocks("s" * 10) == []
+    talk.send(AnswerFinished())
+    assert free(talk.state)
+
+
+# ---------------------------------------------------------------------------- devices, mute
+def test_a_lost_device_cancels_the_answer_and_coming_back_warms_up() -> None:
+    talk = Talk(rules(**{"endpointing.warmup_blocks": 2}))
+    talk.blocks("..")
+    answering(talk)
+    out = talk.send(DeviceLost("speaker"))
+    assert CancelTurn() in out and Status("waiting for audio device") in out
+    assert talk.blocks("ssss") == []
+    assert talk.send(DeviceLost("speaker")) == []  # said once
+    out = talk.send(DeviceBack())
+    assert Notice("audio devices are back") in out and Status("listening") in out
+    assert talk.blocks("ss") == []  # the warm-up blocks after opening the microphone
+    assert of(talk.blocks("ss"), StartHearing)
+
+
+def test_a_device_lost_while_hearing_drops_the_utterance() -> None:
+    talk = Talk(rules())
+    talk.blocks("sss")
+    assert DropHearing() in talk.send(DeviceLost("microphone"))
+
+
+def test_muted_it_hears_nothing_and_cannot_be_interrupted() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    talk.blocks("sss")
+    out = talk.send(Mute(True))
+    assert DropHearing() in out and Status("muted") in out
+    assert talk.blocks("s" * 10) == []
+    talk.send(Mute(False))
+    answering(talk)
+    talk.send(Mute(True))
+    assert talk.blocks("s" * 10) == []
+    assert talk.state.phase == "answering"
+
+
+# ---------------------------------------------------------------------------- activation
+def test_with_a_wake_phrase_speech_not_addressed_is_ignored() -> None:
+    talk = Talk(rules(**{"activation.mode": "wake_phrase"}))
+    assert talk.state.idle_status(talk.now) == "waiting for 'hey harmony'"
+    out = talk.utterance("and now the weather for tomorrow")
+    assert not of(out, StartTurn) and not of(out, Prefill) and talk.state.phase == "idle"
+
+
+def test_the_wake_phrase_is_matched_forgivingly_and_left_out_of_the_question() -> None:
+    talk = Talk(rules(**{"activation.mode": "wake_phrase"}))
+    out = talk.utterance("Hey, Harmonie, what's the capital of France?")
+    assert of(out, StartTurn)[0].text == "what's the capital of France?"
+    assert Earcon("listening") in out and Earcon("done") in out
+    assert find_phrase("a harmony please", ["hey harmony"]) == (0, 2)
+    assert find_phrase("hello there", ["hey harmony"]) is None
+
+
+def test_the_wake_phrase_is_noticed_while_speaking_and_prefill_starts_after_it() -> None:
+    talk = Talk(rules(**{"activation.mode": "wake_phrase"}))
+    talk.blocks("ss")
+    assert talk.send(Words("so anyway")) == [talk.actions[-1]]  # only shown
+    out = talk.send(Words("so anyway hey harmony what is the"))
+    assert Earcon("listening") in out and Prefill("what is the") in out
+
+
+def test_the_wake_phrase_alone_opens_a_window_for_the_question() -> None:
+    talk = Talk(rules(**{"activation.mode": "wake_phrase", "activation.follow_up_s": 5}))
+    out = talk.utterance("hey harmony")
+    assert not of(out, StartTurn) and Status("listening") in out
+    talk.wait(2)
+    out = talk.utterance("what time is it")
+    assert of(out, StartTurn)[0].text == "what time is it"
+    talk.send(AnswerFinished())
+    talk.wait(3)  # a follow-up within the window needs no wake phrase
+    assert of(talk.utterance("and in Tokyo"), StartTurn)
+    talk.send(AnswerFinished())
+    talk.wait(6)
+    assert not of(talk.utterance("and in Paris"), StartTurn)
+
+
+def test_push_to_talk_hears_only_after_the_key() -> None:
+    talk = Talk(rules(**{"activation.mode": "push_to_talk"}))
+    assert talk.state.idle_status(talk.now) == "press Enter to talk"
+    assert talk.utterance("people talking in the room") == []
+    out = talk.send(TalkKey())
+    assert Earcon("listening") in out and Status("listening") in out
+    out = talk.blocks("ssss")
+    assert of(out, StartHearing)
+    talk.send(Words("what is two plus two"))
+    out = talk.send(TalkKey())  # pressed again: the question is complete
+    assert of(out, FinishHearing)
+    out = talk.send(Transcript("what is two plus two"))
+    assert of(out, StartTurn)
+    talk.send(AnswerFinished())
+    assert talk.utterance("more talk in the room") == []  # the next question: the key again
+
+
+def test_the_talk_key_interrupts_an_answer() -> None:
+    talk = Talk(rules(**{"activation.mode": "push_to_talk"}))
+    talk.send(TalkKey())
+    answering(talk)
+    out = talk.send(TalkKey())
+    assert CancelTurn() in out and Status("listening") in out
+    talk.wait(0.3)  # the echo guard: what was still on its way out of the speaker
+    assert of(talk.blocks("ss"), StartHearing)
+
+
+def test_earcons_are_off_by_default_when_always_listening() -> None:
+    talk = Talk(rules())
+    assert not of(talk.utterance("hello"), Earcon)
+    talk = Talk(rules(**{"activation.earcons": True}))
+    assert of(talk.utterance("hello"), Earcon) == [Earcon("done")]
+
+
+def test_activation_is_configured_by_name() -> None:
+    config, _ = parse_voice_config({"activation": "wake_phrase"})
+    assert config.activation.mode == "wake_phrase"
+    config, _ = parse_voice_config({"activation": {"mode": "push_to_talk", "follow_up_s": 3}})
+    assert config.activation.follow_up_s == 3
+    with pytest.raises(Exception, match=r"activation\.mode"):
+        parse_voice_config({"activation": "sometimes"})

@@ -1,0 +1,464 @@
+"""Turn-taking: what the assistant does next, as a pure function of what happened.
+
+`step(state, event, now) -> (state, actions)` holds every rule of the conversation —
+when an utterance starts and ends, when one is too short, who was addressed, when the
+assistant may be interrupted, how long it stays deaf to its own voice, what a device loss
+or a mute does — and nothing else: it reads no clock, opens no device and runs no model.
+`voice.daemon.VoiceAssistant` is the shell that turns audio, transcripts and playback into
+events and carries the actions out. Tests drive `step` with scripted events and a fake
+clock (`tests/test_voice_turns.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
+from typing import Literal
+
+from voice.config import VoiceConfig
+from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
+
+Activation = Literal["always", "wake_phrase", "push_to_talk"]
+Phase = Literal["idle", "hearing", "answering", "down"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The turn-taking settings, read once from the config."""
+
+    endpointer: Endpointer
+    block_ms: int
+    barge_in: bool
+    barge_in_blocks: int
+    echo_guard_s: float  # deaf after playback (when the echo is not cancelled)
+    activation: Activation = "always"
+    wake_phrases: tuple[str, ...] = ()
+    follow_up_s: float = 8.0  # after an answer (or a wake phrase), no wake phrase needed
+    stop_phrases: tuple[str, ...] = ()
+    prefill: bool = True
+    earcons: bool = False
+    hears: bool = True
+    speaks: bool = True
+
+    @classmethod
+    def from_config(
+        cls, cfg: VoiceConfig, echo_cancelled: bool, hears: bool = True, speaks: bool = True
+    ) -> Rules:
+        barge_in = cfg.barge_in.enabled
+        if barge_in is None:  # auto: only where the assistant cannot hear itself
+            barge_in = echo_cancelled
+        act = cfg.activation
+        earcons = act.earcons if act.earcons is not None else act.mode != "always"
+        return cls(
+            endpointer=Endpointer.new(cfg.endpointing, cfg.audio.block_ms),
+            block_ms=cfg.audio.block_ms,
+            barge_in=barge_in and hears and speaks,
+            barge_in_blocks=max(1, math.ceil(cfg.barge_in.min_speech_ms / cfg.audio.block_ms)),
+            echo_guard_s=0.0 if echo_cancelled else cfg.barge_in.echo_guard_ms / 1000,
+            activation=act.mode,
+            wake_phrases=tuple(act.wake_phrases),
+            follow_up_s=act.follow_up_s,
+            stop_phrases=tuple(act.stop_phrases),
+            prefill=cfg.llm.prefill_while_listening,
+            earcons=earcons and speaks,
+            hears=hears,
+            speaks=speaks,
+        )
+
+
+@dataclass(frozen=True)
+class State:
+    rules: Rules
+    phase: Phase = "idle"
+    muted: bool = False
+    vad: Endpointer | None = None  # None: rules.endpointer
+    barge: int = 0  # speech blocks in a row heard over the answer
+    deaf_until: float = 0.0
+    last_speech_at: float = 0.0
+    # Until when speech needs no wake phrase (follow-up window) or, with push-to-talk,
+    # until when the talk key's press is good for.
+    open_until: float = 0.0
+    addressed: bool = False  # the utterance being heard is meant for the assistant
+    prefilled_words: int = 0
+
+    @classmethod
+    def start(cls, rules: Rules) -> State:
+        return cls(rules, vad=rules.endpointer)
+
+    @property
+    def endpointer(self) -> Endpointer:
+        return self.vad or self.rules.endpointer
+
+    def idle_status(self, now: float) -> str:
+        if not self.rules.hears:
+            return "ready"  # for typed and control-socket questions
+        if self.muted:
+            return "muted"
+        if self.rules.activation == "wake_phrase" and now >= self.open_until:
+            return f"waiting for '{self.rules.wake_phrases[0]}'"
+        if self.rules.activation == "push_to_talk" and now >= self.open_until:
+            return "press Enter to talk"
+        return "listening"
+
+
+def free(state: State) -> bool:
+    """Whether a typed or control-socket request may start now (never over the user)."""
+    return state.phase == "idle"
+
+
+# ---------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Block:
+    """One microphone block and the detector's decision on it."""
+
+    at: float
+    speech: bool
+
+
+@dataclass(frozen=True)
+class Words:
+    """The STT's transcript of the utterance so far."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The STT's complete transcript, after a `FinishHearing`."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A typed or control-socket question (offered only when `free`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerStarted:
+    """A text to speak that is not a question (greeting, `say`) took the speaker."""
+
+
+@dataclass(frozen=True)
+class AnswerFinished:
+    """The answer was generated and played to the end."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop the answer now (a command, a key)."""
+
+
+@dataclass(frozen=True)
+class TalkKey:
+    """The push-to-talk key (or `listen` command): open the microphone for one question."""
+
+
+@dataclass(frozen=True)
+class Mute:
+    on: bool
+
+
+@dataclass(frozen=True)
+class DeviceLost:
+    which: str
+
+
+@dataclass(frozen=True)
+class DeviceBack:
+    pass
+
+
+Event = (
+    Block | Words | Transcript | Ask | AnswerStarted | AnswerFinished | Stop | TalkKey | Mute
+    | DeviceLost | DeviceBack
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class Status:
+    text: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+
+
+@dataclass(frozen=True)
+class StartHearing:
+    """Start the STT on the last `blocks` microphone blocks (this one included)."""
+
+    blocks: int
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Give this block to the STT."""
+
+
+@dataclass(frozen=True)
+class ShowWords:
+    text: str
+
+
+@dataclass(frozen=True)
+class Prefill:
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishHearing:
+    """Flush the STT; answer with a `Transcript`."""
+
+
+@dataclass(frozen=True)
+class DropHearing:
+    """End the STT's utterance and forget it."""
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    text: str
+    speech_end_at: float  # the user's last speech; the turn's timings count from here
+    typed: bool = False
+
+
+@dataclass(frozen=True)
+class CancelTurn:
+    """Stop generating and speaking now; keep in the history what the user heard."""
+
+
+@dataclass(frozen=True)
+class Earcon:
+    kind: Literal["listening", "done"]
+
+
+Action = (
+    Status | Notice | StartHearing | Feed | ShowWords | Prefill | FinishHearing | DropHearing
+    | StartTurn | CancelTurn | Earcon
+)  # fmt: skip
+
+
+@dataclass
+class _Out:
+    actions: list[Action] = field(default_factory=list)
+
+    def __call__(self, *actions: Action) -> None:
+        self.actions.extend(actions)
+
+
+# ---------------------------------------------------------------------------- rules
+def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    out = _Out()
+    match event:
+        case Block():
+            state = _block(state, event, now, out)
+        case Words(text):
+            state = _words(state, text, out)
+        case Transcript(text):
+            state = _transcript(state, text, now, out)
+        case Ask(text):
+            if free(state):
+                out(StartTurn(text, now, typed=True), Status("thinking"))
+                state = replace(state, phase="answering", barge=0)
+        case AnswerStarted():
+            state = replace(state, phase="answering", barge=0)
+            out(Status("speaking"))
+        case AnswerFinished():
+            state = _after_answer(state, now, out)
+        case Stop():
+            if state.phase == "answering":
+                out(Notice("(stopped)"), CancelTurn())
+                state = _after_answer(state, now, out)
+        case TalkKey():
+            state = _talk_key(state, now, out)
+        case Mute(on):
+            if state.phase == "hearing":
+                out(DropHearing())  # the words being heard are dropped, not answered
+                state = replace(state, phase="idle")
+            state = replace(state, muted=on, vad=state.endpointer.reset(), barge=0)
+            if state.phase == "idle":
+                out(Status(state.idle_status(now)))
+        case DeviceLost(which) if state.phase != "down":
+            if state.phase == "answering":
+                out(CancelTurn())
+            elif state.phase == "hearing":
+                out(DropHearing())
+            out(Notice(f"the {which} went away; waiting for it to come back"))
+            out(Status("waiting for audio device"))
+            state = replace(state, phase="down")
+        case DeviceBack() if state.phase == "down":
+            state = replace(state, phase="idle", vad=state.endpointer.reset(warmup=True))
+            out(Notice("audio devices are back"), Status(state.idle_status(now)))
+    return state, out.actions
+
+
+def _block(state: State, block: Block, now: float, out: _Out) -> State:
+    rules = state.rules
+    if state.muted or state.phase == "down":
+        return state  # nothing heard while muted, not even a barge-in
+    if state.phase == "answering":
+        if not rules.barge_in:
+            return state  # the microphone would hear the assistant's own voice
+        barge = state.barge + 1 if block.speech else 0
+        if barge < rules.barge_in_blocks:
+            return replace(state, barge=barge)
+        out(Notice("(interrupted)"), CancelTurn())
+        state = replace(
+            state, vad=state.endpointer.started(barge), barge=0, last_speech_at=block.at
+        )
+        # Talking over the answer is talking to the assistant: no wake phrase, no key.
+        return _begin_hearing(state, barge, addressed=True, out=out)
+    if state.phase == "idle" and block.at < state.deaf_until:
+        return state  # the tail of our own voice, still in the room
+    vad, event = state.endpointer.update(block.speech)
+    state = replace(state, vad=vad)
+    if block.speech:
+        state = replace(state, last_speech_at=block.at)
+    if isinstance(event, SpeechStarted):
+        if rules.activation == "push_to_talk" and now >= state.open_until:
+            return replace(state, vad=vad.reset())  # not for us: the key was not pressed
+        addressed = rules.activation == "always" or now < state.open_until
+        return _begin_hearing(state, event.blocks_back, addressed, out)
+    if state.phase != "hearing":
+        return state
+    out(Feed())
+    if isinstance(event, SpeechEnded):
+        out(FinishHearing())
+    elif isinstance(event, SpeechDropped):
+        out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
+        state = replace(state, phase="idle")
+    return state
+
+
+def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> State:
+    if addressed and state.rules.earcons and state.rules.activation != "always":
+        out(Earcon("listening"))
+    out(StartHearing(blocks), Status("hearing"))
+    return replace(state, phase="hearing", addressed=addressed, prefilled_words=0)
+
+
+def _words(state: State, text: str, out: _Out) -> State:
+    if state.phase != "hearing":
+        return state
+    out(ShowWords(text))
+    rules = state.rules
+    if not state.addressed:
+        if rules.activation != "wake_phrase" or find_phrase(text, rules.wake_phrases) is None:
+            return state
+        state = replace(state, addressed=True)
+        if rules.earcons:
+            out(Earcon("listening"))
+    question = strip_wake_phrase(text, rules) if rules.activation == "wake_phrase" else text
+    words = len(question.split())
+    # The last word may still grow: prefill up to the one before it.
+    if rules.prefill and words - 1 > state.prefilled_words:
+        out(Prefill(question))
+        state = replace(state, prefilled_words=words - 1)
+    return state
+
+
+def _transcript(state: State, text: str, now: float, out: _Out) -> State:
+    if state.phase != "hearing":
+        return state
+    rules = state.rules
+    state = replace(state, phase="idle")
+    out(ShowWords(""))
+    unaddressed = rules.activation == "wake_phrase" and not state.addressed
+    if unaddressed and find_phrase(text, rules.wake_phrases) is None:
+        out(Status(state.idle_status(now)))
+        return state  # not meant for the assistant (the TV, people in the room)
+    question = strip_wake_phrase(text, rules) if rules.activation == "wake_phrase" else text
+    if not text.strip():
+        out(Notice("(heard speech but no words)"), Status(state.idle_status(now)))
+        return state
+    if not question.strip():  # only the wake phrase: listen for the question that follows
+        state = replace(state, open_until=now + rules.follow_up_s)
+        out(Status(state.idle_status(now)))
+        return state
+    if rules.stop_phrases and is_only(question, rules.stop_phrases):
+        out(Notice("(stopped)"), Status(state.idle_status(now)))
+        return replace(state, open_until=0.0)
+    if rules.earcons:
+        out(Earcon("done"))
+    out(StartTurn(question, state.last_speech_at or now), Status("thinking"))
+    return replace(state, phase="answering", barge=0, open_until=0.0)
+
+
+def _after_answer(state: State, now: float, out: _Out) -> State:
+    rules = state.rules
+    state = replace(
+        state,
+        phase="idle",
+        barge=0,
+        vad=state.endpointer.reset(),
+        deaf_until=now + rules.echo_guard_s if rules.speaks else 0.0,
+        # A follow-up question needs no wake phrase (push-to-talk: still the key).
+        open_until=now + rules.follow_up_s if rules.activation == "wake_phrase" else 0.0,
+    )
+    out(Status(state.idle_status(now)))
+    return state
+
+
+def _talk_key(state: State, now: float, out: _Out) -> State:
+    rules = state.rules
+    if state.muted or state.phase == "down" or not rules.hears:
+        return state
+    if state.phase == "hearing":  # pressed again while speaking: that is the end of it
+        out(FinishHearing())
+        return replace(state, vad=state.endpointer.reset())
+    if state.phase == "answering":
+        out(Notice("(interrupted)"), CancelTurn())
+        state = _after_answer(state, now, out)
+    state = replace(state, open_until=now + rules.follow_up_s, vad=state.endpointer.reset())
+    if rules.earcons:
+        out(Earcon("listening"))
+    out(Status("listening"))
+    return state
+
+
+# ---------------------------------------------------------------------------- phrases
+def _words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+
+
+def find_phrase(text: str, phrases: Sequence[str]) -> tuple[int, int] | None:
+    """Where one of `phrases` is said in `text`, as a (first, end) word span, or None.
+
+    Matched forgivingly, as a transcript spells names: word by word with a similarity
+    ratio (so "hey harmony" also matches "hey, Harmonie" or "a harmony").
+    """
+    words = _words_of(text)
+    for phrase in phrases:
+        target = _words_of(phrase)
+        n = len(target)
+        for i in range(len(words) - n + 1):
+            said = " ".join(words[i : i + n])
+            if SequenceMatcher(None, said, " ".join(target)).ratio() >= 0.75:
+                return i, i + n
+    return None
+
+
+def strip_wake_phrase(text: str, rules: Rules) -> str:
+    """The question without the wake phrase and what came before it."""
+    span = find_phrase(text, rules.wake_phrases)
+    if span is None:
+        return text
+    # Cut in the original text (keeping its punctuation and case) after the phrase's
+    # last word.
+    tokens = list(re.finditer(r"[A-Za-z0-9'\u2019]+", text))
+    rest = text[tokens[span[1] - 1].end() :] if span[1] - 1 < len(tokens) else ""
+    return rest.lstrip(" ,.;:!?-").strip()
+
+
+def is_only(text: str, phrases: Sequence[str]) -> bool:
+    """Whether `text` is just one of `phrases` (a spoken "stop", "be quiet")."""
+    said = " ".join(_words_of(text))
+    return any(said == " ".join(_words_of(p)) for p in phrases)
