@@ -224,6 +224,8 @@ def test_typed_lines_are_questions_and_backslash_lines_commands() -> None:
     assert typed_request("\\quit") == "quit"
     assert typed_request("\\dance") == "help"
     assert typed_request("\\say") == "help"  # nothing to say
+    assert typed_request("") == Request(cmd="listen")  # Enter: the push-to-talk key
+    assert typed_request("\\listen") == Request(cmd="listen")
 
 
 # ---------------------------------------------------------------------- live assistant
