@@ -44,6 +44,17 @@ class ChatEngine(Protocol):
         tools: Sequence[Tool] = (),
     ) -> int: ...
 
+    def prefill_steps(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        step: int = ...,
+    ) -> Iterator[int]:
+        """`prefill` one chunk of at most `step` tokens per `next()` (the caller drives)."""
+        ...
+
     def prompt_size(
         self,
         history: Sequence[ChatMessage],

@@ -184,6 +184,18 @@ class ShardedEngine:
         _broadcast(self.group, _call("prefill", **_turn(history, prompt, now, tools)))
         return self.engine.prefill(history, prompt, now, tools)
 
+    def prefill_steps(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        step: int = 0,
+    ) -> Iterator[int]:
+        """In one step: every rank must run the same model calls, and the others cannot
+        be told to stop half way."""
+        yield self.prefill(history, prompt, now, tools)
+
     def prompt_size(
         self,
         history: Sequence[ChatMessage],

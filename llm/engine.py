@@ -8,7 +8,7 @@ knows nothing of terminals, audio or HTTP: callers iterate `Engine.stream` and d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -275,18 +275,33 @@ class Engine:
         The last word is left out (it may still grow), and so is whatever the renderer puts
         after the message; a later `stream` with the same `now` then feeds only the rest.
         """
+        for _ in self.prefill_steps(history, prompt, now, tools):
+            pass
+        return len(self._cache.tokens)
+
+    def prefill_steps(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        step: int = PREFILL_STEP,
+    ) -> Iterator[int]:
+        """`prefill` as a generator the caller drives: each `next()` feeds at most `step`
+        tokens and yields the tokens now cached, so a caller with other work to keep up
+        (a microphone to drain) is never held for a whole long prompt. Left unfinished,
+        the cache stays consistent: a later turn reuses what was fed."""
         if not history:
-            return len(self._cache.tokens)
+            return
         last = history[-1]
         words = last.content.rstrip().rsplit(maxsplit=1)
         if len(words) < 2:
-            return len(self._cache.tokens)
+            return
         head = [*history[:-1], replace(last, content=words[0])]
         # What stays the same whatever follows the certain words: render two continuations.
         a = self._render(prompt, head, now, tools)
         b = self._render(prompt, [*head[:-1], replace(last, content=f"{words[0]} x")], now, tools)
-        self._cache_upto(a[: common_prefix(a, b)])
-        return len(self._cache.tokens)
+        yield from self._fill(a[: common_prefix(a, b)], step)
 
     def _prefill(self, prompt_tokens: list[int]) -> int:
         """Feed all but the last prompt token into the cache; return how many were reused."""
@@ -295,16 +310,30 @@ class Engine:
     def _cache_upto(self, tokens: list[int]) -> int:
         """Make the cache hold exactly `tokens`, reusing what it can, and checkpoint there;
         return how many were reused."""
+        steps = self._fill(tokens, PREFILL_STEP)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _fill(self, tokens: list[int], step: int) -> Generator[int, None, int]:
+        """`_cache_upto` one chunk of at most `step` tokens per `next()` (yielding the
+        tokens cached); its return value is how many were reused."""
         cached = self._cache.reuse([*tokens, -1])  # reuse() keeps a prompt's last token back
         fill = tokens[cached:]
         # generate_step's own prefill loop, without the token it always samples after it:
         # the logits are never evaluated, so the vocabulary head is not computed.
-        with mx.stream(generation_stream):
-            for i in range(0, len(fill), PREFILL_STEP):
-                self.model(mx.array(fill[i : i + PREFILL_STEP])[None], cache=self._cache.cache)
+        for i in range(0, len(fill), step):
+            chunk = fill[i : i + step]
+            with mx.stream(generation_stream):
+                self.model(mx.array(chunk)[None], cache=self._cache.cache)
                 mx.eval([c.state for c in self._cache.cache])
-        self._cache.tokens += fill
+            self._cache.tokens += chunk
+            if i + step < len(fill):
+                yield len(self._cache.tokens)
         self._cache.checkpoint()
+        yield len(self._cache.tokens)
         return cached
 
     @staticmethod

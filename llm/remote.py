@@ -162,6 +162,17 @@ class RemoteEngine:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0
 
+    def prefill_steps(
+        self,
+        history: Sequence[ChatMessage],
+        prompt: PromptConfig,
+        now: datetime | None = None,
+        tools: Sequence[Tool] = (),
+        step: int = 0,
+    ) -> Iterator[int]:
+        """Nothing to feed (see `prefill`)."""
+        return iter(())
+
     def prompt_size(
         self,
         history: Sequence[ChatMessage],

@@ -267,6 +267,27 @@ def test_prefill_while_the_user_speaks_leaves_little_to_do_at_the_end(engine: En
     assert done.tokens == fresh.tokens  # the speculative prefill changes nothing but speed
 
 
+def test_prefill_in_steps_feeds_a_chunk_at_a_time_and_can_be_left_half_way(
+    engine: Engine,
+) -> None:
+    from datetime import datetime
+
+    now = datetime(2026, 11, 25, 12, 0)
+    long_question = "Tell me about " + " ".join(f"city number {i}," for i in range(40)) + " please"
+    partial = [ChatMessage("user", long_question)]
+    sizes = list(engine.prefill_steps(partial, GREEDY, now=now, step=16))
+    assert len(sizes) > 3 and all(b - a <= 16 for a, b in zip([0, *sizes], sizes, strict=False))
+    engine.reset()
+    steps = engine.prefill_steps(partial, GREEDY, now=now, step=16)
+    half = [next(steps), next(steps)][-1]
+    steps.close()  # newer words came: the rest of this feed is not wanted
+    done = collect(engine.stream([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    assert done.stats.cached_tokens == half  # what was fed is reused
+    engine.reset()
+    fresh = collect(engine.stream([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    assert done.tokens == fresh.tokens
+
+
 def test_prefill_of_a_transcript_that_changed_its_mind_is_undone(engine: Engine) -> None:
     from datetime import datetime
 

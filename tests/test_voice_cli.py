@@ -138,6 +138,30 @@ def test_voice_command_answers_aloud_and_stops_cleanly_on_sigterm(
 
 
 @pytest.mark.slow
+def test_the_sound_server_going_away_and_coming_back_is_survived(
+    virtual_audio, voice_env, voice_config_file, tmp_path
+) -> None:
+    """Run as a command of its own: PortAudio's ALSA thread of a stream whose server
+    vanished can be left spinning (and printing) after the stream is abandoned; here it
+    ends with the process instead of running beside every later test."""
+    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+    log = tmp_path / "chat.json"
+    run = Running([*VOICE, "--config", str(voice_config_file), "--chat", str(log)], voice_env)
+    run.wait_for("Listening.")
+    virtual_audio.shutdown_server()
+    run.wait_for("waiting for audio device")
+    virtual_audio.restart_server()
+    run.wait_for("audio devices are back")
+    run.wait_for("● listening")
+    virtual_audio.play_into_mic(question).wait()
+    assert run.wait_for("You:") == f"You: {HEARD}"
+    run.wait_for("ms after speech end")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
+    assert any(ANSWER in line for line in run.lines)
+
+
+@pytest.mark.slow
 def test_sigint_while_speaking_saves_what_was_heard(
     virtual_audio, voice_env, voice_config_file, tmp_path
 ) -> None:

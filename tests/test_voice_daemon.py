@@ -156,28 +156,6 @@ def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     assert rec.timings[0].cached_tokens == 0  # nothing prefilled while listening
 
 
-def test_the_audio_device_going_away_and_coming_back_is_survived(
-    make_assistant, virtual_audio, tmp_path
-) -> None:
-    assistant, rec, _ = make_assistant()
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-
-    def scenario(stop: threading.Event) -> None:
-        time.sleep(0.5)
-        virtual_audio.shutdown_server()
-        rec.wait("status", "waiting for audio device", timeout=10)
-        time.sleep(1.0)
-        virtual_audio.restart_server()
-        rec.wait("notice", "audio devices are back", timeout=20)
-        time.sleep(0.3)
-        virtual_audio.play_into_mic(question).wait()
-        rec.wait("turn_done")
-
-    serve(assistant, scenario)
-    assert rec.texts("heard") == [HEARD]
-    assert "".join(rec.texts("answer")) == ANSWER
-
-
 def test_a_microphone_that_stops_delivering_is_reopened(
     make_assistant, virtual_audio, tmp_path
 ) -> None:

@@ -13,7 +13,6 @@ only as typed or control-socket text; without TTS answers are only shown and ret
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -75,6 +74,9 @@ FINAL_CHANNEL = "<|channel|>final<|message|>"
 AHEAD_SECONDS = 0.3
 # Blocks kept from before the detector fired, so the first syllable reaches the STT.
 PREROLL_EXTRA_BLOCKS = 2
+# Tokens prefilled per pass of the loop while listening: the microphone is drained between
+# chunks, so a long conversation's prefill never holds up the end of speech or a barge-in.
+PREFILL_CHUNK = 512
 
 
 class Reporter(Protocol):
@@ -171,6 +173,7 @@ class VoiceAssistant:
         self._block: Block | None = None  # the microphone block being handled
         self._timings = TurnTimings()  # the utterance being transcribed
         self._pending_reply: Reply | None = None  # who asked the question being started
+        self._prefilling: Iterator[int] | None = None  # the words heard so far, being fed
         self._stt_frames_at_start = 0
         self._devices_down = False
         self._utterance_now = datetime.now()
@@ -255,7 +258,10 @@ class VoiceAssistant:
             self._wait_command(timeout=0.05)
         if self.turn is not None:
             self._advance()
-        elif self._waiting and free(self.conv):
+            return
+        if self._prefilling is not None:
+            self._prefill_step()
+        if self._waiting and free(self.conv):
             self._start_waiting()
 
     def _wait_block(self, mic: Microphone) -> list[Block]:
@@ -463,12 +469,25 @@ class VoiceAssistant:
 
     def _prefill(self, text: str) -> None:
         """While the user speaks, prefill the conversation up to the words already heard,
-        so that at the end of speech only the last words are left to prefill."""
+        so that at the end of speech only the last words are left to prefill. Fed a chunk
+        per pass of the loop (`_prefill_step`); newer words replace an unfinished feed."""
         history = [*self.log.active().history(), ChatMessage("user", text)]
-        # A rendering problem is reported by the real turn; here it only means no head start.
-        with contextlib.suppress(ConfigError):
-            tools = self.toolbox.declarations if self.toolbox else []
-            self.engine.prefill(history, self.prompt, now=self._utterance_now, tools=tools)
+        tools = self.toolbox.declarations if self.toolbox else []
+        self._prefilling = self.engine.prefill_steps(
+            history, self.prompt, now=self._utterance_now, tools=tools, step=PREFILL_CHUNK
+        )
+        self._prefill_step()
+
+    def _prefill_step(self) -> None:
+        assert self._prefilling is not None
+        try:
+            next(self._prefilling)
+        except StopIteration:
+            self._prefilling = None
+        except ConfigError:
+            # A rendering problem is reported by the real turn; here it only means no
+            # head start.
+            self._prefilling = None
 
     def _finish_hearing(self) -> str:
         assert self.stt is not None and self._block is not None
@@ -506,6 +525,7 @@ class VoiceAssistant:
     ) -> None:
         user = ChatMessage("user", text)
         history = [*self.log.active().history(), user]
+        self._prefilling = None  # the turn's own prefill feeds whatever is left
         turn = self._new_turn(user, speech_end, timings, reply)
         skip = self.cfg.llm.reasoning == "skip" and self.engine.harmony
         turn.events = respond(
