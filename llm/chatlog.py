@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from llm.config import read_json
 from llm.errors import ConfigError
@@ -161,6 +161,12 @@ class ChatLog(BaseModel):
     chat_order: list[str] = Field(default_factory=list)
     active_chat_id: str | None = None
     chats: dict[str, Chat] = Field(default_factory=dict)
+    # What was repaired when the log was read (one line each), for the caller to show.
+    _repairs: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def repairs(self) -> list[str]:
+        return self._repairs
 
     def active(self) -> Chat:
         if self.active_chat_id not in self.chats:
@@ -226,11 +232,9 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
             return _v1_to_v2(raw), 1
         if version == SCHEMA_VERSION:
             log = ChatLog.model_validate(raw)
-            if log.active_chat_id not in log.chats:
-                if not log.chats:
-                    raise ConfigError("no chats in it (and so no active chat)")
-                known = [c for c in log.chat_order if c in log.chats] or list(log.chats)
-                log.active_chat_id = known[-1]
+            if not log.chats:
+                raise ConfigError("no chats in it (and so no active chat)")
+            log._repairs = [*_iso_stamp_notes(raw), *repair(log)]
             return log, SCHEMA_VERSION
     except ValidationError as e:
         first = e.errors()[0]
@@ -243,15 +247,79 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
     raise ConfigError(f"{source}: unknown chat log schema_version {version!r}")
 
 
+def _iso_stamp_notes(raw: dict[str, Any]) -> list[str]:
+    chats = raw.get("chats") if isinstance(raw.get("chats"), dict) else {}
+    count = sum(
+        1
+        for chat in chats.values()
+        if isinstance(chat, dict)
+        for m in chat.get("messages") or []
+        if isinstance(m, dict) and isinstance(m.get("timestamp"), str)
+    )
+    return [f"{count} message timestamps were ISO strings: now {{unix, iso}}"] if count else []
+
+
+def repair(log: ChatLog) -> list[str]:
+    """Mend what the original tool's logs can hold broken, as it did; one note per
+    repair. Nothing is dropped: every message stays."""
+    notes = []
+    order = [c for c in dict.fromkeys(log.chat_order) if c in log.chats]
+    by_age = sorted(log.chats, key=lambda c: log.chats[c].metadata.created_at.unix)
+    order += [c for c in by_age if c not in order]
+    if order != log.chat_order:
+        notes.append(f"chat_order listed {len(log.chat_order)} chats, {len(order)} exist: rebuilt")
+        log.chat_order = order
+    if log.active_chat_id not in log.chats:
+        notes.append(
+            f"active_chat_id {log.active_chat_id!r} is not among the chats: "
+            f"the latest, {order[-1]!r}, is active"
+        )
+        log.active_chat_id = order[-1]
+    for chat_id, chat in log.chats.items():
+        notes += [f"chat {chat_id}: {n}" for n in _repair_chat(chat)]
+    return notes
+
+
+def _repair_chat(chat: Chat) -> list[str]:
+    notes = []
+    seen: set[str] = set()
+    renamed = 0
+    previous: tuple[str, str] | None = None  # the last message's (old id, new id)
+    for m in chat.messages:
+        if previous is not None and m.parent_id == previous[0]:
+            m.parent_id = previous[1]  # the chain follows the message that was renamed
+        old = m.id
+        if m.id in seen:
+            new = f"msg-{uuid.uuid4().hex[:8]}"
+            if m.cache_key == m.id:
+                m.cache_key = new
+            m.id, renamed = new, renamed + 1
+        seen.add(m.id)
+        previous = (old, m.id)
+    if renamed:
+        notes.append(f"{renamed} duplicate message ids given new ones")
+    meta = chat.metadata
+    newest = max((m.timestamp.unix for m in chat.messages), default=meta.created_at.unix)
+    if meta.updated_at.unix < newest:
+        meta.updated_at = Stamp.at(newest)
+        notes.append("updated_at was older than its newest message: set to it")
+    last = next((m.hyperparameters for m in reversed(chat.messages) if m.hyperparameters), None)
+    if last is not None and last != meta.last_hyperparameters:
+        meta.last_hyperparameters = dict(last)
+        notes.append("last_hyperparameters differed from its last message's: set to them")
+    return notes
+
+
 def load_chat_log(path: Path | str) -> tuple[ChatLog, int]:
     return parse_chat_log(read_json(Path(path)), str(path))
 
 
-def keep_backup(path: Path | str, version: int) -> Path | None:
-    """Before a log in an older schema is overwritten, keep it beside as `.v<N>.bak`."""
+def keep_backup(path: Path | str, version: int, repaired: bool = False) -> Path | None:
+    """Before a log in an older schema (or one that was repaired) is overwritten, keep it
+    beside as `.v<N>.bak`."""
     path = Path(path)
     backup = path.with_name(f"{path.name}.v{version}.bak")
-    if version == SCHEMA_VERSION or backup.exists() or not path.exists():
+    if (version == SCHEMA_VERSION and not repaired) or backup.exists() or not path.exists():
         return None
     atomic_write_bytes(backup, path.read_bytes())
     return backup

@@ -208,18 +208,69 @@ def test_an_active_chat_id_missing_from_the_chats_falls_back_to_the_last_chat(
     assert log.active_chat_id == [c for c in raw["chat_order"] if c in raw["chats"]][-1]
 
 
+def test_broken_v2_logs_are_repaired_with_a_note_each_and_lose_no_message(
+    tmp_path: Path,
+) -> None:
+    import copy
+
+    raw = json.loads((DATA / "chatlog-v2.json").read_text())
+    chat = raw["chats"]["chat-001"]
+    messages = chat["messages"]
+    third = {**copy.deepcopy(messages[1]), "id": "msg-3", "parent_id": messages[1]["id"]}
+    messages.append(third)
+    other = copy.deepcopy(chat)
+    other["chat_id"] = other["metadata"]["chat_id"] = "chat-002"
+    raw["chats"]["chat-002"] = other
+    raw["chat_order"] = ["gone", "chat-001"]  # stale, and chat-002 missing
+    raw["active_chat_id"] = "chat-that-is-not-there"
+    messages[1]["id"] = third["parent_id"] = messages[0]["id"]  # a duplicate id
+    messages[0]["timestamp"] = "2025-01-07T00:00:05Z"
+    chat["metadata"]["updated_at"] = 0  # older than its messages
+    chat["metadata"]["last_hyperparameters"] = {"temperature": 9}
+    messages[-1]["hyperparameters"] = {"temperature": 0.5}
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(raw))
+    log, _ = load_chat_log(path)
+    notes = "\n".join(log.repairs)
+    for expected in (
+        "ISO strings",
+        "chat_order",
+        "active_chat_id 'chat-that-is-not-there'",
+        "1 duplicate message ids",
+        "updated_at",
+        "last_hyperparameters",
+    ):
+        assert expected in notes, notes
+    assert set(log.chat_order) == set(raw["chats"]) and log.active_chat_id in raw["chats"]
+    repaired = log.chats[chat["chat_id"]]
+    ids = [m.id for m in repaired.messages]
+    assert len(set(ids)) == len(ids) == len(messages)
+    assert [m.content for m in repaired.messages] == [m["content"] for m in messages]
+    assert repaired.messages[2].parent_id == repaired.messages[1].id  # the chain holds
+    assert repaired.metadata.last_hyperparameters == {"temperature": 0.5}
+    assert repaired.metadata.updated_at.unix >= max(m.timestamp.unix for m in repaired.messages)
+    # Repaired once, it reads clean; migrate rewrites it keeping the original.
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.migrate", str(path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "repaired: " in out.stdout and (tmp_path / "chat.json.v2.bak").exists()
+    assert load_chat_log(path)[0].repairs == []
+
+
 def test_timestamps_written_as_iso_strings_or_numbers_are_read() -> None:
     from llm.chatlog import parse_chat_log
 
     raw = json.loads((DATA / "chatlog-v2.json").read_text())
     chat = raw["chats"]["chat-001"]
     chat["metadata"]["created_at"] = "2025-01-07T00:00:00Z"
-    chat["metadata"]["updated_at"] = 1736208000
+    chat["metadata"]["updated_at"] = 1767225600  # 2026-01-01: after every message
     chat["messages"][0]["timestamp"] = "2025-01-07T00:00:05+00:00"
     log, _ = parse_chat_log(raw)
     active = log.chats["chat-001"]
     assert active.metadata.created_at.iso == "2025-01-07T00:00:00Z"
-    assert active.metadata.updated_at.unix == 1736208000
+    assert active.metadata.updated_at.unix == 1767225600
     assert active.messages[0].timestamp.iso == "2025-01-07T00:00:05Z"
 
 

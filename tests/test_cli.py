@@ -115,10 +115,11 @@ def plain(screen: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen)
 
 
-def spawn_chat(model: Path, log: Path, *extra: str) -> pexpect.spawn:
+def spawn_chat(model: Path | None, log: Path, *extra: str) -> pexpect.spawn:
+    named = ["--model", str(model)] if model is not None else []
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "llm.cli.chat", "--model", str(model), "--chat", str(log), *extra],
+        ["-m", "llm.cli.chat", *named, "--chat", str(log), *extra],
         cwd=str(ROOT),
         encoding="utf-8",
         timeout=60,
@@ -170,6 +171,67 @@ def test_chat_conversation_commands_save_and_resume(gpt_oss_path: Path, tmp_path
     (chat,) = resumed["chats"].values()
     assert len(chat["messages"]) == 3
     assert chat["metadata"]["last_model_path"] == str(gpt_oss_path)
+
+
+def test_resuming_a_log_brings_back_its_model_prompt_config_and_settings(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    log, prompt = tmp_path / "chat.json", tmp_path / "prompt.json"
+    prompt.write_text(json.dumps({"assistant_name": "Dave"}))
+    child = spawn_chat(
+        gpt_oss_path, log, "--prompt-config", str(prompt), "--temperature", "0", "--top-k", "7"
+    )
+    child.sendline(HELLO.user)
+    child.expect_exact(HELLO.final)
+    child.expect("You: ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+
+    child = spawn_chat(None, log, "--top-k", "9")  # no model named: the log's
+    resumed = plain(child.before)
+    assert f"model {gpt_oss_path}" in resumed
+    assert f"You said: {HELLO.user}" in resumed and f"Dave: {HELLO.final}" in resumed
+    child.sendline("\\show")
+    child.expect("You: ")
+    shown = plain(child.before)
+    assert "temperature: 0.0" in shown  # from the log
+    assert "top_k: 9" in shown  # the command line wins
+    assert str(prompt) in shown
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_thinking_is_plain_text_with_no_markdown(gpt_oss_path: Path, tmp_path: Path) -> None:
+    for flags, styled in (((), True), (("--no-markdown",), False)):
+        child = spawn_chat(gpt_oss_path, tmp_path / f"{styled}.json", "--temperature", "0", *flags)
+        child.sendline(HELLO.user)
+        child.expect_exact(HELLO.final)
+        thinking = child.before[child.before.index(HELLO.user) + len(HELLO.user) :]
+        assert HELLO.analysis in plain(thinking)
+        assert ("\x1b[" in thinking) is styled, repr(thinking)
+        child.sendline("\\quit")
+        child.expect(pexpect.EOF)
+
+
+def test_a_paste_and_a_quoted_block_are_each_one_message(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "chat.json"
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0", "--max-tokens", "4")
+    child.send("pasted line one\npasted line two\npasted line three\n")  # arrives at once
+    child.expect("You: ")
+    child.sendline('"""')
+    child.sendline("inside a block")
+    child.sendline('and its end"""')
+    child.expect("You: ")
+    child.sendline("q")  # the original's way out
+    child.expect(pexpect.EOF)
+    (chat,) = json.loads(log.read_text())["chats"].values()
+    users = [m["content"] for m in chat["messages"] if m["role"] == "user"]
+    assert users == [
+        "pasted line one\npasted line two\npasted line three",
+        "inside a block\nand its end",
+    ]
 
 
 def test_answers_carry_the_assistants_name_and_are_cut_for_display(

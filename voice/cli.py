@@ -183,7 +183,9 @@ def llm_setup(args: argparse.Namespace, config: VoiceConfig, console: Console) -
 def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
     if path.exists():
         log, version = load_chat_log(path)
-        backup = keep_backup(path, version)
+        for note in log.repairs:
+            console.print(f"[yellow]repaired:[/] {path}: {note}")
+        backup = keep_backup(path, version, repaired=bool(log.repairs))
         if backup:
             console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
         return log

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import select
 import signal
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -19,7 +23,8 @@ from rich.text import Text
 
 from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
-from llm.cli.common import Setup, add_model_options, resolve, run_main
+from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
+from llm.cli.multiline import read_message
 from llm.config import SamplingParams
 from llm.errors import ConfigError
 from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
@@ -43,6 +48,7 @@ HELP = {
     "markdown [on|off]": "render answers as markdown or plain text",
 }
 TOOL_PREVIEW_LINES = 6
+LAST_EXCHANGE_CHARS = 200  # of each message shown when a chat is resumed
 ALIASES = {"exit": "quit", "new": "reset", "q": "quit", "h": "help", "?": "help"}
 
 
@@ -98,8 +104,11 @@ class ChatSession:
         console: Console,
         show_reasoning: bool = True,
         markdown: bool = True,
+        flags: Callable[[SamplingParams], SamplingParams] | None = None,
     ) -> None:
         self.engine, self.setup, self.console = engine, setup, console
+        # The command line's sampling flags, applied over a resumed log's settings.
+        self.flags = flags or (lambda sampling: sampling)
         self.log_path = log_path
         self.show_reasoning, self.markdown = show_reasoning, markdown
         self.log = ChatLog()
@@ -116,17 +125,58 @@ class ChatSession:
     # --------------------------------------------------------------- log handling
     def _open(self, path: Path) -> None:
         log, version = load_chat_log(path)
-        backup = keep_backup(path, version)
+        for note in log.repairs:
+            self.console.print(f"[yellow]repaired:[/] {path}: {note}")
+        backup = keep_backup(path, version, repaired=bool(log.repairs))
         if backup:
             self.console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
         self.log, self.log_path = log, path
         self.engine.reset()
         self._new_toolbox()
         meta = self.chat.metadata
+        self._restore_settings(meta.last_hyperparameters, path)
+        for what, before, now in (
+            ("model", meta.last_model_path, self.setup.model),
+            ("prompt config", meta.last_prompt_config_path, self.setup.prompt_path),
+        ):
+            if before and str(before) != str(now or ""):
+                self.console.print(f"[dim]This chat was last held with {what} {before}.[/]")
         meta.last_model_path = self.setup.model
         meta.last_prompt_config_path = str(self.setup.prompt_path or "") or None
         n = len(self.chat.messages)
-        self.console.print(f"[dim]Resumed {path} ({n} messages).[/]")
+        self.console.print(f"[dim]Resumed {path} ({n} messages, model {self.setup.model}).[/]")
+        self._show_last_exchanges()
+
+    def _restore_settings(self, settings: dict[str, Any], path: Path) -> None:
+        """The log's last sampling settings, under the command line's flags (which win)."""
+        known = {k: v for k, v in settings.items() if k in SamplingParams.model_fields}
+        if not known:
+            return
+        current = self.setup.prompt.sampling.model_dump()
+        try:
+            sampling = self.flags(SamplingParams.model_validate({**current, **known}))
+        except (ValidationError, ConfigError) as e:
+            why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            self.console.print(f"[yellow]warning:[/] {path}: last settings not used: {why}")
+            return
+        prompt = self.setup.prompt.model_copy(update={"sampling": sampling})
+        self.setup = replace(self.setup, prompt=prompt)
+
+    def _show_last_exchanges(self, count: int = 2) -> None:
+        """Where the conversation stands: its last questions and answers, shortened."""
+        shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
+        starts = [i for i, m in enumerate(shown) if m.role == "user"]
+        if not starts:
+            return
+        for m in shown[starts[-count] if len(starts) >= count else starts[0] :]:
+            text = " ".join(m.content.split())
+            text = text if len(text) <= LAST_EXCHANGE_CHARS else text[:LAST_EXCHANGE_CHARS] + " …"
+            who = (
+                "You said"
+                if m.role == "user"
+                else (self.setup.prompt.assistant_name or "Assistant")
+            )
+            self.console.print(Text(f"  {who}: {text}", style="dim"))
 
     def _new_chat(self) -> None:
         prompt_path = str(self.setup.prompt_path) if self.setup.prompt_path else None
@@ -332,9 +382,12 @@ class ChatSession:
                             else event.text[: max(0, limit - thinking_shown)]
                         )
                         if thinking_shown == 0:
-                            self.console.print("[dim italic](thinking) [/]", end="")
+                            label = Text("(thinking) ", style="dim italic" if self.markdown else "")
+                            self.console.print(label, end="")
                         thinking_shown += len(event.text)
-                        self.console.print(Text(room, style="dim italic"), end="")
+                        # Plain text with --no-markdown: no styling codes in the output.
+                        style = "dim italic" if self.markdown else ""
+                        self.console.print(Text(room, style=style), end="")
                     elif isinstance(event, TurnDone):
                         done = event
             except ConfigError as e:  # the prompt cannot be rendered, a remote server failed
@@ -422,10 +475,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_choices(args: argparse.Namespace, warn: Callable[[str], None]) -> None:
+    """A resumed log's model and prompt config, where the command line names neither
+    (nor a profile): filled into `args` (its settings come back in `ChatSession._open`)."""
+    if args.chat is None:
+        return
+    path = chat_log_path(args.chat, None)
+    if not path.exists():
+        return
+    log, _ = load_chat_log(path)
+    meta = log.active().metadata
+    if not args.profile:
+        if args.model is None and meta.last_model_path:
+            args.model = meta.last_model_path
+        if args.prompt_config is None and meta.last_prompt_config_path:
+            if Path(meta.last_prompt_config_path).exists():
+                args.prompt_config = Path(meta.last_prompt_config_path)
+            else:
+                warn(
+                    f"{path}: its prompt config {meta.last_prompt_config_path} is gone; "
+                    "going on without it"
+                )
+
+
 def _main() -> int:
     args = build_parser().parse_args()
     console = Console(highlight=False)
-    setup = resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
+
+    def warn(text: str) -> None:
+        console.print(f"[yellow]warning:[/] {text}")
+
+    resume_choices(args, warn)
+    setup = resolve(args, warn)
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
         engine = load_engine(
@@ -442,31 +523,63 @@ def _main() -> int:
         console,
         show_reasoning=not args.hide_reasoning,
         markdown=not args.no_markdown,
+        flags=lambda sampling: apply_overrides(sampling, args),
     )
     repl(session, console)
     return 0
 
 
+# Lines that follow each other this closely were pasted together (see llm.cli.multiline).
+PASTE_GAP_S = 0.01
+# Typed alone, these leave, as in the original tool.
+QUIT_WORDS = ("q", "quit", "exit")
+
+
+def _paste_waiting() -> bool:
+    """More of a paste already waiting on a terminal (a script's lines stay separate)."""
+    if not sys.stdin.isatty():
+        return False
+    ready, _, _ = select.select([sys.stdin], [], [], PASTE_GAP_S)
+    return bool(ready)
+
+
+def as_command(message: str) -> str | None:
+    """The command a message is (`\\help`, `/help` as the original wrote it, a bare `q`),
+    or None for a message to the model."""
+    text = message.strip()
+    if "\n" in text:
+        return None
+    if text.lower() in QUIT_WORDS:
+        return "\\quit"
+    if text.startswith("\\"):
+        return text
+    name = text[1:].split(" ", 1)[0]
+    if text.startswith("/") and (name in ALIASES or any(u.split()[0] == name for u in HELP)):
+        return "\\" + text[1:]
+    return None
+
+
 def repl(session: ChatSession, console: Console) -> None:
-    """Read lines until \\quit or Ctrl-D; save the log and stop the tools on the way out."""
+    """Read messages until \\quit or Ctrl-D; save the log and stop the tools on the way
+    out. A message may span lines (a paste, a trailing backslash, a \"\"\" block)."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     while True:
         try:
-            line = input("You: ")
+            message = read_message(input, _paste_waiting)
         except EOFError:
             console.print()
             break
         except KeyboardInterrupt:
             console.print("\n[dim](\\quit or Ctrl-D to leave)[/]")
             continue
-        if not line.strip():
+        if not message.strip():
             continue
-        if line.lstrip().startswith("\\"):
-            if not session.command(line.strip()):
+        if (command := as_command(message)) is not None:
+            if not session.command(command):
                 break
             continue
-        session.say(line.strip())
+        session.say(message.strip())
     session.save()
     session.close()
     console.print(f"[dim]Chat saved to {session.log_path}[/]")

@@ -25,12 +25,14 @@ def _main() -> int:
     if args.in_place and args.output:
         raise ConfigError("--in-place and --output: choose one")
     log, version = load_chat_log(args.log)
+    for note in log.repairs:
+        print(f"repaired: {note}")
     target = args.output or args.log
     if target == args.log:
-        if version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION and not log.repairs:
             print(f"{args.log}: already schema v{SCHEMA_VERSION}, nothing to do")
             return 0
-        backup = keep_backup(args.log, version)
+        backup = keep_backup(args.log, version, repaired=bool(log.repairs))
         if backup:
             print(f"kept the original as {backup}")
     save_chat_log(target, log)
