@@ -121,6 +121,10 @@ class ChatCompletionRequest(BaseModel):
     repetition_context_size: int | None = Field(None, ge=1, strict=True)
     xtc_probability: float | None = Field(None, ge=0, le=1)
     xtc_threshold: float | None = Field(None, ge=0, le=0.5)
+    # The original mlx-harmony's per-request choices: a served profile by name, and one of
+    # the prompt configs the server offers (by name: never a path the client picks).
+    profile: str | None = None
+    prompt_config: str | None = None
 
     @field_validator("stop")
     @classmethod

@@ -166,9 +166,12 @@ def create_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     preloaded: ChatEngine | None = None,
+    prompt_configs: dict[str, PromptConfig] | None = None,
 ) -> FastAPI:
-    """The app; `preloaded` is the engine of the first served model, if already loaded."""
+    """The app; `preloaded` is the engine of the first served model, if already loaded;
+    `prompt_configs` are those a request may name in its `prompt_config` field."""
     limits = limits or ServerLimits()
+    prompt_configs = prompt_configs or {}
     by_name = {s.name: s for s in served}
     default = served[0]
     worker = ModelWorker()
@@ -255,11 +258,25 @@ def create_app(
         body: ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
         entry = _pick(body.model)
+        if body.profile is not None:
+            if body.profile not in by_name:
+                known = ", ".join(by_name)
+                raise ApiError(404, f"profile '{body.profile}' is not served (known: {known})",
+                               "profile", code="model_not_found")  # fmt: skip
+            if body.model is not None and _pick(body.model) is not by_name[body.profile]:
+                raise ApiError(400, "model and profile name different models", "profile")
+            entry = by_name[body.profile]
         if len(body.messages) > limits.max_messages:
             raise ApiError(400, f"messages: at most {limits.max_messages}", "messages")
         if body.output_limit and body.output_limit > limits.max_tokens:
             raise ApiError(400, f"max_tokens: at most {limits.max_tokens}", "max_tokens")
         prompt = entry.prompt
+        if body.prompt_config is not None:
+            if body.prompt_config not in prompt_configs:
+                known = ", ".join(sorted(prompt_configs)) or "none"
+                raise ApiError(400, f"prompt_config '{body.prompt_config}' is not offered by "
+                               f"this server (known: {known})", "prompt_config")  # fmt: skip
+            prompt = prompt_configs[body.prompt_config]
         if body.reasoning_effort:
             prompt = prompt.model_copy(update={"reasoning_effort": body.reasoning_effort})
         try:
@@ -509,6 +526,19 @@ async def _sse(
         yield f"data: {json.dumps(err)}\n\n"
     finally:
         job.cancelled.set()
+
+
+def offered_prompt_configs(
+    paths: list[str], load_prompt: Callable[[str], PromptConfig]
+) -> dict[str, PromptConfig]:
+    """The prompt configs requests may name: each file by its path as configured, its
+    file name and its name without `.json`."""
+    offered: dict[str, PromptConfig] = {}
+    for path in dict.fromkeys(paths):
+        config = load_prompt(path)
+        for key in (path, Path(path).name, Path(path).stem):
+            offered.setdefault(key, config)
+    return offered
 
 
 def served_from(

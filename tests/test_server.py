@@ -540,3 +540,45 @@ def test_tool_choice_naming_an_unknown_function_is_refused(server: LiveServer) -
         server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_a_request_names_a_profile_and_a_prompt_config_the_server_offers(tiny: Engine) -> None:
+    """As in the original tool: `profile` picks a served profile, `prompt_config` one of the
+    prompt configs the server was given — by name, never a path of the client's choosing."""
+    terse = PromptConfig(sampling=SamplingParams(max_tokens=3))
+    app = create_app(
+        [ServedModel("tiny", "tiny-path", PromptConfig()), ServedModel("dave", "tiny-path",
+                                                                        PromptConfig())],
+        load=lambda _: tiny,
+        preloaded=tiny,
+        prompt_configs={"terse": terse, "terse.json": terse},
+    )  # fmt: skip
+    with LiveServer(app, free_port()) as live:
+
+        def ask(**fields: object) -> httpx.Response:
+            body = {"messages": [{"role": "user", "content": HELLO.user}], "temperature": 0}
+            return httpx.post(live.url + "/v1/chat/completions", json=body | fields, timeout=60)
+
+        r = ask(profile="dave")
+        assert r.status_code == 200 and r.json()["model"] == "dave"
+        assert r.json()["choices"][0]["message"]["content"] == HELLO.final
+        r = ask(prompt_config="terse")
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        r = ask(profile="nobody")
+        assert r.status_code == 404 and r.json()["error"]["param"] == "profile"
+        r = ask(model="tiny", profile="dave")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "profile"
+        r = ask(prompt_config="/etc/passwd")
+        assert r.status_code == 400
+        assert "known: terse, terse.json" in r.json()["error"]["message"]
+
+
+def test_offered_prompt_configs_are_named_by_path_file_name_and_stem(tmp_path: Path) -> None:
+    from llm.config import load_prompt_config
+    from llm.server import offered_prompt_configs
+
+    (tmp_path / "dave.json").write_text(json.dumps({"assistant_name": "Dave"}))
+    path = str(tmp_path / "dave.json")
+    offered = offered_prompt_configs([path, path], lambda p: load_prompt_config(Path(p)))
+    assert set(offered) == {path, "dave.json", "dave"}
+    assert offered["dave"].assistant_name == "Dave"

@@ -13,8 +13,9 @@ from pathlib import Path
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
 from llm.config import load_profiles, load_prompt_config
+from llm.errors import ConfigError
 from llm.http_guard import server_config
-from llm.server import ServerLimits, create_app, served_from
+from llm.server import ServerLimits, create_app, offered_prompt_configs, served_from
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
 PROFILES_ENV = "MLX_HARMONY_PROFILES_FILE"
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_connections,
         help="open connections at most (idle ones included)",
     )
+    p.add_argument(
+        "--prompt-configs",
+        type=Path,
+        metavar="DIR",
+        help="prompt configs (*.json) a request may name in its prompt_config field, besides "
+        "--prompt-config and the profiles' own",
+    )
     add_model_options(p)
     return p
 
@@ -84,6 +92,13 @@ def _main() -> int:
     profiles = load_profiles(Path(profiles_file)) if profiles_file else {}
     model = args.model or (None if profiles else DEFAULT_MODEL)
     served = served_from(model, profiles, setup.prompt, load_prompt_config, setup.remote)
+    offered = [str(setup.prompt_path)] if setup.prompt_path else []
+    offered += [p.prompt_config for p in profiles.values() if p.prompt_config]
+    if args.prompt_configs is not None:
+        if not args.prompt_configs.is_dir():
+            raise ConfigError(f"--prompt-configs {args.prompt_configs}: not a folder")
+        offered += [str(f) for f in sorted(args.prompt_configs.glob("*.json"))]
+    prompt_configs = offered_prompt_configs(offered, load_prompt_config)
     limits = ServerLimits(
         args.max_body_bytes,
         args.max_messages,
@@ -96,7 +111,9 @@ def _main() -> int:
     first = served[0]
     engine = load_engine(first.model, lazy=first.prompt.lazy, remote=first.remote)
     key = args.api_key or os.environ.get(API_KEY_ENV)
-    app = create_app(served, api_key=key, limits=limits, preloaded=engine)
+    app = create_app(
+        served, api_key=key, limits=limits, preloaded=engine, prompt_configs=prompt_configs
+    )
     config = server_config(
         app, args.host, args.port, limits.header_timeout_s, limits.max_connections,
         log_level="info",
