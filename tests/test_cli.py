@@ -353,3 +353,34 @@ def test_token_id_lists_are_read_as_lists() -> None:
     parse = build_parser().parse_args
     assert parse(["hi", "--xtc-special-tokens", "12"]).xtc_special_tokens == [12]
     assert parse(["hi", "--xtc-special-tokens", "1,2"]).xtc_special_tokens == [1, 2]
+
+
+def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Path) -> None:
+    from llm.config import load_prompt_config
+
+    text = tmp_path / "dialogue.txt"
+    text.write_text(
+        "User: Hello, who are you?\nDave: I'm Dave,\nat your service.\n\n"
+        "user: Thanks!\nASSISTANT: You are welcome.\n"
+    )
+    config = tmp_path / "prompt.json"
+    config.write_text(json.dumps({"assistant_name": "Dave", "temperature": 0.3}))
+    cmd = [sys.executable, "-m", "llm.cli.convert_dialogue", str(text)]
+    out = subprocess.run(
+        [*cmd, "--assistant-name", "Dave", "--prompt-config", str(config)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "added 2 dialogues (4 turns)" in out.stdout
+    prompt = load_prompt_config(config)
+    assert [[(m.role, m.content) for m in d] for d in prompt.example_dialogues] == [
+        [("user", "Hello, who are you?"), ("assistant", "I'm Dave,\nat your service.")],
+        [("user", "Thanks!"), ("assistant", "You are welcome.")],
+    ]
+    assert json.loads(config.read_text())["temperature"] == 0.3  # the rest kept as it was
+    text.write_text("Hello there\nUser: hi\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"error: {text}:1: a dialogue starts with a speaker " + (
+        "('user:', 'assistant:')"
+    )

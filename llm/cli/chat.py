@@ -346,9 +346,10 @@ class ChatSession:
 
     def generate(self) -> None:
         prompt = self.setup.prompt
-        thinking_shown = 0
+        thinking = ""
         answer = ""
         live: Live | None = None
+        think: Live | None = None  # the thinking, rendered as markdown as it grows
         done: TurnDone | None = None
         with Interrupt() as stopped:
             try:
@@ -356,6 +357,11 @@ class ChatSession:
                     self.engine, self.chat.history(), prompt, self.toolbox, should_stop=stopped
                 )
                 for event in events:
+                    if isinstance(event, ToolCall | ToolResult | TextDelta) and (
+                        think is not None and not _is_thinking(event)
+                    ):
+                        think.stop()
+                        think = None
                     if isinstance(event, ToolCall | ToolResult):
                         if live is not None:  # a tool between two final messages
                             live.stop()
@@ -364,7 +370,7 @@ class ChatSession:
                     elif isinstance(event, TextDelta) and event.recipient:
                         continue  # the call's arguments: shown whole by its ToolCall
                     elif isinstance(event, TextDelta) and event.channel == "final":
-                        if thinking_shown and not answer:
+                        if thinking and not answer and not self.markdown:
                             self.console.print()
                         before, answer = answer, answer + event.text
                         if live is None and self.markdown:
@@ -375,27 +381,23 @@ class ChatSession:
                         else:
                             self._stream_plain(before, answer)
                     elif isinstance(event, TextDelta) and self.show_reasoning:
-                        limit = prompt.truncate_thinking
-                        room = (
-                            event.text
-                            if limit is None
-                            else event.text[: max(0, limit - thinking_shown)]
-                        )
-                        if thinking_shown == 0:
-                            label = Text("(thinking) ", style="dim italic" if self.markdown else "")
-                            self.console.print(label, end="")
-                        thinking_shown += len(event.text)
-                        # Plain text with --no-markdown: no styling codes in the output.
-                        style = "dim italic" if self.markdown else ""
-                        self.console.print(Text(room, style=style), end="")
+                        before, thinking = thinking, thinking + event.text
+                        if self.markdown:
+                            if think is None:
+                                think = Live(console=self.console, auto_refresh=False)
+                                think.start()
+                            think.update(self._thinking_view(thinking), refresh=True)
+                        else:
+                            self._thinking_plain(before, thinking)
                     elif isinstance(event, TurnDone):
                         done = event
             except ConfigError as e:  # the prompt cannot be rendered, a remote server failed
                 self.console.print(f"\n[red]error:[/] {e}")
             finally:
-                if live is not None:
-                    live.stop()
-        if (thinking_shown and not answer) or not self.markdown:
+                for shown in (think, live):
+                    if shown is not None:
+                        shown.stop()
+        if not self.markdown:
             self.console.print()
         if done is None:
             return
@@ -413,6 +415,20 @@ class ChatSession:
         elif done.finish_reason == "length":
             self.console.print("[yellow](max_tokens reached)[/]")
         self.save()
+
+    def _thinking_view(self, thinking: str) -> Markdown:
+        """The thinking as markdown (dim), cut at `truncate_thinking` characters."""
+        limit = self.setup.prompt.truncate_thinking
+        shown = thinking if limit is None or len(thinking) <= limit else thinking[:limit] + " …"
+        return Markdown(f"*(thinking)* {shown}", style="dim italic")
+
+    def _thinking_plain(self, before: str, thinking: str) -> None:
+        """Plain text with --no-markdown: no styling codes, each new piece as it comes."""
+        limit = self.setup.prompt.truncate_thinking
+        end = len(thinking) if limit is None else limit
+        out = "(thinking) " if not before else ""
+        out += thinking[len(before) : end] if len(before) < end else ""
+        self.console.print(out, end="", markup=False, highlight=False)
 
     def _print_tool(self, event: ToolCall | ToolResult) -> None:
         """One compact dim block per call and per result."""
@@ -452,6 +468,10 @@ class ChatSession:
             self.console.print(Markdown(view))
         else:
             self.console.print(view, markup=False, highlight=False)
+
+
+def _is_thinking(event: object) -> bool:
+    return isinstance(event, TextDelta) and event.channel != "final" and not event.recipient
 
 
 def _toggle(arg: str, current: bool) -> bool:
