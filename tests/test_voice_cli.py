@@ -131,7 +131,7 @@ def test_voice_command_answers_aloud_and_stops_cleanly_on_sigterm(
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0
     assert any(ANSWER in line for line in run.lines)
-    assert run.lines[-1] == f"Chat saved to {log}"
+    assert run.lines[-1] == f"Chat saved to {log}", "\n".join(run.lines[-60:])
     saved = json.loads(log.read_text())
     final = saved["chats"][saved["active_chat_id"]]["messages"][-1]
     assert final["content"] == ANSWER and "first_audio_ms" in final["voice_timings"]

@@ -172,6 +172,7 @@ class _Stream:
     """What both directions share: a PortAudio stream that may end or stall on its own."""
 
     _callback: Callable[..., None]  # each direction's PortAudio callback
+    _resample: _Resampler  # to or from the device's rate, set by open()
 
     def __init__(self, device: str | int | None) -> None:
         self.spec = device
@@ -206,6 +207,9 @@ class _Stream:
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
+        # A converting resampler is a native object: released with the stream (open()
+        # makes a new one), not left for the interpreter's exit.
+        self._resample = _Resampler(MODEL_RATE, MODEL_RATE)
         if stream is None:
             return
 

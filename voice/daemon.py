@@ -209,6 +209,9 @@ class VoiceAssistant:
         if self.turn is not None:
             self._interrupt(save=True)
         self._close_devices()
+        # Its resamplers are native objects: released now, not left to the interpreter's
+        # exit (where nanobind reports them as leaked).
+        self.echo = None
         if self.toolbox is not None:
             self.toolbox.close()
         self.save()
