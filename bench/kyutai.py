@@ -116,7 +116,7 @@ def _tts_parts(folder: Path, quantize: int | None, dtype: mx.Dtype) -> tuple[Che
     voice = folder / "voice.safetensors"
     dim = raw["conditioners"]["speaker_wavs"]["tensor"]["dim"]
     mx.save_safetensors(str(voice), {"speaker_wavs": mx.random.normal((1, dim, 125)) * 0.1})
-    return Checkpoint(None, raw, lm, _mimi(raw["dep_q"]), _tokenizer(folder)), voice
+    return Checkpoint(raw, lm, _mimi(raw["dep_q"]), _tokenizer(folder)), voice
 
 
 def bench_tts(
@@ -202,7 +202,7 @@ def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) 
         lm = _random_lm(raw, dtype)
         if quantize:
             quantize_lm(lm, quantize)
-        ckpt = Checkpoint(None, raw, lm, _mimi(raw["n_q"]), _tokenizer(Path(tmp)))
+        ckpt = Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(Path(tmp)))
         stt = Transcriber(ckpt, max_seconds=frames * FRAME_MS / 1000 + 2)
         noise = (np.random.default_rng(0).normal(size=FRAME) * 0.05).astype(np.float32)
         for _ in range(2):  # the second pass is timed: the first compiles kernels per length

@@ -19,6 +19,7 @@ from pathlib import Path
 from llm.chatlog import Chat, ChatLog
 from llm.cli.common import Setup
 from llm.engine import Engine
+from voice.audio_io import MODEL_RATE
 from voice.config import VoiceConfig, apply_override
 from voice.daemon import TurnTimings, VoiceAssistant
 from voice.stt import Transcriber
@@ -104,7 +105,7 @@ def run(
                 collector = _Collector()
                 assistant = VoiceAssistant(
                     cfg, engine, setup.prompt, stt, tts,
-                    make_detector(cfg.endpointing, 24_000), log, folder / "log.json", collector,
+                    make_detector(cfg.endpointing, MODEL_RATE), log, folder / "log.json", collector,
                 )  # fmt: skip
                 stop = threading.Event()
 

@@ -27,7 +27,7 @@ from mlx_lm.utils import sharded_load
 
 from llm.config import PromptConfig, SamplingParams
 from llm.engine import Engine, load_model
-from llm.errors import ConfigError
+from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
 
 
@@ -89,7 +89,7 @@ def _turn(
     }
 
 
-class DistributedError(ConfigError):
+class DistributedError(RuntimeFailure):
     """The ranks no longer compute the same thing; their answers would be garbage."""
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from llm.config import PromptConfig, RemoteConfig, SamplingParams
-from llm.errors import ConfigError
+from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import (
     BuiltinTool,
     ChatMessage,
@@ -39,7 +39,7 @@ from llm.messages import (
 )
 
 
-class RemoteError(ConfigError):
+class RemoteError(RuntimeFailure):
     """The remote server failed; one line naming it and what went wrong."""
 
 

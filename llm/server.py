@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm.backends import ChatEngine, load_engine
 from llm.config import PromptConfig, RemoteConfig
-from llm.errors import ConfigError
+from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
 from llm.openai_api import (
     ChatCompletionRequest,
@@ -369,6 +369,8 @@ async def _started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
         field = str(e).split(":")[0]
         param = field if field in ChatCompletionRequest.model_fields else "messages"
         raise ApiError(400, str(e), param) from None
+    except RuntimeFailure as e:  # the backend behind this server (a remote one) failed
+        raise ApiError(502, str(e), kind="upstream_error", code="upstream_failed") from None
 
     async def chained() -> AsyncIterator[Any]:
         yield first

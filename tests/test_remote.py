@@ -309,3 +309,21 @@ def test_connection_lost_mid_answer_is_not_retried(scripted) -> None:
     assert scripted.requests == 1
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]
     assert not any(isinstance(e, MessageDone) for e in events)
+
+
+def test_a_server_relaying_to_a_remote_that_is_down_answers_502() -> None:
+    """The remote's failure is not the client's mistake: a 502 naming the remote, where a
+    bad request field is a 400."""
+    from fastapi.testclient import TestClient
+
+    from llm.server import ServedModel, create_app
+
+    port = _free_port()
+    remote = RemoteConfig(base_url=f"http://127.0.0.1:{port}/v1", retries=0, backoff_s=0)
+    app = create_app([ServedModel("relay", "m", PromptConfig(), remote)])
+    with TestClient(app) as client:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 502, r.text
+        assert f"remote http://127.0.0.1:{port}/v1: cannot connect" in r.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json={**body, "n": 3}).status_code == 400

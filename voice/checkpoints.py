@@ -30,7 +30,6 @@ MIMI_CONFIG_FILE = "mimi_config.json"
 
 @dataclass
 class Checkpoint:
-    folder: Path | None  # None when the files came from a hub repo
     raw_config: dict[str, Any]
     lm: models.Lm
     mimi: Mimi
@@ -153,5 +152,4 @@ def load_checkpoint(ref: str, *, generating_audio: bool, quantize: int | None) -
             f"{mimi_path}: not a Mimi codec for {codebooks} codebooks ({e})"
         ) from None
     tokenizer = SentencePieceProcessor(str(fetch(ref, names["tokenizer_name"])))  # type: ignore[call-arg]
-    folder = Path(ref).expanduser()
-    return Checkpoint(folder if folder.is_dir() else None, raw, lm, mimi, tokenizer)
+    return Checkpoint(raw, lm, mimi, tokenizer)

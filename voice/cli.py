@@ -25,7 +25,7 @@ from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.errors import ConfigError
 from voice import ctl, service
-from voice.audio_io import AudioError, list_devices
+from voice.audio_io import MODEL_RATE, AudioError, list_devices
 from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config, spoken_prompt
 from voice.control import ControlServer, Loading, default_socket_path
 from voice.daemon import TurnTimings, VoiceAssistant
@@ -272,7 +272,7 @@ def voice_assistant(
     control: ControlServer | None,
 ) -> int:
     stt, tts = load_voice_models(config, console)
-    detector = make_detector(config.endpointing, sample_rate=24_000)
+    detector = make_detector(config.endpointing, sample_rate=MODEL_RATE)
     status = config.display.status
     reporter = TerminalReporter(
         console, config.display.show_reasoning, console.is_terminal if status is None else status

@@ -104,7 +104,9 @@ class BargeInSection(_Section):
     )
     min_speech_ms: int = Field(240, ge=0, description="speech over the assistant that counts")
     echo_guard_ms: int = Field(
-        300, ge=0, description="with barge-in off, how long after playback the mic stays deaf"
+        300,
+        ge=0,
+        description="without echo cancellation, how long after playback the mic stays deaf",
     )
 
 

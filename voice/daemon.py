@@ -26,7 +26,7 @@ from typing import Protocol
 from llm.backends import ChatEngine
 from llm.chatlog import Chat, ChatLog, save_chat_log
 from llm.config import PromptConfig
-from llm.errors import ConfigError
+from llm.errors import ConfigError, HarmonyError
 from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
 from llm.tool_loop import respond
 from llm.tools.toolbox import Toolbox, conversation_workspace
@@ -487,7 +487,7 @@ class VoiceAssistant:
             next(self._prefilling)
         except StopIteration:
             self._prefilling = None
-        except ConfigError:
+        except HarmonyError:
             # A rendering problem is reported by the real turn; here it only means no
             # head start.
             self._prefilling = None
@@ -577,7 +577,7 @@ class VoiceAssistant:
             event = next(turn.events)
         except StopIteration:
             return
-        except ConfigError as e:
+        except HarmonyError as e:
             self.report.notice(f"error: {e}")
             if turn.reply is not None:
                 turn.reply.error(str(e))

@@ -19,7 +19,6 @@ from moshi_mlx.utils.sampling import Sampler
 
 from voice.checkpoints import Checkpoint, load_checkpoint
 
-SAMPLE_RATE = 24_000
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
 # Text tokens that carry no text: 0 is the end-of-padding marker and 3 padding
 # (the ids Kyutai's own inference scripts skip).
@@ -39,7 +38,6 @@ class Transcriber:
         max_seconds: float = 60.0,
         on_piece: Callable[[str], None] | None = None,
     ) -> None:
-        self.ckpt = checkpoint
         self.lm, self.mimi, self.tokenizer = checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer
         stt_config = checkpoint.raw_config.get("stt_config") or {}
         frame_rate = self.mimi.frame_rate

@@ -26,7 +26,7 @@ from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
 from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
 from llm.cli.multiline import read_message
 from llm.config import SamplingParams
-from llm.errors import ConfigError
+from llm.errors import ConfigError, HarmonyError
 from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
 from llm.remote import RemoteEngine
 from llm.tool_loop import respond
@@ -218,7 +218,7 @@ class ChatSession:
             return True
         try:
             handler(arg)
-        except ConfigError as e:
+        except HarmonyError as e:
             self.console.print(f"[red]error:[/] {e}")
         return True
 
@@ -391,7 +391,7 @@ class ChatSession:
                             self._thinking_plain(before, thinking)
                     elif isinstance(event, TurnDone):
                         done = event
-            except ConfigError as e:  # the prompt cannot be rendered, a remote server failed
+            except HarmonyError as e:  # the prompt cannot be rendered, a remote server failed
                 self.console.print(f"\n[red]error:[/] {e}")
             finally:
                 for shown in (think, live):

@@ -21,7 +21,7 @@ from llm.config import (
 )
 from llm.debug_log import DebugLog
 from llm.debug_log import default_path as default_debug_path
-from llm.errors import ConfigError
+from llm.errors import ConfigError, HarmonyError
 from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
@@ -230,6 +230,6 @@ def run_main(body: Callable[[], int | None]) -> None:
     """Run a command; a user error is one line on stderr and exit status 2."""
     try:
         sys.exit(body() or 0)
-    except ConfigError as e:
+    except HarmonyError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
