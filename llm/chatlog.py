@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from llm.config import read_json
-from llm.errors import ConfigError
+from llm.errors import ConfigError, error_line
 from llm.files import atomic_write_bytes, atomic_write_json
 from llm.messages import ChatMessage
 
@@ -237,9 +237,7 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
             log._repairs = [*_iso_stamp_notes(raw), *repair(log)]
             return log, SCHEMA_VERSION
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
+        raise ConfigError(error_line(source, e)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except (TypeError, ValueError, OverflowError) as e:  # a value of the wrong kind deep inside

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, error_line
 from llm.tools.config import ToolsConfig
 
 # Fields of the original tool's prompt config that have no effect here.
@@ -136,13 +136,6 @@ class Profile(BaseModel):
     remote: RemoteConfig | None = None
 
 
-def _error_line(path: Path | str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{path}: field '{field}': {first['msg']}{more}"
-
-
 def read_json(path: Path) -> Any:
     """A JSON file's value; anything wrong with the file is one ConfigError naming it."""
     try:
@@ -177,7 +170,7 @@ def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") ->
     try:
         return PromptConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_error_line(source, e)) from None
+        raise ConfigError(error_line(source, e)) from None
 
 
 def load_prompt_config(path: Path | str) -> PromptConfig:
@@ -199,7 +192,7 @@ def load_profiles(path: Path | str) -> dict[str, Profile]:
         try:
             profile = Profile.model_validate(entry)
         except ValidationError as e:
-            raise ConfigError(_error_line(f"{path}: profile '{name}'", e)) from None
+            raise ConfigError(error_line(f"{path}: profile '{name}'", e)) from None
         if profile.prompt_config:
             profile.prompt_config = str(_resolve_beside(path, profile.prompt_config))
         profiles[name] = profile

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llm.config import PromptConfig, read_json
-from llm.errors import ConfigError
+from llm.errors import ConfigError, error_line, first_error
 
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
 DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"
@@ -237,13 +237,6 @@ def from_seed_layout(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], 
     return data, ignored
 
 
-def _error_line(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: field '{field}': {first['msg']}{more}"
-
-
 def parse_voice_config(raw: Any, source: str = "<voice config>") -> tuple[VoiceConfig, list[str]]:
     """Validate a config object; return it and the names of ignored fields."""
     if not isinstance(raw, dict):
@@ -261,7 +254,7 @@ def parse_voice_config(raw: Any, source: str = "<voice config>") -> tuple[VoiceC
     try:
         return VoiceConfig.model_validate(raw), ignored
     except ValidationError as e:
-        raise ConfigError(_error_line(source, e)) from None
+        raise ConfigError(error_line(source, e)) from None
 
 
 def load_voice_config(path: Path | str) -> tuple[VoiceConfig, list[str]]:
@@ -299,8 +292,7 @@ def apply_override(config: VoiceConfig, dotted: str, value: Any) -> VoiceConfig:
     try:
         updated = SECTIONS[section].model_validate({**current, name: value})
     except ValidationError as e:
-        first = e.errors()[0]
-        raise ConfigError(f"{dotted}: {first['msg']}") from None
+        raise ConfigError(f"{dotted}: {first_error(e)[1]}") from None
     return config.model_copy(update={section: updated})
 
 

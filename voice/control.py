@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, first_error
 
 Command = Literal["status", "mute", "unmute", "stop", "listen", "new-chat", "say", "ask"]
 # A request line longer than this is refused (a typed question fits many times over).
@@ -69,9 +69,7 @@ def validate_request(raw: object) -> Request:
     try:
         return Request.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
+        where, msg = first_error(e)
         raise ConfigError(f"field '{where}': {msg}" if where else msg) from None
 
 

@@ -26,7 +26,7 @@ from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
 from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
 from llm.cli.multiline import read_message
 from llm.config import SamplingParams
-from llm.errors import ConfigError, HarmonyError
+from llm.errors import ConfigError, HarmonyError, first_error
 from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
 from llm.remote import RemoteEngine
 from llm.tool_loop import respond
@@ -156,7 +156,7 @@ class ChatSession:
         try:
             sampling = self.flags(SamplingParams.model_validate({**current, **known}))
         except (ValidationError, ConfigError) as e:
-            why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            why = first_error(e)[1] if isinstance(e, ValidationError) else str(e)
             self.console.print(f"[yellow]warning:[/] {path}: last settings not used: {why}")
             return
         prompt = self.setup.prompt.model_copy(update={"sampling": sampling})
@@ -316,7 +316,7 @@ class ChatSession:
                 known = ", ".join(["reasoning_effort", *SamplingParams.model_fields])
                 raise ConfigError(f"unknown setting '{name}' (known: {known})")
         except ValidationError as e:
-            raise ConfigError(f"{name}: {e.errors()[0]['msg']}") from None
+            raise ConfigError(f"{name}: {first_error(e)[1]}") from None
         self.console.print(f"[dim]{name} = {value}[/]")
 
     def _cmd_show(self, _: str) -> None:

@@ -21,7 +21,7 @@ from llm.config import (
 )
 from llm.debug_log import DebugLog
 from llm.debug_log import default_path as default_debug_path
-from llm.errors import ConfigError, HarmonyError
+from llm.errors import ConfigError, HarmonyError, first_error
 from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
@@ -208,9 +208,9 @@ def apply_overrides(sampling: SamplingParams, args: argparse.Namespace) -> Sampl
     try:
         return SamplingParams.model_validate({**sampling.model_dump(), **updates})
     except ValidationError as e:
-        first = e.errors()[0]
-        flag = "-".join(str(p).replace("_", "-") for p in first["loc"])  # as typed: --top-p
-        raise ConfigError(f"--{flag}: {first['msg']}") from None
+        where, msg = first_error(e)
+        flag = where.replace("_", "-").replace(".", "-")  # as typed: --top-p
+        raise ConfigError(f"--{flag}: {msg}") from None
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
