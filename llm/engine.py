@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from llm.chat_template import ChatTemplateFormat
 from llm.config import PromptConfig, SamplingParams
@@ -86,6 +87,10 @@ class Engine:
     @classmethod
     def load(cls, ref: str, *, lazy: bool = False) -> Engine:
         model, tokenizer, _ = load_model(ref, lazy=lazy)
+        # On Apple silicon, keep the model's memory wired as mlx-lm does while it
+        # generates (`wired_limit`); set once for the process here, since the engine lives
+        # as long as the command does (a no-op where the device recommends no size).
+        maybe_set_recommended_wired_limit()
         return cls(model, tokenizer, ref)
 
     @property

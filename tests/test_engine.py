@@ -305,3 +305,15 @@ def test_xtc_never_cuts_the_tokens_that_shape_an_answer(engine: Engine) -> None:
     """As in the original tool: the ends of a turn and of a message, and the newline."""
     newline = engine.tokenizer.encode("\n", add_special_tokens=False)
     assert {200002, 200012, 200007, *newline} <= set(engine.xtc_protected)
+
+
+def test_loading_wires_the_models_memory_where_the_device_recommends_a_size(
+    gpt_oss_path, monkeypatch
+) -> None:
+    """Apple silicon's recommended working set, as mlx-lm wires it while generating."""
+    wired: list[int] = []
+    info = mx.device_info()
+    monkeypatch.setattr(mx, "device_info", lambda: {**info, "max_recommended_working_set_size": 7})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda size: wired.append(size) or 0)
+    Engine.load(str(gpt_oss_path))
+    assert wired == [7]
