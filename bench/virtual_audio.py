@@ -162,6 +162,12 @@ class VirtualAudio:
         )  # fmt: skip
 
 
+def wait_recorded(path: Path, seconds: float, rate: int = 24000, timeout: float = 60.0) -> None:
+    """Wait until a recording being written (16-bit mono wav) holds `seconds` of audio."""
+    size = 44 + round(seconds * rate) * 2
+    _wait(lambda: path.exists() and path.stat().st_size >= size, timeout)
+
+
 def _wait(ready, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():

@@ -168,11 +168,15 @@ def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: En
 
 def test_a_python_call_is_killed_from_another_thread(tmp_path: Path) -> None:
     toolbox = Toolbox(ToolsConfig(python=True), tmp_path)
-    call = ChatMessage("assistant", "while True: pass", "analysis", "python")
+    code = "open('started', 'w').close()\nwhile True: pass"
+    call = ChatMessage("assistant", code, "analysis", "python")
     out: list[ChatMessage] = []
     worker = threading.Thread(target=lambda: out.append(toolbox.run(call)))
     worker.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():  # the code runs: now there is a call to kill
+        assert time.monotonic() < deadline and worker.is_alive(), out
+        time.sleep(0.01)
     toolbox.cancel()
     worker.join(5)
     toolbox.close()

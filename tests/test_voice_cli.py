@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.virtual_audio import non_silent_seconds, read_wav, sox_stat
+from bench.virtual_audio import non_silent_seconds, read_wav, sox_stat, wait_recorded
 from tests.support.tiny_voice import HEARD
 
 ROOT = Path(__file__).parent.parent
@@ -396,12 +396,13 @@ def test_speaker_plays_what_it_is_given(virtual_audio, tmp_path) -> None:
     recording = tmp_path / "tone.wav"
     recorder = virtual_audio.record_speaker(recording)
     try:
-        time.sleep(0.3)
+        wait_recorded(recording, 0.05)  # the recorder runs
+        started = time.perf_counter()
         t = np.arange(24_000) / 24_000
         speaker.play((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
         while speaker.busy:
             time.sleep(0.05)
-        time.sleep(0.3)
+        wait_recorded(recording, time.perf_counter() - started + 0.3)  # and the latency
     finally:
         recorder.terminate()
         recorder.wait()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from bench.virtual_audio import non_silent_seconds, read_wav
+from bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
 from llm.chatlog import Chat, ChatLog
 from llm.config import PromptConfig
 from tests.support.tiny_voice import HEARD
@@ -47,13 +47,15 @@ def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_
     def scenario(stop: threading.Event) -> None:
         recorder = virtual_audio.record_speaker(recording)
         try:
-            time.sleep(0.3)
+            wait_recorded(recording, 0.05)  # the recorder runs
+            recording_started = time.perf_counter()
             player = virtual_audio.play_into_mic(question)
             played["start"] = time.perf_counter()
             player.wait()
             played["end"] = time.perf_counter()
-            rec.wait("turn_done")
-            time.sleep(0.3)
+            done = rec.wait("turn_done")
+            # Everything played until the end of the turn, and the device's latency after.
+            wait_recorded(recording, done - recording_started + 0.3)
         finally:
             recorder.terminate()
             recorder.wait()
@@ -105,10 +107,13 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
     moments: dict[str, float] = {}
 
     def scenario(stop: threading.Event) -> None:
-        time.sleep(0.3)
         virtual_audio.play_into_mic(question).wait()
         rec.wait("status", "speaking")
-        time.sleep(0.5)
+        speaker = assistant.speaker
+        deadline = time.monotonic() + 60
+        while speaker.played_samples < speaker.rate // 2:  # half a second of it heard
+            assert time.monotonic() < deadline, "the answer is not being played"
+            time.sleep(0.01)
         moments["barge"] = time.perf_counter()
         virtual_audio.play_into_mic(interruption).wait()
         rec.wait("turn_done", count=2, timeout=90)
@@ -142,7 +147,6 @@ def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
     echo = virtual_audio.say("The capital of France is Paris.", tmp_path)
 
     def scenario(stop: threading.Event) -> None:
-        time.sleep(0.3)
         virtual_audio.play_into_mic(question).wait()
         rec.wait("status", "speaking")
         virtual_audio.play_into_mic(echo).wait()  # as if the microphone heard the speaker
@@ -214,7 +218,6 @@ def test_a_tool_call_is_announced_not_read_aloud(
     question = virtual_audio.say("Is there a note?", tmp_path, lead_silence=0.3)
 
     def scenario(stop: threading.Event) -> None:
-        time.sleep(0.3)
         virtual_audio.play_into_mic(question).wait()
         rec.wait("turn_done", timeout=120)
 
