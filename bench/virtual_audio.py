@@ -10,9 +10,11 @@ through ALSA's `pulse` plugin (devices `pulse` and `default`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +26,43 @@ import numpy as np
 
 TOOLS = ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng", "sox")
 MIC_SOURCE = "module-virtual-source source_name=mic master=micsink.monitor"
+
+
+PREFIX = "pulse-"
+OWNER_FILE = "owner.pid"  # the process that started the server, in its runtime folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_up_abandoned() -> list[Path]:
+    """Stop the servers of earlier runs that were killed before they could (their
+    owner is gone), and remove their folders; return the folders removed."""
+    removed = []
+    for runtime in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((runtime / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or not finished starting
+        if _alive(owner):
+            continue
+        try:
+            server = int((runtime / "pulse" / "pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            server = None
+        if server is not None and _alive(server):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(server, signal.SIGTERM)  # its players end with their connection
+        shutil.rmtree(runtime, ignore_errors=True)
+        removed.append(runtime)
+    return removed
 
 
 def missing_tools() -> list[str]:
@@ -38,7 +77,9 @@ class VirtualAudio:
 
     @classmethod
     def start(cls) -> VirtualAudio:
-        runtime = Path(tempfile.mkdtemp(prefix="pulse-"))
+        clean_up_abandoned()
+        runtime = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (runtime / OWNER_FILE).write_text(str(os.getpid()))
         env = {
             **os.environ,
             "XDG_RUNTIME_DIR": str(runtime),
