@@ -101,6 +101,11 @@ class ChatTemplateDecoder:
         self._detok.add_token(token)
         return self._delta(self._detok.last_segment)
 
+    @property
+    def reasoning(self) -> bool:
+        """The last token fed belongs to the reasoning (inside the think block)."""
+        return self._channel == "analysis"
+
     def finish(self) -> list[TextDelta | MessageDone]:
         self._detok.finalize()
         events = self._delta(self._detok.last_segment)

@@ -221,6 +221,7 @@ class Engine:
                 yield self._track(event, clock, done)
         finish: FinishReason = "length"
         generated: list[int] = []
+        reasoning = 0
         try:
             for token, _ in steps:
                 if not generated:  # the model has now consumed the last prompt token
@@ -230,6 +231,7 @@ class Engine:
                 clock.first_token = clock.first_token or time.perf_counter()
                 for event in decoder.feed(token):
                     yield self._track(event, clock, done)
+                reasoning += decoder.reasoning
                 if token in stops:
                     finish = "tool_call" if token == HARMONY_CALL_TOKEN else "stop"
                     break
@@ -262,6 +264,7 @@ class Engine:
             time_to_first_final=clock.since(clock.first_final),
             total_seconds=end - clock.start,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
+            reasoning_tokens=reasoning,
         )
         if self.debug is not None:
             self.debug.write(prompt_tokens, generated, self.format.decode, self.model_id)

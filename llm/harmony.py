@@ -173,6 +173,11 @@ class HarmonyDecoder:
         events += self._completed()
         return events
 
+    @property
+    def reasoning(self) -> bool:
+        """The last token fed belongs to the reasoning (the analysis channel)."""
+        return self._raw is None and self._parser.current_channel == "analysis"
+
     def finish(self) -> list[TextDelta | MessageDone]:
         """End of generation (stop token, length limit or cancel): flush what is open."""
         if self._raw is not None:

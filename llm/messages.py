@@ -88,6 +88,9 @@ class GenerationStats:
     time_to_first_final: float | None
     total_seconds: float
     peak_memory_gb: float
+    # Of generated_tokens: those of the reasoning (counted by the model's own decoder, so
+    # in its own vocabulary; a remote server's as it reports them).
+    reasoning_tokens: int = 0
 
     @property
     def prefill_tps(self) -> float:

@@ -292,6 +292,10 @@ class _Turn:
             time_to_first_final=None if first_final is None else first_final - start,
             total_seconds=end - start,
             peak_memory_gb=0.0,
+            reasoning_tokens=(self.usage.get("completion_tokens_details") or {}).get(
+                "reasoning_tokens"
+            )
+            or 0,
         )
         yield TurnDone(self.finish, tuple(messages), (), stats)
 

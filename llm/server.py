@@ -470,15 +470,8 @@ async def _complete(
 
 
 def _usage(done: TurnDone) -> dict[str, Any]:
-    from llm.vocab import harmony_encoding
-
-    analysis = "".join(m.content for m in done.messages if m.channel == "analysis")
-    # The engine reports messages, not per-token channels: count the reasoning text.
-    reasoning = len(harmony_encoding().encode(analysis)) if analysis else 0
     s = done.stats
-    return usage(
-        s.prompt_tokens, s.generated_tokens, min(reasoning, s.generated_tokens), s.cached_tokens
-    )
+    return usage(s.prompt_tokens, s.generated_tokens, s.reasoning_tokens, s.cached_tokens)
 
 
 async def _sse(

@@ -178,6 +178,7 @@ def _summary(
         time_to_first_final=first_final,
         total_seconds=time.perf_counter() - start,
         peak_memory_gb=max(t.stats.peak_memory_gb for t in turns),
+        reasoning_tokens=sum(t.stats.reasoning_tokens for t in turns),
     )
     tokens = tuple(tok for t in turns for tok in t.tokens)
     return TurnDone(finish, tuple(messages), tokens, stats)

@@ -38,6 +38,11 @@ def test_harmony_turn_streams_analysis_then_final(engine: Engine) -> None:
     assert "".join(d.text for d in deltas if d.channel == "final") == t.final
     msgs = [e for e in events if isinstance(e, MessageDone)]
     assert [m.message.channel for m in msgs] == ["analysis", "final"]
+    # The reasoning's tokens, counted by the decoder as they came: the analysis text
+    # (and its header's tail), none of the final answer's.
+    analysis = len(engine.tokenizer.encode(t.analysis, add_special_tokens=False))
+    final = len(engine.tokenizer.encode(t.final, add_special_tokens=False))
+    assert analysis <= done.stats.reasoning_tokens <= done.stats.generated_tokens - final
 
 
 def test_first_final_words_arrive_before_the_turn_ends(engine: Engine) -> None:
@@ -213,6 +218,7 @@ def test_chat_template_model_answers_and_stops(chatml_engine: Engine) -> None:
         done = collect(chatml_engine.stream(history, GREEDY))
         assert done.finish_reason == "stop"
         assert [(m.channel, m.content) for m in done.messages] == [("final", answer)]
+        assert done.stats.reasoning_tokens == 0  # no think block: no reasoning
         history += done.messages
     assert done.stats.cached_tokens > 0
 
