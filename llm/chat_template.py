@@ -14,7 +14,16 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from llm.config import PromptConfig
 from llm.errors import ConfigError
-from llm.messages import BuiltinTool, Channel, ChatMessage, MessageDone, TextDelta, Tool
+from llm.messages import (
+    BuiltinTool,
+    Channel,
+    ChatMessage,
+    FunctionTool,
+    MessageDone,
+    TextDelta,
+    Tool,
+)
+from llm.system_part import function_schemas, system_text
 
 
 class ChatTemplateFormat:
@@ -43,30 +52,15 @@ class ChatTemplateFormat:
             raise ConfigError(
                 f"tools {', '.join(builtin)}: built-in tools need a GPT-OSS (Harmony) model"
             )
-        system = [prompt.expand(prompt.system_model_identity, now)]
-        system.append(prompt.expand(prompt.developer_instructions, now))
-        system += [m.content for m in history if m.role in ("system", "developer")]
-        system_text = "\n\n".join(s for s in system if s)
-        msgs: list[dict[str, Any]] = (
-            [{"role": "system", "content": system_text}] if system_text else []
-        )
+        system = system_text(prompt, history, now)
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         for dialogue in prompt.example_dialogues:
             msgs += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
         for m in history:
             if m.role in ("system", "developer") or m.channel == "analysis":
                 continue
             msgs.append({"role": m.role, "content": m.content})
-        schemas = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters or {},
-                },
-            }
-            for t in tools
-        ]
+        schemas = function_schemas([t for t in tools if isinstance(t, FunctionTool)])
         return list(
             self.tokenizer.apply_chat_template(
                 msgs, tools=schemas or None, add_generation_prompt=True

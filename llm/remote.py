@@ -37,6 +37,7 @@ from llm.messages import (
     Tool,
     TurnDone,
 )
+from llm.system_part import function_schemas, system_text
 
 
 class RemoteError(RuntimeFailure):
@@ -54,11 +55,12 @@ _FINISH: dict[str | None, FinishReason] = {
 def to_openai_messages(
     history: Sequence[ChatMessage], prompt: PromptConfig, now: datetime | None
 ) -> list[dict[str, Any]]:
-    """The history as OpenAI messages; the prompt config's instructions as a system one."""
+    """The history as OpenAI messages; the system part (`llm.system_part`) as one system
+    message first."""
     out: list[dict[str, Any]] = []
-    instructions = prompt.expand(prompt.developer_instructions, now)
-    if instructions:
-        out.append({"role": "system", "content": instructions})
+    system = system_text(prompt, history, now)
+    if system:
+        out.append({"role": "system", "content": system})
     for dialogue in prompt.example_dialogues:
         out += [{"role": e.role, "content": prompt.expand(e.content, now)} for e in dialogue]
     open_call_ids: list[str] = []  # calls not yet answered, oldest first
@@ -69,6 +71,8 @@ def to_openai_messages(
             if m.role == "tool":
                 call_id = open_call_ids.pop(0) if open_call_ids else f"call_{i}"
                 out.append({"role": "tool", "tool_call_id": call_id, "content": m.content})
+            elif m.role in ("system", "developer"):
+                continue  # in the system message above
             else:
                 out.append({"role": m.role, "content": m.content})
             continue
@@ -116,17 +120,7 @@ def _request_body(
     if sampling.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
     if tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters or {"type": "object", "properties": {}},
-                },
-            }
-            for t in tools
-        ]
+        body["tools"] = function_schemas(tools)
     return body
 
 

@@ -327,3 +327,18 @@ def test_a_server_relaying_to_a_remote_that_is_down_answers_502() -> None:
         assert r.status_code == 502, r.text
         assert f"remote http://127.0.0.1:{port}/v1: cannot connect" in r.json()["error"]["message"]
         assert client.post("/v1/chat/completions", json={**body, "n": 3}).status_code == 400
+
+
+def test_the_remote_gets_the_same_system_part_as_a_chat_template_model() -> None:
+    """Identity, instructions and a client's system message: one system message, as the
+    chat-template path renders it (the remote path dropped the identity)."""
+    from llm.system_part import system_text
+
+    prompt = PromptConfig(system_model_identity="You are Dave.", developer_instructions="Be brief.")
+    history = [ChatMessage("system", "Answer in French."), ChatMessage("user", "hi")]
+    msgs = to_openai_messages(history, prompt, None)
+    assert msgs == [
+        {"role": "system", "content": "You are Dave.\n\nBe brief.\n\nAnswer in French."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert msgs[0]["content"] == system_text(prompt, history, None)
