@@ -11,6 +11,7 @@ import csv
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,19 +190,48 @@ def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
     return engine, {t: -1e9 for t in STOP_IDS}
 
 
-def voice_latency(args: argparse.Namespace, engine: Engine) -> tuple[list[dict], dict]:
-    from rich.console import Console
+def _json_or_text(value: str) -> object:
+    """A setting's value as JSON where it is JSON (8, true, null), else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
+
+def voice_latency(
+    args: argparse.Namespace, engine: Engine, bias: dict[int, float]
+) -> tuple[list[dict], dict]:
     from bench import voice_latency as vl
     from llm.cli.common import Setup
     from llm.config import PromptConfig, SamplingParams
-    from voice.cli import load_voice_models
-    from voice.config import VoiceConfig, load_voice_config
+    from voice.config import VoiceConfig, apply_override, load_voice_config
 
     config = load_voice_config(args.voice_config)[0] if args.voice_config else VoiceConfig()
-    stt, tts = load_voice_models(config, Console(stderr=True))
-    prompt = PromptConfig(sampling=SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    records = vl.run(config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds)
+    for setting in args.voice_set:
+        name, _, value = setting.partition("=")
+        config = apply_override(config, name, _json_or_text(value))
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logit_bias=bias)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.voice_random:
+            from bench.kyutai import random_voice_models
+
+            # Random weights never write Harmony headers: the answer is forced onto the
+            # final channel (what llm.reasoning "skip" does), or nothing would be spoken.
+            config = apply_override(config, "llm.reasoning", "skip")
+            stt, tts = random_voice_models(
+                Path(tmp), vl.QUESTIONS[0], config.tts.codebooks, config.tts.quantize
+            )
+        else:
+            from rich.console import Console
+
+            from voice.cli import load_voice_models
+
+            stt, tts = load_voice_models(config, Console(stderr=True))
+        prompt = PromptConfig(sampling=sampling)
+        records = vl.run(
+            config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
+            devices=args.voice_devices,
+        )  # fmt: skip
     return [r.row() for r in records], vl.summarize(records)
 
 
@@ -232,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voice-to-voice latency through virtual audio devices (Linux)")  # fmt: skip
     p.add_argument("--voice-config", type=Path, help="voice config for --voice (STT/TTS models)")
     p.add_argument("--voice-rounds", type=int, default=3, help="spoken turns per variant")
+    p.add_argument("--voice-devices", choices=("auto", "pulse", "file"), default="auto",
+                   help="PulseAudio's virtual devices, or paced file devices (no sound "
+                   "server needed; auto: PulseAudio where installed)")  # fmt: skip
+    p.add_argument("--voice-random", action="store_true",
+                   help="Kyutai STT 1B and TTS 1.6B at their published shapes with random "
+                   "weights (the transcript scripted, the answer forced to the final "
+                   "channel)")  # fmt: skip
+    p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
@@ -270,7 +309,7 @@ def _main() -> int:
         )
         results["listening"] = [r.row() for r in rows]
     if args.voice:
-        results["voice"], results["voice_summary"] = voice_latency(args, engine)
+        results["voice"], results["voice_summary"] = voice_latency(args, engine, bias)
     results["summary"] = summarize(results)
     write_outputs(args.out, results, with_plot=not args.no_plot)
     print_report(results)

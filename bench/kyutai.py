@@ -239,3 +239,72 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class ScriptedTranscript:
+    """A random-weight STT doing all of its real work (every frame through Mimi and the
+    model) while the transcript is a fixed question, revealed a word every few frames as
+    a trained model would: its own words would be noise, and the assistant needs words."""
+
+    def __init__(self, stt: Transcriber, text: str, frames_per_word: int = 3) -> None:
+        self.stt, self.words, self.frames_per_word = stt, text.split(), frames_per_word
+        self._start = 0
+
+    def warmup(self) -> None:
+        self.stt.warmup()
+
+    def start(self) -> None:
+        self.stt.start()
+        self._start = self.stt.frames_fed
+
+    @property
+    def text(self) -> str:
+        shown = (self.stt.frames_fed - self._start) // self.frames_per_word
+        return " ".join(self.words[: min(shown, len(self.words))])
+
+    @property
+    def active(self) -> bool:
+        return self.stt.active
+
+    @property
+    def room(self) -> int:
+        return self.stt.room
+
+    @property
+    def frames_fed(self) -> int:
+        return self.stt.frames_fed
+
+    def feed(self, pcm: np.ndarray) -> str:
+        before = self.text
+        self.stt.feed(pcm)
+        return self.text[len(before) :]
+
+    def finish(self) -> str:
+        self.stt.finish()
+        return " ".join(self.words)
+
+
+def random_voice_models(
+    folder: Path, question: str, codebooks: int | None, quantize: int | None = None
+) -> tuple[ScriptedTranscript, Synthesizer]:
+    """STT 1B and TTS 1.6B at their published shapes with random weights, warmed up (MLX
+    on CUDA compiles kernels per shape: the first frames take seconds)."""
+    raw = stt_config()
+    lm = _random_lm(raw, mx.bfloat16)
+    if quantize:
+        quantize_lm(lm, quantize)
+    stt_folder, tts_folder = folder / "stt", folder / "tts"
+    stt_folder.mkdir(parents=True, exist_ok=True)
+    tts_folder.mkdir(parents=True, exist_ok=True)
+    stt = Transcriber(Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(stt_folder)))
+    ckpt, voice = _tts_parts(tts_folder, quantize, mx.bfloat16)
+    tts = Synthesizer(ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks)
+    scripted = ScriptedTranscript(stt, question)
+    scripted.warmup()
+    stt.start()
+    for _ in range(12):
+        stt.feed(np.zeros(FRAME, dtype=np.float32))
+    stt.finish()
+    for _ in tts.speak(TEXT):
+        pass
+    return scripted, tts

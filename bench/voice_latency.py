@@ -1,6 +1,8 @@
-"""Voice-to-voice latency through virtual audio devices (Linux, PulseAudio).
+"""Voice-to-voice latency through the real daemon, on PulseAudio's virtual devices (Linux)
+or, where there is no sound server (a GPU machine), on paced file devices
+(`bench.file_audio`).
 
-Questions spoken with espeak-ng are played into a virtual microphone; the assistant runs
+Questions spoken with espeak-ng are played into the microphone; the assistant runs
 its real loop on the configured models; each turn's timings are measured inside the
 program on one clock, from the arrival of the last speech block (the end of the user's
 speech) to the first audible sample handed to the device. Each utterance is run with and
@@ -9,13 +11,20 @@ without prefilling the words heard while the user is still speaking.
 
 from __future__ import annotations
 
+import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
+
+from bench.file_audio import ClockSpeaker, FileMicrophone
 from llm.chatlog import Chat, ChatLog
 from llm.cli.common import Setup
 from llm.engine import Engine
@@ -82,7 +91,41 @@ def run(
     stt: Transcriber,
     tts: Synthesizer,
     rounds: int,
+    devices: Literal["auto", "pulse", "file"] = "auto",
 ) -> list[LatencyRecord]:
+    """`devices`: PulseAudio's virtual ones (espeak-ng speech), or `file` ones (no sound
+    server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
+    noise; `auto` picks PulseAudio where its tools are installed."""
+    from bench.virtual_audio import missing_tools
+
+    if devices == "auto":
+        devices = "file" if missing_tools() else "pulse"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if devices == "pulse":
+            return _run_pulse(config, setup, engine, stt, tts, rounds, folder)
+        clips = [_speech(q) for q in QUESTIONS]
+        records = []
+        for prefill in (True, False):
+            cfg = apply_override(config, "llm.prefill_while_listening", prefill)
+            mic, speaker = FileMicrophone(cfg.audio.block_ms), ClockSpeaker()
+            assistant, collector = _assistant(
+                cfg, setup, engine, stt, tts, folder, mic=mic, speaker=speaker
+            )
+
+            def say(i: int, mic: FileMicrophone = mic) -> None:
+                clip = clips[i % len(clips)]
+                mic.say(clip)
+                time.sleep(len(clip) / MODEL_RATE)
+
+            records += _rounds(assistant, collector, rounds, say, prefill)
+        return records
+
+
+def _run_pulse(
+    config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
+    rounds: int, folder: Path,
+) -> list[LatencyRecord]:  # fmt: skip
     from bench.virtual_audio import VirtualAudio, missing_tools
 
     if missing_tools():
@@ -91,46 +134,84 @@ def run(
     audio.activate()
     records = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            speech = [audio.say(q, folder, lead_silence=0.3) for q in QUESTIONS]
-            for prefill in (True, False):
-                cfg = apply_override(config, "llm.prefill_while_listening", prefill)
-                for name, value in (("audio.input_device", "pulse"),
-                                    ("audio.output_device", "pulse")):  # fmt: skip
-                    cfg = apply_override(cfg, name, value)
-                log = ChatLog()
-                log.start_chat(Chat.new(setup.model))
-                engine.reset()
-                collector = _Collector()
-                assistant = VoiceAssistant(
-                    cfg, engine, setup.prompt, stt, tts,
-                    make_detector(cfg.endpointing, MODEL_RATE), log, folder / "log.json", collector,
-                )  # fmt: skip
-                stop = threading.Event()
+        speech = [audio.say(q, folder, lead_silence=0.3) for q in QUESTIONS]
+        for prefill in (True, False):
+            cfg = apply_override(config, "llm.prefill_while_listening", prefill)
+            for name, value in (("audio.input_device", "pulse"),
+                                ("audio.output_device", "pulse")):  # fmt: skip
+                cfg = apply_override(cfg, name, value)
+            assistant, collector = _assistant(cfg, setup, engine, stt, tts, folder)
 
-                def scenario(collector=collector, stop=stop) -> None:
-                    try:
-                        for i in range(rounds):
-                            collector.done.clear()
-                            time.sleep(0.5)
-                            audio.play_into_mic(speech[i % len(speech)]).wait()
-                            if not collector.done.wait(timeout=600):
-                                break
-                    finally:
-                        stop.set()
+            def say(i: int) -> None:
+                audio.play_into_mic(speech[i % len(speech)]).wait()
 
-                assistant.open()
-                helper = threading.Thread(target=scenario)
-                helper.start()
-                assistant.serve(stop)
-                helper.join()
-                records += [
-                    LatencyRecord.of(prefill, i, t) for i, t in enumerate(collector.timings)
-                ]
+            records += _rounds(assistant, collector, rounds, say, prefill)
     finally:
         audio.stop()
     return records
+
+
+def _assistant(
+    cfg: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
+    folder: Path, **devices: Any,
+) -> tuple[VoiceAssistant, _Collector]:  # fmt: skip
+    log = ChatLog()
+    log.start_chat(Chat.new(setup.model))
+    engine.reset()
+    collector = _Collector()
+    assistant = VoiceAssistant(
+        cfg, engine, setup.prompt, stt, tts, make_detector(cfg.endpointing, MODEL_RATE), log,
+        folder / "log.json", collector, **devices,
+    )  # fmt: skip
+    return assistant, collector
+
+
+def _rounds(
+    assistant: VoiceAssistant,
+    collector: _Collector,
+    rounds: int,
+    say: Callable[[int], None],
+    prefill: bool,
+) -> list[LatencyRecord]:
+    """Ask `rounds` questions, each once the last answer was played; the turns' timings."""
+    stop = threading.Event()
+
+    def scenario() -> None:
+        try:
+            for i in range(rounds):
+                collector.done.clear()
+                time.sleep(0.5)
+                say(i)
+                if not collector.done.wait(timeout=600):
+                    break
+        finally:
+            stop.set()
+
+    assistant.open()
+    helper = threading.Thread(target=scenario)
+    helper.start()
+    assistant.serve(stop)
+    helper.join()
+    return [LatencyRecord.of(prefill, i, t) for i, t in enumerate(collector.timings)]
+
+
+def _speech(text: str) -> np.ndarray:
+    """`text` spoken by espeak-ng at 24 kHz, or, without it, two seconds of speech-like
+    noise (syllable-paced bursts: what an energy detector and a random-weight STT need)."""
+    if shutil.which("espeak-ng") and shutil.which("sox"):
+        with tempfile.TemporaryDirectory() as tmp:
+            raw, out = Path(tmp) / "raw.wav", Path(tmp) / "out.wav"
+            subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
+            subprocess.run(
+                ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out)], check=True
+            )
+            from bench.virtual_audio import read_wav
+
+            return read_wav(out)
+    rng = np.random.default_rng(len(text))
+    t = np.arange(2 * MODEL_RATE) / MODEL_RATE
+    syllables = (np.sin(2 * np.pi * 4 * t) > -0.3).astype(np.float32)
+    return (rng.normal(0, 0.1, len(t)) * syllables).astype(np.float32)
 
 
 def summarize(records: list[LatencyRecord]) -> dict:

@@ -57,9 +57,12 @@ def test_the_shipped_question_set_is_alpaca_eval() -> None:
     assert prompts[0].startswith("What are the names of some famous actors")
 
 
+@pytest.mark.parametrize("devices", ["pulse", "file"])
 def test_voice_latency_benchmark_smoke(
-    gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path
+    gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path, devices: str
 ) -> None:
+    """Through PulseAudio's virtual devices, and through the paced file devices a GPU
+    machine without a sound server uses."""
     config = tmp_path / "voice.json"
     config.write_text(json.dumps({
         "stt": {"model": str(voice_models / "stt")},
@@ -71,7 +74,7 @@ def test_voice_latency_benchmark_smoke(
     run = subprocess.run(
         [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--skip", "single",
          "--skip", "multi", "--voice", "--voice-config", str(config), "--voice-rounds", "1",
-         "--out", str(out)],
+         "--voice-devices", devices, "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -82,3 +85,24 @@ def test_voice_latency_benchmark_smoke(
     assert all(r["first_audio_ms"] > r["endpointing_ms"] > 0 for r in results["voice"])
     assert (out / "voice.csv").stat().st_size > 0
     assert "voice-to-voice latency" in run.stdout
+
+
+def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
+    transcriber,
+) -> None:
+    import numpy as np
+
+    from bench.kyutai import ScriptedTranscript
+    from voice.stt import FRAME
+
+    scripted = ScriptedTranscript(transcriber, "What is the capital of France?", 2)
+    scripted.start()
+    seen = []
+    for _ in range(8):
+        before = transcriber.frames_fed
+        scripted.feed(np.zeros(FRAME, dtype=np.float32))
+        assert transcriber.frames_fed == before + 1  # the real model stepped
+        seen.append(scripted.text)
+    assert seen[1] == "What" and seen[3] == "What is" and seen[7] == "What is the capital"
+    assert scripted.finish() == "What is the capital of France?"
+    assert not scripted.active

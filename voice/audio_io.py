@@ -351,7 +351,7 @@ class Speaker(_Stream):
         self._frames.clear()
 
     def pending_seconds(self) -> float:
-        if self._stream is None:
+        if self.lost:
             return 0.0
         # list() copies the deque in one step, whatever the callback does meanwhile.
         frames = list(self._frames)
