@@ -104,6 +104,14 @@ class ClockSpeaker(Speaker):
             lambda: self._callback(np.zeros((frames, 1), np.float32), frames, None, None),
         )
 
+    def _callback(self, outdata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+        before = self.played_samples
+        super()._callback(outdata, frames, t, status)
+        # Any sample counts as sound here: a random-weight codec's output can be NaN,
+        # which the level check of a real device's first sound never passes.
+        if self.first_sound_at is None and self.played_samples > before:
+            self.first_sound_at = time.perf_counter()
+
     @property
     def lost(self) -> bool:
         return self._pacer is None
