@@ -250,6 +250,10 @@ class ScriptedTranscript:
         self.stt, self.words, self.frames_per_word = stt, text.split(), frames_per_word
         self._start = 0
 
+    # A random-weight model's pause heads predict noise: these runs end turns by silence.
+    predicts_pauses = False
+    pause = None
+
     def warmup(self) -> None:
         self.stt.warmup()
 

@@ -298,3 +298,35 @@ def test_without_echo_cancellation_its_own_voice_would_interrupt_it(
     finally:
         virtual_audio.unload_module(loop)
     assert rec.timings[0].interrupted
+
+
+def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
+    make_assistant, virtual_audio, transcriber, tmp_path
+) -> None:
+    """The STT's pause head, forced to predict a pause everywhere: the live loop ends the
+    turn at the first silent block once the utterance is old enough, where the silence
+    rule (set to 2 s here) would have waited."""
+    import mlx.core as mx
+
+    class AlwaysPausing:
+        def __call__(self, x: mx.array) -> mx.array:
+            return mx.zeros((*x.shape[:-1], 6)) + mx.array([10.0, 0, 0, 0, 0, 0])
+
+    heads = transcriber.lm.extra_heads
+    saved = heads[2]
+    heads[2] = AlwaysPausing()
+    try:
+        assistant, rec, _ = make_assistant(**{"endpointing.silence_ms": 2000})
+        assert assistant.rules.semantic
+        question = virtual_audio.say("What is the capital of France?", tmp_path)
+
+        def scenario(stop: threading.Event) -> None:
+            virtual_audio.play_into_mic(question).wait()
+            rec.wait("turn_done", timeout=90)
+
+        serve(assistant, scenario)
+    finally:
+        heads[2] = saved
+    assert "end of turn: predicted pause (or 2000 ms of silence)" in rec.texts("notice")
+    assert rec.texts("heard") == [HEARD]
+    assert rec.timings[0].endpoint_ms < 1000, rec.timings[0]

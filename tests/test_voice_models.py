@@ -225,3 +225,18 @@ def test_fewer_codebooks_are_generated_when_asked(tts_folder: Path) -> None:
     assert len(audio) and np.sqrt(np.mean(audio**2)) > 1e-4  # Mimi decodes what it gets
     assert session.gen.last_audio_tokens().shape[1] == have // 2
     assert load_tts(tts_folder, codebooks=have + 1).lm.dep_q == have  # at most all of them
+
+
+def test_an_stt_with_pause_heads_reports_a_pause_probability_per_frame(
+    transcriber: Transcriber,
+) -> None:
+    assert transcriber.predicts_pauses  # the tiny STT has the four extra heads
+    transcriber.start()
+    assert transcriber.pause is None
+    probabilities = []
+    for _ in range(3):
+        transcriber.feed(np.zeros(FRAME, dtype=np.float32))
+        assert transcriber.pause is not None
+        probabilities.append(transcriber.pause)
+    transcriber.finish()
+    assert all(0.0 <= p <= 1.0 for p in probabilities)

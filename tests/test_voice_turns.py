@@ -21,6 +21,7 @@ from voice.turns import (
     FinishHearing,
     Mute,
     Notice,
+    Pause,
     Prefill,
     Rules,
     StartHearing,
@@ -39,12 +40,12 @@ from voice.turns import (
 BLOCK = 0.08  # s: the default 80 ms blocks
 
 
-def rules(echo_cancelled: bool = False, **overrides: Any) -> Rules:
+def rules(echo_cancelled: bool = False, pauses: bool = False, **overrides: Any) -> Rules:
     config = VoiceConfig()
     settings = {"endpointing.silence_ms": 400, "endpointing.warmup_blocks": 0} | overrides
     for key, value in settings.items():
         config = apply_override(config, key, value)
-    return Rules.from_config(config, echo_cancelled)
+    return Rules.from_config(config, echo_cancelled, predicts_pauses=pauses)
 
 
 class Talk:
@@ -329,3 +330,48 @@ def test_activation_is_configured_by_name() -> None:
     assert config.activation.follow_up_s == 3
     with pytest.raises(Exception, match=r"activation\.mode"):
         parse_voice_config({"activation": "sometimes"})
+
+
+# ---------------------------------------------------------------------------- semantic end
+def heard_with_pauses(talk: Talk, pattern: str, pause: float) -> list[Any]:
+    """Blocks as `Talk.blocks`, each followed by the STT's pause probability for it."""
+    out = []
+    for c in pattern:
+        out += talk.blocks(c)
+        if talk.state.phase == "hearing":
+            out += talk.send(Pause(pause))
+    return out
+
+
+def test_a_predicted_pause_ends_the_turn_before_the_silence_would() -> None:
+    talk = Talk(rules(pauses=True, **{"endpointing.silence_ms": 2000}))
+    assert talk.state.rules.end_of_turn() == "end of turn: predicted pause (or 2000 ms of silence)"
+    out = heard_with_pauses(talk, "s" * 14, 0.9)
+    assert not of(out, FinishHearing)  # never in the middle of speech
+    out = heard_with_pauses(talk, ".", 0.9)
+    assert of(out, FinishHearing)  # at the first silent block: 80 ms, not 2000
+    assert of(talk.send(Transcript("what time is it")), StartTurn)
+
+
+def test_a_predicted_pause_is_not_trusted_at_the_start_of_an_utterance() -> None:
+    talk = Talk(rules(pauses=True, **{"endpointing.silence_ms": 2000}))
+    out = heard_with_pauses(talk, "sss" + "." * 9, 0.9)  # 11 frames heard: 12 are ignored
+    assert not of(out, FinishHearing)
+    assert of(heard_with_pauses(talk, "..", 0.9), FinishHearing)
+
+
+def test_a_low_or_flickering_pause_prediction_waits_for_the_silence() -> None:
+    talk = Talk(rules(pauses=True, **{"endpointing.silence_ms": 400}))
+    out = heard_with_pauses(talk, "s" * 14 + "..", 0.3)
+    out += talk.send(Pause(0.95))  # one frame's spike is smoothed away
+    assert not of(out, FinishHearing)
+    assert of(heard_with_pauses(talk, "...", 0.3), FinishHearing)  # the silence rule
+
+
+def test_without_pause_heads_or_switched_off_predictions_are_ignored() -> None:
+    for talk in (
+        Talk(rules(**{"endpointing.silence_ms": 2000})),
+        Talk(rules(pauses=True, **{"endpointing.silence_ms": 2000, "endpointing.semantic": "off"})),
+    ):
+        assert talk.state.rules.end_of_turn() == "end of turn: 2000 ms of silence"
+        assert not of(heard_with_pauses(talk, "s" * 14 + "...", 0.99), FinishHearing)

@@ -96,6 +96,17 @@ class EndpointingSection(_Section):
     min_speech_ms: int = Field(200, ge=0, description="shorter utterances are dropped")
     max_utterance_s: float = Field(15.0, gt=0, description="an utterance is cut after this")
     warmup_blocks: int = Field(2, ge=0, description="blocks ignored after opening the mic")
+    semantic: Literal["auto", "off"] = Field(
+        "auto",
+        description="end the turn when the STT predicts a pause (models with pause heads, "
+        "e.g. the -candle weights); silence_ms stays the fallback",
+    )
+    pause_threshold: float = Field(
+        0.6, gt=0, lt=1, description="smoothed pause probability that ends the turn"
+    )
+    pause_ignore_ms: int = Field(
+        960, ge=0, description="the start of an utterance, where pause predictions are ignored"
+    )
 
 
 class BargeInSection(_Section):

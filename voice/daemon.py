@@ -53,6 +53,7 @@ from voice.turns import (
     FinishHearing,
     Mute,
     Notice,
+    Pause,
     Prefill,
     Rules,
     ShowWords,
@@ -162,7 +163,8 @@ class VoiceAssistant:
         self.speaker = (speaker or Speaker(audio.output_device)) if synthesizer else None
         self.echo = self._echo_canceller()
         hears, speaks = self.mic is not None, self.speaker is not None
-        self.rules = Rules.from_config(config, self.echo is not None, hears, speaks)
+        pauses = transcriber is not None and transcriber.predicts_pauses
+        self.rules = Rules.from_config(config, self.echo is not None, hears, speaks, pauses)
         self.conv = State.start(self.rules)
         self.earcons = Earcons(config.activation.earcon_volume) if self.rules.earcons else None
         self.preroll: deque[Block] = deque(
@@ -202,6 +204,8 @@ class VoiceAssistant:
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
         self._open_devices()
+        if self.mic is not None:
+            self.report.notice(self.rules.end_of_turn())
         self._set_state(self.conv.idle_status(self.clock()))
         self._greet(record=not self.log.active().messages)
 
@@ -299,10 +303,9 @@ class VoiceAssistant:
         while pending:
             self.conv, actions = turns.step(self.conv, pending.pop(0), self.clock())
             for action in actions:
-                if (follow := self._act(action)) is not None:
-                    pending.append(follow)
+                pending += self._act(action)
 
-    def _act(self, action: turns.Action) -> turns.Event | None:
+    def _act(self, action: turns.Action) -> list[turns.Event]:
         match action:
             case Status(text):
                 self._set_state(text)
@@ -314,12 +317,18 @@ class VoiceAssistant:
                 return self._start_hearing(list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :])
             case Feed():
                 assert self.stt is not None and self._block is not None
-                if self.stt.active and self.stt.room > 0 and self.stt.feed(self._block.pcm):
-                    return Words(self.stt.text)
+                if not (self.stt.active and self.stt.room > 0):
+                    return []
+                heard: list[turns.Event] = []
+                if self.stt.feed(self._block.pcm):
+                    heard.append(Words(self.stt.text))
+                if self.stt.pause is not None:
+                    heard.append(Pause(self.stt.pause))
+                return heard
             case Prefill(text):
                 self._prefill(text)
             case FinishHearing():
-                return Transcript(self._finish_hearing())
+                return [Transcript(self._finish_hearing())]
             case DropHearing():
                 assert self.stt is not None
                 if self.stt.active:
@@ -336,7 +345,7 @@ class VoiceAssistant:
             case Earcon(kind):
                 if self.earcons is not None and self.speaker is not None:
                     self.speaker.play(self.earcons.tone(kind))
-        return None
+        return []
 
     # ------------------------------------------------------------------ commands
     def submit(self, request: Request, reply: Reply | None = None) -> None:
@@ -460,7 +469,7 @@ class VoiceAssistant:
         speech = self.detector(block.pcm)
         self._handle(turns.Block(block.at, speech))
 
-    def _start_hearing(self, blocks: list[Block]) -> turns.Event | None:
+    def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
         assert self.stt is not None
         self.stt.start()
         self._stt_frames_at_start = self.stt.frames_fed
@@ -468,7 +477,7 @@ class VoiceAssistant:
         # the one rendered at the end agree on any time placeholder.
         self._utterance_now = datetime.now()
         new = [self.stt.feed(b.pcm) for b in blocks]
-        return Words(self.stt.text) if any(new) else None
+        return [Words(self.stt.text)] if any(new) else []
 
     def _prefill(self, text: str) -> None:
         """While the user speaks, prefill the conversation up to the words already heard,

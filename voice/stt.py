@@ -26,6 +26,9 @@ SILENT_TOKENS = (0, 3)
 # Frames of silence fed past the model's delay, so the last word's pieces come out even
 # when it ends right on a frame boundary.
 FLUSH_MARGIN_FRAMES = 3
+# Of the STT's extra heads (pauses of about 0.5, 1, 2 and 3 s ahead), the one Kyutai's own
+# tools read for the end of a turn, and its output that means "a pause comes".
+PAUSE_HEAD = 2
 
 
 class Transcriber:
@@ -58,6 +61,9 @@ class Transcriber:
         self._pending = np.zeros(0, dtype=np.float32)
         self._pieces: list[str] = []
         self._gen: models.LmGen | None = None
+        # The published -mlx weights have no extra heads; the -candle ones do.
+        self.predicts_pauses = len(self.lm.extra_heads) > PAUSE_HEAD
+        self.pause: float | None = None  # the last frame's pause probability
         self.frames_fed = 0
 
     @classmethod
@@ -71,6 +77,7 @@ class Transcriber:
         self._gen = None
 
     def start(self) -> None:
+        self.pause = None
         for cache in self.lm.transformer_cache:
             cache.reset()
         self.mimi.reset_all()
@@ -134,7 +141,11 @@ class Transcriber:
     def _step(self, frame: np.ndarray) -> str:
         assert self._gen is not None
         codes = self.mimi.encode_step(mx.array(frame)[None, None])  # (1, codebooks, 1)
-        token = self._gen.step(codes[:, : self.codebooks, 0])
+        if self.predicts_pauses:
+            token, heads = self._gen.step_with_extra_heads(codes[:, : self.codebooks, 0])
+            self.pause = float(heads[PAUSE_HEAD].reshape(-1, heads[PAUSE_HEAD].shape[-1])[-1, 0])
+        else:
+            token = self._gen.step(codes[:, : self.codebooks, 0])
         self.frames_fed += 1
         tid = int(token[0].item())
         if tid in SILENT_TOKENS or not self._is_text(tid):

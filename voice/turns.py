@@ -22,6 +22,8 @@ from voice.config import VoiceConfig
 from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
 
 Activation = Literal["always", "wake_phrase", "push_to_talk"]
+# Weight of the newest pause probability in its running average.
+PAUSE_SMOOTHING = 0.3
 Phase = Literal["idle", "hearing", "answering", "down"]
 
 
@@ -42,10 +44,20 @@ class Rules:
     earcons: bool = False
     hears: bool = True
     speaks: bool = True
+    # Semantic end of turn: the STT's pause prediction, smoothed, above `pause_threshold`
+    # once the utterance is `pause_ignore_steps` frames old, at a silent block.
+    semantic: bool = False
+    pause_threshold: float = 0.6
+    pause_ignore_steps: int = 12
 
     @classmethod
     def from_config(
-        cls, cfg: VoiceConfig, echo_cancelled: bool, hears: bool = True, speaks: bool = True
+        cls,
+        cfg: VoiceConfig,
+        echo_cancelled: bool,
+        hears: bool = True,
+        speaks: bool = True,
+        predicts_pauses: bool = False,
     ) -> Rules:
         barge_in = cfg.barge_in.enabled
         if barge_in is None:  # auto: only where the assistant cannot hear itself
@@ -66,7 +78,17 @@ class Rules:
             earcons=earcons and speaks,
             hears=hears,
             speaks=speaks,
+            semantic=predicts_pauses and cfg.endpointing.semantic == "auto",
+            pause_threshold=cfg.endpointing.pause_threshold,
+            pause_ignore_steps=math.ceil(cfg.endpointing.pause_ignore_ms / cfg.audio.block_ms),
         )
+
+    def end_of_turn(self) -> str:
+        """Which rule ends a turn, for the status line."""
+        silence = f"{self.endpointer.p.silence_ms} ms of silence"
+        if self.semantic:
+            return f"end of turn: predicted pause (or {silence})"
+        return f"end of turn: {silence}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,9 @@ class State:
     open_until: float = 0.0
     addressed: bool = False  # the utterance being heard is meant for the assistant
     prefilled_words: int = 0
+    ending: bool = False  # the utterance's end was decided: its transcript is on its way
+    pause_ema: float = 0.0  # the STT's smoothed pause probability, this utterance
+    pause_steps: int = 0
 
     @classmethod
     def start(cls, rules: Rules) -> State:
@@ -123,6 +148,13 @@ class Words:
     """The STT's transcript of the utterance so far."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The STT's probability, for the frame just transcribed, that a pause comes."""
+
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -175,8 +207,8 @@ class DeviceBack:
 
 
 Event = (
-    Block | Words | Transcript | Ask | AnswerStarted | AnswerFinished | Stop | TalkKey | Mute
-    | DeviceLost | DeviceBack
+    Block | Words | Pause | Transcript | Ask | AnswerStarted | AnswerFinished | Stop
+    | TalkKey | Mute | DeviceLost | DeviceBack
 )  # fmt: skip
 
 
@@ -262,6 +294,8 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
             state = _block(state, event, now, out)
         case Words(text):
             state = _words(state, text, out)
+        case Pause(probability):
+            state = _pause(state, probability, out)
         case Transcript(text):
             state = _transcript(state, text, now, out)
         case Ask(text):
@@ -329,9 +363,12 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return _begin_hearing(state, event.blocks_back, addressed, out)
     if state.phase != "hearing":
         return state
+    if state.ending:
+        return state
     out(Feed())
     if isinstance(event, SpeechEnded):
         out(FinishHearing())
+        state = replace(state, ending=True)
     elif isinstance(event, SpeechDropped):
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         state = replace(state, phase="idle")
@@ -342,7 +379,31 @@ def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> Sta
     if addressed and state.rules.earcons and state.rules.activation != "always":
         out(Earcon("listening"))
     out(StartHearing(blocks), Status("hearing"))
-    return replace(state, phase="hearing", addressed=addressed, prefilled_words=0)
+    return replace(
+        state, phase="hearing", addressed=addressed, prefilled_words=0, ending=False,
+        pause_ema=0.0, pause_steps=0,
+    )  # fmt: skip
+
+
+def _pause(state: State, probability: float, out: _Out) -> State:
+    """Semantic end of turn: the STT predicts a pause, as Kyutai's Unmute reads it (the
+    utterance's first frames ignored, the probability smoothed), taken at a block the
+    detector calls silent so that a word is never cut."""
+    rules = state.rules
+    if state.phase != "hearing" or state.ending or not rules.semantic:
+        return state
+    steps = state.pause_steps + 1
+    ema = (
+        probability
+        if steps == 1
+        else PAUSE_SMOOTHING * probability + (1 - PAUSE_SMOOTHING) * state.pause_ema
+    )
+    state = replace(state, pause_steps=steps, pause_ema=ema)
+    settled = steps > rules.pause_ignore_steps and state.endpointer.silent_blocks > 0
+    if settled and ema > rules.pause_threshold:
+        out(FinishHearing())
+        state = replace(state, ending=True, vad=state.endpointer.reset())
+    return state
 
 
 def _words(state: State, text: str, out: _Out) -> State:
@@ -369,7 +430,7 @@ def _transcript(state: State, text: str, now: float, out: _Out) -> State:
     if state.phase != "hearing":
         return state
     rules = state.rules
-    state = replace(state, phase="idle")
+    state = replace(state, phase="idle", ending=False)
     out(ShowWords(""))
     unaddressed = rules.activation == "wake_phrase" and not state.addressed
     if unaddressed and find_phrase(text, rules.wake_phrases) is None:
@@ -412,8 +473,10 @@ def _talk_key(state: State, now: float, out: _Out) -> State:
     if state.muted or state.phase == "down" or not rules.hears:
         return state
     if state.phase == "hearing":  # pressed again while speaking: that is the end of it
+        if state.ending:
+            return state
         out(FinishHearing())
-        return replace(state, vad=state.endpointer.reset())
+        return replace(state, vad=state.endpointer.reset(), ending=True)
     if state.phase == "answering":
         out(Notice("(interrupted)"), CancelTurn())
         state = _after_answer(state, now, out)
