@@ -134,3 +134,35 @@ def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None
     assert fraction(speech) > 0.6
     assert fraction(np.zeros(24_000 * 2, dtype=np.float32)) == 0
     assert fraction(noise) < 0.1  # loud hiss is energy, not speech
+
+
+def test_the_default_detector_takes_speech_that_is_near_and_not_noise_or_far_speech(
+    tmp_path,
+) -> None:
+    """Silero's decision on blocks above the energy floor: loud hiss is no speech (the
+    energy detector calls it speech), and speech far away (a TV) is too quiet to count."""
+    import subprocess
+
+    import numpy as np
+
+    from voice.config import EndpointingSection
+    from voice.vad import make_detector
+
+    wav, raw = tmp_path / "speech.wav", tmp_path / "speech.raw"
+    subprocess.run(["espeak-ng", "-w", str(wav), "What is the weather like today?"], check=True)
+    subprocess.run(["sox", str(wav), "-r", "24000", "-c", "1", "-b", "32", "-e", "float",
+                    str(raw)], check=True)  # fmt: skip
+    speech = np.fromfile(raw, dtype=np.float32)
+    noise = (np.random.default_rng(0).normal(size=24_000 * 2) * 0.05).astype(np.float32)
+    params = EndpointingSection()
+    assert params.detector == "silero"
+
+    def fraction(audio: np.ndarray, params: EndpointingSection = params) -> float:
+        detect = make_detector(params, 24_000)
+        hits = [detect(audio[i : i + 1920]) for i in range(0, len(audio) - 1919, 1920)]
+        return sum(hits) / len(hits)
+
+    assert fraction(speech) > 0.5
+    assert fraction(noise) < 0.1
+    assert fraction(speech * 0.02) == 0  # far away: under the energy floor
+    assert fraction(noise, EndpointingSection(detector="energy")) > 0.9

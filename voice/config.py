@@ -86,7 +86,11 @@ class AudioSection(_Section):
 
 
 class EndpointingSection(_Section):
-    detector: Literal["energy", "silero"] = "energy"
+    detector: Literal["energy", "silero"] = Field(
+        "silero",
+        description="silero: Silero's speech probability on blocks above energy_threshold "
+        "(robust to room noise); energy: the block level alone",
+    )
     energy_threshold: float = Field(0.01, gt=0, description="block RMS that counts as speech")
     speech_threshold: float = Field(
         0.5, gt=0, lt=1, description="silero speech probability that counts as speech"

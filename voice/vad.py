@@ -97,5 +97,10 @@ def make_detector(params: EndpointingSection, sample_rate: int) -> Detector:
     if params.detector == "silero":
         from voice.silero import SileroDetector
 
-        return SileroDetector.load(sample_rate, params.speech_threshold)
+        silero = SileroDetector.load(sample_rate, params.speech_threshold)
+        loud = energy_detector(params.energy_threshold)
+        # Silero hears speech at any level, so a TV far away is "speech" too: it decides
+        # only on blocks loud enough to be someone talking to the microphone (measured
+        # in `python -m bench.endpointing`). It runs on every block to keep its state.
+        return lambda block: silero(block) and loud(block)
     return energy_detector(params.energy_threshold)
