@@ -3,7 +3,10 @@ can fix in their input, and what failed while running that is not their input.""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the python sandbox imports this module with the standard library only
+    from pydantic import ValidationError
 
 
 class HarmonyError(Exception):
