@@ -15,6 +15,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.messages import ChatMessage
 
@@ -45,7 +46,7 @@ def engine_turn(
     index: int,
     now: datetime | None = None,
 ) -> tuple[TurnRecord, list[ChatMessage]]:
-    done = collect(engine.stream(history, prompt, now=now))
+    done = collect(engine.stream(Conversation(history, prompt, now=now)))
     s = done.stats
     record = TurnRecord(
         "engine", index, s.prompt_tokens, s.cached_tokens, s.generated_tokens, s.prefill_tps,
@@ -178,7 +179,7 @@ def listening_prefill(
                 heard = spoken.split()
                 for n in range(1, len(heard) + 1):
                     partial = ChatMessage("user", " ".join(heard[:n]))
-                    engine.prefill([*history, partial], prompt, now=now)
+                    engine.prefill(Conversation([*history, partial], prompt, now=now))
             record, _ = engine_turn(
                 engine, prompt, [*history, ChatMessage("user", spoken)], turns - 1, now
             )

@@ -7,15 +7,15 @@ that names a remote server, or a run under `mlx.launch`, works the same in all o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from llm.config import PromptConfig, RemoteConfig, SamplingParams
+from llm.config import RemoteConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.debug_log import DebugLog
 from llm.distributed import ShardedEngine, follow, load_sharded, world
 from llm.engine import Engine
-from llm.messages import ChatMessage, Event, Tool
+from llm.messages import Event
 from llm.remote import RemoteEngine
 
 
@@ -27,41 +27,19 @@ class ChatEngine(Protocol):
 
     def stream(
         self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
+        conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
         assistant_prefix: str = "",
     ) -> Iterator[Event]: ...
 
-    def prefill(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int: ...
+    def prefill(self, conversation: Conversation) -> int: ...
 
-    def prefill_steps(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-        step: int = ...,
-    ) -> Iterator[int]:
+    def prefill_steps(self, conversation: Conversation, step: int = ...) -> Iterator[int]:
         """`prefill` one chunk of at most `step` tokens per `next()` (the caller drives)."""
         ...
 
-    def prompt_size(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int | None:
+    def prompt_size(self, conversation: Conversation) -> int | None:
         """Tokens the prompt will take (None where the prompt is rendered elsewhere)."""
         ...
 

@@ -17,7 +17,7 @@ import json
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from mlx_lm.utils import sharded_load
 
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.engine import Engine, load_model
 from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
@@ -77,15 +78,21 @@ def _call(op: str, **args: Any) -> bytes:
     return json.dumps({"op": op, **args}).encode()
 
 
-def _turn(
-    history: Sequence[ChatMessage], prompt: PromptConfig, now: datetime, tools: Sequence[Tool]
-) -> dict[str, Any]:
+def _dated(conversation: Conversation) -> Conversation:
+    """Every rank must render the same time placeholders: rank 0 reads the clock once."""
+    if conversation.now is not None:
+        return conversation
+    return replace(conversation, now=datetime.now().astimezone())
+
+
+def _turn(conversation: Conversation) -> dict[str, Any]:
     """What a turn is rendered from, as JSON (read back in `follow`)."""
+    assert conversation.now is not None
     return {
-        "history": [asdict(m) for m in history],
-        "prompt": prompt.model_dump(mode="json"),
-        "now": now.isoformat(),
-        "tools": _encode_tools(tools),
+        "history": [asdict(m) for m in conversation.history],
+        "prompt": conversation.prompt.model_dump(mode="json"),
+        "now": conversation.now.isoformat(),
+        "tools": _encode_tools(conversation.tools),
     }
 
 
@@ -133,30 +140,27 @@ class ShardedEngine:
 
     def stream(
         self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
+        conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
         assistant_prefix: str = "",
     ) -> Iterator[Event]:
-        sampling = sampling or prompt.sampling
+        sampling = sampling or conversation.prompt.sampling
         if sampling.seed is None:  # every rank must draw the same random numbers
             seed = random.getrandbits(31)
             sampling = sampling.model_copy(update={"seed": seed, "reseed_each_turn": True})
-        now = now or datetime.now().astimezone()
+        conversation = _dated(conversation)
         _broadcast(
             self.group,
             _call(
                 "stream",
-                **_turn(history, prompt, now, tools),
+                **_turn(conversation),
                 sampling=sampling.model_dump(mode="json"),
                 prefix=assistant_prefix,
             ),
         )
         stop = _SharedStop(self.group, should_stop)
-        inner = self.engine.stream(history, prompt, sampling, stop, now, tools, assistant_prefix)
+        inner = self.engine.stream(conversation, sampling, stop, assistant_prefix)
         finished = False
         try:
             for event in inner:
@@ -173,37 +177,18 @@ class ShardedEngine:
                     if isinstance(event, TurnDone):
                         check_same_tokens(self.group, event.tokens)
 
-    def prefill(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int:
-        now = now or datetime.now().astimezone()
-        _broadcast(self.group, _call("prefill", **_turn(history, prompt, now, tools)))
-        return self.engine.prefill(history, prompt, now, tools)
+    def prefill(self, conversation: Conversation) -> int:
+        conversation = _dated(conversation)
+        _broadcast(self.group, _call("prefill", **_turn(conversation)))
+        return self.engine.prefill(conversation)
 
-    def prefill_steps(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-        step: int = 0,
-    ) -> Iterator[int]:
+    def prefill_steps(self, conversation: Conversation, step: int = 0) -> Iterator[int]:
         """In one step: every rank must run the same model calls, and the others cannot
         be told to stop half way."""
-        yield self.prefill(history, prompt, now, tools)
+        yield self.prefill(conversation)
 
-    def prompt_size(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int | None:
-        return self.engine.prompt_size(history, prompt, now, tools)  # rank 0 alone: no model
+    def prompt_size(self, conversation: Conversation) -> int | None:
+        return self.engine.prompt_size(conversation)  # rank 0 alone: no model
 
     def reset(self) -> None:
         _broadcast(self.group, _call("reset"))
@@ -226,19 +211,19 @@ def follow(engine: Engine, group: mx.distributed.Group) -> None:
         if op == "reset":
             engine.reset()
             continue
-        history = [ChatMessage(**m) for m in call["history"]]
-        prompt = PromptConfig.model_validate(call["prompt"])
-        now = datetime.fromisoformat(call["now"])
-        tools = _decode_tools(call["tools"])
+        conversation = Conversation(
+            [ChatMessage(**m) for m in call["history"]],
+            PromptConfig.model_validate(call["prompt"]),
+            datetime.fromisoformat(call["now"]),
+            _decode_tools(call["tools"]),
+        )
         try:
             if op == "prefill":
-                engine.prefill(history, prompt, now, tools)
+                engine.prefill(conversation)
             else:
                 sampling = SamplingParams.model_validate(call["sampling"])
                 stop = _SharedStop(group, None)
-                for event in engine.stream(
-                    history, prompt, sampling, stop, now, tools, call["prefix"]
-                ):
+                for event in engine.stream(conversation, sampling, stop, call["prefix"]):
                     if isinstance(event, TurnDone):
                         check_same_tokens(group, event.tokens)
         except DistributedError:

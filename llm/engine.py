@@ -22,6 +22,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from llm.chat_template import ChatTemplateFormat
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.debug_log import DebugLog
 from llm.errors import ConfigError
 from llm.harmony import HarmonyFormat
@@ -139,14 +140,9 @@ class Engine:
                 low = mid + 1
         return best
 
-    def prompt_size(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int:
-        return len(self.render(history, prompt, 0, now, tools))
+    def prompt_size(self, conversation: Conversation) -> int:
+        c = conversation
+        return len(self.render(c.history, c.prompt, 0, c.now, c.tools))
 
     def _render(
         self,
@@ -175,21 +171,22 @@ class Engine:
 
     def stream(
         self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
+        conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
         assistant_prefix: str = "",
     ) -> Iterator[Event]:
-        """Generate the assistant's turn after `history`, yielding events as tokens arrive.
+        """Generate the assistant's turn after the conversation, yielding events as tokens
+        arrive; `sampling` replaces the prompt config's own.
 
         `should_stop` is polled after every token; returning True ends the turn with
         finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
         `assistant_prefix` (Harmony only) is text the reply is forced to begin with, such
         as a header that addresses a tool call to one function.
         """
+        history, prompt, now, tools = (
+            conversation.history, conversation.prompt, conversation.now, conversation.tools
+        )  # fmt: skip
         sampling = sampling or prompt.sampling
         if sampling.top_k >= self.vocab_size:
             # Keeping every token is no top-k at all (mlx-lm refuses k ≥ vocabulary).
@@ -270,35 +267,25 @@ class Engine:
             self.debug.write(prompt_tokens, generated, self.format.decode, self.model_id)
         yield TurnDone(finish, tuple(done), tuple(generated), stats)
 
-    def prefill(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int:
+    def prefill(self, conversation: Conversation) -> int:
         """Prefill what is already certain of a turn whose last message is still growing
         (a user still speaking, transcribed word by word); return the tokens now cached.
 
         The last word is left out (it may still grow), and so is whatever the renderer puts
         after the message; a later `stream` with the same `now` then feeds only the rest.
         """
-        for _ in self.prefill_steps(history, prompt, now, tools):
+        for _ in self.prefill_steps(conversation):
             pass
         return len(self._cache.tokens)
 
-    def prefill_steps(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-        step: int = PREFILL_STEP,
-    ) -> Iterator[int]:
+    def prefill_steps(self, conversation: Conversation, step: int = PREFILL_STEP) -> Iterator[int]:
         """`prefill` as a generator the caller drives: each `next()` feeds at most `step`
         tokens and yields the tokens now cached, so a caller with other work to keep up
         (a microphone to drain) is never held for a whole long prompt. Left unfinished,
         the cache stays consistent: a later turn reuses what was fed."""
+        history, prompt, now, tools = (
+            conversation.history, conversation.prompt, conversation.now, conversation.tools
+        )  # fmt: skip
         if not history:
             return
         last = history[-1]

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from llm.config import PromptConfig, RemoteConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import (
     BuiltinTool,
@@ -34,7 +35,6 @@ from llm.messages import (
     GenerationStats,
     MessageDone,
     TextDelta,
-    Tool,
     TurnDone,
 )
 from llm.system_part import function_schemas, system_text
@@ -146,47 +146,28 @@ class RemoteEngine:
     def reset(self) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
-    def prefill(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int:
+    def prefill(self, conversation: Conversation) -> int:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0
 
-    def prefill_steps(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-        step: int = 0,
-    ) -> Iterator[int]:
+    def prefill_steps(self, conversation: Conversation, step: int = 0) -> Iterator[int]:
         """Nothing to feed (see `prefill`)."""
         return iter(())
 
-    def prompt_size(
-        self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
-    ) -> int | None:
+    def prompt_size(self, conversation: Conversation) -> int | None:
         """Unknown here: the remote server renders (and limits) the prompt."""
         return None
 
     def stream(
         self,
-        history: Sequence[ChatMessage],
-        prompt: PromptConfig,
+        conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        now: datetime | None = None,
-        tools: Sequence[Tool] = (),
         assistant_prefix: str = "",
     ) -> Iterator[Event]:
+        history, prompt, now, tools = (
+            conversation.history, conversation.prompt, conversation.now, conversation.tools
+        )  # fmt: skip
         builtin = [t.name for t in tools if isinstance(t, BuiltinTool)]
         if builtin:
             raise ConfigError(

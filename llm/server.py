@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm.backends import ChatEngine, load_engine
 from llm.config import PromptConfig, RemoteConfig
+from llm.conversation import Conversation
 from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
 from llm.openai_api import (
@@ -297,7 +298,7 @@ def create_app(
         def run(should_stop: Callable[[], bool]) -> Iterator[Event]:
             engine = engine_for(entry)
             prefix = forced if engine.harmony else ""  # templates cannot be forced here
-            size = engine.prompt_size(history, prompt, tools=tools)
+            size = engine.prompt_size(Conversation(history, prompt, tools=tools))
             if size is not None and size > limits.max_prompt_tokens:
                 raise ConfigError(
                     f"messages: the prompt is {size} tokens, over this server's limit of "

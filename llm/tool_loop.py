@@ -17,6 +17,7 @@ from typing import Protocol
 
 from llm.backends import ChatEngine
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.messages import (
     ChatMessage,
     Event,
@@ -77,13 +78,10 @@ def respond(
     while True:
         done: TurnDone | None = None
         for event in engine.stream(
-            history,
-            prompt,
-            sampling,
-            should_stop,
-            now,
-            declared,
-            assistant_prefix if not turns else "",
+            Conversation(history, prompt, now=now, tools=declared),
+            sampling=sampling,
+            should_stop=should_stop,
+            assistant_prefix=assistant_prefix if not turns else "",
         ):
             if isinstance(event, TurnDone):
                 done = event

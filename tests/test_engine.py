@@ -7,6 +7,7 @@ import pytest
 from mlx_lm.generate import stream_generate
 
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.errors import ConfigError
 from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
@@ -20,7 +21,7 @@ def turn_of(user: str):
 
 
 def test_harmony_turn_streams_analysis_then_final(engine: Engine) -> None:
-    events = list(engine.stream([ChatMessage("user", "Hello")], GREEDY))
+    events = list(engine.stream(Conversation([ChatMessage("user", "Hello")], GREEDY)))
     deltas = [e for e in events if isinstance(e, TextDelta)]
     channels = [d.channel for d in deltas]
     # Analysis first, then final; <|end|> between them did not stop generation.
@@ -47,7 +48,9 @@ def test_harmony_turn_streams_analysis_then_final(engine: Engine) -> None:
 
 def test_first_final_words_arrive_before_the_turn_ends(engine: Engine) -> None:
     seen_final_at = None
-    for i, event in enumerate(engine.stream([ChatMessage("user", "Tell me a joke")], GREEDY)):
+    for i, event in enumerate(
+        engine.stream(Conversation([ChatMessage("user", "Tell me a joke")], GREEDY))
+    ):
         if isinstance(event, TextDelta) and event.channel == "final" and seen_final_at is None:
             seen_final_at = i
         if isinstance(event, TurnDone):
@@ -65,7 +68,7 @@ def engine_stats_ok(done: TurnDone) -> bool:
 def test_greedy_equals_mlx_lm_generate(engine: Engine, user: str) -> None:
     history = [ChatMessage("user", user)]
     prompt = engine.render(history, GREEDY)
-    ours = collect(engine.stream(history, GREEDY)).tokens
+    ours = collect(engine.stream(Conversation(history, GREEDY))).tokens
     theirs = []
     for r in stream_generate(engine.model, engine.tokenizer, mx.array(prompt), max_tokens=80):
         theirs.append(r.token)
@@ -79,7 +82,7 @@ def _conversation(engine: Engine, users: list[str]) -> list[TurnDone]:
     turns = []
     for user in users:
         history.append(ChatMessage("user", user))
-        done = collect(engine.stream(history, GREEDY))
+        done = collect(engine.stream(Conversation(history, GREEDY)))
         history += done.messages
         turns.append(done)
     return turns
@@ -95,7 +98,7 @@ def test_multi_turn_reuses_cache_and_matches_recomputation(gpt_oss_path) -> None
     for user, turn in zip(users, turns, strict=True):
         history.append(ChatMessage("user", user))
         fresh = Engine.load(str(gpt_oss_path))
-        again = collect(fresh.stream(history, GREEDY))
+        again = collect(fresh.stream(Conversation(history, GREEDY)))
         assert again.tokens == turn.tokens
         assert again.stats.cached_tokens == 0
         history += again.messages
@@ -113,7 +116,7 @@ def test_multi_turn_reuses_cache_and_matches_recomputation(gpt_oss_path) -> None
 
 def test_past_analysis_is_dropped_from_the_next_prompt(engine: Engine) -> None:
     history = [ChatMessage("user", "Hello")]
-    history += collect(engine.stream(history, GREEDY)).messages
+    history += collect(engine.stream(Conversation(history, GREEDY))).messages
     history.append(ChatMessage("user", "Thanks"))
     text = engine.format.encoding.decode(engine.render(history, GREEDY))
     assert turn_of("Hello").final in text
@@ -124,7 +127,7 @@ def test_call_token_ends_the_turn_as_a_tool_call(engine: Engine) -> None:
     forced = GREEDY.model_copy(
         update={"sampling": SamplingParams(temperature=0, logit_bias={200012: 1e4})}
     )
-    done = collect(engine.stream([ChatMessage("user", "Hello")], forced))
+    done = collect(engine.stream(Conversation([ChatMessage("user", "Hello")], forced)))
     assert done.finish_reason == "tool_call"
     assert done.tokens == (200012,)
 
@@ -138,33 +141,33 @@ def test_should_stop_cancels_and_keeps_partial_answer(engine: Engine) -> None:
         return count >= 12
 
     history = [ChatMessage("user", "What is the capital of France?")]
-    done = collect(engine.stream(history, GREEDY, should_stop=stop))
+    done = collect(engine.stream(Conversation(history, GREEDY), should_stop=stop))
     assert done.finish_reason == "cancelled"
     assert len(done.tokens) == 12
     # The next turn still matches a from-scratch run.
     follow = [*history, *done.messages, ChatMessage("user", "Hello")]
     fresh = Engine(engine.model, engine.tokenizer, "fresh")
     assert (
-        collect(engine.stream(follow, GREEDY)).tokens
-        == collect(fresh.stream(follow, GREEDY)).tokens
+        collect(engine.stream(Conversation(follow, GREEDY))).tokens
+        == collect(fresh.stream(Conversation(follow, GREEDY))).tokens
     )
 
 
 def test_exception_mid_generation_leaves_cache_consistent(engine: Engine) -> None:
     history = [ChatMessage("user", "Tell me a joke")]
-    stream = engine.stream(history, GREEDY)
+    stream = engine.stream(Conversation(history, GREEDY))
     for _ in range(5):
         next(stream)
     with pytest.raises(KeyboardInterrupt):
         stream.throw(KeyboardInterrupt)
-    done = collect(engine.stream(history, GREEDY))
+    done = collect(engine.stream(Conversation(history, GREEDY)))
     assert done.messages[-1].content == turn_of("Tell me a joke").final
     assert done.stats.cached_tokens > 0
 
 
 def test_max_tokens_ends_with_length(engine: Engine) -> None:
     short = GREEDY.model_copy(update={"sampling": SamplingParams(temperature=0, max_tokens=7)})
-    done = collect(engine.stream([ChatMessage("user", "Hello")], short))
+    done = collect(engine.stream(Conversation([ChatMessage("user", "Hello")], short)))
     assert done.finish_reason == "length" and len(done.tokens) == 7
     assert done.messages[-1].channel == "analysis"  # the open message is flushed
 
@@ -215,7 +218,7 @@ def test_chat_template_model_answers_and_stops(chatml_engine: Engine) -> None:
     history: list[ChatMessage] = []
     for user, answer in CHATML_TURNS:
         history.append(ChatMessage("user", user))
-        done = collect(chatml_engine.stream(history, GREEDY))
+        done = collect(chatml_engine.stream(Conversation(history, GREEDY)))
         assert done.finish_reason == "stop"
         assert [(m.channel, m.content) for m in done.messages] == [("final", answer)]
         assert done.stats.reasoning_tokens == 0  # no think block: no reasoning
@@ -235,7 +238,8 @@ def test_forced_prefix_needs_harmony(chatml_engine: Engine) -> None:
     with pytest.raises(ConfigError, match="Harmony"):
         collect(
             chatml_engine.stream(
-                [ChatMessage("user", "Hello")], GREEDY, assistant_prefix="<|channel|>final"
+                Conversation([ChatMessage("user", "Hello")], GREEDY),
+                assistant_prefix="<|channel|>final",
             )
         )
 
@@ -243,12 +247,12 @@ def test_forced_prefix_needs_harmony(chatml_engine: Engine) -> None:
 def test_closing_the_stream_before_any_token_keeps_the_cache_exact(engine: Engine) -> None:
     history = [ChatMessage("user", "What is the capital of France?")]
     prefix = "<|channel|>final<|message|>The"
-    stream = engine.stream(history, GREEDY, assistant_prefix=prefix)
+    stream = engine.stream(Conversation(history, GREEDY), assistant_prefix=prefix)
     assert isinstance(next(stream), TextDelta)  # from the forced prefix, before any step
     stream.close()
-    again = collect(engine.stream(history, GREEDY, assistant_prefix=prefix))
+    again = collect(engine.stream(Conversation(history, GREEDY), assistant_prefix=prefix))
     fresh = Engine(engine.model, engine.tokenizer, "fresh")
-    expected = collect(fresh.stream(history, GREEDY, assistant_prefix=prefix))
+    expected = collect(fresh.stream(Conversation(history, GREEDY), assistant_prefix=prefix))
     assert again.tokens == expected.tokens
 
 
@@ -261,15 +265,15 @@ def test_prefill_while_the_user_speaks_leaves_little_to_do_at_the_end(engine: En
     cached = 0
     for n in range(1, len(words) + 1):  # the transcript grows word by word
         partial = [ChatMessage("user", " ".join(words[:n]))]
-        grown = engine.prefill(partial, GREEDY, now=now)
+        grown = engine.prefill(Conversation(partial, GREEDY, now=now))
         assert grown >= cached  # each word only adds to what is cached
         cached = grown
-    done = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    done = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
     # Only the last word, the end of the message and the assistant header were left.
     assert done.stats.prompt_tokens - done.stats.cached_tokens <= 8
     assert done.stats.cached_tokens == cached
     engine.reset()
-    fresh = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    fresh = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
     assert done.tokens == fresh.tokens  # the speculative prefill changes nothing but speed
 
 
@@ -281,16 +285,20 @@ def test_prefill_in_steps_feeds_a_chunk_at_a_time_and_can_be_left_half_way(
     now = datetime(2026, 11, 25, 12, 0)
     long_question = "Tell me about " + " ".join(f"city number {i}," for i in range(40)) + " please"
     partial = [ChatMessage("user", long_question)]
-    sizes = list(engine.prefill_steps(partial, GREEDY, now=now, step=16))
+    sizes = list(engine.prefill_steps(Conversation(partial, GREEDY, now=now), step=16))
     assert len(sizes) > 3 and all(b - a <= 16 for a, b in zip([0, *sizes], sizes, strict=False))
     engine.reset()
-    steps = engine.prefill_steps(partial, GREEDY, now=now, step=16)
+    steps = engine.prefill_steps(Conversation(partial, GREEDY, now=now), step=16)
     half = [next(steps), next(steps)][-1]
     steps.close()  # newer words came: the rest of this feed is not wanted
-    done = collect(engine.stream([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    done = collect(
+        engine.stream(Conversation([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    )
     assert done.stats.cached_tokens == half  # what was fed is reused
     engine.reset()
-    fresh = collect(engine.stream([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    fresh = collect(
+        engine.stream(Conversation([ChatMessage("user", long_question + " now")], GREEDY, now=now))
+    )
     assert done.tokens == fresh.tokens
 
 
@@ -298,11 +306,11 @@ def test_prefill_of_a_transcript_that_changed_its_mind_is_undone(engine: Engine)
     from datetime import datetime
 
     now = datetime(2026, 11, 25, 12, 0)
-    engine.prefill([ChatMessage("user", "What is the weather in")], GREEDY, now=now)
+    engine.prefill(Conversation([ChatMessage("user", "What is the weather in")], GREEDY, now=now))
     question = "What is the capital of France?"
-    done = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    done = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
     engine.reset()
-    fresh = collect(engine.stream([ChatMessage("user", question)], GREEDY, now=now))
+    fresh = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
     assert done.tokens == fresh.tokens
     assert 0 < done.stats.cached_tokens < fresh.stats.prompt_tokens
 

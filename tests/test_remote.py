@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from llm.config import PromptConfig, RemoteConfig, load_profiles
+from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.errors import ConfigError
 from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
@@ -74,7 +75,7 @@ def test_remote_turn_gives_the_same_events_as_the_local_engine(
 ) -> None:
     turn = HARMONY_TURNS[1]
     history = [ChatMessage("user", turn.user)]
-    events = list(remote.stream(history, GREEDY))
+    events = list(remote.stream(Conversation(history, GREEDY)))
     finals = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "final")
     analysis = "".join(
         e.text for e in events if isinstance(e, TextDelta) and e.channel == "analysis"
@@ -87,7 +88,7 @@ def test_remote_turn_gives_the_same_events_as_the_local_engine(
         ("final", turn.final),
     ]
     assert done.stats.prompt_tokens > 0 and done.stats.generated_tokens > 0
-    local = collect(engine.stream(history, GREEDY))
+    local = collect(engine.stream(Conversation(history, GREEDY)))
     assert [m.content for m in local.messages] == [m.content for m in done.messages]
 
 
@@ -181,7 +182,7 @@ def test_wrong_key_and_missing_key_are_one_line_errors(remote_url: str, monkeypa
     monkeypatch.setenv(KEY_ENV, "wrong")
     bad = RemoteEngine(RemoteConfig(base_url=remote_url, api_key_env=KEY_ENV), "tiny")
     with pytest.raises(RemoteError, match=rf"remote {remote_url}: HTTP 401: "):
-        collect(bad.stream([ChatMessage("user", "Hello")], GREEDY))
+        collect(bad.stream(Conversation([ChatMessage("user", "Hello")], GREEDY)))
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ConfigError, match=f"environment variable {KEY_ENV} is not set"):
         RemoteEngine(RemoteConfig(base_url=remote_url, api_key_env=KEY_ENV), "tiny")
@@ -190,7 +191,8 @@ def test_wrong_key_and_missing_key_are_one_line_errors(remote_url: str, monkeypa
 def test_cancel_stops_the_remote_stream(remote: RemoteEngine) -> None:
     seen: list[TextDelta] = []
     stream = remote.stream(
-        [ChatMessage("user", HARMONY_TURNS[1].user)], GREEDY, should_stop=lambda: bool(seen)
+        Conversation([ChatMessage("user", HARMONY_TURNS[1].user)], GREEDY),
+        should_stop=lambda: bool(seen),
     )
     for event in stream:
         if isinstance(event, TextDelta):
@@ -268,14 +270,18 @@ def _engine(server: ThreadingHTTPServer, **cfg: float) -> RemoteEngine:
 
 def test_dropped_connections_are_retried(scripted) -> None:
     scripted.script = ["drop", "drop"]
-    done = collect(_engine(scripted, retries=2).stream([ChatMessage("user", "x")], GREEDY))
+    done = collect(
+        _engine(scripted, retries=2).stream(Conversation([ChatMessage("user", "x")], GREEDY))
+    )
     assert done.messages[-1].content == "Hi" and scripted.requests == 3
 
 
 def test_retries_run_out_with_a_clear_error(scripted) -> None:
     scripted.script = ["drop", "drop"]
     with pytest.raises(RemoteError, match=r"cannot connect .* after 2 tries"):
-        collect(_engine(scripted, retries=1).stream([ChatMessage("user", "x")], GREEDY))
+        collect(
+            _engine(scripted, retries=1).stream(Conversation([ChatMessage("user", "x")], GREEDY))
+        )
 
 
 def test_nothing_listening(scripted) -> None:
@@ -284,19 +290,23 @@ def test_nothing_listening(scripted) -> None:
         RemoteConfig(base_url=f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0.01), "m"
     )
     with pytest.raises(RemoteError, match=rf"remote http://127.0.0.1:{port}/v1: cannot connect"):
-        collect(engine.stream([ChatMessage("user", "x")], GREEDY))
+        collect(engine.stream(Conversation([ChatMessage("user", "x")], GREEDY)))
 
 
 def test_timeout(scripted) -> None:
     scripted.script = ["slow"]
     with pytest.raises(RemoteError, match=r"no answer within 0\.5 s"):
-        collect(_engine(scripted, timeout_s=0.5).stream([ChatMessage("user", "x")], GREEDY))
+        collect(
+            _engine(scripted, timeout_s=0.5).stream(
+                Conversation([ChatMessage("user", "x")], GREEDY)
+            )
+        )
 
 
 def test_http_error_names_the_server_and_its_message(scripted) -> None:
     scripted.script = ["error"]
     with pytest.raises(RemoteError) as err:
-        collect(_engine(scripted).stream([ChatMessage("user", "x")], GREEDY))
+        collect(_engine(scripted).stream(Conversation([ChatMessage("user", "x")], GREEDY)))
     assert str(err.value).endswith("HTTP 404: model 'x' does not exist")
 
 
@@ -304,7 +314,7 @@ def test_connection_lost_mid_answer_is_not_retried(scripted) -> None:
     scripted.script = ["cut"]
     events: list = []
     with pytest.raises(RemoteError, match="connection lost mid-answer"):
-        for event in _engine(scripted).stream([ChatMessage("user", "x")], GREEDY):
+        for event in _engine(scripted).stream(Conversation([ChatMessage("user", "x")], GREEDY)):
             events.append(event)
     assert scripted.requests == 1
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]

@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.messages import ChatMessage
 from llm.sampling import build_logits_processors, build_sampler
@@ -100,7 +101,7 @@ USER = [ChatMessage("user", "What is the capital of France?")]
 
 
 def run(engine: Engine, sampling: SamplingParams) -> tuple[int, ...]:
-    return collect(engine.stream(USER, PromptConfig(sampling=sampling))).tokens
+    return collect(engine.stream(Conversation(USER, PromptConfig(sampling=sampling)))).tokens
 
 
 def test_seed_makes_sampled_turns_repeatable(engine: Engine) -> None:

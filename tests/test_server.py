@@ -21,6 +21,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from llm.config import PromptConfig, SamplingParams
+from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.http_guard import server_config
 from llm.messages import ChatMessage
@@ -196,7 +197,7 @@ def test_same_tokens_as_the_chat_path_and_prefix_reuse(client: openai.OpenAI, ti
     )
     fresh = Engine(tiny.model, tiny.tokenizer, "chat")
     prompt = PromptConfig(sampling=SamplingParams(temperature=0.5, seed=42, max_tokens=40))
-    done = collect(fresh.stream([ChatMessage("user", FRANCE.user)], prompt))
+    done = collect(fresh.stream(Conversation([ChatMessage("user", FRANCE.user)], prompt)))
     final = "".join(m.content for m in done.messages if m.channel == "final")
     assert r.choices[0].message.content == (final or None)
     assert r.usage.completion_tokens == len(done.tokens)

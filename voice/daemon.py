@@ -26,6 +26,7 @@ from typing import Protocol
 from llm.backends import ChatEngine
 from llm.chatlog import Chat, ChatLog, save_chat_log
 from llm.config import PromptConfig
+from llm.conversation import Conversation
 from llm.errors import ConfigError, HarmonyError
 from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
 from llm.tool_loop import respond
@@ -486,7 +487,8 @@ class VoiceAssistant:
         history = [*self.log.active().history(), ChatMessage("user", text)]
         tools = self.toolbox.declarations if self.toolbox else []
         self._prefilling = self.engine.prefill_steps(
-            history, self.prompt, now=self._utterance_now, tools=tools, step=PREFILL_CHUNK
+            Conversation(history, self.prompt, now=self._utterance_now, tools=tools),
+            step=PREFILL_CHUNK,
         )
         self._prefill_step()
 
