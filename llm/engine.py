@@ -39,8 +39,6 @@ from llm.messages import (
 from llm.prompt_cache import ConversationCache, common_prefix
 from llm.sampling import Seeder, build_logits_processors, build_sampler
 
-HARMONY_CALL_TOKEN = 200012  # <|call|>: the turn ends so that a tool can answer
-
 
 def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, dict[str, Any]]:
     """Load a model from a local folder or a Hugging Face repo id, through mlx-lm."""
@@ -230,7 +228,7 @@ class Engine:
                     yield self._track(event, clock, done)
                 reasoning += decoder.reasoning
                 if token in stops:
-                    finish = "tool_call" if token == HARMONY_CALL_TOKEN else "stop"
+                    finish = "tool_call" if token in self.format.call_tokens else "stop"
                     break
                 if should_stop is not None and should_stop():
                     finish = "cancelled"

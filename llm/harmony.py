@@ -123,6 +123,8 @@ class HarmonyFormat:
         self.structure_tokens = frozenset(
             {*self.stop_tokens, *self.encoding.encode("<|end|>", allowed_special="all")}
         )
+        # The stop token that hands the turn to a tool (the others end the answer).
+        self.call_tokens = frozenset(self.encoding.encode("<|call|>", allowed_special="all"))
 
     def decode(self, ids: list[int]) -> str:
         """Text with the special tokens spelled out (for the debug log)."""
