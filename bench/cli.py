@@ -190,6 +190,9 @@ def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
     return engine, {t: -1e9 for t in STOP_IDS}
 
 
+PREFILL_VARIANTS = {"both": (True, False), "on": (True,), "off": (False,)}
+
+
 def _json_or_text(value: str) -> object:
     """A setting's value as JSON where it is JSON (8, true, null), else the text."""
     try:
@@ -230,7 +233,7 @@ def voice_latency(
         prompt = PromptConfig(sampling=sampling)
         records = vl.run(
             config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
-            devices=args.voice_devices,
+            devices=args.voice_devices, variants=PREFILL_VARIANTS[args.voice_prefill],
         )  # fmt: skip
     return [r.row() for r in records], vl.summarize(records)
 
@@ -269,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Kyutai STT 1B and TTS 1.6B at their published shapes with random "
                    "weights (the transcript scripted, the answer forced to the final "
                    "channel)")  # fmt: skip
+    p.add_argument("--voice-prefill", choices=("both", "on", "off"), default="both",
+                   help="with prefill while listening, without, or both (default)")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])

@@ -93,8 +93,10 @@ def run(
     tts: Synthesizer,
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
+    variants: tuple[bool, ...] = (True, False),
 ) -> list[LatencyRecord]:
-    """`devices`: PulseAudio's virtual ones (espeak-ng speech), or `file` ones (no sound
+    """Each of `variants` (prefill while listening on, off) in turn. `devices`: PulseAudio's
+    virtual ones (espeak-ng speech), or `file` ones (no sound
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
     noise; `auto` picks PulseAudio where its tools are installed."""
     from bench.virtual_audio import missing_tools
@@ -104,10 +106,10 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if devices == "pulse":
-            return _run_pulse(config, setup, engine, stt, tts, rounds, folder)
+            return _run_pulse(config, setup, engine, stt, tts, rounds, folder, variants)
         clips = [_speech(q) for q in QUESTIONS]
         records = []
-        for prefill in (True, False):
+        for prefill in variants:
             cfg = apply_override(config, "llm.prefill_while_listening", prefill)
             mic, speaker = FileMicrophone(cfg.audio.block_ms), ClockSpeaker()
             assistant, collector = _assistant(
@@ -125,7 +127,7 @@ def run(
 
 def _run_pulse(
     config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
-    rounds: int, folder: Path,
+    rounds: int, folder: Path, variants: tuple[bool, ...],
 ) -> list[LatencyRecord]:  # fmt: skip
     from bench.virtual_audio import VirtualAudio, missing_tools
 
@@ -136,7 +138,7 @@ def _run_pulse(
     records = []
     try:
         speech = [audio.say(q, folder, lead_silence=0.3) for q in QUESTIONS]
-        for prefill in (True, False):
+        for prefill in variants:
             cfg = apply_override(config, "llm.prefill_while_listening", prefill)
             for name, value in (("audio.input_device", "pulse"),
                                 ("audio.output_device", "pulse")):  # fmt: skip

@@ -6,7 +6,6 @@ second run skips training; the key changes whenever tests/support/tiny_models.py
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import subprocess
@@ -31,16 +30,6 @@ def _cached(name: str, *args: str) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage_between_tests():
-    """Free each test's reference cycles here, on the main thread, once the threads it
-    started (servers, model workers) are done — not at a random allocation later in some
-    other thread while a model worker runs MLX (the one CI abort, "Fatal Python error:
-    Aborted" while garbage-collecting in a server test's event-loop thread, was there)."""
-    yield
-    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -154,6 +143,19 @@ VOICE_TEST_SETTINGS = {
     "audio.output_device": "pulse",
     "audio.reopen_seconds": 0.3,
 }
+
+
+@pytest.fixture
+def collect_garbage_after():
+    """Free a test's reference cycles on the main thread once the threads it started
+    (servers, model workers) are done — not at a random allocation later in some other
+    thread while a model worker runs MLX (the one CI abort, "Fatal Python error: Aborted"
+    while garbage-collecting in a server test's event-loop thread, was there). Used by the
+    modules whose tests run models on other threads (a collection costs ~60 ms here)."""
+    import gc
+
+    yield
+    gc.collect()
 
 
 @pytest.fixture

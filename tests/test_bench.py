@@ -57,12 +57,9 @@ def test_the_shipped_question_set_is_alpaca_eval() -> None:
     assert prompts[0].startswith("What are the names of some famous actors")
 
 
-@pytest.mark.parametrize("devices", ["pulse", "file"])
-def test_voice_latency_benchmark_smoke(
-    gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path, devices: str
-) -> None:
-    """Through PulseAudio's virtual devices, and through the paced file devices a GPU
-    machine without a sound server uses."""
+def run_voice_bench(
+    gpt_oss_path: Path, voice_models: Path, tmp_path: Path, *options: str
+) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
     config = tmp_path / "voice.json"
     config.write_text(json.dumps({
         "stt": {"model": str(voice_models / "stt")},
@@ -73,18 +70,39 @@ def test_voice_latency_benchmark_smoke(
     out = tmp_path / "bench"
     run = subprocess.run(
         [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--skip", "single",
-         "--skip", "multi", "--voice", "--voice-config", str(config), "--voice-rounds", "1",
-         "--voice-devices", devices, "--out", str(out)],
+         "--skip", "multi", "--skip", "listening", "--voice", "--voice-config", str(config),
+         "--voice-rounds", "1", "--no-plot", "--out", str(out), *options],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    results = json.loads((out / "results.json").read_text())
+    return run, json.loads((out / "results.json").read_text()), out
+
+
+def test_voice_latency_benchmark_smoke(
+    gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path
+) -> None:
+    """Through PulseAudio's virtual devices, with and without prefill while listening."""
+    run, results, out = run_voice_bench(
+        gpt_oss_path, voice_models, tmp_path, "--voice-devices", "pulse"
+    )
     assert [r["prefill_while_listening"] for r in results["voice"]] == [True, False]
     with_prefill, without = results["voice"]
     assert with_prefill["cached_tokens"] > without["cached_tokens"] == 0
     assert all(r["first_audio_ms"] > r["endpointing_ms"] > 0 for r in results["voice"])
     assert (out / "voice.csv").stat().st_size > 0
     assert "voice-to-voice latency" in run.stdout
+
+
+def test_voice_latency_benchmark_runs_without_a_sound_server(
+    gpt_oss_path: Path, voice_models: Path, tmp_path: Path
+) -> None:
+    """Paced file devices through the real daemon: what a GPU machine without PulseAudio
+    uses (no virtual_audio fixture: nothing of PulseAudio is needed)."""
+    env_free = ("--voice-devices", "file", "--voice-prefill", "on")
+    _, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
+    (row,) = results["voice"]
+    assert row["prefill_while_listening"] and row["cached_tokens"] > 0
+    assert row["first_audio_ms"] > row["endpointing_ms"] > 0
 
 
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(

@@ -202,15 +202,19 @@ def test_resuming_a_log_brings_back_its_model_prompt_config_and_settings(
 
 
 def test_thinking_is_plain_text_with_no_markdown(gpt_oss_path: Path, tmp_path: Path) -> None:
-    for flags, styled in (((), True), (("--no-markdown",), False)):
-        child = spawn_chat(gpt_oss_path, tmp_path / f"{styled}.json", "--temperature", "0", *flags)
+    child = spawn_chat(gpt_oss_path, tmp_path / "chat.json", "--temperature", "0")
+    for styled in (True, False):  # markdown (the default), then \markdown off
         child.sendline(HELLO.user)
         child.expect_exact(HELLO.final)
         thinking = child.before[child.before.index(HELLO.user) + len(HELLO.user) :]
         assert HELLO.analysis in plain(thinking)
         assert ("\x1b[" in thinking) is styled, repr(thinking)
-        child.sendline("\\quit")
-        child.expect(pexpect.EOF)
+        child.expect("You: ")
+        if styled:
+            say(child, "\\markdown off", "markdown off")
+            say(child, "\\reset", "New chat")  # the same question, in a fresh chat
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
 
 
 def test_a_paste_and_a_quoted_block_are_each_one_message(
