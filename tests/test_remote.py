@@ -31,8 +31,6 @@ GREEDY = PromptConfig(sampling={"temperature": 0.0})
 KEY_ENV = "MLX_HARMONY_TEST_REMOTE_KEY"
 KEY = "test-key-123"
 
-pytestmark = pytest.mark.usefixtures("collect_garbage_after")
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -35,7 +35,7 @@ from tests.support.tiny_models import (
     WEATHER_TOOL,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("collect_garbage_after")]
+pytestmark = pytest.mark.slow
 HELLO, FRANCE = HARMONY_TURNS[0], HARMONY_TURNS[1]
 KEY = "sk-test"
 ENDLESS_BIAS = {"200002": -100, "200012": -100}  # forbid the stop tokens
