@@ -151,8 +151,8 @@ def _collect_garbage_between_tests():
     started (servers, model workers) are done — not at a random allocation later in some
     other thread while MLX runs. Without it the suite has crashed in native code twice
     (an abort while garbage-collecting in a server test's event-loop thread; a segfault
-    inside MLX sampling in the next file); with it, five clean-clone runs passed. Costs
-    ~60 ms a test."""
+    inside MLX sampling in the next file); with it, no full run has crashed. Costs ~60 ms
+    a test."""
     import gc
 
     yield
