@@ -44,12 +44,26 @@ class _Paced:
         self._thread.join()
 
 
-class FileMicrophone(Microphone):
+class _PacedDevice:
+    """What both paced devices share: open while their pacer runs, closed by stopping it."""
+
+    _pacer: _Paced | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._pacer is None
+
+    def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.stop()
+            self._pacer = None
+
+
+class FileMicrophone(_PacedDevice, Microphone):
     def __init__(self, block_ms: int = 80) -> None:
         super().__init__(None, block_ms)
         self._clips: deque[np.ndarray] = deque()
         self._current = np.zeros(0, dtype=np.float32)
-        self._pacer: _Paced | None = None
         self.name = "file"
         self.clip_ended_at: float | None = None  # when the last sample of a clip went in
 
@@ -78,20 +92,10 @@ class FileMicrophone(Microphone):
                 self.clip_ended_at = time.perf_counter()
         self._callback(out[:, None], self.block, None, None)
 
-    @property
-    def lost(self) -> bool:
-        return self._pacer is None
 
-    def close(self) -> None:
-        if self._pacer is not None:
-            self._pacer.stop()
-            self._pacer = None
-
-
-class ClockSpeaker(Speaker):
+class ClockSpeaker(_PacedDevice, Speaker):
     def __init__(self) -> None:
         super().__init__(None)
-        self._pacer: _Paced | None = None
         self.name = "clock"
 
     def open(self) -> None:
@@ -111,12 +115,3 @@ class ClockSpeaker(Speaker):
         # which the level check of a real device's first sound never passes.
         if self.first_sound_at is None and self.played_samples > before:
             self.first_sound_at = time.perf_counter()
-
-    @property
-    def lost(self) -> bool:
-        return self._pacer is None
-
-    def close(self) -> None:
-        if self._pacer is not None:
-            self._pacer.stop()
-            self._pacer = None

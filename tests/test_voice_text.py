@@ -112,19 +112,26 @@ def test_code_blocks_are_not_cut_in_the_middle() -> None:
     assert got == "Here: That is all. "
 
 
-def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:
+def speech_and_noise(folder):
+    """A spoken question (espeak-ng, 24 kHz) and two seconds of loud hiss."""
     import subprocess
 
     import numpy as np
 
-    from voice.silero import SileroDetector
-
-    wav, raw = tmp_path / "speech.wav", tmp_path / "speech.raw"
+    wav, raw = folder / "speech.wav", folder / "speech.raw"
     subprocess.run(["espeak-ng", "-w", str(wav), "What is the weather like today?"], check=True)
     subprocess.run(["sox", str(wav), "-r", "24000", "-c", "1", "-b", "32", "-e", "float",
                     str(raw)], check=True)  # fmt: skip
-    speech = np.fromfile(raw, dtype=np.float32)
     noise = (np.random.default_rng(0).normal(size=24_000 * 2) * 0.05).astype(np.float32)
+    return np.fromfile(raw, dtype=np.float32), noise
+
+
+def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:
+    import numpy as np
+
+    from voice.silero import SileroDetector
+
+    speech, noise = speech_and_noise(tmp_path)
 
     def fraction(audio: np.ndarray) -> float:
         detect = SileroDetector.load(24_000, 0.5)
@@ -141,19 +148,12 @@ def test_the_default_detector_takes_speech_that_is_near_and_not_noise_or_far_spe
 ) -> None:
     """Silero's decision on blocks above the energy floor: loud hiss is no speech (the
     energy detector calls it speech), and speech far away (a TV) is too quiet to count."""
-    import subprocess
-
     import numpy as np
 
     from voice.config import EndpointingSection
     from voice.vad import make_detector
 
-    wav, raw = tmp_path / "speech.wav", tmp_path / "speech.raw"
-    subprocess.run(["espeak-ng", "-w", str(wav), "What is the weather like today?"], check=True)
-    subprocess.run(["sox", str(wav), "-r", "24000", "-c", "1", "-b", "32", "-e", "float",
-                    str(raw)], check=True)  # fmt: skip
-    speech = np.fromfile(raw, dtype=np.float32)
-    noise = (np.random.default_rng(0).normal(size=24_000 * 2) * 0.05).astype(np.float32)
+    speech, noise = speech_and_noise(tmp_path)
     params = EndpointingSection()
     assert params.detector == "silero"
 
