@@ -24,7 +24,7 @@ from llm.chat_template import ChatTemplateFormat
 from llm.config import PromptConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.debug_log import DebugLog
-from llm.errors import ConfigError
+from llm.errors import ConfigError, RuntimeFailure
 from llm.harmony import HarmonyFormat
 from llm.messages import (
     ChatMessage,
@@ -195,6 +195,13 @@ class Engine:
         prompt_tokens = self.render(history, prompt, sampling.max_tokens, now, tools)
         forced = self._encode_prefix(assistant_prefix)
         prompt_tokens += forced
+        if prompt_tokens and (top := max(prompt_tokens)) >= self.vocab_size:
+            # The repetition penalty scatters into the logits at these ids; MLX does not
+            # bounds-check, so an id past the model's vocabulary would corrupt memory.
+            raise RuntimeFailure(
+                f"the tokenizer made token id {top}, but the model has {self.vocab_size}"
+                " tokens: the tokenizer does not match the weights"
+            )
         clock = _Clock(time.perf_counter())
         mx.reset_peak_memory()
         cached = self._prefill(prompt_tokens)

@@ -9,7 +9,7 @@ from mlx_lm.generate import stream_generate
 from llm.config import PromptConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.engine import Engine, collect
-from llm.errors import ConfigError
+from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
 from tests.support.tiny_models import CHATML_TURNS, HARMONY_TURNS
 
@@ -186,6 +186,14 @@ def test_context_limit_drops_oldest_exchanges(engine: Engine) -> None:
     tiny = GREEDY.model_copy(update={"max_context_tokens": 256})
     with pytest.raises(ConfigError, match="max_context_tokens=256"):
         engine.render(history[-1:], tiny, max_tokens=1000)
+
+
+def test_a_tokenizer_that_outruns_the_model_is_refused(engine: Engine, monkeypatch) -> None:
+    # The penalty's scatter would write past the logits (MLX has no bounds check).
+    monkeypatch.setattr(Engine, "vocab_size", property(lambda self: 100))
+    penalty = GREEDY.model_copy(update={"sampling": SamplingParams(repetition_penalty=1.2)})
+    with pytest.raises(RuntimeFailure, match="does not match the weights"):
+        collect(engine.stream(Conversation([ChatMessage("user", "Hi")], penalty)))
 
 
 def test_a_long_chat_is_cut_to_the_context_in_a_few_renders(engine: Engine, monkeypatch) -> None:
