@@ -163,6 +163,7 @@ def print_report(results: dict) -> None:
         tts = ""
         if r.get("codebooks") is not None:
             skip = " skip" if r.get("skip_delay_depformer") else ""
+            skip += " compiled" if r.get("compile_depformer") else ""
             tts = f" {r['codebooks']}cb{skip}"
         print(
             f"{r['model']}{tts} q{r['quantize'] or 16} step {r['step_ms_median']:.1f} ms "

@@ -44,6 +44,12 @@ class KyutaiRecord:
     first_audio_s: float | None  # TTS: from the first words pushed to the first 80 ms out
     codebooks: int | None = None  # TTS: audio codebooks generated
     skip_delay_depformer: bool | None = None  # TTS: depformer skipped in the text-only delay
+    compile_depformer: bool | None = None  # TTS: the depformer's frame as one compiled call
+    # TTS, where a step's time goes: the backbone (up to its text token), the depformer
+    # (up to the frame's audio tokens), Mimi's decode of the frame.
+    backbone_ms_median: float | None = None
+    depformer_ms_median: float | None = None
+    mimi_ms_median: float | None = None
 
     def row(self) -> dict:
         return asdict(self)
@@ -119,23 +125,67 @@ def _tts_parts(folder: Path, quantize: int | None, dtype: mx.Dtype) -> tuple[Che
     return Checkpoint(raw, lm, _mimi(raw["dep_q"]), _tokenizer(folder)), voice
 
 
+class _FrameParts:
+    """Splits each session step at the points where it waits for the GPU anyway: the text
+    token read by the script's state machine (end of the backbone), the frame's audio
+    tokens read back (end of the depformer) and Mimi's decoded samples."""
+
+    def __init__(self, tts: Synthesizer) -> None:
+        self.t0 = self.t_text = self.t_audio = self.t_mimi = 0.0
+        self.rows: list[tuple[float, float, float]] = []
+        machine, mimi = tts.model.machine, tts.mimi
+        process, decode = machine.process, mimi.decode_step
+
+        def timed_process(*args):
+            self.t_text = time.perf_counter()
+            return process(*args)
+
+        def timed_decode(codes: mx.array) -> mx.array:
+            self.t_audio = time.perf_counter()  # the audio tokens were just read back
+            pcm = decode(codes)
+            mx.eval(pcm)
+            self.t_mimi = time.perf_counter()
+            return pcm
+
+        machine.process = timed_process
+        mimi.decode_step = timed_decode
+
+    def start(self) -> float:
+        self.t0 = time.perf_counter()
+        return self.t0
+
+    def keep(self) -> None:
+        self.rows.append(
+            (self.t_text - self.t0, self.t_audio - self.t_text, self.t_mimi - self.t_audio)
+        )
+
+    def medians(self) -> dict[str, float]:
+        if not self.rows:
+            return {}
+        names = ("backbone_ms_median", "depformer_ms_median", "mimi_ms_median")
+        return {n: statistics.median(r[i] for r in self.rows) * 1000 for i, n in enumerate(names)}
+
+
 def bench_tts(
     frames: int,
     quantize: int | None,
     codebooks: int | None = None,
     skip_delay_depformer: bool = True,
+    compile_depformer: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
 ) -> KyutaiRecord:
     """The product's path: one streaming session, the answer's words pushed at once (a
-    language model writes faster than speech), frames stepped out; Mimi decode included."""
+    language model writes faster than speech), frames stepped out; Mimi decode included
+    (and timed on its own)."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, voice = _tts_parts(Path(tmp), quantize, dtype)
         tts = Synthesizer(
             ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks,
-            skip_delay_depformer=skip_delay_depformer,
+            skip_delay_depformer=skip_delay_depformer, compile_depformer=compile_depformer,
         )  # fmt: skip
         for _ in tts.speak(TEXT):  # a whole utterance first: kernels compile per shape
             pass
+        parts = _FrameParts(tts)
         session = tts.session()
         start = time.perf_counter()
         session.push(LONG_TEXT + " ")
@@ -144,7 +194,7 @@ def bench_tts(
             if not session.ready:
                 session.close()
                 continue
-            t = time.perf_counter()
+            t = parts.start()
             frame = session.step()
             if frame is None:
                 continue
@@ -152,9 +202,11 @@ def bench_tts(
                 first = time.perf_counter() - start
             else:
                 times.append(time.perf_counter() - t)
+                parts.keep()
     return _summary(
         "tts-1.6b", quantize, times, first,
         codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
+        compile_depformer=compile_depformer, **parts.medians(),
     )  # fmt: skip
 
 
@@ -192,7 +244,7 @@ def bench_tts_moshi(
     times = [b - a for a, b in itertools.pairwise(stamps)][:frames]
     return _summary(
         "tts-1.6b moshi-mlx generate", quantize, times, first,
-        codebooks=ckpt.lm.dep_q, skip_delay_depformer=False,
+        codebooks=ckpt.lm.dep_q, skip_delay_depformer=False, compile_depformer=False,
     )  # fmt: skip
 
 
@@ -225,12 +277,20 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--codebooks", default="32,24,16,8")
     p.add_argument("--quantize", type=int, choices=[4, 8])
+    p.add_argument(
+        "--levers",
+        default="plain,skip,skip+compile",
+        help="comma-separated TTS variants: plain, skip (depformer skipped in the delay), "
+        "compile (the depformer's frame compiled), or both joined by +",
+    )
     p.add_argument("--out", type=Path, default=Path("kyutai.json"))
     args = p.parse_args()
     rows = [bench_tts_moshi(args.frames, args.quantize).row()]
+    levers = [set(v.split("+")) for v in args.levers.split(",")]
     for k in (int(c) for c in args.codebooks.split(",")):
-        for skip in (False, True):
-            rows.append(bench_tts(args.frames, args.quantize, k, skip).row())
+        for lever in levers:
+            row = bench_tts(args.frames, args.quantize, k, "skip" in lever, "compile" in lever)
+            rows.append(row.row())
             print(json.dumps(rows[-1]), flush=True)
     rows.append(bench_stt(args.frames, args.quantize).row())
     print(json.dumps(rows[0]), json.dumps(rows[-1]), sep="\n", flush=True)

@@ -78,6 +78,13 @@ def test_ordinary_code_works(sandbox: PythonSandbox) -> None:
     )
 
 
+def test_the_workspace_is_not_on_the_import_path(sandbox: PythonSandbox) -> None:
+    """A module the code writes (or a file a page planted) is not imported by name."""
+    sandbox.run("open('json.py', 'w').write(\"print('planted')\")")
+    out = sandbox.run("import json, os, sys\nprint(os.getcwd() in sys.path, '' in sys.path)")
+    assert out == "False False\n"
+
+
 # The in-process audit hooks of earlier versions could be switched off from the code; the
 # OS boundary has no such switch. Each escape is tried as the attacker would.
 ESCAPES = {

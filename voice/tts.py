@@ -67,6 +67,7 @@ class Synthesizer:
         max_seconds: float = 60.0,
         codebooks: int | None = None,
         skip_delay_depformer: bool = True,
+        compile_depformer: bool = True,
     ) -> None:
         if codebooks is not None:
             keep_codebooks(checkpoint.lm, codebooks)
@@ -79,6 +80,13 @@ class Synthesizer:
             temp=temperature,
             raw_config=checkpoint.raw_config,
             max_gen_length=int(max_seconds * checkpoint.mimi.frame_rate),
+        )
+        self.text_sampler = Sampler(temp=self.model.temp)
+        self.audio_sampler = Sampler(temp=self.model.temp)
+        self.depformer = (
+            compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
+            if compile_depformer
+            else None
         )
         self.padding_between = padding_between
         self.sample_rate = int(self.mimi.sample_rate)
@@ -198,15 +206,20 @@ class SpeechSession:
         # Until then every codebook's token is replaced by "zero" (see on_audio).
         text_only_until = model.delay_steps + min(lm.delays[: lm.dep_q])
         stepped = (
-            _DelaySkippingLm(lm, lambda: self.offset < text_only_until, ids.zero)
-            if synth.skip_delay_depformer
+            _SteppedLm(
+                lm,
+                lambda: synth.skip_delay_depformer and self.offset < text_only_until,
+                ids.zero,
+                synth.depformer,
+            )
+            if synth.skip_delay_depformer or synth.depformer is not None
             else lm
         )
         self.gen = models.LmGen(
             stepped,  # type: ignore[arg-type]
             max_steps=model.max_gen_length,
-            text_sampler=Sampler(temp=model.temp),
-            audio_sampler=Sampler(temp=model.temp),
+            text_sampler=synth.text_sampler,
+            audio_sampler=synth.audio_sampler,
             cfg_coef=model.cfg_coef,
             on_text_hook=on_text,
             on_audio_hook=on_audio,
@@ -288,15 +301,27 @@ class SpeechSession:
         self.state.entries.extend(entries)
 
 
-class _DelaySkippingLm:
-    """The LM as `LmGen` uses it, with the depformer skipped on the steps whose audio is
-    replaced by "zero" anyway: the text-only delay at the start of a session (16 of the
-    first ≈19 steps of Kyutai's TTS), as Kyutai's own server does. moshi-mlx has no switch
-    for it, so the backbone half of `Lm._sample` is repeated here; greedy, the tokens are
-    the same with or without the skip (tested)."""
+class _SteppedLm:
+    """The LM as `LmGen` steps it, leaner in two ways moshi-mlx has no switch for:
 
-    def __init__(self, lm: models.Lm, skip: Callable[[], bool], zero: int) -> None:
+    - the depformer is skipped on the steps whose audio is replaced by "zero" anyway (the
+      text-only delay at the start of a session, 16 of the first ≈19 steps of Kyutai's
+      TTS), as Kyutai's own server does;
+    - the depformer's frame runs as one compiled function when given one (see
+      `compiled_depformer`).
+
+    The backbone half of `Lm._sample` is repeated here for that. Greedy, the tokens are the
+    same as moshi-mlx's own `_sample` (tested)."""
+
+    def __init__(
+        self,
+        lm: models.Lm,
+        skip: Callable[[], bool],
+        zero: int,
+        depformer: Callable[[mx.array, mx.array], mx.array] | None,
+    ) -> None:
         self.lm, self.skip, self.zero, self.cfg = lm, skip, zero, lm.cfg
+        self.depformer = depformer
 
     def _sample(
         self,
@@ -311,7 +336,8 @@ class _DelaySkippingLm:
         on_audio_hook: Callable[[mx.array], None] | None = None,
     ) -> tuple[mx.array, mx.array | None, mx.array]:
         lm = self.lm
-        if not self.skip():
+        skip = self.skip()
+        if not skip and self.depformer is None:
             return lm._sample(
                 text_token_ids, audio_token_ids, text_sampler, audio_sampler, ct,
                 cross_attention_src, cfg_coef, on_text_hook, on_audio_hook,
@@ -334,7 +360,27 @@ class _DelaySkippingLm:
         text_token, _ = text_sampler(text_logits)
         if on_text_hook is not None:
             on_text_hook(text_token)
-        audio = mx.full((text_token.shape[0], lm.dep_q, 1), self.zero, dtype=mx.int32)
+        if skip:
+            audio = mx.full((text_token.shape[0], lm.dep_q, 1), self.zero, dtype=mx.int32)
+        else:
+            audio = self.depformer(out, text_token)
         if on_audio_hook is not None:
             on_audio_hook(audio)
         return text_token, audio, out
+
+
+def compiled_depformer(
+    lm: models.Lm, sampler: Sampler, cfg_coef: float
+) -> Callable[[mx.array, mx.array], mx.array]:
+    """The depformer's frame (one pass per codebook, each a few transformer layers) as one
+    `mx.compile`d function. Its cache is reset at every frame, so the pass is a pure
+    function of the backbone's output, the text token and the random state; compiled, the
+    per-operation cost that bounds a frame on a GPU is paid once per fused kernel. Built
+    once per model: a new function would be traced again."""
+
+    def frame(main_out: mx.array, text_token: mx.array) -> mx.array:
+        return lm.depformer.sample(
+            main_out, sampler, text_token, lm.depformer_cache, cfg_coef=cfg_coef
+        )
+
+    return mx.compile(frame, inputs=mx.random.state, outputs=mx.random.state)
