@@ -145,20 +145,6 @@ VOICE_TEST_SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _collect_garbage_between_tests():
-    """Free each test's reference cycles here, on the main thread, once the threads it
-    started (servers, model workers) are done — not at a random allocation later in some
-    other thread while MLX runs. Without it the suite has crashed in native code twice
-    (an abort while garbage-collecting in a server test's event-loop thread; a segfault
-    inside MLX sampling in the next file); with it, no full run has crashed. Costs ~60 ms
-    a test."""
-    import gc
-
-    yield
-    gc.collect()
-
-
 @pytest.fixture
 def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
     """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
