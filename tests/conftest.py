@@ -174,20 +174,3 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
         return assistant, recorder, path
 
     return make
-
-
-_exit_status = 0
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    global _exit_status
-    _exit_status = int(exitstatus)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    # Once pytest has reported, leave without the interpreter's teardown: native
-    # extensions (MLX's thread pool among them) have been seen to abort in it with
-    # "free(): invalid next size" after every test had passed, turning a green run red.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_exit_status)
