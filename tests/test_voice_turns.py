@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from llm.errors import ConfigError
 from voice.config import VoiceConfig, apply_override, parse_voice_config
 from voice.turns import (
     AnswerFinished,
@@ -13,9 +14,11 @@ from voice.turns import (
     Ask,
     Block,
     CancelTurn,
+    ConfirmTurn,
     DeviceBack,
     DeviceLost,
     DropHearing,
+    DropTurn,
     Earcon,
     Feed,
     FinishHearing,
@@ -24,6 +27,7 @@ from voice.turns import (
     Pause,
     Prefill,
     Rules,
+    ShowWords,
     StartHearing,
     StartTurn,
     State,
@@ -42,7 +46,12 @@ BLOCK = 0.08  # s: the default 80 ms blocks
 
 def rules(echo_cancelled: bool = False, pauses: bool = False, **overrides: Any) -> Rules:
     config = VoiceConfig()
-    settings = {"endpointing.silence_ms": 400, "endpointing.warmup_blocks": 0} | overrides
+    # Speculative start is off unless a test turns it on (its own tests below).
+    settings = {
+        "endpointing.silence_ms": 400,
+        "endpointing.warmup_blocks": 0,
+        "endpointing.speculate_ms": 0,
+    } | overrides
     for key, value in settings.items():
         config = apply_override(config, key, value)
     return Rules.from_config(config, echo_cancelled, predicts_pauses=pauses)
@@ -375,3 +384,69 @@ def test_without_pause_heads_or_switched_off_predictions_are_ignored() -> None:
     ):
         assert talk.state.rules.end_of_turn() == "end of turn: 2000 ms of silence"
         assert not of(heard_with_pauses(talk, "s" * 14 + "...", 0.99), FinishHearing)
+
+
+# ---------------------------------------------------------------------------- speculative start
+SPECULATING = {"endpointing.speculate_ms": 160}  # 2 silent blocks; the end takes 5
+
+
+def test_a_speculative_start_is_held_until_the_silence_confirms_the_end() -> None:
+    talk = Talk(rules(**SPECULATING))
+    assert talk.state.rules.end_of_turn() == (
+        "end of turn: 400 ms of silence (answer started after 160 ms)"
+    )
+    talk.blocks("ssssss")
+    talk.send(Words("what time is it"))
+    assert not of(talk.blocks("."), FinishHearing)
+    assert of(talk.blocks("."), FinishHearing)  # the STT is flushed at 160 ms
+    out = talk.send(Transcript("what time is it"))
+    assert of(out, StartTurn) == [
+        StartTurn("what time is it", pytest.approx(talk.now - 2 * BLOCK), speculative=True)
+    ]
+    assert talk.state.phase == "hearing" and not free(talk.state)
+    assert not of(talk.blocks(".."), ConfirmTurn)
+    out = talk.blocks(".")
+    assert of(out, ConfirmTurn) and not of(out, FinishHearing) and not of(out, StartTurn)
+    assert talk.state.phase == "answering" and Status("thinking") in out
+
+
+def test_speech_after_a_speculative_start_drops_it_and_the_words_join_up() -> None:
+    talk = Talk(rules(**SPECULATING))
+    talk.blocks("ssssss")
+    talk.blocks("..")
+    talk.send(Transcript("what is"))
+    out = talk.blocks("s")
+    assert of(out, DropTurn) and of(out, StartHearing) == [StartHearing(1, resumed=True)]
+    assert talk.state.phase == "hearing"
+    assert ShowWords("what is the time") in talk.send(Words("the time"))
+    talk.blocks("sss..")
+    out = talk.send(Transcript("the time"))
+    assert of(out, StartTurn) == [
+        StartTurn("what is the time", pytest.approx(talk.now - 2 * BLOCK), speculative=True)
+    ]
+    assert of(talk.blocks("..."), ConfirmTurn)
+
+
+def test_a_speculative_transcript_without_a_question_starts_nothing() -> None:
+    talk = Talk(rules(**SPECULATING))
+    talk.blocks("ssssss..")
+    assert not of(talk.send(Transcript("")), StartTurn)
+    out = talk.blocks("...")
+    assert Notice("(heard speech but no words)") in out and not of(out, ConfirmTurn)
+    assert talk.state.phase == "idle"
+
+
+def test_muting_drops_a_speculative_turn() -> None:
+    talk = Talk(rules(**SPECULATING))
+    talk.blocks("ssssss..")
+    talk.send(Transcript("what time is it"))
+    out = talk.send(Mute(True))
+    assert of(out, DropTurn) and talk.state.phase == "idle"
+
+
+def test_no_speculation_where_the_stt_predicts_pauses_or_when_off() -> None:
+    assert rules(pauses=True, **SPECULATING).speculate_blocks == 0
+    assert rules().speculate_blocks == 0
+    assert rules(**SPECULATING).speculate_blocks == 2
+    with pytest.raises(ConfigError, match=r"speculate_ms .* must be shorter than silence_ms"):
+        rules(**{"endpointing.speculate_ms": 400})

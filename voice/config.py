@@ -111,6 +111,22 @@ class EndpointingSection(_Section):
     pause_ignore_ms: int = Field(
         960, ge=0, description="the start of an utterance, where pause predictions are ignored"
     )
+    speculate_ms: int | None = Field(
+        250,
+        ge=0,
+        description="after this much silence the answer is started (generated and "
+        "synthesized, not played) and played when silence_ms confirms the end; speech "
+        "before then drops it. null or 0 = off; off where the STT predicts pauses",
+    )
+
+    @model_validator(mode="after")
+    def _speculate_before_the_end(self) -> EndpointingSection:
+        if self.speculate_ms and self.speculate_ms >= self.silence_ms:
+            raise ValueError(
+                f"speculate_ms ({self.speculate_ms}) must be shorter than silence_ms "
+                f"({self.silence_ms})"
+            )
+        return self
 
 
 class BargeInSection(_Section):

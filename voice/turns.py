@@ -19,7 +19,7 @@ from difflib import SequenceMatcher
 from typing import Literal
 
 from voice.config import VoiceConfig
-from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
+from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, VadEvent
 
 Activation = Literal["always", "wake_phrase", "push_to_talk"]
 # Weight of the newest pause probability in its running average.
@@ -49,6 +49,9 @@ class Rules:
     semantic: bool = False
     pause_threshold: float = 0.6
     pause_ignore_steps: int = 12
+    # Speculative start: after this many silent blocks the STT is flushed and the answer
+    # started, held until the silence rule confirms the end (0 = off).
+    speculate_blocks: int = 0
 
     @classmethod
     def from_config(
@@ -64,6 +67,11 @@ class Rules:
             barge_in = echo_cancelled
         act = cfg.activation
         earcons = act.earcons if act.earcons is not None else act.mode != "always"
+        semantic = predicts_pauses and cfg.endpointing.semantic == "auto"
+        speculate_ms = cfg.endpointing.speculate_ms or 0
+        # The predicted pause ends a turn by itself; speculating would flush the STT that
+        # predicts it (a second STT stream would be needed to do both).
+        speculate = speculate_ms > 0 and not semantic and hears
         return cls(
             endpointer=Endpointer.new(cfg.endpointing, cfg.audio.block_ms),
             block_ms=cfg.audio.block_ms,
@@ -78,9 +86,10 @@ class Rules:
             earcons=earcons and speaks,
             hears=hears,
             speaks=speaks,
-            semantic=predicts_pauses and cfg.endpointing.semantic == "auto",
+            semantic=semantic,
             pause_threshold=cfg.endpointing.pause_threshold,
             pause_ignore_steps=math.ceil(cfg.endpointing.pause_ignore_ms / cfg.audio.block_ms),
+            speculate_blocks=math.ceil(speculate_ms / cfg.audio.block_ms) if speculate else 0,
         )
 
     def end_of_turn(self) -> str:
@@ -88,6 +97,9 @@ class Rules:
         silence = f"{self.endpointer.p.silence_ms} ms of silence"
         if self.semantic:
             return f"end of turn: predicted pause (or {silence})"
+        if self.speculate_blocks:
+            early = self.speculate_blocks * self.block_ms
+            return f"end of turn: {silence} (answer started after {early} ms)"
         return f"end of turn: {silence}"
 
 
@@ -108,6 +120,13 @@ class State:
     ending: bool = False  # the utterance's end was decided: its transcript is on its way
     pause_ema: float = 0.0  # the STT's smoothed pause probability, this utterance
     pause_steps: int = 0
+    # Speculative start: the STT was flushed early (`speculating`); its transcript is
+    # `held`, and an answer to it was started and is held unplayed (`spec_turn`). Speech
+    # that resumes drops both; the words before it stay as `before`.
+    speculating: bool = False
+    spec_turn: bool = False
+    held: str = ""
+    before: str = ""
 
     @classmethod
     def start(cls, rules: Rules) -> State:
@@ -225,9 +244,11 @@ class Notice:
 
 @dataclass(frozen=True)
 class StartHearing:
-    """Start the STT on the last `blocks` microphone blocks (this one included)."""
+    """Start the STT on the last `blocks` microphone blocks (this one included);
+    `resumed`: the same utterance goes on after a speculative start was dropped."""
 
     blocks: int
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +281,17 @@ class StartTurn:
     text: str
     speech_end_at: float  # the user's last speech; the turn's timings count from here
     typed: bool = False
+    speculative: bool = False  # generate and synthesize, but play nothing until confirmed
+
+
+@dataclass(frozen=True)
+class ConfirmTurn:
+    """The speculative turn's question was the whole turn: play it, show it, keep it."""
+
+
+@dataclass(frozen=True)
+class DropTurn:
+    """The user went on speaking: forget the speculative turn as if it never started."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +306,7 @@ class Earcon:
 
 Action = (
     Status | Notice | StartHearing | Feed | ShowWords | Prefill | FinishHearing | DropHearing
-    | StartTurn | CancelTurn | Earcon
+    | StartTurn | ConfirmTurn | DropTurn | CancelTurn | Earcon
 )  # fmt: skip
 
 
@@ -316,7 +348,7 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         case Mute(on):
             if state.phase == "hearing":
                 out(DropHearing())  # the words being heard are dropped, not answered
-                state = replace(state, phase="idle")
+                state = _drop_speculation(replace(state, phase="idle"), out)
             state = replace(state, muted=on, vad=state.endpointer.reset(), barge=0)
             if state.phase == "idle":
                 out(Status(state.idle_status(now)))
@@ -325,6 +357,7 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
                 out(CancelTurn())
             elif state.phase == "hearing":
                 out(DropHearing())
+                state = _drop_speculation(state, out)
             out(Notice(f"the {which} went away; waiting for it to come back"))
             out(Status("waiting for audio device"))
             state = replace(state, phase="down")
@@ -365,6 +398,8 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return state
     if state.ending:
         return state
+    if state.speculating:
+        return _while_speculating(state, block, event, now, out)
     out(Feed())
     if isinstance(event, SpeechEnded):
         out(FinishHearing())
@@ -372,7 +407,46 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
     elif isinstance(event, SpeechDropped):
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         state = replace(state, phase="idle")
+    elif rules.speculate_blocks and vad.silent_blocks >= rules.speculate_blocks:
+        # The transcript comes back as a `Transcript` while `speculating`.
+        out(FinishHearing())
+        state = replace(state, speculating=True)
     return state
+
+
+def _while_speculating(
+    state: State, block: Block, event: VadEvent | None, now: float, out: _Out
+) -> State:
+    """The STT was flushed early: the silence rule confirms the turn, speech drops the
+    head start and the utterance goes on (a new STT stream, its words after `before`)."""
+    if isinstance(event, SpeechEnded):
+        return _confirm(state, now, out)
+    if isinstance(event, SpeechDropped):  # too short after all: as if never heard
+        state = _drop_speculation(state, out)
+        out(Status(state.idle_status(now)), ShowWords(""))
+        return replace(state, phase="idle")
+    if not block.speech:
+        return state
+    state = _drop_speculation(state, out)
+    out(StartHearing(1, resumed=True))
+    return replace(state, before=state.held, held="")
+
+
+def _drop_speculation(state: State, out: _Out) -> State:
+    if state.spec_turn:
+        out(DropTurn())
+    return replace(state, speculating=False, spec_turn=False)
+
+
+def _confirm(state: State, now: float, out: _Out) -> State:
+    held = state.held
+    state = replace(state, speculating=False, before="", held="")
+    if not state.spec_turn:  # nothing was started: the transcript's usual path
+        return _transcript(state, held, now, out)
+    if state.rules.earcons:
+        out(Earcon("done"))
+    out(ShowWords(""), ConfirmTurn(), Status("thinking"))
+    return replace(state, phase="answering", barge=0, open_until=0.0, spec_turn=False)
 
 
 def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> State:
@@ -381,7 +455,7 @@ def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> Sta
     out(StartHearing(blocks), Status("hearing"))
     return replace(
         state, phase="hearing", addressed=addressed, prefilled_words=0, ending=False,
-        pause_ema=0.0, pause_steps=0,
+        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="", before="",
     )  # fmt: skip
 
 
@@ -407,8 +481,9 @@ def _pause(state: State, probability: float, out: _Out) -> State:
 
 
 def _words(state: State, text: str, out: _Out) -> State:
-    if state.phase != "hearing":
+    if state.phase != "hearing" or state.speculating:
         return state
+    text = _joined(state.before, text)
     out(ShowWords(text))
     rules = state.rules
     if not state.addressed:
@@ -426,11 +501,34 @@ def _words(state: State, text: str, out: _Out) -> State:
     return state
 
 
+def _joined(before: str, text: str) -> str:
+    return f"{before} {text}".strip() if before else text
+
+
+def _question(state: State, text: str) -> str | None:
+    """The question to answer in `text`, or None when `text` starts no turn (unaddressed,
+    empty, the wake phrase alone, a stop phrase)."""
+    rules = state.rules
+    wake = rules.activation == "wake_phrase"
+    if wake and not state.addressed and find_phrase(text, rules.wake_phrases) is None:
+        return None
+    question = strip_wake_phrase(text, rules) if wake else text
+    if not question.strip() or (rules.stop_phrases and is_only(question, rules.stop_phrases)):
+        return None
+    return question
+
+
 def _transcript(state: State, text: str, now: float, out: _Out) -> State:
     if state.phase != "hearing":
         return state
+    text = _joined(state.before, text)
+    if state.speculating:
+        question = _question(state, text)
+        if question is not None:
+            out(StartTurn(question, state.last_speech_at or now, speculative=True))
+        return replace(state, held=text, spec_turn=question is not None)
     rules = state.rules
-    state = replace(state, phase="idle", ending=False)
+    state = replace(state, phase="idle", ending=False, before="")
     out(ShowWords(""))
     unaddressed = rules.activation == "wake_phrase" and not state.addressed
     if unaddressed and find_phrase(text, rules.wake_phrases) is None:
@@ -475,6 +573,8 @@ def _talk_key(state: State, now: float, out: _Out) -> State:
     if state.phase == "hearing":  # pressed again while speaking: that is the end of it
         if state.ending:
             return state
+        if state.speculating:
+            return _confirm(state, now, out)
         out(FinishHearing())
         return replace(state, vad=state.endpointer.reset(), ending=True)
     if state.phase == "answering":
