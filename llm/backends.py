@@ -45,6 +45,12 @@ class ChatEngine(Protocol):
 
     def reset(self) -> None: ...
 
+    def mark(self) -> object:
+        """The cache's state now, for `rollback` (after a turn that is dropped unseen)."""
+        ...
+
+    def rollback(self, mark: object) -> None: ...
+
 
 def load_engine(
     model: str,

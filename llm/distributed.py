@@ -194,6 +194,14 @@ class ShardedEngine:
         _broadcast(self.group, _call("reset"))
         self.engine.reset()
 
+    def mark(self) -> object:
+        """No rollback across ranks (each would need its own mark): after a dropped turn
+        the next turn prefills again what the ranks' caches cannot reuse."""
+        return None
+
+    def rollback(self, mark: object) -> None:
+        """See `mark`."""
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

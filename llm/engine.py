@@ -303,6 +303,15 @@ class Engine:
         b = self._render(prompt, [*head[:-1], replace(last, content=f"{words[0]} x")], now, tools)
         yield from self._fill(a[: common_prefix(a, b)], step)
 
+    def mark(self) -> object:
+        """The conversation's cache as it is now, for `rollback` after a turn that is then
+        dropped (a speculative answer the user talked over): what was prefilled before it
+        is kept, not fed again."""
+        return self._cache.saved()
+
+    def rollback(self, mark: object) -> None:
+        self._cache.restore(mark)  # type: ignore[arg-type]
+
     def _prefill(self, prompt_tokens: list[int]) -> int:
         """Feed all but the last prompt token into the cache; return how many were reused."""
         return self._cache_upto(prompt_tokens[:-1])

@@ -67,6 +67,17 @@ class ConversationCache:
         self.cache = make_prompt_cache(self._model)
         self.tokens = []
 
+    def saved(self) -> tuple[list[int], list[Any]] | None:
+        """The checkpoint, to `restore` later: never changed in place (a restore copies
+        it), so holding it keeps that state."""
+        return self._checkpoint
+
+    def restore(self, checkpoint: tuple[list[int], list[Any]] | None) -> None:
+        """Back to a `saved` checkpoint; the live cache is dropped (the next `reuse`
+        starts from the checkpoint)."""
+        self._checkpoint = checkpoint
+        self.drop_live()
+
     def checkpoint(self) -> None:
         mx.eval([c.state for c in self.cache])
         self._checkpoint = (list(self.tokens), copy.deepcopy(self.cache))

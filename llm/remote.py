@@ -146,6 +146,13 @@ class RemoteEngine:
     def reset(self) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
+    def mark(self) -> object:
+        """Nothing to roll back: the remote server keeps its own cache."""
+        return None
+
+    def rollback(self, mark: object) -> None:
+        """See `mark`."""
+
     def prefill(self, conversation: Conversation) -> int:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0

@@ -323,6 +323,31 @@ def test_prefill_of_a_transcript_that_changed_its_mind_is_undone(engine: Engine)
     assert 0 < done.stats.cached_tokens < fresh.stats.prompt_tokens
 
 
+def test_a_dropped_speculative_turn_is_rolled_back_to_what_was_prefilled(
+    engine: Engine, monkeypatch
+) -> None:
+    """A turn started before the user finished (speculative start) and then dropped: after
+    `rollback` the next turn reuses the words prefilled before it. Here the cache cannot
+    be trimmed, as GPT-OSS's sliding-window layers cannot once a chat passes their window:
+    without the rollback the next turn would prefill everything again."""
+    from datetime import datetime
+
+    monkeypatch.setattr("llm.prompt_cache.can_trim_prompt_cache", lambda cache: False)
+    now = datetime(2026, 11, 25, 12, 0)
+    heard = Conversation([ChatMessage("user", "What is the capital of")], GREEDY, now=now)
+    prefilled = engine.prefill(heard)
+    mark = engine.mark()
+    collect(engine.stream(heard))  # the speculative answer, then dropped
+    engine.rollback(mark)
+    question = Conversation(
+        [ChatMessage("user", "What is the capital of France?")], GREEDY, now=now
+    )
+    done = collect(engine.stream(question))
+    assert done.stats.cached_tokens == prefilled > 0
+    engine.reset()
+    assert collect(engine.stream(question)).tokens == done.tokens
+
+
 def test_xtc_never_cuts_the_tokens_that_shape_an_answer(engine: Engine) -> None:
     """As in the original tool: the ends of a turn and of a message, and the newline."""
     newline = engine.tokenizer.encode("\n", add_special_tokens=False)

@@ -10,6 +10,7 @@ tiny GPT-OSS answers in Harmony with an analysis and a two-sentence final messag
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -332,3 +333,49 @@ def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
     assert "end of turn: predicted pause (or 2000 ms of silence)" in rec.texts("notice")
     assert rec.texts("heard") == [HEARD]
     assert rec.timings[0].endpoint_ms < 1000, rec.timings[0]
+
+
+def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_one(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """Speculative start on the live loop: a pause longer than `speculate_ms` inside the
+    question starts an answer that the rest of the question drops unheard; at the end the
+    answer is started early and played once the silence confirms the end."""
+    assistant, rec, log_path = make_assistant(
+        **{"endpointing.semantic": "off", "endpointing.silence_ms": 700,
+           "endpointing.speculate_ms": 160}
+    )  # fmt: skip
+    assert assistant.rules.speculate_blocks == 2
+    first = virtual_audio.say("What is the capital", tmp_path)
+    rest = virtual_audio.say("of France?", tmp_path, lead_silence=0.35)
+    question = tmp_path / "paused-question.wav"
+    subprocess.run(["sox", str(first), str(rest), str(question)], check=True)
+    recording = tmp_path / "speaker.wav"
+
+    def scenario(stop: threading.Event) -> None:
+        recorder = virtual_audio.record_speaker(recording)
+        try:
+            wait_recorded(recording, 0.05)
+            started = time.perf_counter()
+            virtual_audio.play_into_mic(question).wait()
+            done = rec.wait("turn_done", timeout=120)
+            wait_recorded(recording, done - started + 0.3)
+        finally:
+            recorder.terminate()
+            recorder.wait()
+
+    serve(assistant, scenario)
+    assert assistant.speculations["dropped"] >= 1, assistant.speculations
+    assert assistant.speculations["confirmed"] == 1, assistant.speculations
+    (t,) = rec.timings
+    assert t.speculative and not t.interrupted
+    # The answer was ready before the end was confirmed: the transcript came first.
+    assert t.transcript_ms < t.endpoint_ms
+    # The words before the pause and after it make one question (the tiny STT hears its
+    # one sentence in each stretch of speech).
+    assert rec.texts("heard") == [f"{HEARD} {HEARD}"]
+    assert "".join(rec.texts("answer"))
+    assert non_silent_seconds(read_wav(recording)) > 0.5
+    log = json.loads(log_path.read_text())
+    messages = log["chats"][log["active_chat_id"]]["messages"]
+    assert [m["role"] for m in messages].count("user") == 1

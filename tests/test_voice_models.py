@@ -195,8 +195,9 @@ def test_skipping_the_depformer_in_the_text_only_delay_changes_nothing(tts_folde
     """The first steps' audio is replaced by "zero" anyway: greedy, the session with the
     skip speaks exactly as one without it, and its depformer ran fewer times."""
     text = "The capital of France is Paris. It is also the largest city."
-    plain = load_tts(tts_folder, skip_delay_depformer=False)
-    skipping = load_tts(tts_folder)
+    # Not compiled: the Python depformer runs (and is counted) at every frame.
+    plain = load_tts(tts_folder, skip_delay_depformer=False, compile_depformer=False)
+    skipping = load_tts(tts_folder, compile_depformer=False)
     runs = {"plain": 0, "skipping": 0}
     for name, tts in (("plain", plain), ("skipping", skipping)):
         real = tts.lm.depformer.sample
@@ -211,6 +212,28 @@ def test_skipping_the_depformer_in_the_text_only_delay_changes_nothing(tts_folde
     assert np.array_equal(a, b)
     delay = skipping.model.delay_steps
     assert runs["plain"] - runs["skipping"] == delay > 0
+
+
+def test_the_compiled_depformer_speaks_exactly_as_the_plain_one(tts_folder: Path) -> None:
+    """Greedy, the frame compiled as one function emits the same audio, and its Python
+    code runs only to be traced, not at every frame."""
+    text = "The capital of France is Paris. It is also the largest city."
+    plain = load_tts(tts_folder, compile_depformer=False)
+    compiled = load_tts(tts_folder)
+    traced = 0
+    real = compiled.lm.depformer.sample
+
+    def counted(*args, **kwargs):
+        nonlocal traced
+        traced += 1
+        return real(*args, **kwargs)
+
+    compiled.lm.depformer.sample = counted
+    a = np.concatenate(list(plain.speak(text)))
+    b = np.concatenate(list(compiled.speak(text)))
+    assert np.array_equal(a, b)
+    frames = len(b) // compiled.frame_samples
+    assert frames > 10 and traced <= 2
 
 
 def test_fewer_codebooks_are_generated_when_asked(tts_folder: Path) -> None:

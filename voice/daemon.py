@@ -16,12 +16,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from llm.backends import ChatEngine
 from llm.chatlog import Chat, ChatLog, save_chat_log
@@ -46,9 +48,11 @@ from voice.turns import (
     AnswerStarted,
     Ask,
     CancelTurn,
+    ConfirmTurn,
     DeviceBack,
     DeviceLost,
     DropHearing,
+    DropTurn,
     Earcon,
     Feed,
     FinishHearing,
@@ -110,6 +114,9 @@ class TurnTimings:
     cached_tokens: int = 0  # of prompt_tokens: reused or prefilled while the user spoke
     interrupted: bool = False
     typed: bool = False  # the question came as text: times count from its arrival
+    # Started before the end was confirmed (endpointing.speculate_ms): the transcript and
+    # the first tokens and frames may come before `endpoint_ms`.
+    speculative: bool = False
 
     def as_log(self) -> dict[str, float | int | bool | None]:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -131,6 +138,18 @@ class _Turn:
     cancelled: bool = False
     answer: str = ""
     played_base: int = 0  # the speaker's played-sample count when the turn began
+    # A speculative turn, until confirmed: frames and what would be shown are held, and a
+    # tool call waits (it may act on the world); `mark` is the engine's cache before it.
+    held: list[np.ndarray] | None = None
+    held_reports: list[Callable[[], None]] = field(default_factory=list)
+    at_tool: bool = False
+    mark: object = None
+
+    def show(self, report: Callable[[], None]) -> None:
+        if self.held is None:
+            report()
+        else:
+            self.held_reports.append(report)
 
 
 class VoiceAssistant:
@@ -181,6 +200,8 @@ class VoiceAssistant:
         self._devices_down = False
         self._utterance_now = datetime.now()
         self.turns = 0
+        # Speculative starts: "started", "confirmed", "dropped" (the waste).
+        self.speculations: Counter[str] = Counter()
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
         self.toolbox: Toolbox | None = None
@@ -314,8 +335,9 @@ class VoiceAssistant:
                 self.report.notice(text)
             case ShowWords(text):
                 self.report.partial(text)
-            case StartHearing(blocks):
-                return self._start_hearing(list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :])
+            case StartHearing(blocks, resumed):
+                preroll = list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :]
+                return self._start_hearing(preroll, resumed)
             case Feed():
                 assert self.stt is not None and self._block is not None
                 if not (self.stt.active and self.stt.room > 0):
@@ -334,12 +356,16 @@ class VoiceAssistant:
                 assert self.stt is not None
                 if self.stt.active:
                     self.stt.finish()
-            case StartTurn(text, at, typed):
+            case StartTurn(text, at, typed, speculative):
                 timings = TurnTimings(typed=True) if typed else self._timings
                 reply, self._pending_reply = self._pending_reply, None
-                if not typed:
+                if not typed and not speculative:
                     self.report.heard(text)
-                self._start_turn(text, at, timings, reply if typed else None)
+                self._start_turn(text, at, timings, reply if typed else None, speculative)
+            case ConfirmTurn():
+                self._confirm_turn()
+            case DropTurn():
+                self._drop_turn()
             case CancelTurn():
                 if self.turn is not None:
                     self._interrupt(save=True)
@@ -470,13 +496,14 @@ class VoiceAssistant:
         speech = self.detector(block.pcm)
         self._handle(turns.Block(block.at, speech))
 
-    def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
+    def _start_hearing(self, blocks: list[Block], resumed: bool = False) -> list[turns.Event]:
         assert self.stt is not None
         self.stt.start()
         self._stt_frames_at_start = self.stt.frames_fed
-        # One clock reading per utterance, so that the prompt rendered while listening and
-        # the one rendered at the end agree on any time placeholder.
-        self._utterance_now = datetime.now()
+        if not resumed:
+            # One clock reading per utterance, so that the prompt rendered while listening
+            # and the one rendered at the end agree on any time placeholder.
+            self._utterance_now = datetime.now()
         new = [self.stt.feed(b.pcm) for b in blocks]
         return [Words(self.stt.text)] if any(new) else []
 
@@ -535,12 +562,22 @@ class VoiceAssistant:
         return turn
 
     def _start_turn(
-        self, text: str, speech_end: float, timings: TurnTimings, reply: Reply | None = None
+        self,
+        text: str,
+        speech_end: float,
+        timings: TurnTimings,
+        reply: Reply | None = None,
+        speculative: bool = False,
     ) -> None:
         user = ChatMessage("user", text)
         history = [*self.log.active().history(), user]
         self._prefilling = None  # the turn's own prefill feeds whatever is left
+        mark = self.engine.mark() if speculative else None
         turn = self._new_turn(user, speech_end, timings, reply)
+        if speculative:
+            turn.held, turn.mark = [], mark
+            timings.speculative = True
+            self.speculations["started"] += 1
         skip = self.cfg.llm.reasoning == "skip" and self.engine.harmony
         turn.events = respond(
             self.engine,
@@ -551,6 +588,36 @@ class VoiceAssistant:
             now=self._utterance_now,
             assistant_prefix=FINAL_CHANNEL if skip else "",
         )
+
+    def _confirm_turn(self) -> None:
+        """The speculative turn's question was the user's whole turn: from now on it is an
+        ordinary answer, and what was held comes out at once."""
+        turn = self.turn
+        assert turn is not None and turn.held is not None and turn.user is not None
+        self.speculations["confirmed"] += 1
+        turn.timings.endpoint_ms = (self.clock() - turn.speech_end_at) * 1000
+        self.report.heard(turn.user.content)
+        held, reports = turn.held, turn.held_reports
+        turn.held, turn.held_reports, turn.at_tool = None, [], False
+        for report in reports:
+            report()
+        if self.speaker is not None:
+            self.speaker.first_sound_at = None  # an earcon may have played since the start
+        for frame in held:
+            self._play(turn, frame)
+
+    def _drop_turn(self) -> None:
+        """The user went on speaking: the speculative turn ends unseen and unheard, and the
+        engine's cache goes back to before it."""
+        turn = self.turn
+        assert turn is not None and turn.held is not None
+        self.speculations["dropped"] += 1
+        turn.cancelled = True
+        close = getattr(turn.events, "close", None)
+        if close is not None:
+            close()  # the engine stops at the token it is on
+        self.engine.rollback(turn.mark)
+        self.turn = None
 
     def _start_saying(self, text: str, reply: Reply | None) -> None:
         """Speak a text as the assistant's voice; it is not part of the conversation."""
@@ -563,11 +630,18 @@ class VoiceAssistant:
         turn = self.turn
         assert turn is not None
         speech_ready = turn.speech is not None and turn.speech.ready
-        ahead = self.speaker.pending_seconds() if self.speaker is not None else 0.0
-        if speech_ready and (turn.generated or ahead < AHEAD_SECONDS):
+        if turn.held is not None and self.tts is not None:
+            ahead = len(turn.held) * self.tts.frame_samples / self.tts.sample_rate
+        else:
+            ahead = self.speaker.pending_seconds() if self.speaker is not None else 0.0
+        # A finished answer is synthesized to its end, unless it is held: held audio
+        # stays within AHEAD_SECONDS until the turn is confirmed.
+        if speech_ready and (ahead < AHEAD_SECONDS or (turn.generated and turn.held is None)):
             self._tts_step(turn)
-        elif not turn.generated:
+        elif not turn.generated and not turn.at_tool:
             self._engine_step(turn)
+        elif turn.held is not None:
+            time.sleep(0.005)  # held until the end of the turn is confirmed or dropped
         elif self.speaker is not None and self.speaker.busy:
             time.sleep(0.01)
         else:
@@ -599,18 +673,23 @@ class VoiceAssistant:
         if isinstance(event, TextDelta):
             if turn.timings.first_token_ms is None:
                 turn.timings.first_token_ms = (now - turn.speech_end_at) * 1000
+            text = event.text
             if event.channel == "final" and not event.recipient:
                 if turn.timings.first_final_ms is None:
                     turn.timings.first_final_ms = (now - turn.speech_end_at) * 1000
-                turn.answer += event.text
-                self.report.answer(event.text)
+                turn.answer += text
+                turn.show(lambda: self.report.answer(text))
                 if turn.reply is not None:
-                    turn.reply.event(event="answer", text=event.text)
-                self._say(turn, turn.text.push(event.text))
+                    turn.reply.event(event="answer", text=text)
+                self._say(turn, turn.text.push(text))
             elif event.channel == "analysis" and not event.recipient:
-                self.report.reasoning(event.text)
+                turn.show(lambda: self.report.reasoning(text))
         elif isinstance(event, ToolCall):
-            self.report.notice(f"→ {event.message.recipient}")
+            # A speculative turn goes no further: the tool would act before the user is
+            # known to be done (the generator waits before running it).
+            turn.at_tool = turn.held is not None
+            recipient = event.message.recipient
+            turn.show(lambda: self.report.notice(f"→ {recipient}"))
             if self.toolbox is not None and self.toolbox.config.spoken_notices:
                 # Said while the tool runs; the result itself is for the model, not the ear.
                 notice = self.toolbox.notice(event.message.recipient)
@@ -621,7 +700,7 @@ class VoiceAssistant:
         elif isinstance(event, TurnDone):
             turn.done, turn.generated = event, True
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000
-            self.report.answer_done()
+            turn.show(self.report.answer_done)
             self._say(turn, turn.text.flush())
             self._close_speech(turn)
 
@@ -630,6 +709,13 @@ class VoiceAssistant:
         frame = turn.speech.step()
         if frame is None:
             return
+        if turn.held is not None:
+            turn.held.append(frame)
+        else:
+            self._play(turn, frame)
+
+    def _play(self, turn: _Turn, frame: np.ndarray) -> None:
+        assert self.speaker is not None
         self.speaker.play(frame)
         if turn.timings.first_chunk_ms is None:
             turn.timings.first_chunk_ms = (self.clock() - turn.speech_end_at) * 1000
