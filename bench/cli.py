@@ -158,6 +158,9 @@ def print_report(results: dict) -> None:
             fa = f"{a:>13.1f}" if a is not None else f"{'-':>13}"
             fb = f"{b:>10.1f}" if b is not None else f"{'-':>10}"
             print(f"  {key.removesuffix('_ms'):<36}{fa}{fb}")
+        for key in ("speculative_turns", "speculations_dropped"):
+            a, b = vs[f"with_prefill_{key}"], vs[f"without_prefill_{key}"]
+            print(f"  {key:<36}{a:>13}{b:>10}")
     for r in results.get("kyutai", []):
         first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
         tts = ""

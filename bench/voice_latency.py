@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,9 +56,13 @@ class LatencyRecord:
     first_audio_ms: float | None  # the whole: speech end → first audible sample out
     cached_tokens: int
     prompt_tokens: int
+    # Started before the end was confirmed (speculative start): its stages overlap the
+    # endpointing wait, so only first_audio_ms is the whole.
+    speculative: bool = False
+    speculations_dropped: int = 0  # answers started during this question, then dropped
 
     @classmethod
-    def of(cls, prefill: bool, turn: int, t: TurnTimings) -> LatencyRecord:
+    def of(cls, prefill: bool, turn: int, t: TurnTimings, dropped: int = 0) -> LatencyRecord:
         def gap(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else b - a
 
@@ -65,7 +70,7 @@ class LatencyRecord:
             prefill, turn, t.endpoint_ms, t.transcript_ms - t.endpoint_ms,
             gap(t.transcript_ms, t.first_token_ms), gap(t.first_token_ms, t.first_final_ms),
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
-            t.prompt_tokens,
+            t.prompt_tokens, t.speculative, dropped,
         )  # fmt: skip
 
     def row(self) -> dict:
@@ -75,10 +80,13 @@ class LatencyRecord:
 class _Collector:
     def __init__(self) -> None:
         self.timings: list[TurnTimings] = []
+        self.dropped: list[int] = []  # speculative starts dropped before each turn
+        self.speculations: Counter[str] = Counter()  # the assistant's, once it exists
         self.done = threading.Event()
 
     def turn_done(self, timings: TurnTimings) -> None:
         self.timings.append(timings)
+        self.dropped.append(self.speculations["dropped"] - sum(self.dropped))
         self.done.set()
 
     def __getattr__(self, name: str):
@@ -166,6 +174,7 @@ def _assistant(
         cfg, engine, setup.prompt, stt, tts, make_detector(cfg.endpointing, MODEL_RATE), log,
         folder / "log.json", collector, **devices,
     )  # fmt: skip
+    collector.speculations = assistant.speculations
     return assistant, collector
 
 
@@ -202,7 +211,10 @@ def _rounds(
     helper.start()
     assistant.serve(stop)
     helper.join()
-    return [LatencyRecord.of(prefill, i, t) for i, t in enumerate(collector.timings)]
+    return [
+        LatencyRecord.of(prefill, i, t, d)
+        for i, (t, d) in enumerate(zip(collector.timings, collector.dropped, strict=True))
+    ]
 
 
 def _speech(text: str) -> np.ndarray:
@@ -233,4 +245,6 @@ def summarize(records: list[LatencyRecord]) -> dict:
                     "first_chunk_ms", "first_audio_ms"):  # fmt: skip
             values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
             out[f"{label}_{key}"] = statistics.median(values) if values else None
+        out[f"{label}_speculative_turns"] = sum(r.speculative for r in rows)
+        out[f"{label}_speculations_dropped"] = sum(r.speculations_dropped for r in rows)
     return out

@@ -97,12 +97,15 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
     gpt_oss_path: Path, voice_models: Path, tmp_path: Path
 ) -> None:
     """Paced file devices through the real daemon: what a GPU machine without PulseAudio
-    uses (no virtual_audio fixture: nothing of PulseAudio is needed)."""
-    env_free = ("--voice-devices", "file", "--voice-prefill", "on")
+    uses (no virtual_audio fixture: nothing of PulseAudio is needed). The pause heads
+    off, the answer is started speculatively and reported as such."""
+    env_free = ("--voice-devices", "file", "--voice-prefill", "on",
+                "--voice-set", "endpointing.semantic=off")  # fmt: skip
     _, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
     (row,) = results["voice"]
     assert row["prefill_while_listening"] and row["cached_tokens"] > 0
     assert row["first_audio_ms"] > row["endpointing_ms"] > 0
+    assert row["speculative"] and results["voice_summary"]["with_prefill_speculative_turns"] == 1
 
 
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
