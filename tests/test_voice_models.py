@@ -263,3 +263,35 @@ def test_an_stt_with_pause_heads_reports_a_pause_probability_per_frame(
         probabilities.append(transcriber.pause)
     transcriber.finish()
     assert all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def test_an_stt_in_pytorch_names_keeps_its_pause_heads(voice_models: Path, tmp_path: Path) -> None:
+    """The -candle repository's layout (the LM in PyTorch names, with the pause heads that
+    the -mlx weights lack) loads through the same code, heads and all, and hears the same."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+    from moshi_mlx import models
+
+    from tests.support.tiny_voice import lm_to_pytorch
+
+    src, dst = voice_models / "stt", tmp_path / "stt-candle"
+    shutil.copytree(src, dst)
+    raw = json.loads((src / "config.json").read_text())
+    cfg = models.LmConfig.from_config_dict(raw)
+    params = dict(mx.load(str(src / raw["moshi_name"])).items())
+    mx.save_safetensors(str(dst / raw["moshi_name"]), lm_to_pytorch(params, cfg))
+    heads = [k for k in params if k.startswith("extra_heads.")]
+    assert heads  # what the test is about
+
+    def transcript(folder: Path) -> tuple[bool, str, float | None]:
+        stt = Transcriber.load(str(folder))
+        stt.start()
+        for _ in range(6):
+            stt.feed(np.zeros(FRAME, dtype=np.float32))
+        pause = stt.pause
+        return stt.predicts_pauses, stt.finish(), pause
+
+    (heads_c, text_c, pause_c), (_, text_m, pause_m) = transcript(dst), transcript(src)
+    assert heads_c and text_c == text_m and pause_c == pytest.approx(pause_m)
