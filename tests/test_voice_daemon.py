@@ -369,6 +369,7 @@ def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_
     assert assistant.speculations["confirmed"] == 1, assistant.speculations
     (t,) = rec.timings
     assert t.speculative and not t.interrupted
+    assert rec.texts("status")[-3:] == ["thinking", "speaking", "listening"]
     # The answer was ready before the end was confirmed: the transcript came first.
     assert t.transcript_ms < t.endpoint_ms
     # The words before the pause and after it make one question (the tiny STT hears its

@@ -445,7 +445,9 @@ def _confirm(state: State, now: float, out: _Out) -> State:
         return _transcript(state, held, now, out)
     if state.rules.earcons:
         out(Earcon("done"))
-    out(ShowWords(""), ConfirmTurn(), Status("thinking"))
+    # "thinking" before the held answer comes out: the shell says "speaking" with its
+    # first frame.
+    out(ShowWords(""), Status("thinking"), ConfirmTurn())
     return replace(state, phase="answering", barge=0, open_until=0.0, spec_turn=False)
 
 
