@@ -13,10 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 from moshi_mlx import models
+from moshi_mlx.models.lm import DepFormer
 from moshi_mlx.models.tts import TTSModel
 from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
@@ -203,15 +205,17 @@ class SpeechSession:
             token, _ = self.machine.process(self.offset, self.state, int(text_tokens[0, 0].item()))
             text_tokens[:] = mx.array([[token]], dtype=mx.int64)
 
-        # Until then every codebook's token is replaced by "zero" (see on_audio).
-        text_only_until = model.delay_steps + min(lm.delays[: lm.dep_q])
+        # A codebook's token is replaced by "zero" until its delay has elapsed (on_audio):
+        # the depformer only needs to run up to the last codebook that is kept.
+        starts = [model.delay_steps + d for d in lm.delays[: lm.dep_q]]
+
+        def slices_needed() -> int:
+            if not synth.skip_delay_depformer:
+                return lm.dep_q
+            return max((q + 1 for q, at in enumerate(starts) if self.offset >= at), default=0)
+
         stepped = (
-            _SteppedLm(
-                lm,
-                lambda: synth.skip_delay_depformer and self.offset < text_only_until,
-                ids.zero,
-                synth.depformer,
-            )
+            _SteppedLm(lm, slices_needed, ids.zero, synth.depformer)
             if synth.skip_delay_depformer or synth.depformer is not None
             else lm
         )
@@ -304,9 +308,10 @@ class SpeechSession:
 class _SteppedLm:
     """The LM as `LmGen` steps it, leaner in two ways moshi-mlx has no switch for:
 
-    - the depformer is skipped on the steps whose audio is replaced by "zero" anyway (the
-      text-only delay at the start of a session, 16 of the first ≈19 steps of Kyutai's
-      TTS), as Kyutai's own server does;
+    - the depformer runs only as far as its tokens are kept: not at all in the text-only
+      delay at the start of a session (16 of the first ≈19 steps of Kyutai's TTS), as
+      Kyutai's own server does, and only its first codebook's pass on the steps after it
+      until the other codebooks' acoustic delay has elapsed (2 steps);
     - the depformer's frame runs as one compiled function when given one (see
       `compiled_depformer`).
 
@@ -316,11 +321,11 @@ class _SteppedLm:
     def __init__(
         self,
         lm: models.Lm,
-        skip: Callable[[], bool],
+        slices_needed: Callable[[], int],
         zero: int,
         depformer: Callable[[mx.array, mx.array], mx.array] | None,
     ) -> None:
-        self.lm, self.skip, self.zero, self.cfg = lm, skip, zero, lm.cfg
+        self.lm, self.slices_needed, self.zero, self.cfg = lm, slices_needed, zero, lm.cfg
         self.depformer = depformer
 
     def _sample(
@@ -336,8 +341,8 @@ class _SteppedLm:
         on_audio_hook: Callable[[mx.array], None] | None = None,
     ) -> tuple[mx.array, mx.array | None, mx.array]:
         lm = self.lm
-        skip = self.skip()
-        if not skip and self.depformer is None:
+        needed = self.slices_needed()
+        if needed == lm.dep_q and self.depformer is None:
             return lm._sample(
                 text_token_ids, audio_token_ids, text_sampler, audio_sampler, ct,
                 cross_attention_src, cfg_coef, on_text_hook, on_audio_hook,
@@ -360,10 +365,25 @@ class _SteppedLm:
         text_token, _ = text_sampler(text_logits)
         if on_text_hook is not None:
             on_text_hook(text_token)
-        if skip:
-            audio = mx.full((text_token.shape[0], lm.dep_q, 1), self.zero, dtype=mx.int32)
-        else:
+        if needed == lm.dep_q:
+            assert self.depformer is not None
             audio = self.depformer(out, text_token)
+        else:
+            batch = text_token.shape[0]
+            audio = mx.full((batch, lm.dep_q - needed, 1), self.zero, dtype=mx.int32)
+            if needed:
+                # moshi-mlx's own loop, over the first slices only (it reads nothing else
+                # of the depformer); twice a session, so not worth compiling.
+                first = SimpleNamespace(slices=lm.depformer.slices[:needed])
+                kept = DepFormer.sample(
+                    first,
+                    out,
+                    audio_sampler,
+                    text_token,
+                    lm.depformer_cache,
+                    cfg_coef,  # type: ignore[arg-type]
+                )
+                audio = mx.concatenate([kept.astype(mx.int32), audio], axis=1)
         if on_audio_hook is not None:
             on_audio_hook(audio)
         return text_token, audio, out
