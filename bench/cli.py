@@ -151,16 +151,19 @@ def print_report(results: dict) -> None:
         )
     vs = results.get("voice_summary")
     if vs:
-        print("voice-to-voice latency (medians, ms)   with prefill   without")
+        labels = vs["labels"]
+        width = max(14, *(len(label) + 2 for label in labels))
+        print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
         for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
-                    "first_chunk_ms", "first_audio_ms"):  # fmt: skip
-            a, b = vs[f"with_prefill_{key}"], vs[f"without_prefill_{key}"]
-            fa = f"{a:>13.1f}" if a is not None else f"{'-':>13}"
-            fb = f"{b:>10.1f}" if b is not None else f"{'-':>10}"
-            print(f"  {key.removesuffix('_ms'):<36}{fa}{fb}")
-        for key in ("speculative_turns", "speculations_dropped"):
-            a, b = vs[f"with_prefill_{key}"], vs[f"without_prefill_{key}"]
-            print(f"  {key:<36}{a:>13}{b:>10}")
+                    "first_chunk_ms", "first_audio_ms", "speculative_turns",
+                    "speculations_dropped"):  # fmt: skip
+            cells = [vs[f"{label}_{key}"] for label in labels]
+            text = "".join(
+                f"{'-':>{width}}" if v is None
+                else f"{v:>{width}.1f}" if isinstance(v, float) else f"{v:>{width}}"
+                for v in cells
+            )  # fmt: skip
+            print(f"  {key.removesuffix('_ms'):<36}{text}")
     for r in results.get("kyutai", []):
         first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
         tts = ""
@@ -195,6 +198,13 @@ def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
 
 
 PREFILL_VARIANTS = {"both": (True, False), "on": (True,), "off": (False,)}
+
+
+def speculate_variants(choice: str, configured: int | None) -> tuple[int | None, ...]:
+    """`endpointing.speculate_ms` for each variant: the config's, off, or both (off first:
+    the first variant of a process pays MLX's kernel compilation on CUDA)."""
+    on = configured or 250
+    return {"config": (None,), "on": (on,), "off": (0,), "both": (0, on)}[choice]
 
 
 def _json_or_text(value: str) -> object:
@@ -237,7 +247,14 @@ def voice_latency(
         prompt = PromptConfig(sampling=sampling)
         records = vl.run(
             config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
-            devices=args.voice_devices, variants=PREFILL_VARIANTS[args.voice_prefill],
+            devices=args.voice_devices,
+            variants=tuple(
+                (prefill, speculate)
+                for prefill in PREFILL_VARIANTS[args.voice_prefill]
+                for speculate in speculate_variants(
+                    args.voice_speculate, config.endpointing.speculate_ms
+                )
+            ),
         )  # fmt: skip
     return [r.row() for r in records], vl.summarize(records)
 
@@ -278,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel)")  # fmt: skip
     p.add_argument("--voice-prefill", choices=("both", "on", "off"), default="both",
                    help="with prefill while listening, without, or both (default)")  # fmt: skip
+    p.add_argument("--voice-speculate", choices=("config", "both", "on", "off"),
+                   default="config",
+                   help="speculative start (endpointing.speculate_ms) as configured "
+                   "(default), on, off, or both in one process")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])

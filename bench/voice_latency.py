@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,8 @@ from voice.stt import Transcriber
 from voice.tts import Synthesizer
 from voice.vad import make_detector
 
+# (prefill while listening, endpointing.speculate_ms or None for the config's)
+Variant = tuple[bool, int | None]
 QUESTIONS = [
     "What is the capital of France?",
     "Tell me a joke.",
@@ -60,6 +62,7 @@ class LatencyRecord:
     # endpointing wait, so only first_audio_ms is the whole.
     speculative: bool = False
     speculations_dropped: int = 0  # answers started during this question, then dropped
+    speculate_ms: int = 0  # endpointing.speculate_ms in effect (0: off)
 
     @classmethod
     def of(cls, prefill: bool, turn: int, t: TurnTimings, dropped: int = 0) -> LatencyRecord:
@@ -101,9 +104,11 @@ def run(
     tts: Synthesizer,
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
-    variants: tuple[bool, ...] = (True, False),
+    variants: tuple[Variant, ...] = ((True, None), (False, None)),
 ) -> list[LatencyRecord]:
-    """Each of `variants` (prefill while listening on, off) in turn. `devices`: PulseAudio's
+    """Each of `variants` in turn, in one process (so a backend that compiles kernels per
+    shape pays once): prefill while listening on or off, and `endpointing.speculate_ms`
+    (None: the config's). `devices`: PulseAudio's
     virtual ones (espeak-ng speech), or `file` ones (no sound
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
     noise; `auto` picks PulseAudio where its tools are installed."""
@@ -117,8 +122,8 @@ def run(
             return _run_pulse(config, setup, engine, stt, tts, rounds, folder, variants)
         clips = [_speech(q) for q in QUESTIONS]
         records = []
-        for prefill in variants:
-            cfg = apply_override(config, "llm.prefill_while_listening", prefill)
+        for variant in variants:
+            cfg = _variant_config(config, variant)
             mic, speaker = FileMicrophone(cfg.audio.block_ms), ClockSpeaker()
             assistant, collector = _assistant(
                 cfg, setup, engine, stt, tts, folder, mic=mic, speaker=speaker
@@ -129,13 +134,13 @@ def run(
                 mic.say(clip)
                 time.sleep(len(clip) / MODEL_RATE)
 
-            records += _rounds(assistant, collector, rounds, say, prefill)
+            records += _rounds(assistant, collector, rounds, say, cfg)
         return records
 
 
 def _run_pulse(
     config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
-    rounds: int, folder: Path, variants: tuple[bool, ...],
+    rounds: int, folder: Path, variants: tuple[Variant, ...],
 ) -> list[LatencyRecord]:  # fmt: skip
     from bench.virtual_audio import VirtualAudio, missing_tools
 
@@ -146,8 +151,8 @@ def _run_pulse(
     records = []
     try:
         speech = [audio.say(q, folder, lead_silence=0.3) for q in QUESTIONS]
-        for prefill in variants:
-            cfg = apply_override(config, "llm.prefill_while_listening", prefill)
+        for variant in variants:
+            cfg = _variant_config(config, variant)
             for name, value in (("audio.input_device", "pulse"),
                                 ("audio.output_device", "pulse")):  # fmt: skip
                 cfg = apply_override(cfg, name, value)
@@ -156,10 +161,18 @@ def _run_pulse(
             def say(i: int) -> None:
                 audio.play_into_mic(speech[i % len(speech)]).wait()
 
-            records += _rounds(assistant, collector, rounds, say, prefill)
+            records += _rounds(assistant, collector, rounds, say, cfg)
     finally:
         audio.stop()
     return records
+
+
+def _variant_config(config: VoiceConfig, variant: Variant) -> VoiceConfig:
+    prefill, speculate_ms = variant
+    config = apply_override(config, "llm.prefill_while_listening", prefill)
+    if speculate_ms is not None:
+        config = apply_override(config, "endpointing.speculate_ms", speculate_ms)
+    return config
 
 
 def _assistant(
@@ -183,7 +196,7 @@ def _rounds(
     collector: _Collector,
     rounds: int,
     say: Callable[[int], None],
-    prefill: bool,
+    config: VoiceConfig,
 ) -> list[LatencyRecord]:
     """Ask `rounds` questions, each once the last answer was played; the turns' timings."""
     stop = threading.Event()
@@ -211,8 +224,10 @@ def _rounds(
     helper.start()
     assistant.serve(stop)
     helper.join()
+    prefill = config.llm.prefill_while_listening
+    speculate = config.endpointing.speculate_ms or 0
     return [
-        LatencyRecord.of(prefill, i, t, d)
+        replace(LatencyRecord.of(prefill, i, t, d), speculate_ms=speculate)
         for i, (t, d) in enumerate(zip(collector.timings, collector.dropped, strict=True))
     ]
 
@@ -237,10 +252,17 @@ def _speech(text: str) -> np.ndarray:
 
 
 def summarize(records: list[LatencyRecord]) -> dict:
-    out = {}
-    for prefill in (True, False):
-        rows = [r for r in records if r.prefill_while_listening == prefill]
-        label = "with_prefill" if prefill else "without_prefill"
+    """Medians per variant, as `<label>_<stage>`; `labels` lists the variants in order:
+    `with_prefill` / `without_prefill`, with `_speculate_<ms>` when several were run."""
+    groups = list(dict.fromkeys((r.prefill_while_listening, r.speculate_ms) for r in records))
+    several = len({ms for _, ms in groups}) > 1
+    out: dict = {"labels": []}
+    for prefill, ms in groups:
+        rows = [r for r in records if (r.prefill_while_listening, r.speculate_ms) == (prefill, ms)]
+        label = ("with_prefill" if prefill else "without_prefill") + (
+            f"_speculate_{ms}" if several else ""
+        )
+        out["labels"].append(label)
         for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
                     "first_chunk_ms", "first_audio_ms"):  # fmt: skip
             values = [getattr(r, key) for r in rows if getattr(r, key) is not None]

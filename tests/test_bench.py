@@ -98,14 +98,20 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
 ) -> None:
     """Paced file devices through the real daemon: what a GPU machine without PulseAudio
     uses (no virtual_audio fixture: nothing of PulseAudio is needed). The pause heads
-    off, the answer is started speculatively and reported as such."""
-    env_free = ("--voice-devices", "file", "--voice-prefill", "on",
-                "--voice-set", "endpointing.semantic=off")  # fmt: skip
-    _, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
-    (row,) = results["voice"]
-    assert row["prefill_while_listening"] and row["cached_tokens"] > 0
-    assert row["first_audio_ms"] > row["endpointing_ms"] > 0
-    assert row["speculative"] and results["voice_summary"]["with_prefill_speculative_turns"] == 1
+    off, speculative start off and on in one process, each reported as such."""
+    env_free = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-speculate",
+                "both", "--voice-set", "endpointing.semantic=off")  # fmt: skip
+    run, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
+    off, on = results["voice"]
+    for row in (off, on):
+        assert row["prefill_while_listening"] and row["cached_tokens"] > 0
+        assert row["first_audio_ms"] > row["endpointing_ms"] > 0
+    assert (off["speculate_ms"], off["speculative"]) == (0, False)
+    assert (on["speculate_ms"], on["speculative"]) == (250, True)
+    summary = results["voice_summary"]
+    assert summary["labels"] == ["with_prefill_speculate_0", "with_prefill_speculate_250"]
+    assert summary["with_prefill_speculate_250_speculative_turns"] == 1
+    assert "with_prefill_speculate_250" in run.stdout
 
 
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
