@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kyutai-codebooks",
         default="32",
-        help="TTS codebook counts to time, e.g. 32,24,16,8 (each with and without skipping "
-        "the depformer in the text-only delay)",
+        help="TTS codebook counts to time, e.g. 32,24,16,8 (each with every --kyutai-levers)",
     )
+    p.add_argument("--kyutai-levers", default="plain,skip,skip+compile",
+                   help="TTS variants: plain, skip, compile, or both joined by +")  # fmt: skip
     p.add_argument("--quantize", type=int, choices=(4, 8), action="append", default=None,
                    help="Kyutai quantizations to time besides bf16 (repeatable)")  # fmt: skip
     p.add_argument("--voice", action="store_true",
@@ -322,15 +323,15 @@ def _main() -> int:
         rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler, bias)
         results["multi_turn"] = [r.row() for r in rows]
     if args.kyutai:
-        from bench.kyutai import bench_stt, bench_tts, bench_tts_moshi
+        from bench.kyutai import bench_stt, bench_tts_levers, bench_tts_moshi
 
         kyutai = []
-        codebooks = [int(c) for c in args.kyutai_codebooks.split(",")]
         for q in [None, *(args.quantize or [])]:
             kyutai.append(bench_tts_moshi(args.kyutai_frames, q).row())
-            for k in codebooks:
-                for skip in (False, True):
-                    kyutai.append(bench_tts(args.kyutai_frames, q, k, skip).row())
+            for record in bench_tts_levers(
+                args.kyutai_frames, q, args.kyutai_codebooks, args.kyutai_levers
+            ):
+                kyutai.append(record.row())
             kyutai.append(bench_stt(args.kyutai_frames, q).row())
         results["kyutai"] = kyutai
     if "listening" not in args.skip:

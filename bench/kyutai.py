@@ -268,6 +268,23 @@ def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) 
     return _summary("stt-1b", quantize, times, None)
 
 
+LEVERS = "plain,skip,skip+compile"
+
+
+def bench_tts_levers(
+    frames: int, quantize: int | None, codebooks: str, levers: str = LEVERS
+) -> list[KyutaiRecord]:
+    """`bench_tts` for each codebook count (comma-separated) and each lever set: plain,
+    skip (the depformer skipped where its tokens are dropped), compile (its frame compiled),
+    or both joined by `+`."""
+    sets = [set(v.split("+")) for v in levers.split(",")]
+    return [
+        bench_tts(frames, quantize, int(k), "skip" in lever, "compile" in lever)
+        for k in codebooks.split(",")
+        for lever in sets
+    ]
+
+
 def main() -> None:
     """`python -m bench.kyutai`: the Kyutai tables alone, without the chat engine's
     dependencies (for a GPU machine that has only MLX and moshi-mlx)."""
@@ -277,21 +294,13 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--codebooks", default="32,24,16,8")
     p.add_argument("--quantize", type=int, choices=[4, 8])
-    p.add_argument(
-        "--levers",
-        default="plain,skip,skip+compile",
-        help="comma-separated TTS variants: plain, skip (depformer skipped in the delay), "
-        "compile (the depformer's frame compiled), or both joined by +",
-    )
+    p.add_argument("--levers", default=LEVERS, help=bench_tts_levers.__doc__)
     p.add_argument("--out", type=Path, default=Path("kyutai.json"))
     args = p.parse_args()
     rows = [bench_tts_moshi(args.frames, args.quantize).row()]
-    levers = [set(v.split("+")) for v in args.levers.split(",")]
-    for k in (int(c) for c in args.codebooks.split(",")):
-        for lever in levers:
-            row = bench_tts(args.frames, args.quantize, k, "skip" in lever, "compile" in lever)
-            rows.append(row.row())
-            print(json.dumps(rows[-1]), flush=True)
+    for record in bench_tts_levers(args.frames, args.quantize, args.codebooks, args.levers):
+        rows.append(record.row())
+        print(json.dumps(rows[-1]), flush=True)
     rows.append(bench_stt(args.frames, args.quantize).row())
     print(json.dumps(rows[0]), json.dumps(rows[-1]), sep="\n", flush=True)
     args.out.write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=1))
