@@ -24,22 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.files import process_alive
+
 TOOLS = ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng", "sox")
 MIC_SOURCE = "module-virtual-source source_name=mic master=micsink.monitor"
 
 
 PREFIX = "pulse-"
 OWNER_FILE = "owner.pid"  # the process that started the server, in its runtime folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_up_abandoned() -> list[Path]:
@@ -51,13 +43,13 @@ def clean_up_abandoned() -> list[Path]:
             owner = int((runtime / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not one of ours, or not finished starting
-        if _alive(owner):
+        if process_alive(owner):
             continue
         try:
             server = int((runtime / "pulse" / "pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             server = None
-        if server is not None and _alive(server):
+        if server is not None and process_alive(server):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(server, signal.SIGTERM)  # its players end with their connection
         shutil.rmtree(runtime, ignore_errors=True)

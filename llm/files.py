@@ -55,7 +55,7 @@ def _remove_stale_temps(path: Path) -> None:
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
         try:
             stale = now - tmp.lstat().st_mtime > STALE_TEMP_SECONDS or (
-                pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+                pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
             )
             if stale:
                 tmp.unlink()
@@ -63,7 +63,8 @@ def _remove_stale_temps(path: Path) -> None:
             continue  # gone meanwhile, or not ours to remove
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
