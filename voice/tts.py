@@ -376,12 +376,12 @@ class _SteppedLm:
                 # of the depformer); twice a session, so not worth compiling.
                 first = SimpleNamespace(slices=lm.depformer.slices[:needed])
                 kept = DepFormer.sample(
-                    first,
+                    first,  # type: ignore[arg-type]
                     out,
                     audio_sampler,
                     text_token,
                     lm.depformer_cache,
-                    cfg_coef,  # type: ignore[arg-type]
+                    cfg_coef,
                 )
                 audio = mx.concatenate([kept.astype(mx.int32), audio], axis=1)
         if on_audio_hook is not None:
