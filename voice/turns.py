@@ -532,25 +532,27 @@ def _transcript(state: State, text: str, now: float, out: _Out) -> State:
     rules = state.rules
     state = replace(state, phase="idle", ending=False, before="")
     out(ShowWords(""))
-    unaddressed = rules.activation == "wake_phrase" and not state.addressed
-    if unaddressed and find_phrase(text, rules.wake_phrases) is None:
+    question = _question(state, text)
+    if question is not None:
+        if rules.earcons:
+            out(Earcon("done"))
+        out(StartTurn(question, state.last_speech_at or now), Status("thinking"))
+        return replace(state, phase="answering", barge=0, open_until=0.0)
+    # No question: each reason `_question` had is answered its own way.
+    wake = rules.activation == "wake_phrase"
+    if wake and not state.addressed and find_phrase(text, rules.wake_phrases) is None:
         out(Status(state.idle_status(now)))
         return state  # not meant for the assistant (the TV, people in the room)
-    question = strip_wake_phrase(text, rules) if rules.activation == "wake_phrase" else text
     if not text.strip():
         out(Notice("(heard speech but no words)"), Status(state.idle_status(now)))
         return state
-    if not question.strip():  # only the wake phrase: listen for the question that follows
+    if wake and not strip_wake_phrase(text, rules).strip():
+        # Only the wake phrase: listen for the question that follows.
         state = replace(state, open_until=now + rules.follow_up_s)
         out(Status(state.idle_status(now)))
         return state
-    if rules.stop_phrases and is_only(question, rules.stop_phrases):
-        out(Notice("(stopped)"), Status(state.idle_status(now)))
-        return replace(state, open_until=0.0)
-    if rules.earcons:
-        out(Earcon("done"))
-    out(StartTurn(question, state.last_speech_at or now), Status("thinking"))
-    return replace(state, phase="answering", barge=0, open_until=0.0)
+    out(Notice("(stopped)"), Status(state.idle_status(now)))  # a stop phrase
+    return replace(state, open_until=0.0)
 
 
 def _after_answer(state: State, now: float, out: _Out) -> State:
