@@ -297,3 +297,58 @@ def test_an_stt_in_pytorch_names_keeps_its_pause_heads(voice_models: Path, tmp_p
 
     (heads_c, text_c, pause_c), (_, text_m, pause_m) = transcript(dst), transcript(src)
     assert heads_c and text_c == text_m and pause_c == pytest.approx(pause_m)
+
+
+def test_the_compiled_backbone_speaks_exactly_as_the_plain_one(tts_folder: Path) -> None:
+    """Greedy, the backbone's frame compiled over a fixed-shape cache emits the same audio
+    as moshi-mlx's own step, and its Python code runs only to be traced."""
+    import voice.backbone
+
+    text = "The capital of France is Paris. It is also the largest city."
+    plain = load_tts(tts_folder, compile_backbone=False)
+    compiled = load_tts(tts_folder)
+    traced = 0
+    real = voice.backbone.window_step
+
+    def counted(*args, **kwargs):
+        nonlocal traced
+        traced += 1
+        return real(*args, **kwargs)
+
+    a = np.concatenate(list(plain.speak(text)))
+    voice.backbone.window_step = counted
+    try:
+        b = np.concatenate(list(compiled.speak(text)))
+        c = np.concatenate(list(compiled.speak(text)))  # a second session starts afresh
+    finally:
+        voice.backbone.window_step = real
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    frames = len(b) // compiled.frame_samples
+    assert frames > 10 and traced <= 2
+
+
+def test_the_compiled_stt_hears_exactly_as_the_plain_one(
+    voice_models: Path, synthesizer: Synthesizer
+) -> None:
+    """Greedy, the STT's frame compiled over a fixed-shape cache takes the same tokens and
+    predicts the same pauses as moshi-mlx's own step, utterance after utterance."""
+    speech = np.concatenate(list(synthesizer.speak("hello there how are you today")))
+    heard = {}
+    for compiled in (False, True):
+        stt = Transcriber.load(str(voice_models / "stt"), compile_backbone=compiled)
+        runs = []
+        for _ in range(2):
+            tokens, pauses = [], []
+            stt.start()
+            for i in range(0, len(speech), FRAME):
+                stt.feed(speech[i : i + FRAME])
+                tokens.append(stt._gen.gen_sequence[0, 0, stt._gen.step_idx - 1].item())
+                pauses.append(stt.pause)
+            runs.append((tokens, pauses, stt.finish()))
+        heard[compiled] = runs
+    for (tokens, pauses, text), (c_tokens, c_pauses, c_text) in zip(
+        heard[False], heard[True], strict=True
+    ):
+        assert len(set(tokens)) > 1  # not a model that says one thing throughout
+        assert c_tokens == tokens and c_text == text
+        np.testing.assert_allclose(c_pauses, pauses, atol=1e-5)
