@@ -204,10 +204,23 @@ PREFILL_VARIANTS = {"both": (True, False), "on": (True,), "off": (False,)}
 
 
 def speculate_variants(choice: str, configured: int | None) -> tuple[int | None, ...]:
-    """`endpointing.speculate_ms` for each variant: the config's, off, or both (off first:
-    the first variant of a process pays MLX's kernel compilation on CUDA)."""
+    """`endpointing.speculate_ms` for each variant: the config's, off, both (off first: the
+    first variant of a process pays MLX's kernel compilation on CUDA), or a list of
+    milliseconds (`0,250,160`: 0 is off)."""
     on = configured or 250
-    return {"config": (None,), "on": (on,), "off": (0,), "both": (0, on)}[choice]
+    named = {"config": (None,), "on": (on,), "off": (0,), "both": (0, on)}
+    if choice in named:
+        return named[choice]
+    try:
+        values = tuple(int(v) for v in choice.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise SystemExit(
+            f"--voice-speculate: {choice!r} is not config, on, off, both or a list of "
+            "milliseconds such as 0,250,160"
+        )
+    return values
 
 
 def _json_or_text(value: str) -> object:
@@ -300,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel)")  # fmt: skip
     p.add_argument("--voice-prefill", choices=("both", "on", "off"), default="both",
                    help="with prefill while listening, without, or both (default)")  # fmt: skip
-    p.add_argument("--voice-speculate", choices=("config", "both", "on", "off"),
-                   default="config",
+    p.add_argument("--voice-speculate", default="config",
                    help="speculative start (endpointing.speculate_ms) as configured "
-                   "(default), on, off, or both in one process")  # fmt: skip
+                   "(default), on, off, both in one process, or milliseconds for each "
+                   "variant (0,250,160)")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])

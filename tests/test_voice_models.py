@@ -112,6 +112,34 @@ def test_finish_flushes_exactly_the_model_delay(transcriber: Transcriber) -> Non
     assert transcriber.frames_fed - before == 1 + 7 + 2
 
 
+def test_silence_already_heard_is_not_flushed_again(
+    transcriber: Transcriber, synthesizer: Synthesizer
+) -> None:
+    """The silence that ended an utterance has already carried the model's delay that
+    far: finishing after it steps only the rest, and the transcript is the one a full
+    flush gives (the same audio, the same number of frames)."""
+    speech = np.concatenate(list(synthesizer.speak("hello there how are you today")))
+    speech = speech[: len(speech) - 700]  # not on a frame boundary
+    silence = np.zeros(FRAME * 5, dtype=np.float32)
+
+    def utterance(audio: np.ndarray, silence_s: float) -> tuple[str, int, int]:
+        transcriber.start()
+        transcriber.feed(audio)
+        before = transcriber.frames_fed
+        text = transcriber.finish(silence_s)
+        return text, before, transcriber.frames_fed
+
+    full, _, total = utterance(speech, 0.0)
+    early, before, early_total = utterance(np.concatenate([speech, silence]), 0.4)
+    assert early_total == total and early_total - before == 5 and early == full
+    # 700 ms of silence heard: one frame is left of the delay and margin (10 frames).
+    _, before, after = utterance(np.concatenate([speech, np.zeros(FRAME * 9, np.float32)]), 0.72)
+    assert after - before == 1
+    # More silence than was fed (the STT was not given it) is not counted.
+    _, before, after = utterance(np.zeros(FRAME * 2, np.float32), 3.0)
+    assert after - before == 10 - 2
+
+
 def test_an_utterance_longer_than_the_budget_is_cut_not_crashed(voice_models: Path) -> None:
     stt = Transcriber.load(str(voice_models / "stt"), max_seconds=1)
     stt.start()

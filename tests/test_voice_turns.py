@@ -107,7 +107,8 @@ def test_an_utterance_is_heard_and_answered_after_the_silence() -> None:
     out = talk.blocks("....")
     assert not of(out, FinishHearing)  # 320 ms of silence is a pause, not the end
     out = talk.blocks(".")
-    assert of(out, FinishHearing)
+    # The STT heard those 400 ms of silence: its delay is flushed only past them.
+    assert of(out, FinishHearing) == [FinishHearing(silence_ms=400)]
     out = talk.send(Transcript("what time is it"))
     assert of(out, StartTurn) == [StartTurn("what time is it", pytest.approx(spoke_until))]
     assert talk.state.phase == "answering" and not free(talk.state)
@@ -358,7 +359,8 @@ def test_a_predicted_pause_ends_the_turn_before_the_silence_would() -> None:
     out = heard_with_pauses(talk, "s" * 14, 0.9)
     assert not of(out, FinishHearing)  # never in the middle of speech
     out = heard_with_pauses(talk, ".", 0.9)
-    assert of(out, FinishHearing)  # at the first silent block: 80 ms, not 2000
+    # At the first silent block: 80 ms, not 2000 (and the STT has heard those 80 ms).
+    assert of(out, FinishHearing) == [FinishHearing(silence_ms=80)]
     assert of(talk.send(Transcript("what time is it")), StartTurn)
 
 
@@ -398,7 +400,8 @@ def test_a_speculative_start_is_held_until_the_silence_confirms_the_end() -> Non
     talk.blocks("ssssss")
     talk.send(Words("what time is it"))
     assert not of(talk.blocks("."), FinishHearing)
-    assert of(talk.blocks("."), FinishHearing)  # the STT is flushed at 160 ms
+    # The STT is flushed at 160 ms, past the silence it has heard.
+    assert of(talk.blocks("."), FinishHearing) == [FinishHearing(silence_ms=160)]
     out = talk.send(Transcript("what time is it"))
     assert of(out, StartTurn) == [
         StartTurn("what time is it", pytest.approx(talk.now - 2 * BLOCK), speculative=True)

@@ -350,8 +350,8 @@ class VoiceAssistant:
                 return heard
             case Prefill(text):
                 self._prefill(text)
-            case FinishHearing():
-                return [Transcript(self._finish_hearing())]
+            case FinishHearing(silence_ms):
+                return [Transcript(self._finish_hearing(silence_ms / 1000))]
             case DropHearing():
                 assert self.stt is not None
                 if self.stt.active:
@@ -530,12 +530,12 @@ class VoiceAssistant:
             # head start.
             self._prefilling = None
 
-    def _finish_hearing(self) -> str:
+    def _finish_hearing(self, silence_s: float) -> str:
         assert self.stt is not None and self._block is not None
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
         speech_end = self.conv.last_speech_at or self._block.at
         endpointed = self.clock()
-        text = self.stt.finish()
+        text = self.stt.finish(silence_s)
         transcribed = self.clock()
         self._timings = TurnTimings(
             endpoint_ms=(endpointed - speech_end) * 1000,

@@ -21,6 +21,7 @@ from voice.backbone import CompiledTextLm
 from voice.checkpoints import Checkpoint, load_checkpoint
 
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
+FRAMES_PER_SECOND = 12.5
 # Text tokens that carry no text: 0 is the end-of-padding marker and 3 padding
 # (the ids Kyutai's own inference scripts skip).
 SILENT_TOKENS = (0, 3)
@@ -130,14 +131,23 @@ class Transcriber:
         self._pending = pcm if self.room > 0 else np.zeros(0, dtype=np.float32)
         return "".join(out)
 
-    def finish(self) -> str:
-        """Flush the model's delay with silence; return the whole utterance's transcript."""
+    def finish(self, silence_s: float = 0.0) -> str:
+        """Flush the model's delay with silence; return the whole utterance's transcript.
+
+        `silence_s`: how much of the audio given last was silence (the silence that ended
+        the utterance). The delay has already run over the frames it filled, so only the
+        rest is flushed: after 700 ms of silence almost nothing, and each frame not fed
+        is a model step less between the end of speech and the answer."""
         if self._gen is None:
             raise RuntimeError("finish() before start()")
-        tail = np.zeros(FRAME, dtype=np.float32)
-        tail[: len(self._pending)] = self._pending
-        self._step(tail)
-        for _ in range(self.delay_frames + FLUSH_MARGIN_FRAMES - 1):
+        silent_fed = max(0, round(silence_s * FRAME * FRAMES_PER_SECOND) - len(self._pending))
+        already = min(math.ceil(silent_fed / FRAME), self.frames_fed - self.prefix_frames)
+        flush = max(0, self.delay_frames + FLUSH_MARGIN_FRAMES - already)
+        if flush:
+            tail = np.zeros(FRAME, dtype=np.float32)
+            tail[: len(self._pending)] = self._pending
+            self._step(tail)
+        for _ in range(flush - 1):
             self._step(np.zeros(FRAME, dtype=np.float32))
         self._gen = None
         return "".join(self._pieces).strip()

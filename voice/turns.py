@@ -268,7 +268,10 @@ class Prefill:
 
 @dataclass(frozen=True)
 class FinishHearing:
-    """Flush the STT; answer with a `Transcript`."""
+    """Flush the STT; answer with a `Transcript`. `silence_ms`: how much of the audio fed
+    last was silence (the STT's delay has already run over it)."""
+
+    silence_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -402,14 +405,14 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return _while_speculating(state, block, event, now, out)
     out(Feed())
     if isinstance(event, SpeechEnded):
-        out(FinishHearing())
+        out(FinishHearing(event.silence_ms))
         state = replace(state, ending=True)
     elif isinstance(event, SpeechDropped):
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         state = replace(state, phase="idle")
     elif rules.speculate_blocks and vad.silent_blocks >= rules.speculate_blocks:
         # The transcript comes back as a `Transcript` while `speculating`.
-        out(FinishHearing())
+        out(FinishHearing(vad.silent_blocks * vad.block_ms))
         state = replace(state, speculating=True)
     return state
 
@@ -477,7 +480,8 @@ def _pause(state: State, probability: float, out: _Out) -> State:
     state = replace(state, pause_steps=steps, pause_ema=ema)
     settled = steps > rules.pause_ignore_steps and state.endpointer.silent_blocks > 0
     if settled and ema > rules.pause_threshold:
-        out(FinishHearing())
+        vad = state.endpointer
+        out(FinishHearing(vad.silent_blocks * vad.block_ms))
         state = replace(state, ending=True, vad=state.endpointer.reset())
     return state
 
@@ -579,8 +583,9 @@ def _talk_key(state: State, now: float, out: _Out) -> State:
             return state
         if state.speculating:
             return _confirm(state, now, out)
-        out(FinishHearing())
-        return replace(state, vad=state.endpointer.reset(), ending=True)
+        vad = state.endpointer
+        out(FinishHearing(vad.silent_blocks * vad.block_ms))
+        return replace(state, vad=vad.reset(), ending=True)
     if state.phase == "answering":
         out(Notice("(interrupted)"), CancelTurn())
         state = _after_answer(state, now, out)

@@ -27,6 +27,7 @@ class SpeechStarted:
 class SpeechEnded:
     reason: Literal["silence", "max_length"]
     speech_ms: int
+    silence_ms: int = 0  # the utterance's trailing silence (already in its audio)
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ class Endpointer:
         if silent * self.block_ms >= self.p.silence_ms:
             if speech_ms < self.p.min_speech_ms:
                 return self.reset(), SpeechDropped(speech_ms)
-            return self.reset(), SpeechEnded("silence", speech_ms)
+            return self.reset(), SpeechEnded("silence", speech_ms, silent * self.block_ms)
         if blocks * self.block_ms >= self.p.max_utterance_s * 1000:
-            return self.reset(), SpeechEnded("max_length", speech_ms)
+            return self.reset(), SpeechEnded("max_length", speech_ms, silent * self.block_ms)
         return replace(self, blocks=blocks, speech_blocks=speech, silent_blocks=silent), None
 
 
