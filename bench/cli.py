@@ -170,10 +170,7 @@ def print_report(results: dict) -> None:
         if r.get("codebooks") is not None:
             skip = " skip" if r.get("skip_delay_depformer") else ""
             skip += " compiled" if r.get("compile_depformer") else ""
-            skip += " backbone-compiled" if r.get("compile_backbone") else ""
             tts = f" {r['codebooks']}cb{skip}"
-        elif r.get("compile_backbone"):
-            tts = " compiled"
         print(
             f"{r['model']}{tts} q{r['quantize'] or 16} step {r['step_ms_median']:.1f} ms "
             f"(p90 {r['step_ms_p90']:.1f}), real-time factor {r['real_time_factor']:.2f}{first}"
@@ -295,9 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="32",
         help="TTS codebook counts to time, e.g. 32,24,16,8 (each with every --kyutai-levers)",
     )
-    p.add_argument("--kyutai-levers",
-                   help="TTS variants: plain, skip, compile, backbone, or several joined by + "
-                   "(default: each step of the way, plain to all three)")  # fmt: skip
+    p.add_argument("--kyutai-levers", default="plain,skip,skip+compile",
+                   help="TTS variants: plain, skip, compile, or both joined by +")  # fmt: skip
     p.add_argument("--quantize", type=int, choices=(4, 8), action="append", default=None,
                    help="Kyutai quantizations to time besides bf16 (repeatable)")  # fmt: skip
     p.add_argument("--voice", action="store_true",
@@ -340,17 +336,16 @@ def _main() -> int:
         rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler, bias)
         results["multi_turn"] = [r.row() for r in rows]
     if args.kyutai:
-        from bench.kyutai import LEVERS, bench_stt, bench_tts_levers, bench_tts_moshi
+        from bench.kyutai import bench_stt, bench_tts_levers, bench_tts_moshi
 
         kyutai = []
         for q in [None, *(args.quantize or [])]:
             kyutai.append(bench_tts_moshi(args.kyutai_frames, q).row())
             for record in bench_tts_levers(
-                args.kyutai_frames, q, args.kyutai_codebooks, args.kyutai_levers or LEVERS
+                args.kyutai_frames, q, args.kyutai_codebooks, args.kyutai_levers
             ):
                 kyutai.append(record.row())
-            for compiled in (False, True):
-                kyutai.append(bench_stt(args.kyutai_frames, q, compiled).row())
+            kyutai.append(bench_stt(args.kyutai_frames, q).row())
         results["kyutai"] = kyutai
     if "listening" not in args.skip:
         rows = listening_prefill(

@@ -45,7 +45,6 @@ class KyutaiRecord:
     codebooks: int | None = None  # TTS: audio codebooks generated
     skip_delay_depformer: bool | None = None  # TTS: depformer skipped in the text-only delay
     compile_depformer: bool | None = None  # TTS: the depformer's frame as one compiled call
-    compile_backbone: bool | None = None  # TTS: the backbone's frame compiled, fixed-shape cache
     # TTS, where a step's time goes: the backbone (up to its text token), the depformer
     # (up to the frame's audio tokens), Mimi's decode of the frame.
     backbone_ms_median: float | None = None
@@ -173,7 +172,6 @@ def bench_tts(
     codebooks: int | None = None,
     skip_delay_depformer: bool = True,
     compile_depformer: bool = True,
-    compile_backbone: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
 ) -> KyutaiRecord:
     """The product's path: one streaming session, the answer's words pushed at once (a
@@ -184,7 +182,6 @@ def bench_tts(
         tts = Synthesizer(
             ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks,
             skip_delay_depformer=skip_delay_depformer, compile_depformer=compile_depformer,
-            compile_backbone=compile_backbone,
         )  # fmt: skip
         for _ in tts.speak(TEXT):  # a whole utterance first: kernels compile per shape
             pass
@@ -209,8 +206,7 @@ def bench_tts(
     return _summary(
         "tts-1.6b", quantize, times, first,
         codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
-        compile_depformer=compile_depformer, compile_backbone=compile_backbone,
-        **parts.medians(),
+        compile_depformer=compile_depformer, **parts.medians(),
     )  # fmt: skip
 
 
@@ -249,25 +245,17 @@ def bench_tts_moshi(
     return _summary(
         "tts-1.6b moshi-mlx generate", quantize, times, first,
         codebooks=ckpt.lm.dep_q, skip_delay_depformer=False, compile_depformer=False,
-        compile_backbone=False,
     )  # fmt: skip
 
 
-def bench_stt(
-    frames: int,
-    quantize: int | None,
-    compile_backbone: bool = True,
-    dtype: mx.Dtype = mx.bfloat16,
-) -> KyutaiRecord:
+def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) -> KyutaiRecord:
     raw = stt_config()
     with tempfile.TemporaryDirectory() as tmp:
         lm = _random_lm(raw, dtype)
         if quantize:
             quantize_lm(lm, quantize)
         ckpt = Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(Path(tmp)))
-        stt = Transcriber(
-            ckpt, max_seconds=frames * FRAME_MS / 1000 + 2, compile_backbone=compile_backbone
-        )
+        stt = Transcriber(ckpt, max_seconds=frames * FRAME_MS / 1000 + 2)
         noise = (np.random.default_rng(0).normal(size=FRAME) * 0.05).astype(np.float32)
         for _ in range(2):  # the second pass is timed: the first compiles kernels per length
             stt.start()
@@ -277,10 +265,10 @@ def bench_stt(
                 stt.feed(noise)
                 times.append(time.perf_counter() - t)
             stt.finish()
-    return _summary("stt-1b", quantize, times, None, compile_backbone=compile_backbone)
+    return _summary("stt-1b", quantize, times, None)
 
 
-LEVERS = "plain,skip,skip+compile,skip+compile+backbone"
+LEVERS = "plain,skip,skip+compile"
 
 
 def bench_tts_levers(
@@ -288,12 +276,10 @@ def bench_tts_levers(
 ) -> list[KyutaiRecord]:
     """`bench_tts` for each codebook count (comma-separated) and each lever set: plain,
     skip (the depformer skipped where its tokens are dropped), compile (its frame compiled),
-    backbone (the backbone's frame compiled), or several joined by `+`."""
+    or both joined by `+`."""
     sets = [set(v.split("+")) for v in levers.split(",")]
     return [
-        bench_tts(
-            frames, quantize, int(k), "skip" in lever, "compile" in lever, "backbone" in lever
-        )
+        bench_tts(frames, quantize, int(k), "skip" in lever, "compile" in lever)
         for k in codebooks.split(",")
         for lever in sets
     ]
@@ -315,9 +301,8 @@ def main() -> None:
     for record in bench_tts_levers(args.frames, args.quantize, args.codebooks, args.levers):
         rows.append(record.row())
         print(json.dumps(rows[-1]), flush=True)
-    stt = [bench_stt(args.frames, args.quantize, compiled).row() for compiled in (False, True)]
-    rows += stt
-    print(*(json.dumps(r) for r in (rows[0], *stt)), sep="\n", flush=True)
+    rows.append(bench_stt(args.frames, args.quantize).row())
+    print(json.dumps(rows[0]), json.dumps(rows[-1]), sep="\n", flush=True)
     args.out.write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=1))
 
 

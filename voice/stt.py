@@ -17,7 +17,6 @@ import numpy as np
 from moshi_mlx import models
 from moshi_mlx.utils.sampling import Sampler
 
-from voice.backbone import CompiledTextLm
 from voice.checkpoints import Checkpoint, load_checkpoint
 
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
@@ -42,7 +41,6 @@ class Transcriber:
         temperature: float = 0.0,
         max_seconds: float = 60.0,
         on_piece: Callable[[str], None] | None = None,
-        compile_backbone: bool = True,
     ) -> None:
         self.lm, self.mimi, self.tokenizer = checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer
         stt_config = checkpoint.raw_config.get("stt_config") or {}
@@ -68,10 +66,6 @@ class Transcriber:
         self.predicts_pauses = len(self.lm.extra_heads) > PAUSE_HEAD
         self.pause: float | None = None  # the last frame's pause probability
         self.frames_fed = 0
-        # Each frame's step compiled once (voice.backbone): on a GPU a frame's hundreds of
-        # small operations otherwise cost more than their arithmetic, every 80 ms while
-        # listening and frame after frame when the delay is flushed at the end of a turn.
-        self._stepped = CompiledTextLm(self.lm) if compile_backbone else None
 
     @classmethod
     def load(cls, ref: str, quantize: int | None = None, **kwargs) -> Transcriber:
@@ -87,12 +81,10 @@ class Transcriber:
         self.pause = None
         for cache in self.lm.transformer_cache:
             cache.reset()
-        if self._stepped is not None:
-            self._stepped.reset()
         self.mimi.reset_all()
         sampler = Sampler(temp=self.temperature, top_k=25)
         self._gen = models.LmGen(
-            model=self._stepped or self.lm,  # type: ignore[arg-type]
+            model=self.lm,
             max_steps=self.max_steps,
             text_sampler=sampler,
             audio_sampler=Sampler(temp=self.temperature),

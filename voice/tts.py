@@ -24,7 +24,6 @@ from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
 
 from llm.errors import ConfigError
-from voice.backbone import CompiledBackbone, frame_input, frame_text_logits
 from voice.checkpoints import Checkpoint, fetch, keep_codebooks, load_checkpoint
 from voice.config import TtsSection
 
@@ -71,7 +70,6 @@ class Synthesizer:
         codebooks: int | None = None,
         skip_delay_depformer: bool = True,
         compile_depformer: bool = True,
-        compile_backbone: bool = True,
     ) -> None:
         if codebooks is not None:
             keep_codebooks(checkpoint.lm, codebooks)
@@ -109,11 +107,6 @@ class Synthesizer:
         except (KeyError, ValueError, AssertionError) as e:
             raise ConfigError(f"{voice}: not a voice embedding for this model ({e!r})") from None
         self._condition(attributes)
-        self.backbone = (
-            CompiledBackbone(self.lm, self.ct, self.cross, self.model.cfg_coef)
-            if compile_backbone
-            else None
-        )
 
     @classmethod
     def load(
@@ -193,8 +186,6 @@ class SpeechSession:
         for cache in lm.depformer_cache:
             cache.reset()
         synth.mimi.reset_all()
-        if synth.backbone is not None:
-            synth.backbone.reset()
         self.machine = model.machine
         self.state = self.machine.new_state([])
         self.offset = 0
@@ -223,9 +214,10 @@ class SpeechSession:
                 return lm.dep_q
             return max((q + 1 for q, at in enumerate(starts) if self.offset >= at), default=0)
 
-        lean = synth.skip_delay_depformer or synth.depformer or synth.backbone
         stepped = (
-            _SteppedLm(lm, slices_needed, ids.zero, synth.depformer, synth.backbone) if lean else lm
+            _SteppedLm(lm, slices_needed, ids.zero, synth.depformer)
+            if synth.skip_delay_depformer or synth.depformer is not None
+            else lm
         )
         self.gen = models.LmGen(
             stepped,  # type: ignore[arg-type]
@@ -320,11 +312,11 @@ class _SteppedLm:
       delay at the start of a session (16 of the first ≈19 steps of Kyutai's TTS), as
       Kyutai's own server does, and only its first codebook's pass on the steps after it
       until the other codebooks' acoustic delay has elapsed (2 steps);
-    - the depformer's frame, and the backbone's, run as compiled functions when given
-      (see `compiled_depformer`, `CompiledBackbone`).
+    - the depformer's frame runs as one compiled function when given one (see
+      `compiled_depformer`).
 
-    The backbone half of `Lm._sample` is repeated here for that (`frame_input`,
-    `frame_text_logits`). Greedy, the tokens are the same as moshi-mlx's own `_sample` (tested)."""
+    The backbone half of `Lm._sample` is repeated here for that. Greedy, the tokens are the
+    same as moshi-mlx's own `_sample` (tested)."""
 
     def __init__(
         self,
@@ -332,10 +324,9 @@ class _SteppedLm:
         slices_needed: Callable[[], int],
         zero: int,
         depformer: Callable[[mx.array, mx.array], mx.array] | None,
-        backbone: CompiledBackbone | None = None,
     ) -> None:
         self.lm, self.slices_needed, self.zero, self.cfg = lm, slices_needed, zero, lm.cfg
-        self.depformer, self.backbone = depformer, backbone
+        self.depformer = depformer
 
     def _sample(
         self,
@@ -351,31 +342,32 @@ class _SteppedLm:
     ) -> tuple[mx.array, mx.array | None, mx.array]:
         lm = self.lm
         needed = self.slices_needed()
-        if needed == lm.dep_q and self.depformer is None and self.backbone is None:
+        if needed == lm.dep_q and self.depformer is None:
             return lm._sample(
                 text_token_ids, audio_token_ids, text_sampler, audio_sampler, ct,
                 cross_attention_src, cfg_coef, on_text_hook, on_audio_hook,
             )  # fmt: skip
-        if self.backbone is not None:  # built on the same condition and source
-            text_logits, out = self.backbone(text_token_ids, audio_token_ids)
-        else:
-            xs = frame_input(lm, text_token_ids, audio_token_ids, ct, cfg_coef)
-            out = lm.transformer(
-                xs, cache=lm.transformer_cache, cross_attention_src=cross_attention_src
-            )
-            out = lm.out_norm(out)
-            text_logits = frame_text_logits(lm, out, cfg_coef)
+        xs = lm.text_emb(text_token_ids)
+        for token_ids, emb in zip(audio_token_ids, lm.audio_embs, strict=False):
+            xs = xs + emb(token_ids).transpose(1, 0, 2)
+        if ct is not None:
+            xs = xs + mx.expand_dims(ct.tensor, axis=1)
+        if cfg_coef != 1:
+            xs = mx.tile(xs, (2, 1, 1))
+        out = lm.transformer(
+            xs, cache=lm.transformer_cache, cross_attention_src=cross_attention_src
+        )
+        out = lm.out_norm(out)
+        text_logits = lm.text_linear(out)
+        if cfg_coef != 1:
+            l1, l2 = text_logits.split(2, axis=0)
+            text_logits = cfg_coef * l1 - (cfg_coef - 1) * l2
         text_token, _ = text_sampler(text_logits)
         if on_text_hook is not None:
             on_text_hook(text_token)
         if needed == lm.dep_q:
-            audio = (
-                self.depformer(out, text_token)
-                if self.depformer is not None
-                else lm.depformer.sample(
-                    out, audio_sampler, text_token, lm.depformer_cache, cfg_coef=cfg_coef
-                )
-            )
+            assert self.depformer is not None
+            audio = self.depformer(out, text_token)
         else:
             batch = text_token.shape[0]
             audio = mx.full((batch, lm.dep_q - needed, 1), self.zero, dtype=mx.int32)
