@@ -20,7 +20,6 @@ from moshi_mlx.utils.sampling import Sampler
 from voice.checkpoints import Checkpoint, load_checkpoint
 
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
-FRAMES_PER_SECOND = 12.5
 # Text tokens that carry no text: 0 is the end-of-padding marker and 3 padding
 # (the ids Kyutai's own inference scripts skip).
 SILENT_TOKENS = (0, 3)
@@ -132,7 +131,7 @@ class Transcriber:
         is a model step less between the end of speech and the answer."""
         if self._gen is None:
             raise RuntimeError("finish() before start()")
-        silent_fed = max(0, round(silence_s * FRAME * FRAMES_PER_SECOND) - len(self._pending))
+        silent_fed = max(0, round(silence_s * self.mimi.sample_rate) - len(self._pending))
         already = min(math.ceil(silent_fed / FRAME), self.frames_fed - self.prefix_frames)
         flush = max(0, self.delay_frames + FLUSH_MARGIN_FRAMES - already)
         if flush:
