@@ -312,17 +312,13 @@ if __name__ == "__main__":
 
 class ScriptedTranscript:
     """A random-weight STT doing all of its real work (every frame through Mimi and the
-    model) while the transcript is a fixed question, revealed a word every few frames of
-    audio as a trained model would: its own words would be noise, and the assistant needs
-    words. An utterance that goes on after a finish (a dropped speculative start) goes on
-    with the question's next words; once all were given, the next utterance asks again.
-    Its questions are spoken slower than a word per `frames_per_word` frames."""
+    model, its flushes and peeks) while the transcript is a fixed question, revealed a
+    word every few frames as a trained model would: its own words would be noise, and the
+    assistant needs words."""
 
     def __init__(self, stt: Transcriber, text: str, frames_per_word: int = 3) -> None:
         self.stt, self.words, self.frames_per_word = stt, text.split(), frames_per_word
         self._start = 0
-        self._heard = 0  # frames of this question in earlier (finished) utterances
-        self._given = 0  # words already given by earlier finishes
 
     # A random-weight model's pause heads predict noise: these runs end turns by silence.
     predicts_pauses = False
@@ -332,18 +328,13 @@ class ScriptedTranscript:
         self.stt.warmup()
 
     def start(self) -> None:
-        if self._given >= len(self.words):
-            self._heard = self._given = 0
         self.stt.start()
         self._start = self.stt.frames_fed
 
-    def _revealed(self) -> int:
-        frames = self._heard + self.stt.frames_fed - self._start
-        return min(frames // self.frames_per_word, len(self.words))
-
     @property
     def text(self) -> str:
-        return " ".join(self.words[self._given : self._revealed()])
+        shown = (self.stt.frames_fed - self._start) // self.frames_per_word
+        return " ".join(self.words[: min(shown, len(self.words))])
 
     @property
     def active(self) -> bool:
@@ -362,12 +353,16 @@ class ScriptedTranscript:
         self.stt.feed(pcm)
         return self.text[len(before) :]
 
+    def peek(self, silence_s: float = 0.0) -> str:
+        self.stt.peek(silence_s)
+        return self.text
+
+    def stop(self) -> None:
+        self.stt.stop()
+
     def finish(self, silence_s: float = 0.0) -> str:
-        text, revealed = self.text, self._revealed()
-        self._heard += self.stt.frames_fed - self._start
-        self._given = revealed
         self.stt.finish(silence_s)
-        return text
+        return " ".join(self.words)
 
 
 def random_voice_models(

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -325,3 +326,41 @@ def test_an_stt_in_pytorch_names_keeps_its_pause_heads(voice_models: Path, tmp_p
 
     (heads_c, text_c, pause_c), (_, text_m, pause_m) = transcript(dst), transcript(src)
     assert heads_c and text_c == text_m and pause_c == pytest.approx(pause_m)
+
+
+def test_a_peek_gives_the_transcript_and_leaves_the_stream_as_it_was(
+    voice_models: Path, synthesizer: Synthesizer
+) -> None:
+    """`peek` at a pause gives what `finish` would, and the utterance then goes on as a
+    stream that was never asked: the same codec codes, text tokens, model keys."""
+    first = np.concatenate(list(synthesizer.speak("hello there how are you")))
+    # Peeked right at the end of the speech: the flush's silence is not what the stream
+    # hears next, so the codec's state after it differs from the one to go back to.
+    pause = np.zeros(0, dtype=np.float32)
+    second = np.concatenate(list(synthesizer.speak("one two three four five")))
+    runs = []
+    for peeking in (False, True):
+        stt = Transcriber.load(str(voice_models / "stt"))
+        stt.start()
+        stt.feed(np.concatenate([first, pause]))
+        peeked = stt.peek() if peeking else None
+        stt.feed(second)
+        assert stt._gen is not None
+        sequence = np.array(stt._gen.gen_sequence[:, :, : stt._gen.step_idx])
+        # The model's keys, and the codec encoder's (continuous: the tiny codec's few
+        # codes would hide a difference in its streams).
+        keys = [
+            np.array(c.keys[..., : c.offset, :].astype(mx.float32))
+            for c in (stt.lm.transformer_cache[0].self_attn, stt.mimi.encoder_cache[0].self_attn)
+        ]
+        runs.append((peeked, sequence, keys, stt.finish()))
+    (_, sequence, keys, text), (peeked, p_sequence, p_keys, p_text) = runs
+    assert len(np.unique(sequence[0, 1:])) > 1  # the codec's codes vary with the speech
+    assert np.array_equal(p_sequence, sequence) and p_text == text
+    for p_k, k in zip(p_keys, keys, strict=True):
+        assert np.array_equal(p_k, k)
+
+    stt = Transcriber.load(str(voice_models / "stt"))
+    stt.start()
+    stt.feed(np.concatenate([first, pause]))
+    assert peeked == stt.finish()

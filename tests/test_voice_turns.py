@@ -25,6 +25,7 @@ from voice.turns import (
     Mute,
     Notice,
     Pause,
+    PeekHearing,
     Prefill,
     Rules,
     ShowWords,
@@ -51,6 +52,7 @@ def rules(echo_cancelled: bool = False, pauses: bool = False, **overrides: Any) 
         "endpointing.silence_ms": 400,
         "endpointing.warmup_blocks": 0,
         "endpointing.speculate_ms": 0,
+        "endpointing.pause_speculate_threshold": None,
     } | overrides
     for key, value in settings.items():
         config = apply_override(config, key, value)
@@ -395,35 +397,40 @@ SPECULATING = {"endpointing.speculate_ms": 160}  # 2 silent blocks; the end take
 def test_a_speculative_start_is_held_until_the_silence_confirms_the_end() -> None:
     talk = Talk(rules(**SPECULATING))
     assert talk.state.rules.end_of_turn() == (
-        "end of turn: 400 ms of silence (answer started after 160 ms)"
+        "end of turn: 400 ms of silence; answer started after 160 ms"
     )
     talk.blocks("ssssss")
     talk.send(Words("what time is it"))
     assert not of(talk.blocks("."), FinishHearing)
-    # The STT is flushed at 160 ms, past the silence it has heard.
-    assert of(talk.blocks("."), FinishHearing) == [FinishHearing(silence_ms=160)]
+    # The transcript is taken at 160 ms (flushed past the silence the STT has heard), the
+    # stream going on.
+    assert of(talk.blocks("."), PeekHearing) == [PeekHearing(silence_ms=160)]
     out = talk.send(Transcript("what time is it"))
     assert of(out, StartTurn) == [
         StartTurn("what time is it", pytest.approx(talk.now - 2 * BLOCK), speculative=True)
     ]
     assert talk.state.phase == "hearing" and not free(talk.state)
-    assert not of(talk.blocks(".."), ConfirmTurn)
+    out = talk.blocks("..")
+    assert not of(out, ConfirmTurn) and len(of(out, Feed)) == 2  # the STT hears on
     out = talk.blocks(".")
     assert of(out, ConfirmTurn) and not of(out, FinishHearing) and not of(out, StartTurn)
+    assert of(out, DropHearing)  # its transcript was taken: the stream just ends
     assert talk.state.phase == "answering" and Status("thinking") in out
 
 
-def test_speech_after_a_speculative_start_drops_it_and_the_words_join_up() -> None:
+def test_speech_after_a_speculative_start_drops_it_and_the_same_stream_hears_on() -> None:
     talk = Talk(rules(**SPECULATING))
     talk.blocks("ssssss")
     talk.blocks("..")
     talk.send(Transcript("what is"))
     out = talk.blocks("s")
-    assert of(out, DropTurn) and of(out, StartHearing) == [StartHearing(1, resumed=True)]
+    assert of(out, DropTurn) and of(out, Feed)
+    assert not of(out, StartHearing) and not of(out, DropHearing)  # one utterance, one stream
     assert talk.state.phase == "hearing"
-    assert ShowWords("what is the time") in talk.send(Words("the time"))
-    talk.blocks("sss..")
-    out = talk.send(Transcript("the time"))
+    assert ShowWords("what is the time") in talk.send(Words("what is the time"))
+    out = talk.blocks("sss..")
+    assert of(out, PeekHearing)
+    out = talk.send(Transcript("what is the time"))
     assert of(out, StartTurn) == [
         StartTurn("what is the time", pytest.approx(talk.now - 2 * BLOCK), speculative=True)
     ]
@@ -447,9 +454,54 @@ def test_muting_drops_a_speculative_turn() -> None:
     assert of(out, DropTurn) and talk.state.phase == "idle"
 
 
-def test_no_speculation_where_the_stt_predicts_pauses_or_when_off() -> None:
-    assert rules(pauses=True, **SPECULATING).speculate_blocks == 0
+def test_speculation_as_configured() -> None:
     assert rules().speculate_blocks == 0
     assert rules(**SPECULATING).speculate_blocks == 2
+    assert rules(pauses=True, **SPECULATING).speculate_blocks == 2  # the stream goes on
+    early = {"endpointing.pause_speculate_threshold": 0.4}
+    assert rules(pauses=True, **early).pause_speculate == 0.4
+    assert rules(**early).pause_speculate == 0  # no pause heads, no predicted pauses
+    assert rules(pauses=True, **early, **{"endpointing.semantic": "off"}).pause_speculate == 0
     with pytest.raises(ConfigError, match=r"speculate_ms .* must be shorter than silence_ms"):
         rules(**{"endpointing.speculate_ms": 400})
+    with pytest.raises(ConfigError, match=r"pause_speculate_threshold .* below pause_threshold"):
+        rules(**{"endpointing.pause_speculate_threshold": 0.7})
+
+
+# Semantic end with a speculative start at a likely pause (0.4), confirmed at 0.6.
+LIKELY = {"endpointing.silence_ms": 2000, "endpointing.pause_speculate_threshold": 0.4}
+
+
+def test_a_likely_pause_starts_the_answer_and_a_predicted_one_confirms_it() -> None:
+    talk = Talk(rules(pauses=True, **LIKELY))
+    assert talk.state.rules.end_of_turn() == (
+        "end of turn: predicted pause (or 2000 ms of silence); answer started at a likely pause"
+    )
+    heard_with_pauses(talk, "s" * 14, 0.5)
+    out = heard_with_pauses(talk, ".", 0.5)
+    assert of(out, PeekHearing) == [PeekHearing(silence_ms=80)] and not of(out, FinishHearing)
+    out = talk.send(Transcript("what time is it"))
+    assert of(out, StartTurn) == [StartTurn("what time is it", pytest.approx(talk.now - BLOCK),
+                                            speculative=True)]  # fmt: skip
+    out = heard_with_pauses(talk, ".", 0.55)
+    assert of(out, Feed) and not of(out, ConfirmTurn)  # still only likely
+    out = heard_with_pauses(talk, ".", 0.95)
+    assert of(out, ConfirmTurn) and of(out, DropHearing) and talk.state.phase == "answering"
+
+
+def test_speech_after_a_likely_pause_drops_the_answer() -> None:
+    talk = Talk(rules(pauses=True, **LIKELY))
+    heard_with_pauses(talk, "s" * 14 + ".", 0.5)
+    talk.send(Transcript("what is"))
+    out = heard_with_pauses(talk, "s", 0.1)
+    assert of(out, DropTurn) and talk.state.phase == "hearing"
+    out = heard_with_pauses(talk, "sss.", 0.95)  # said, and now surely done
+    assert of(out, FinishHearing) and not of(out, PeekHearing)
+
+
+def test_a_likely_pause_is_confirmed_by_the_silence_when_no_certainty_comes() -> None:
+    talk = Talk(rules(pauses=True, **(LIKELY | {"endpointing.silence_ms": 400})))
+    heard_with_pauses(talk, "s" * 14 + ".", 0.5)
+    talk.send(Transcript("what time is it"))
+    out = heard_with_pauses(talk, "....", 0.5)
+    assert of(out, ConfirmTurn) and talk.state.phase == "answering"

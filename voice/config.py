@@ -115,8 +115,15 @@ class EndpointingSection(_Section):
         250,
         ge=0,
         description="after this much silence the answer is started (generated and "
-        "synthesized, not played) and played when silence_ms confirms the end; speech "
-        "before then drops it. null or 0 = off; off where the STT predicts pauses",
+        "synthesized, not played) and played when the end of the turn is confirmed; speech "
+        "before then drops it. null or 0 = off",
+    )
+    pause_speculate_threshold: float | None = Field(
+        0.4,
+        gt=0,
+        lt=1,
+        description="with an STT that predicts pauses, the smoothed pause probability that "
+        "starts the answer early (as speculate_ms does), below pause_threshold; null = off",
     )
 
     @model_validator(mode="after")
@@ -125,6 +132,12 @@ class EndpointingSection(_Section):
             raise ValueError(
                 f"speculate_ms ({self.speculate_ms}) must be shorter than silence_ms "
                 f"({self.silence_ms})"
+            )
+        early = self.pause_speculate_threshold
+        if early is not None and early >= self.pause_threshold:
+            raise ValueError(
+                f"pause_speculate_threshold ({early:g}) must be below pause_threshold "
+                f"({self.pause_threshold:g})"
             )
         return self
 

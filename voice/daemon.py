@@ -59,6 +59,7 @@ from voice.turns import (
     Mute,
     Notice,
     Pause,
+    PeekHearing,
     Prefill,
     Rules,
     ShowWords,
@@ -335,9 +336,9 @@ class VoiceAssistant:
                 self.report.notice(text)
             case ShowWords(text):
                 self.report.partial(text)
-            case StartHearing(blocks, resumed):
+            case StartHearing(blocks):
                 preroll = list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :]
-                return self._start_hearing(preroll, resumed)
+                return self._start_hearing(preroll)
             case Feed():
                 assert self.stt is not None and self._block is not None
                 if not (self.stt.active and self.stt.room > 0):
@@ -352,10 +353,12 @@ class VoiceAssistant:
                 self._prefill(text)
             case FinishHearing(silence_ms):
                 return [Transcript(self._finish_hearing(silence_ms / 1000))]
+            case PeekHearing(silence_ms):
+                return [Transcript(self._finish_hearing(silence_ms / 1000, peek=True))]
             case DropHearing():
                 assert self.stt is not None
                 if self.stt.active:
-                    self.stt.finish()
+                    self.stt.stop()
             case StartTurn(text, at, typed, speculative):
                 timings = TurnTimings(typed=True) if typed else self._timings
                 reply, self._pending_reply = self._pending_reply, None
@@ -496,14 +499,13 @@ class VoiceAssistant:
         speech = self.detector(block.pcm)
         self._handle(turns.Block(block.at, speech))
 
-    def _start_hearing(self, blocks: list[Block], resumed: bool = False) -> list[turns.Event]:
+    def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
         assert self.stt is not None
         self.stt.start()
         self._stt_frames_at_start = self.stt.frames_fed
-        if not resumed:
-            # One clock reading per utterance, so that the prompt rendered while listening
-            # and the one rendered at the end agree on any time placeholder.
-            self._utterance_now = datetime.now()
+        # One clock reading per utterance, so that the prompt rendered while listening
+        # and the one rendered at the end agree on any time placeholder.
+        self._utterance_now = datetime.now()
         new = [self.stt.feed(b.pcm) for b in blocks]
         return [Words(self.stt.text)] if any(new) else []
 
@@ -530,12 +532,12 @@ class VoiceAssistant:
             # head start.
             self._prefilling = None
 
-    def _finish_hearing(self, silence_s: float) -> str:
+    def _finish_hearing(self, silence_s: float, peek: bool = False) -> str:
         assert self.stt is not None and self._block is not None
         frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
         speech_end = self.conv.last_speech_at or self._block.at
         endpointed = self.clock()
-        text = self.stt.finish(silence_s)
+        text = self.stt.peek(silence_s) if peek else self.stt.finish(silence_s)
         transcribed = self.clock()
         self._timings = TurnTimings(
             endpoint_ms=(endpointed - speech_end) * 1000,

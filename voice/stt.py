@@ -129,6 +129,28 @@ class Transcriber:
         the utterance). The delay has already run over the frames it filled, so only the
         rest is flushed: after 700 ms of silence almost nothing, and each frame not fed
         is a model step less between the end of speech and the answer."""
+        text = self._flush(silence_s)
+        self._gen = None
+        return text
+
+    def peek(self, silence_s: float = 0.0) -> str:
+        """The transcript `finish(silence_s)` would give now, the utterance going on as if
+        it had not been asked: a speculative start takes the words at a pause, and if the
+        user speaks on, the same stream (its context, its pause predictions) hears the
+        rest. The flush's steps are undone by putting back the position of every stream
+        in the model and the codec (`_StreamPosition`)."""
+        position = _StreamPosition.of(self)
+        pieces, pending, pause, fed = list(self._pieces), self._pending, self.pause, self.frames_fed
+        text = self._flush(silence_s)
+        position.restore()
+        self._pieces, self._pending, self.pause, self.frames_fed = pieces, pending, pause, fed
+        return text
+
+    def stop(self) -> None:
+        """End the utterance without flushing: its words are not wanted (or were taken)."""
+        self._gen = None
+
+    def _flush(self, silence_s: float) -> str:
         if self._gen is None:
             raise RuntimeError("finish() before start()")
         silent_fed = max(0, round(silence_s * self.mimi.sample_rate) - len(self._pending))
@@ -140,7 +162,6 @@ class Transcriber:
             self._step(tail)
         for _ in range(flush - 1):
             self._step(np.zeros(FRAME, dtype=np.float32))
-        self._gen = None
         return "".join(self._pieces).strip()
 
     def _is_text(self, tid: int) -> bool:
@@ -164,3 +185,39 @@ class Transcriber:
         if self.on_piece is not None:
             self.on_piece(piece)
         return piece
+
+
+# What moshi-mlx's streaming modules keep between steps besides KV caches: a convolution's
+# last input and whether its left padding was applied, SEANet's unmatched residual halves.
+# All are replaced (never written into) at each step, so keeping the references keeps them.
+_MODULE_STATE = ("_prev_xs", "_left_pad_applied", "_lhs", "_rhs")
+
+
+class _StreamPosition:
+    """Where a transcriber's streams stand (the LM's step and KV caches, Mimi's encoder
+    convolutions and transformer cache), to go back there after steps that must leave no
+    trace. moshi-mlx has no snapshot of its own; KV caches write each step's keys past
+    their offset and read only up to it, so putting the offsets back is enough (the
+    caches never wrap within an utterance's step budget). The peek test checks that the
+    tokens after a restore are exactly those of a stream that never peeked."""
+
+    def __init__(self, restore: list[tuple[object, str, object]]) -> None:
+        self._saved = restore
+
+    @classmethod
+    def of(cls, stt: Transcriber) -> _StreamPosition:
+        assert stt._gen is not None
+        saved: list[tuple[object, str, object]] = [(stt._gen, "step_idx", stt._gen.step_idx)]
+        caches = [c.self_attn for c in (*stt.lm.transformer_cache, *stt.mimi.encoder_cache)]
+        for cache in caches:
+            saved += [
+                (cache, k, getattr(cache, k)) for k in ("offset", "_idx") if hasattr(cache, k)
+            ]
+        modules = [*stt.mimi.encoder.modules(), *stt.mimi.downsample.modules()]
+        for module in modules:
+            saved += [(module, k, getattr(module, k)) for k in _MODULE_STATE if hasattr(module, k)]
+        return cls(saved)
+
+    def restore(self) -> None:
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)

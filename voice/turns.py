@@ -49,9 +49,11 @@ class Rules:
     semantic: bool = False
     pause_threshold: float = 0.6
     pause_ignore_steps: int = 12
-    # Speculative start: after this many silent blocks the STT is flushed and the answer
-    # started, held until the silence rule confirms the end (0 = off).
+    # Speculative start: after this many silent blocks, or (semantic) once the smoothed
+    # pause probability passes `pause_speculate` (0 = off), the STT's transcript is taken
+    # without ending its stream and the answer started, held until the end is confirmed.
     speculate_blocks: int = 0
+    pause_speculate: float = 0.0
 
     @classmethod
     def from_config(
@@ -69,9 +71,7 @@ class Rules:
         earcons = act.earcons if act.earcons is not None else act.mode != "always"
         semantic = predicts_pauses and cfg.endpointing.semantic == "auto"
         speculate_ms = cfg.endpointing.speculate_ms or 0
-        # The predicted pause ends a turn by itself; speculating would flush the STT that
-        # predicts it (a second STT stream would be needed to do both).
-        speculate = speculate_ms > 0 and not semantic and hears
+        speculate = speculate_ms > 0 and hears
         return cls(
             endpointer=Endpointer.new(cfg.endpointing, cfg.audio.block_ms),
             block_ms=cfg.audio.block_ms,
@@ -90,17 +90,19 @@ class Rules:
             pause_threshold=cfg.endpointing.pause_threshold,
             pause_ignore_steps=math.ceil(cfg.endpointing.pause_ignore_ms / cfg.audio.block_ms),
             speculate_blocks=math.ceil(speculate_ms / cfg.audio.block_ms) if speculate else 0,
+            pause_speculate=(cfg.endpointing.pause_speculate_threshold or 0.0) if semantic else 0.0,
         )
 
     def end_of_turn(self) -> str:
         """Which rule ends a turn, for the status line."""
         silence = f"{self.endpointer.p.silence_ms} ms of silence"
-        if self.semantic:
-            return f"end of turn: predicted pause (or {silence})"
+        rule = f"predicted pause (or {silence})" if self.semantic else silence
+        early = []
         if self.speculate_blocks:
-            early = self.speculate_blocks * self.block_ms
-            return f"end of turn: {silence} (answer started after {early} ms)"
-        return f"end of turn: {silence}"
+            early.append(f"after {self.speculate_blocks * self.block_ms} ms")
+        if self.pause_speculate:
+            early.append("at a likely pause")
+        return f"end of turn: {rule}" + (f"; answer started {' or '.join(early)}" if early else "")
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,12 @@ class State:
     ending: bool = False  # the utterance's end was decided: its transcript is on its way
     pause_ema: float = 0.0  # the STT's smoothed pause probability, this utterance
     pause_steps: int = 0
-    # Speculative start: the STT was flushed early (`speculating`); its transcript is
-    # `held`, and an answer to it was started and is held unplayed (`spec_turn`). Speech
-    # that resumes drops both; the words before it stay as `before`.
+    # Speculative start: the STT's transcript was taken early (`speculating`, its stream
+    # going on); the transcript is `held`, and an answer to it was started and is held
+    # unplayed (`spec_turn`). Speech that resumes drops both, and the stream hears on.
     speculating: bool = False
     spec_turn: bool = False
     held: str = ""
-    before: str = ""
 
     @classmethod
     def start(cls, rules: Rules) -> State:
@@ -244,11 +245,9 @@ class Notice:
 
 @dataclass(frozen=True)
 class StartHearing:
-    """Start the STT on the last `blocks` microphone blocks (this one included);
-    `resumed`: the same utterance goes on after a speculative start was dropped."""
+    """Start the STT on the last `blocks` microphone blocks (this one included)."""
 
     blocks: int
-    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,8 +274,16 @@ class FinishHearing:
 
 
 @dataclass(frozen=True)
+class PeekHearing:
+    """The transcript as `FinishHearing` would give it (a `Transcript`), the STT's stream
+    going on as if it had not been asked."""
+
+    silence_ms: int = 0
+
+
+@dataclass(frozen=True)
 class DropHearing:
-    """End the STT's utterance and forget it."""
+    """End the STT's utterance without a transcript (none is wanted, or it was taken)."""
 
 
 @dataclass(frozen=True)
@@ -308,8 +315,8 @@ class Earcon:
 
 
 Action = (
-    Status | Notice | StartHearing | Feed | ShowWords | Prefill | FinishHearing | DropHearing
-    | StartTurn | ConfirmTurn | DropTurn | CancelTurn | Earcon
+    Status | Notice | StartHearing | Feed | ShowWords | Prefill | FinishHearing | PeekHearing
+    | DropHearing | StartTurn | ConfirmTurn | DropTurn | CancelTurn | Earcon
 )  # fmt: skip
 
 
@@ -330,7 +337,7 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         case Words(text):
             state = _words(state, text, out)
         case Pause(probability):
-            state = _pause(state, probability, out)
+            state = _pause(state, probability, now, out)
         case Transcript(text):
             state = _transcript(state, text, now, out)
         case Ask(text):
@@ -401,9 +408,9 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return state
     if state.ending:
         return state
+    out(Feed())
     if state.speculating:
         return _while_speculating(state, block, event, now, out)
-    out(Feed())
     if isinstance(event, SpeechEnded):
         out(FinishHearing(event.silence_ms))
         state = replace(state, ending=True)
@@ -411,39 +418,44 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         state = replace(state, phase="idle")
     elif rules.speculate_blocks and vad.silent_blocks >= rules.speculate_blocks:
-        # The transcript comes back as a `Transcript` while `speculating`.
-        out(FinishHearing(vad.silent_blocks * vad.block_ms))
-        state = replace(state, speculating=True)
+        state = _speculate(state, out)
     return state
+
+
+def _speculate(state: State, out: _Out) -> State:
+    """Take the transcript now (it comes back as a `Transcript` while `speculating`)."""
+    vad = state.endpointer
+    out(PeekHearing(vad.silent_blocks * vad.block_ms))
+    return replace(state, speculating=True)
 
 
 def _while_speculating(
     state: State, block: Block, event: VadEvent | None, now: float, out: _Out
 ) -> State:
-    """The STT was flushed early: the silence rule confirms the turn, speech drops the
-    head start and the utterance goes on (a new STT stream, its words after `before`)."""
+    """The transcript was taken early: the silence rule (or a predicted pause, `_pause`)
+    confirms the turn; speech drops the head start and the utterance goes on, heard by
+    the same STT stream."""
     if isinstance(event, SpeechEnded):
         return _confirm(state, now, out)
     if isinstance(event, SpeechDropped):  # too short after all: as if never heard
         state = _drop_speculation(state, out)
-        out(Status(state.idle_status(now)), ShowWords(""))
+        out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         return replace(state, phase="idle")
     if not block.speech:
         return state
-    state = _drop_speculation(state, out)
-    out(StartHearing(1, resumed=True))
-    return replace(state, before=state.held, held="")
+    return _drop_speculation(state, out)
 
 
 def _drop_speculation(state: State, out: _Out) -> State:
     if state.spec_turn:
         out(DropTurn())
-    return replace(state, speculating=False, spec_turn=False)
+    return replace(state, speculating=False, spec_turn=False, held="")
 
 
 def _confirm(state: State, now: float, out: _Out) -> State:
     held = state.held
-    state = replace(state, speculating=False, before="", held="")
+    out(DropHearing())  # its transcript was taken
+    state = replace(state, speculating=False, held="")
     if not state.spec_turn:  # nothing was started: the transcript's usual path
         return _transcript(state, held, now, out)
     if state.rules.earcons:
@@ -460,11 +472,11 @@ def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> Sta
     out(StartHearing(blocks), Status("hearing"))
     return replace(
         state, phase="hearing", addressed=addressed, prefilled_words=0, ending=False,
-        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="", before="",
+        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="",
     )  # fmt: skip
 
 
-def _pause(state: State, probability: float, out: _Out) -> State:
+def _pause(state: State, probability: float, now: float, out: _Out) -> State:
     """Semantic end of turn: the STT predicts a pause, as Kyutai's Unmute reads it (the
     utterance's first frames ignored, the probability smoothed), taken at a block the
     detector calls silent so that a word is never cut."""
@@ -478,18 +490,22 @@ def _pause(state: State, probability: float, out: _Out) -> State:
         else PAUSE_SMOOTHING * probability + (1 - PAUSE_SMOOTHING) * state.pause_ema
     )
     state = replace(state, pause_steps=steps, pause_ema=ema)
-    settled = steps > rules.pause_ignore_steps and state.endpointer.silent_blocks > 0
-    if settled and ema > rules.pause_threshold:
-        vad = state.endpointer
+    vad = state.endpointer
+    if steps <= rules.pause_ignore_steps or vad.silent_blocks == 0:
+        return state
+    if ema > rules.pause_threshold:
+        if state.speculating:
+            return _confirm(replace(state, vad=vad.reset()), now, out)
         out(FinishHearing(vad.silent_blocks * vad.block_ms))
-        state = replace(state, ending=True, vad=state.endpointer.reset())
+        return replace(state, ending=True, vad=vad.reset())
+    if rules.pause_speculate and ema > rules.pause_speculate and not state.speculating:
+        return _speculate(state, out)
     return state
 
 
 def _words(state: State, text: str, out: _Out) -> State:
     if state.phase != "hearing" or state.speculating:
         return state
-    text = _joined(state.before, text)
     out(ShowWords(text))
     rules = state.rules
     if not state.addressed:
@@ -505,10 +521,6 @@ def _words(state: State, text: str, out: _Out) -> State:
         out(Prefill(question))
         state = replace(state, prefilled_words=words - 1)
     return state
-
-
-def _joined(before: str, text: str) -> str:
-    return f"{before} {text}".strip() if before else text
 
 
 def _question(state: State, text: str) -> str | None:
@@ -527,14 +539,13 @@ def _question(state: State, text: str) -> str | None:
 def _transcript(state: State, text: str, now: float, out: _Out) -> State:
     if state.phase != "hearing":
         return state
-    text = _joined(state.before, text)
     if state.speculating:
         question = _question(state, text)
         if question is not None:
             out(StartTurn(question, state.last_speech_at or now, speculative=True))
         return replace(state, held=text, spec_turn=question is not None)
     rules = state.rules
-    state = replace(state, phase="idle", ending=False, before="")
+    state = replace(state, phase="idle", ending=False)
     out(ShowWords(""))
     question = _question(state, text)
     if question is not None:

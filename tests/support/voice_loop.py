@@ -93,7 +93,7 @@ class SpokenTexts:
 
     def __init__(self, tts) -> None:
         self.tts, self.texts = tts, []
-        self.frame_samples = tts.frame_samples
+        self.frame_samples, self.sample_rate = tts.frame_samples, tts.sample_rate
         self.at_first_step: list[str] = []  # each session's words when it was first stepped
 
     def session(self):
