@@ -198,11 +198,12 @@ class _StreamPosition:
     convolutions and transformer cache), to go back there after steps that must leave no
     trace. moshi-mlx has no snapshot of its own; KV caches write each step's keys past
     their offset and read only up to it, so putting the offsets back is enough (the
-    caches never wrap within an utterance's step budget). The peek test checks that the
-    tokens after a restore are exactly those of a stream that never peeked."""
+    caches never wrap within an utterance's step budget). The peek test checks that what
+    follows a restore is exactly what a stream that never peeked computes (greedy: at a
+    temperature the flush's samples also moved the random state)."""
 
-    def __init__(self, restore: list[tuple[object, str, object]]) -> None:
-        self._saved = restore
+    def __init__(self, saved: list[tuple[object, str, object]]) -> None:
+        self._saved = saved  # (owner, attribute, value)
 
     @classmethod
     def of(cls, stt: Transcriber) -> _StreamPosition:
