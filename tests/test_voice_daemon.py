@@ -10,6 +10,7 @@ tiny GPT-OSS answers in Harmony with an analysis and a two-sentence final messag
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import threading
 import time
@@ -336,6 +337,43 @@ def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
     ) in rec.texts("notice")
     assert rec.texts("heard") == [HEARD]
     assert rec.timings[0].endpoint_ms < 1000, rec.timings[0]
+
+
+def test_a_likely_pause_starts_the_answer_and_the_silence_confirms_it(
+    make_assistant, virtual_audio, transcriber, tmp_path
+) -> None:
+    """The pause head forced to "likely" (0.5: past the 0.4 that starts the answer, short of
+    the 0.6 that ends the turn): the live loop starts the answer at the first silent block
+    once the utterance is old enough, the STT hearing on, and the silence confirms it."""
+    import mlx.core as mx
+
+    class LikelyPausing:
+        """Logits [log 5, 0, 0, 0, 0, 0]: "a pause comes" with probability 5 / 10."""
+
+        def __call__(self, x: mx.array) -> mx.array:
+            return mx.zeros((*x.shape[:-1], 6)) + mx.array([math.log(5.0), 0, 0, 0, 0, 0])
+
+    heads = transcriber.lm.extra_heads
+    saved = heads[2]
+    heads[2] = LikelyPausing()
+    try:
+        assistant, rec, _ = make_assistant(
+            **{"endpointing.silence_ms": 700, "endpointing.speculate_ms": 0}
+        )
+        assert assistant.rules.semantic and assistant.rules.pause_speculate == 0.4
+        question = virtual_audio.say("What is the capital of France?", tmp_path)
+
+        def scenario(stop: threading.Event) -> None:
+            virtual_audio.play_into_mic(question).wait()
+            rec.wait("turn_done", timeout=90)
+
+        serve(assistant, scenario)
+    finally:
+        heads[2] = saved
+    assert assistant.speculations["confirmed"] == 1, assistant.speculations
+    (t,) = rec.timings
+    assert t.speculative and t.transcript_ms < t.endpoint_ms  # taken before the end
+    assert rec.texts("heard") == [HEARD]
 
 
 def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_one(
