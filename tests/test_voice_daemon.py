@@ -304,24 +304,21 @@ def test_without_echo_cancellation_its_own_voice_would_interrupt_it(
     assert rec.timings[0].interrupted
 
 
-def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
-    make_assistant, virtual_audio, transcriber, tmp_path
-) -> None:
-    """The STT's pause head, forced to predict a pause everywhere: the live loop ends the
-    turn at the first silent block once the utterance is old enough, where the silence
-    rule (set to 2 s here) would have waited."""
+def asked_with_pause_head(
+    pause: float, make_assistant, virtual_audio, transcriber, tmp_path, **settings
+):
+    """The question asked on the live loop with the STT's pause head forced to predict
+    "a pause comes" with probability `pause` at every frame; the assistant and recorder."""
     import mlx.core as mx
 
-    class AlwaysPausing:
-        def __call__(self, x: mx.array) -> mx.array:
-            return mx.zeros((*x.shape[:-1], 6)) + mx.array([10.0, 0, 0, 0, 0, 0])
-
+    # Six outputs, the first at logit a and the rest at 0: its probability is
+    # e^a / (e^a + 5).
+    logits = mx.array([math.log(5 * pause / (1 - pause)), 0, 0, 0, 0, 0])
     heads = transcriber.lm.extra_heads
     saved = heads[2]
-    heads[2] = AlwaysPausing()
+    heads[2] = lambda x: mx.zeros((*x.shape[:-1], 6)) + logits
     try:
-        assistant, rec, _ = make_assistant(**{"endpointing.silence_ms": 2000})
-        assert assistant.rules.semantic
+        assistant, rec, _ = make_assistant(**settings)
         question = virtual_audio.say("What is the capital of France?", tmp_path)
 
         def scenario(stop: threading.Event) -> None:
@@ -331,6 +328,20 @@ def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
         serve(assistant, scenario)
     finally:
         heads[2] = saved
+    return assistant, rec
+
+
+def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
+    make_assistant, virtual_audio, transcriber, tmp_path
+) -> None:
+    """The STT's pause head, forced to predict a pause everywhere: the live loop ends the
+    turn at the first silent block once the utterance is old enough, where the silence
+    rule (set to 2 s here) would have waited."""
+    assistant, rec = asked_with_pause_head(
+        0.99, make_assistant, virtual_audio, transcriber, tmp_path,
+        **{"endpointing.silence_ms": 2000},
+    )  # fmt: skip
+    assert assistant.rules.semantic
     assert (
         "end of turn: predicted pause (or 2000 ms of silence); answer started after 320 ms "
         "or at a likely pause"
@@ -345,31 +356,11 @@ def test_a_likely_pause_starts_the_answer_and_the_silence_confirms_it(
     """The pause head forced to "likely" (0.5: past the 0.4 that starts the answer, short of
     the 0.6 that ends the turn): the live loop starts the answer at the first silent block
     once the utterance is old enough, the STT hearing on, and the silence confirms it."""
-    import mlx.core as mx
-
-    class LikelyPausing:
-        """Logits [log 5, 0, 0, 0, 0, 0]: "a pause comes" with probability 5 / 10."""
-
-        def __call__(self, x: mx.array) -> mx.array:
-            return mx.zeros((*x.shape[:-1], 6)) + mx.array([math.log(5.0), 0, 0, 0, 0, 0])
-
-    heads = transcriber.lm.extra_heads
-    saved = heads[2]
-    heads[2] = LikelyPausing()
-    try:
-        assistant, rec, _ = make_assistant(
-            **{"endpointing.silence_ms": 700, "endpointing.speculate_ms": 0}
-        )
-        assert assistant.rules.semantic and assistant.rules.pause_speculate == 0.4
-        question = virtual_audio.say("What is the capital of France?", tmp_path)
-
-        def scenario(stop: threading.Event) -> None:
-            virtual_audio.play_into_mic(question).wait()
-            rec.wait("turn_done", timeout=90)
-
-        serve(assistant, scenario)
-    finally:
-        heads[2] = saved
+    assistant, rec = asked_with_pause_head(
+        0.5, make_assistant, virtual_audio, transcriber, tmp_path,
+        **{"endpointing.silence_ms": 700, "endpointing.speculate_ms": 0},
+    )  # fmt: skip
+    assert assistant.rules.semantic and assistant.rules.pause_speculate == 0.4
     assert assistant.speculations["confirmed"] == 1, assistant.speculations
     (t,) = rec.timings
     assert t.speculative and t.transcript_ms < t.endpoint_ms  # taken before the end
