@@ -249,8 +249,9 @@ def voice_latency(
             # final channel (what llm.reasoning "skip" does), or nothing would be spoken.
             config = apply_override(config, "llm.reasoning", "skip")
             stt, tts = random_voice_models(
-                Path(tmp), vl.QUESTIONS[0], config.tts.codebooks, config.tts.quantize
-            )
+                Path(tmp), vl.QUESTIONS[0], config.tts.codebooks, config.stt.quantize,
+                config.tts.quantize,
+            )  # fmt: skip
         else:
             from rich.console import Console
 
@@ -260,7 +261,7 @@ def voice_latency(
         prompt = PromptConfig(sampling=sampling)
         records = vl.run(
             config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
-            devices=args.voice_devices,
+            devices=args.voice_devices, one_chat=args.voice_one_chat,
             variants=tuple(
                 (prefill, speculate)
                 for prefill in PREFILL_VARIANTS[args.voice_prefill]
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative start (endpointing.speculate_ms) as configured "
                    "(default), on, off, both in one process, or milliseconds for each "
                    "variant (0,250,160)")  # fmt: skip
+    p.add_argument("--voice-one-chat", action="store_true",
+                   help="a variant's rounds as one chat (else a new chat each)")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])

@@ -293,16 +293,20 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.kyutai", description=main.__doc__)
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--codebooks", default="32,24,16,8")
-    p.add_argument("--quantize", type=int, choices=[4, 8])
+    p.add_argument("--quantize", type=int, choices=[4, 8], action="append", default=[],
+                   help="quantizations to time besides bf16 (repeatable)")  # fmt: skip
     p.add_argument("--levers", default=LEVERS, help=bench_tts_levers.__doc__)
     p.add_argument("--out", type=Path, default=Path("kyutai.json"))
     args = p.parse_args()
-    rows = [bench_tts_moshi(args.frames, args.quantize).row()]
-    for record in bench_tts_levers(args.frames, args.quantize, args.codebooks, args.levers):
-        rows.append(record.row())
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append(bench_stt(args.frames, args.quantize).row())
-    print(json.dumps(rows[0]), json.dumps(rows[-1]), sep="\n", flush=True)
+    rows = [bench_tts_moshi(args.frames, None).row()]
+    print(json.dumps(rows[0]), flush=True)
+    for q in [None, *args.quantize]:
+        for record in [
+            *bench_tts_levers(args.frames, q, args.codebooks, args.levers),
+            bench_stt(args.frames, q),
+        ]:
+            rows.append(record.row())
+            print(json.dumps(rows[-1]), flush=True)
     args.out.write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=1))
 
 
@@ -366,19 +370,23 @@ class ScriptedTranscript:
 
 
 def random_voice_models(
-    folder: Path, question: str, codebooks: int | None, quantize: int | None = None
+    folder: Path,
+    question: str,
+    codebooks: int | None,
+    stt_quantize: int | None = None,
+    tts_quantize: int | None = None,
 ) -> tuple[ScriptedTranscript, Synthesizer]:
     """STT 1B and TTS 1.6B at their published shapes with random weights, warmed up (MLX
     on CUDA compiles kernels per shape: the first frames take seconds)."""
     raw = stt_config()
     lm = _random_lm(raw, mx.bfloat16)
-    if quantize:
-        quantize_lm(lm, quantize)
+    if stt_quantize:
+        quantize_lm(lm, stt_quantize)
     stt_folder, tts_folder = folder / "stt", folder / "tts"
     stt_folder.mkdir(parents=True, exist_ok=True)
     tts_folder.mkdir(parents=True, exist_ok=True)
     stt = Transcriber(Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(stt_folder)))
-    ckpt, voice = _tts_parts(tts_folder, quantize, mx.bfloat16)
+    ckpt, voice = _tts_parts(tts_folder, tts_quantize, mx.bfloat16)
     tts = Synthesizer(ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks)
     scripted = ScriptedTranscript(stt, question)
     scripted.warmup()

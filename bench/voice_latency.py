@@ -105,13 +105,15 @@ def run(
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
     variants: tuple[Variant, ...] = ((True, None), (False, None)),
+    one_chat: bool = False,
 ) -> list[LatencyRecord]:
     """Each of `variants` in turn, in one process (so a backend that compiles kernels per
     shape pays once): prefill while listening on or off, and `endpointing.speculate_ms`
     (None: the config's). `devices`: PulseAudio's
     virtual ones (espeak-ng speech), or `file` ones (no sound
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
-    noise; `auto` picks PulseAudio where its tools are installed."""
+    noise; `auto` picks PulseAudio where its tools are installed. `one_chat`: a variant's
+    rounds are one conversation (its prompt grows every turn) instead of a new chat each."""
     from bench.virtual_audio import missing_tools
 
     if devices == "auto":
@@ -119,7 +121,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if devices == "pulse":
-            return _run_pulse(config, setup, engine, stt, tts, rounds, folder, variants)
+            return _run_pulse(config, setup, engine, stt, tts, rounds, folder, variants, one_chat)
         clips = [_speech(q) for q in QUESTIONS]
         records = []
         for variant in variants:
@@ -134,13 +136,13 @@ def run(
                 mic.say(clip)
                 time.sleep(len(clip) / MODEL_RATE)
 
-            records += _rounds(assistant, collector, rounds, say, cfg)
+            records += _rounds(assistant, collector, rounds, say, cfg, one_chat)
         return records
 
 
 def _run_pulse(
     config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
-    rounds: int, folder: Path, variants: tuple[Variant, ...],
+    rounds: int, folder: Path, variants: tuple[Variant, ...], one_chat: bool,
 ) -> list[LatencyRecord]:  # fmt: skip
     from bench.virtual_audio import VirtualAudio, missing_tools
 
@@ -161,7 +163,7 @@ def _run_pulse(
             def say(i: int) -> None:
                 audio.play_into_mic(speech[i % len(speech)]).wait()
 
-            records += _rounds(assistant, collector, rounds, say, cfg)
+            records += _rounds(assistant, collector, rounds, say, cfg, one_chat)
     finally:
         audio.stop()
     return records
@@ -197,6 +199,7 @@ def _rounds(
     rounds: int,
     say: Callable[[int], None],
     config: VoiceConfig,
+    one_chat: bool = False,
 ) -> list[LatencyRecord]:
     """Ask `rounds` questions, each once the last answer was played; the turns' timings."""
     stop = threading.Event()
@@ -205,10 +208,11 @@ def _rounds(
         try:
             for i in range(rounds):
                 collector.done.clear()
-                if i:
+                if i and not one_chat:
                     # Each question opens a new chat: every round has the same prompt
                     # shapes, so a backend that compiles kernels per shape (MLX on CUDA)
-                    # is timed warm from the second round on.
+                    # is timed warm from the second round on. In one chat every turn
+                    # meets prompt lengths it has not seen: what a conversation pays.
                     reply = Reply()
                     assistant.submit(Request(cmd="new-chat"), reply)
                     reply.lines.get(timeout=60)

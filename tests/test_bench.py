@@ -114,6 +114,20 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
     assert "with_prefill_speculate_250" in run.stdout
 
 
+def test_voice_latency_rounds_in_one_conversation(
+    gpt_oss_path: Path, voice_models: Path, tmp_path: Path
+) -> None:
+    """`--voice-one-chat`: the second question is the conversation's second turn (its
+    prompt holds the first, still in the cache), not a new chat's first."""
+    options = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-speculate", "off",
+               "--voice-set", "endpointing.semantic=off", "--voice-rounds", "2",
+               "--voice-one-chat")  # fmt: skip
+    _, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *options)
+    first, second = results["voice"]
+    assert second["prompt_tokens"] > first["prompt_tokens"] + 10
+    assert second["cached_tokens"] > first["prompt_tokens"]
+
+
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
     transcriber,
 ) -> None:
