@@ -118,6 +118,7 @@ def run(
 
     if devices == "auto":
         devices = "file" if missing_tools() else "pulse"
+    engine.warmup(setup.prompt)  # as the voice command does before it listens
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if devices == "pulse":

@@ -56,6 +56,19 @@ def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, 
 
 # Tokens per prefill chunk (mlx-lm's default prefill_step_size).
 PREFILL_STEP = 2048
+# Spoken (prefilled word by word), then typed (one chunk), the conversation past GPT-OSS's
+# 128-token sliding window by then: what Engine.warmup runs.
+WARMUP_SPOKEN = (
+    "Hello, can you hear me?",
+    "I would like to plan a short walk in the park this afternoon before it gets dark, "
+    "and then cook something simple for dinner with what is left in the kitchen.",
+)
+WARMUP_TYPED = (
+    "Please suggest a route of about five kilometres with a bench halfway, and a recipe "
+    "with rice, two eggs, an onion and some frozen peas that takes twenty minutes at most.",
+    "Thank you. And if it rains, which museum or covered market nearby would be a good "
+    "place to walk instead, and is it open on a Sunday afternoon?",
+)
 
 
 @dataclass
@@ -271,6 +284,32 @@ class Engine:
         if self.debug is not None:
             self.debug.write(prompt_tokens, generated, self.format.decode, self.model_id)
         yield TurnDone(finish, tuple(done), tuple(generated), stats)
+
+    def warmup(self, prompt: PromptConfig) -> None:
+        """Run a throwaway conversation through the real path, then forget it.
+
+        MLX compiles kernels at their first use, one per kind of work and shape: on an NVIDIA
+        GPU a fresh machine's first turns took minutes at gpt-oss-20b's shape, and a fresh
+        process's first chunks still up to a second each. Run at start-up, so that the
+        user's first question is not what pays. What a spoken conversation does: the
+        prompt prefilled in one chunk, a question prefilled word by word while it is said,
+        a few answer tokens, a second turn once the sliding-window layers have wrapped.
+        """
+        # No seed here: a seeded conversation still starts from its seed (Seeder re-seeds
+        # when the seed changes).
+        sampling = prompt.sampling.model_copy(update={"max_tokens": 4, "seed": None})
+        history: list[ChatMessage] = []
+        for question in (*WARMUP_SPOKEN, *WARMUP_TYPED):
+            if question in WARMUP_SPOKEN:
+                words = question.split()
+                for n in range(2, len(words) + 1, 3):
+                    said = [*history, ChatMessage("user", " ".join(words[:n]))]
+                    for _ in self.prefill_steps(Conversation(said, prompt)):
+                        pass
+            history.append(ChatMessage("user", question))
+            done = collect(self.stream(Conversation(history, prompt), sampling))
+            history += done.messages
+        self.reset()
 
     def prefill(self, conversation: Conversation) -> int:
         """Prefill what is already certain of a turn whose last message is still growing

@@ -162,3 +162,17 @@ def test_speculative_start_variants_by_name_or_milliseconds() -> None:
     for bad in ("sometimes", "250,-1", ""):
         with pytest.raises(SystemExit, match="--voice-speculate"):
             speculate_variants(bad, None)
+
+
+def test_prefill_shapes_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "shapes.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.prefill_shapes", "--model", "random:gpt-oss-small",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert [r["tokens"] for r in results["passes"]["B"]][:3] == [77, 8, 5]
+    assert results["passes"]["A"][1]["cached"] == 77
+    assert results["env"]["MLX_CUDA_USE_CUDNN_SDPA"] == "0"

@@ -388,3 +388,37 @@ def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Pa
     assert bad.stderr.strip() == f"error: {text}:1: a dialogue starts with a speaker " + (
         "('user:', 'assistant:')"
     )
+
+
+def test_commands_set_mlx_cuda_defaults_and_keep_the_users(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every command sets them before MLX's first use (MLX reads each once): cuDNN
+    attention off, compiled kernels kept under the user's cache folder, per MLX version;
+    a value the user exported wins."""
+    from importlib.metadata import version
+
+    from llm.cli.common import run_main
+
+    monkeypatch.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    seen: dict[str, str | None] = {}
+
+    def body() -> int:
+        seen.update(
+            {k: os.environ.get(k) for k in ("MLX_CUDA_USE_CUDNN_SDPA", "MLX_PTX_CACHE_DIR")}
+        )
+        return 0
+
+    with pytest.raises(SystemExit):
+        run_main(body)
+    assert seen == {
+        "MLX_CUDA_USE_CUDNN_SDPA": "0",
+        "MLX_PTX_CACHE_DIR": str(tmp_path / "mlx-harmony" / "mlx" / version("mlx") / "ptx"),
+    }
+    monkeypatch.setenv("MLX_CUDA_USE_CUDNN_SDPA", "1")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/srv/kernels")
+    with pytest.raises(SystemExit):
+        run_main(body)
+    assert seen == {"MLX_CUDA_USE_CUDNN_SDPA": "1", "MLX_PTX_CACHE_DIR": "/srv/kernels"}

@@ -364,3 +364,40 @@ def test_loading_wires_the_models_memory_where_the_device_recommends_a_size(
     monkeypatch.setattr(mx, "set_wired_limit", lambda size: wired.append(size) or 0)
     Engine.load(str(gpt_oss_path))
     assert wired == [7]
+
+
+class _Counted:
+    """The model, with the length of every chunk it is called on noted."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, []  # (tokens fed, tokens cached before)
+
+    def __call__(self, inputs, cache):
+        self.calls.append((inputs.shape[1], cache[0].offset))
+        return self.model(inputs, cache=cache)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
+    """The warm-up runs the model as a conversation does (the prompt in one chunk, words
+    prefilled as said, answer tokens, a chunk past the sliding window), then leaves no trace:
+    the first real turn is a fresh engine's, nothing reused, the same tokens from the
+    same seed."""
+    from llm.engine import load_model
+
+    seeded = PromptConfig(sampling=SamplingParams(temperature=1.5, seed=7, max_tokens=40))
+    history = [ChatMessage("user", "Hello")]
+    fresh = collect(Engine.load(str(gpt_oss_path)).stream(Conversation(history, seeded)))
+    model, tokenizer, _ = load_model(str(gpt_oss_path))
+    counted = _Counted(model)
+    warmed = Engine(counted, tokenizer, "warmed")
+    warmed.warmup(seeded)
+    fed = [n for n, _ in counted.calls]
+    assert fed.count(1) >= 12  # four answers
+    assert max(fed) > 64 and 1 < min(n for n in fed if n > 1) < 16
+    assert any(n >= 16 and cached > 128 for n, cached in counted.calls)
+    again = collect(warmed.stream(Conversation(history, seeded)))
+    assert again.stats.cached_tokens == 0
+    assert again.tokens == fresh.tokens

@@ -115,6 +115,7 @@ def ask_aloud(virtual_audio, env, config: Path, log: Path, folder: Path) -> Runn
     """Start the voice command and ask it the question through the virtual microphone."""
     question = virtual_audio.say("What is the capital of France?", folder, lead_silence=0.3)
     run = Running([*VOICE, "--config", str(config), "--chat", str(log)], env)
+    run.wait_for("Warmed up the model in")  # before it listens: kernels compile first
     run.wait_for("Listening.")
     virtual_audio.play_into_mic(question).wait()
     return run

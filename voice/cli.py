@@ -23,6 +23,7 @@ from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
+from llm.engine import Engine
 from llm.errors import ConfigError
 from voice import ctl, service
 from voice.audio_io import MODEL_RATE, AudioError, list_devices
@@ -272,13 +273,19 @@ def voice_assistant(
     control: ControlServer | None,
 ) -> int:
     stt, tts = load_voice_models(config, console)
+    prompt = spoken_prompt(setup.prompt, config.llm)
+    if isinstance(engine, Engine):  # a remote or sharded one has nothing to compile here
+        started = time.perf_counter()
+        with console.status("Warming up the model …"):
+            engine.warmup(prompt)
+        console.print(f"[dim]Warmed up the model in {time.perf_counter() - started:.1f}s.[/]")
     detector = make_detector(config.endpointing, sample_rate=MODEL_RATE)
     status = config.display.status
     reporter = TerminalReporter(
         console, config.display.show_reasoning, console.is_terminal if status is None else status
     )
     assistant = VoiceAssistant(
-        config, engine, spoken_prompt(setup.prompt, config.llm), stt, tts, detector,
+        config, engine, prompt, stt, tts, detector,
         open_log(log_path, setup, console), log_path, reporter,
     )  # fmt: skip
     try:

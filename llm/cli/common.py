@@ -11,6 +11,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
+from llm import mlx_env
 from llm.config import (
     PromptConfig,
     RemoteConfig,
@@ -228,6 +229,7 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 def run_main(body: Callable[[], int | None]) -> None:
     """Run a command; a user error is one line on stderr and exit status 2."""
+    mlx_env.configure()  # before MLX's first use, which reads them once
     try:
         sys.exit(body() or 0)
     except HarmonyError as e:
