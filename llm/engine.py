@@ -298,6 +298,8 @@ class Engine:
         # No seed here: a seeded conversation still starts from its seed (Seeder re-seeds
         # when the seed changes).
         sampling = prompt.sampling.model_copy(update={"max_tokens": 4, "seed": None})
+        # Its four questions are longer than the shortest context a user may set.
+        prompt = prompt.model_copy(update={"max_context_tokens": None})
         history: list[ChatMessage] = []
         for question in (*WARMUP_SPOKEN, *WARMUP_TYPED):
             if question in WARMUP_SPOKEN:

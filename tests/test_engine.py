@@ -393,7 +393,7 @@ def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
     model, tokenizer, _ = load_model(str(gpt_oss_path))
     counted = _Counted(model)
     warmed = Engine(counted, tokenizer, "warmed")
-    warmed.warmup(seeded)
+    warmed.warmup(seeded.model_copy(update={"max_context_tokens": 256}))  # the least allowed
     fed = [n for n, _ in counted.calls]
     assert fed.count(1) >= 12  # four answers
     assert max(fed) > 64 and 1 < min(n for n in fed if n > 1) < 16
