@@ -98,34 +98,26 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
 ) -> None:
     """Paced file devices through the real daemon: what a GPU machine without PulseAudio
     uses (no virtual_audio fixture: nothing of PulseAudio is needed). The pause heads
-    off, speculative start off and on in one process, each reported as such."""
+    off, speculative start off and on in one process, each reported as such; with
+    `--voice-one-chat` each variant's second question is its conversation's second turn
+    (its prompt holds the first, still in the cache), not a new chat's first."""
     env_free = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-speculate",
-                "both", "--voice-set", "endpointing.semantic=off")  # fmt: skip
+                "both", "--voice-set", "endpointing.semantic=off", "--voice-rounds", "2",
+                "--voice-one-chat")  # fmt: skip
     run, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
-    off, on = results["voice"]
+    off, off_again, on, on_again = results["voice"]
     for row in (off, on):
         assert row["prefill_while_listening"] and row["cached_tokens"] > 0
         assert row["first_audio_ms"] > row["endpointing_ms"] > 0
     assert (off["speculate_ms"], off["speculative"]) == (0, False)
     assert (on["speculate_ms"], on["speculative"]) == (250, True)
+    for first, second in ((off, off_again), (on, on_again)):
+        assert second["prompt_tokens"] > first["prompt_tokens"] + 10
+        assert second["cached_tokens"] > first["prompt_tokens"]
     summary = results["voice_summary"]
     assert summary["labels"] == ["with_prefill_speculate_0", "with_prefill_speculate_250"]
-    assert summary["with_prefill_speculate_250_speculative_turns"] == 1
+    assert summary["with_prefill_speculate_250_speculative_turns"] == 2
     assert "with_prefill_speculate_250" in run.stdout
-
-
-def test_voice_latency_rounds_in_one_conversation(
-    gpt_oss_path: Path, voice_models: Path, tmp_path: Path
-) -> None:
-    """`--voice-one-chat`: the second question is the conversation's second turn (its
-    prompt holds the first, still in the cache), not a new chat's first."""
-    options = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-speculate", "off",
-               "--voice-set", "endpointing.semantic=off", "--voice-rounds", "2",
-               "--voice-one-chat")  # fmt: skip
-    _, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *options)
-    first, second = results["voice"]
-    assert second["prompt_tokens"] > first["prompt_tokens"] + 10
-    assert second["cached_tokens"] > first["prompt_tokens"]
 
 
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
