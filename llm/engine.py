@@ -292,8 +292,9 @@ class Engine:
         GPU a fresh machine's first turns took minutes at gpt-oss-20b's shape, and a fresh
         process's first chunks still up to a second each. Run at start-up, so that the
         user's first question is not what pays. What a spoken conversation does: the
-        prompt prefilled in one chunk, a question prefilled word by word while it is said,
-        a few answer tokens, a second turn once the sliding-window layers have wrapped.
+        prompt prefilled in one chunk, questions prefilled word by word while they are
+        said, a few answer tokens, typed questions fed whole, the last once GPT-OSS's
+        sliding-window layers have wrapped.
         """
         # No seed here: a seeded conversation still starts from its seed (Seeder re-seeds
         # when the seed changes).
