@@ -21,7 +21,7 @@ from mlx.utils import tree_map
 from moshi_mlx import models
 from moshi_mlx.models.mimi import Mimi, mimi_202407
 
-from llm import mlx_env
+from llm.cli.common import run_main
 from voice.checkpoints import Checkpoint, quantize_lm
 from voice.stt import FRAME, Transcriber
 from voice.tts import Synthesizer
@@ -291,7 +291,6 @@ def main() -> None:
     dependencies (for a GPU machine that has only MLX and moshi-mlx)."""
     import argparse
 
-    mlx_env.configure()  # as every command does (the CLI's run_main is not used here)
     p = argparse.ArgumentParser(prog="python -m bench.kyutai", description=main.__doc__)
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--codebooks", default="32,24,16,8")
@@ -313,7 +312,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # as every command: MLX's environment settings first
 
 
 class ScriptedTranscript:

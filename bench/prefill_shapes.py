@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from llm import mlx_env
+from llm.cli.common import run_main
 
 # A prompt, words prefilled as they are said, answer tokens, chunks past the 128-token
 # sliding window: the lengths a spoken conversation feeds.
@@ -50,7 +50,6 @@ def main() -> None:
     p.add_argument("--model", default="random:gpt-oss-20b", help="as mlx-harmony-bench's")
     p.add_argument("--out", type=Path, default=Path("prefill-shapes.json"))
     args = p.parse_args()
-    mlx_env.configure()  # as every command does; a value set outside wins
     engine, _ = load_engine(args.model)
     runs = {name: time_chunks(engine.model, lengths) for name, lengths in PASSES.items()}
     settings = {k: os.environ.get(k) for k in ("MLX_CUDA_USE_CUDNN_SDPA", "MLX_PTX_CACHE_DIR")}
@@ -59,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # as every command: MLX's environment settings first
