@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from llm.cli.common import DEFAULT_MODEL, run_main
-from llm.config import read_json
+from llm.config import SamplingParams, read_json
 from llm.engine import Engine
 from llm.errors import ConfigError
 
@@ -228,19 +228,31 @@ def _json_or_text(value: str) -> object:
         return value
 
 
+def voice_sampling(
+    model: str, engine: Engine, bias: dict[int, float], max_tokens: int
+) -> SamplingParams:
+    """Greedy answers of `max_tokens`; on random weights, in plain words (what they write
+    otherwise may be all symbols: nothing would be spoken)."""
+    if model.startswith("random:"):
+        from bench.shapes import plain_words_bias
+
+        bias = bias | plain_words_bias(engine)
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias=bias)
+
+
 def voice_latency(
     args: argparse.Namespace, engine: Engine, bias: dict[int, float]
 ) -> tuple[list[dict], dict]:
     from bench import voice_latency as vl
     from llm.cli.common import Setup
-    from llm.config import PromptConfig, SamplingParams
+    from llm.config import PromptConfig
     from voice.config import VoiceConfig, apply_override, load_voice_config
 
     config = load_voice_config(args.voice_config)[0] if args.voice_config else VoiceConfig()
     for setting in args.voice_set:
         name, _, value = setting.partition("=")
         config = apply_override(config, name, _json_or_text(value))
-    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logit_bias=bias)
+    sampling = voice_sampling(args.model, engine, bias, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         if args.voice_random:
             from bench.kyutai import random_voice_models

@@ -4,6 +4,7 @@ The configuration is gpt-oss-20b's; experts are quantized to MXFP4 and the other
 layers to 8 bits, as in mlx-community/gpt-oss-20b-MXFP4-Q8. Random weights do the same
 work per token as trained ones; the text they produce is noise, so benchmarks on them keep
 generating to `max_tokens` (stop tokens are biased away on both sides of a comparison).
+Where the text is spoken, `plain_words_bias` keeps it to plain words.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def random_gpt_oss(config: dict, tokenizer_dir: Path, vocab_file: Path) -> Engin
     if not (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         write_harmony_tokenizer(tokenizer_dir, vocab_file)
+    # The same weights every run: what greedy decoding writes on them (and so how much
+    # the voice benchmark has to say) does not change from one run to the next.
+    mx.random.seed(0)
     model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
     _quantize(model)
@@ -72,6 +76,18 @@ def random_gpt_oss(config: dict, tokenizer_dir: Path, vocab_file: Path) -> Engin
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(tokenizer_dir, eos_token_ids=STOP_IDS)
     return Engine(model, tokenizer, f"gpt-oss-{config['num_hidden_layers']}L (random weights)")
+
+
+# Random weights write arbitrary tokens: often symbols, markup or other scripts, which
+# the voice loop's speech cleaning drops, leaving nothing to say (a whole run without one
+# sound). Pushed far above the random logits (|logit| < 5), these words are all that
+# greedy decoding picks, the weights choosing which.
+PLAIN_WORDS = " the time is now ten past four and the sky is clear so take a short walk"
+
+
+def plain_words_bias(engine: Engine, bias: float = 50.0) -> dict[int, float]:
+    """A logit bias that has random weights answer in plain spoken words."""
+    return {t: bias for t in engine.tokenizer.encode(PLAIN_WORDS, add_special_tokens=False)}
 
 
 def scaled_down(config: dict, layers: int = 2, hidden: int = 128, experts: int = 4) -> dict:

@@ -168,3 +168,25 @@ def test_prefill_shapes_benchmark_smoke(tmp_path: Path) -> None:
     assert [r["tokens"] for r in results["passes"]["B"]][:3] == [77, 8, 5]
     assert results["passes"]["A"][1]["cached"] == 77
     assert results["env"]["MLX_CUDA_USE_CUDNN_SDPA"] == "0"
+
+
+def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Path) -> None:
+    """What random weights write is mostly symbols and other scripts, which the voice
+    loop's speech cleaning drops: a run once spoke not one sound. The benchmark's sampling
+    keeps their answers to plain words, every one of them spoken."""
+    from bench.cli import load_engine, voice_sampling
+    from bench.shapes import PLAIN_WORDS
+    from llm.config import PromptConfig
+    from llm.conversation import Conversation
+    from llm.messages import ChatMessage, TextDelta
+    from voice.daemon import FINAL_CHANNEL
+    from voice.speakable import speakable
+
+    engine, bias = load_engine("random:gpt-oss-small")
+    sampling = voice_sampling("random:gpt-oss-small", engine, bias, 24)
+    question = Conversation([ChatMessage("user", "What time is it?")], PromptConfig())
+    events = engine.stream(question, sampling, assistant_prefix=FINAL_CHANNEL)
+    text = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "final")
+    assert len(text.split()) >= 12  # every token a word (up to a few split in two)
+    assert set(text.split()) <= set(PLAIN_WORDS.split())
+    assert speakable(text).split() == text.split()
