@@ -6,10 +6,12 @@ second run skips training; the key changes whenever tests/support/tiny_models.py
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,29 @@ ROOT = Path(__file__).parent.parent
 CACHE = Path(os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests"))
 
 
+def _built_once(folder: Path, marker: str, command: Callable[[Path], list[str]]) -> Path:
+    """`folder`, built by the command `command(temporary folder)` unless it already holds
+    `marker`. Test workers run side by side (pytest-xdist): the first one builds, under
+    a lock, and the others wait for it rather than train the same model again."""
+    if not (folder / marker).is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / marker).is_file():
+                tmp = folder.with_name(folder.name + ".partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                subprocess.run(command(tmp), check=True, cwd=ROOT)
+                shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)
+    return folder
+
+
 def _cached(name: str, *args: str) -> Path:
     folder = CACHE / f"{name}-{content_key(name)}"
-    if not (folder / "config.json").is_file():
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "tests.support.tiny_models", name, str(tmp), *args]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
+    return _built_once(
+        folder, "config.json",
+        lambda tmp: [sys.executable, "-m", "tests.support.tiny_models", name, str(tmp), *args],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,14 +82,10 @@ def voice_models() -> Path:
 
     src = (ROOT / "tests" / "support" / "tiny_voice.py").read_bytes()
     folder = CACHE / f"kyutai-{hashlib.sha256(src).hexdigest()[:16]}"
-    if not (folder / "tts" / "config.json").is_file():
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "tests.support.tiny_voice", str(tmp)]
-        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
+    return _built_once(
+        folder, "tts/config.json",
+        lambda tmp: [sys.executable, "-m", "tests.support.tiny_voice", str(tmp)],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
