@@ -80,8 +80,8 @@ def random_gpt_oss(config: dict, tokenizer_dir: Path, vocab_file: Path) -> Engin
 
 # Random weights write arbitrary tokens: often symbols, markup or other scripts, which
 # the voice loop's speech cleaning drops, leaving nothing to say (a whole run without one
-# sound). Pushed far above the random logits (|logit| < 5), these words are all that
-# greedy decoding picks, the weights choosing which.
+# sound). Pushed far above the random logits (a few units either way), these words are all
+# that greedy decoding picks, the weights choosing which.
 PLAIN_WORDS = " the time is now ten past four and the sky is clear so take a short walk"
 
 
