@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,58 @@ def test_a_failure_while_writing_puts_back_what_was_changed_or_says_what_was_not
         r"old\.txt \(No space left on device\)",
     ):
         apply_patch(ws, patch)
+
+
+def test_a_rewritten_file_loses_setuid_and_setgid_bits(tmp_path: Path) -> None:
+    """A setuid file in the workspace runs as the assistant's user: a patch never keeps
+    (or makes) one, only the permission bits travel."""
+    ws = _ws(tmp_path)
+    tool = ws / "tool"
+    tool.write_text("old\n")
+    tool.chmod(0o6755)
+    apply_patch(ws, "*** Begin Patch\n*** Update File: tool\n@@\n-old\n+new\n*** End Patch")
+    assert tool.read_text() == "new\n"
+    assert tool.stat().st_mode & 0o7777 == 0o755
+    apply_patch(ws, "*** Begin Patch\n*** Update File: tool\n*** Move to: moved\n@@\n-new\n"
+                    "+newer\n*** End Patch")  # fmt: skip
+    assert (ws / "moved").stat().st_mode & 0o7777 == 0o755
+
+
+def test_files_too_large_to_patch_are_refused_without_reading_them(tmp_path: Path) -> None:
+    """A sparse file of 300 MB takes no disk, but reading it would take the memory."""
+    ws = _ws(tmp_path)
+    with open(ws / "big.txt", "wb") as fh:
+        fh.truncate(300 << 20)
+    for patch in (
+        "*** Begin Patch\n*** Update File: big.txt\n@@\n-x\n+y\n*** End Patch",
+        "*** Begin Patch\n*** Delete File: big.txt\n*** End Patch",
+    ):
+        with pytest.raises(PatchError, match=r"big.txt: 300 MB, larger than the 16 MB"):
+            apply_patch(ws, patch)
+    many = "".join(
+        f"*** Add File: f{i}.txt\n" + ("+" + "x" * 1023 + "\n") * 4096 for i in range(17)
+    )
+    with pytest.raises(PatchError, match="more than the 64 MB one patch may"):
+        apply_patch(ws, f"*** Begin Patch\n{many}*** End Patch")
+    assert not (ws / "f0.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["path", "content"])
+def test_text_that_is_not_unicode_is_a_patch_error(tmp_path: Path, where: str) -> None:
+    ws = _ws(tmp_path)
+    name, line, n = ("\udcff.txt", "x", 2) if where == "path" else ("ok.txt", "\ud800", 3)
+    with pytest.raises(PatchError, match=f"line {n}: not valid Unicode text"):
+        apply_patch(ws, f"*** Begin Patch\n*** Add File: {name}\n+{line}\n*** End Patch")
+    assert sorted(p.name for p in ws.iterdir()) == ["old.txt", "src"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is given away only by root")
+def test_as_root_written_files_belong_to_the_workspaces_owner(tmp_path: Path) -> None:
+    """Run as root, the python tool's code runs as the workspace's (unprivileged) owner:
+    what apply_patch writes must be that owner's, or the code could not change it."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    os.chown(ws, 65534, 65534)
+    apply_patch(ws, "*** Begin Patch\n*** Add File: sub/new.txt\n+x\n*** End Patch")
+    for path in (ws / "sub", ws / "sub" / "new.txt"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534), path

@@ -122,6 +122,37 @@ ESCAPES = {
         "import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
         "print(libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno())"
     ),
+    # A setuid file in the workspace is a setuid program on the host, run as the
+    # assistant's user by anyone who reaches the folder.
+    "setuid copy of python": (
+        "import os, shutil, sys\nshutil.copyfile(sys.executable, 'py')\nos.chmod('py', 0o6755)\n"
+        "print('written' if os.stat('py').st_mode & 0o6000 else 'plain')"
+    ),
+    "setuid by creation mode": "import os; os.open('s', os.O_CREAT | os.O_WRONLY, 0o4755)",
+    "setgid folder": "import os; os.mkdir('g', 0o2775)",
+    # The supervisor (the parent) must be out of reach: no signal queued to it, no
+    # limit, priority or CPU pinning set on it, no kernel-sent SIGIO aimed at it.
+    "queue SIGSTOP to the parent": (
+        "import ctypes, os, platform, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "nr = {{'x86_64': 129, 'aarch64': 138}}[platform.machine()]\n"
+        "info = ctypes.create_string_buffer(struct.pack('iii', 19, 0, -1), 128)\n"
+        "print(libc.syscall(nr, os.getppid(), 19, info), ctypes.get_errno())"
+    ),
+    "limit the parent's files": (
+        "import os, resource; resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))"
+    ),
+    "renice the parent": "import os; os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)",
+    "pin the parent": "import os; os.sched_setaffinity(os.getppid(), {{0}})",
+    "SIGIO to the parent": (
+        "import fcntl, os; r, w = os.pipe(); fcntl.fcntl(r, fcntl.F_SETOWN, os.getppid())"
+    ),
+    # Memory and disk that no limit or scan would count.
+    "memfd": "import os; fd = os.memfd_create('m'); os.ftruncate(fd, 2**30)",
+    "nameless file": "import os; os.open('.', os.O_TMPFILE | os.O_WRONLY, 0o600)",
+    "System V memory": (
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0, 2**30, 0o1600), ctypes.get_errno())"
+    ),
 }
 # What each escape would have shown had it worked.
 ESCAPED = ("root:x:0:0", "the user's secret", "'home'", "'etc'", "written", "forked")
@@ -136,6 +167,8 @@ def test_escapes_fail(sandbox: PythonSandbox, outside: Path, tmp_path: Path, nam
     assert outside.read_text() == "the user's secret\n"
     assert not (tmp_path / "tmp-outside.txt").exists() and not Path("/tmp-outside.txt").exists()
     assert sandbox.run("print('still here')") == "still here\n"
+    set_id = [p for p in sandbox.workspace.rglob("*") if p.lstat().st_mode & 0o6000]
+    assert not set_id, set_id
 
 
 def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox, tmp_path: Path) -> None:
@@ -214,21 +247,65 @@ def test_the_protocol_is_out_of_the_codes_reach(sandbox: PythonSandbox) -> None:
     assert sandbox.run("print('next request')") == "next request\n"
 
 
+# Small stacks: memory is not what stops it (as root, RLIMIT_NPROC did not either).
+MANY_THREADS = (
+    "import threading\nthreading.stack_size(32768)\nstop = threading.Event()\nn = 0\n"
+    "try:\n    for _ in range(3000):\n"
+    "        threading.Thread(target=stop.wait).start(); n += 1\n"
+    "except RuntimeError as e:\n    print('refused after', n)\nstop.set()"
+)
+
+
 def test_threads_and_descriptors_are_limited(sandbox: PythonSandbox) -> None:
-    many_threads = (
-        "import threading, time\nstop = threading.Event()\nn = 0\n"
-        "try:\n    for _ in range(1000):\n"
-        "        threading.Thread(target=stop.wait).start(); n += 1\n"
-        "except RuntimeError as e:\n    print('refused after', n)\nstop.set()"
-    )
-    out = sandbox.run(many_threads)
-    assert out.startswith("refused after") and int(out.split()[-1]) < 100
+    out = sandbox.run(MANY_THREADS)
+    assert out.startswith("refused after") and int(out.split()[-1]) < 64, out
     files = (
         "fs = []\ntry:\n    for i in range(5000): fs.append(open('f', 'w'))\n"
         "except OSError as e: print(e)"
     )
     assert "Too many open files" in sandbox.run(files)
     assert sandbox.run("print('fine')") == "fine\n"
+
+
+# A frame the code writes into its own answer pipe: early, or from a thread during a
+# later call. Either would have been taken for a call's answer (and the real answer for
+# the next call's).
+FORGE_FRAME = (
+    "import os, stat, struct\n"
+    "def forge():\n"
+    "    for fd in range(3, 64):\n"
+    "        try:\n"
+    "            if stat.S_ISFIFO(os.fstat(fd).st_mode):\n"
+    "                os.write(fd, struct.pack('!I', 6) + b'forged')\n"
+    "        except OSError:\n"
+    "            pass\n"
+)
+
+
+def test_an_answer_is_bound_to_the_call_that_asked(sandbox: PythonSandbox) -> None:
+    out = sandbox.run(FORGE_FRAME + "forge()\nprint('real')")
+    assert "forged" not in out and "answer channel" in out, out
+    assert sandbox.run("print('next')") == "next\n"
+    later = (
+        FORGE_FRAME + "import threading\nready = threading.Event()\ngo = threading.Event()\n"
+        "def later():\n    ready.set(); go.wait(); forge()\n"
+        "threading.Thread(target=later, daemon=True).start(); ready.wait()\nprint('first')"
+    )
+    assert sandbox.run(later) == "first\n"
+    out = sandbox.run("go.set()\nimport time\nwhile threading.active_count() > 1: time.sleep(0.01)"
+                      "\nprint('second')")  # fmt: skip
+    assert "forged" not in out and "answer channel" in out, out
+    assert sandbox.run("print('third')") == "third\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root's assistant does differently")
+def test_as_root_the_code_runs_as_nobody(sandbox: PythonSandbox) -> None:
+    """Not the host's root: what it writes is nobody's, and it cannot become root."""
+    out = sandbox.run("import os\nopen('made.txt', 'w').write('x')\ntry:\n    os.setuid(0)\n"
+                      "except OSError as e:\n    print(e.strerror)")  # fmt: skip
+    assert out == "Operation not permitted\n"
+    made = sandbox.workspace / "made.txt"
+    assert (made.stat().st_uid, made.stat().st_gid) == (NOBODY, NOBODY)
 
 
 def test_the_worker_is_stopped_between_calls(sandbox: PythonSandbox) -> None:
@@ -379,6 +456,7 @@ def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> N
             path.chmod(0o755 if path.is_dir() else 0o644)
         os.chown(home / "ws", NOBODY, NOBODY)
         codes = {name: code.format(secret=str(secret)) for name, code in ESCAPES.items()}
+        codes["thread cap"] = MANY_THREADS
         codes["files and threads"] = (
             "import threading\nopen('mine.txt', 'w').write('ok')\nout = []\n"
             "ts = [threading.Thread(target=out.append, args=(1,)) for _ in range(8)]\n"
@@ -394,10 +472,13 @@ def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> N
         assert out.returncode == 0, out.stderr
         results = json.loads(out.stdout)
         assert results.pop("files and threads") == ["ok 8\n", "still here\n"]
+        capped = results.pop("thread cap")[0]
+        assert capped.startswith("refused after") and int(capped.split()[-1]) < 64, capped
         for name, (answer, after) in results.items():
             assert not any(mark in answer for mark in ESCAPED), (name, answer)
             assert after == "still here\n", (name, after)
         assert secret.read_text() == "the user's secret\n"
+        assert not [p for p in (home / "ws").rglob("*") if p.lstat().st_mode & 0o6000]
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -80,6 +80,11 @@ def patch_text(arguments: str) -> str:
 
 def parse_patch(text: str) -> list[_FileOp]:
     lines = text.replace("\r\n", "\n").strip("\n").split("\n")
+    for n, line in enumerate(lines, 1):
+        try:
+            line.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no file name or content can hold it
+            raise PatchError(f"line {n}: not valid Unicode text (a lone surrogate)") from None
     if not lines or lines[0].strip() != BEGIN:
         raise PatchError(f"the patch must start with '{BEGIN}'")
     if lines[-1].strip() != END:
@@ -205,6 +210,13 @@ def _apply_hunks(path: str, text: str, hunks: list[_Hunk]) -> str:
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 NEW_FILE_MODE = 0o644
+# A patch edits text files: one read whole into memory is capped, and so is what a patch
+# holds in all (three 300 MB sparse files once took the assistant's memory to 2.4 GB).
+MAX_FILE_BYTES = 16 << 20
+MAX_PATCH_BYTES = 64 << 20
+# Only permission bits travel from an old file to its replacement: never setuid, setgid
+# or sticky (a setuid file in the workspace runs as the assistant's user).
+PERMISSION_BITS = 0o777
 
 
 class Workspace:
@@ -218,6 +230,10 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Run as root, the tool gives what it writes to the workspace's owner, so that the
+        # python tool's code (run as that unprivileged user then) can change it too.
+        st = os.fstat(self.fd)
+        self.owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -253,6 +269,8 @@ class Workspace:
                         raise
                     os.mkdir(part, 0o755, dir_fd=fd)
                     nxt = _open_dir(part, fd)
+                    if self.owner is not None:
+                        os.fchown(nxt, *self.owner)
                 os.close(fd)
                 fd = nxt
         except BaseException:
@@ -277,7 +295,15 @@ class Workspace:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise PatchError(f"{rel}: not a regular file")
-            return fh.read(), stat.S_IMODE(st.st_mode)
+            if st.st_size > MAX_FILE_BYTES:
+                raise PatchError(
+                    f"{rel}: {st.st_size >> 20} MB, larger than the {MAX_FILE_BYTES >> 20} MB "
+                    "a patch may change; edit it with the python tool"
+                )
+            data = fh.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:  # grew while it was read
+                raise PatchError(f"{rel}: larger than the {MAX_FILE_BYTES >> 20} MB limit")
+            return data, stat.S_IMODE(st.st_mode) & PERMISSION_BITS
 
     def write(self, rel: str, data: bytes, mode: int) -> None:
         """Replace the file by rename, in its folder, keeping `mode`; fsynced."""
@@ -292,7 +318,9 @@ class Workspace:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
-                    os.fchmod(fh.fileno(), mode)
+                    if self.owner is not None:
+                        os.fchown(fh.fileno(), *self.owner)
+                    os.fchmod(fh.fileno(), mode & PERMISSION_BITS)
                     os.fsync(fh.fileno())
                 os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
             except BaseException:
@@ -352,6 +380,7 @@ def _apply(ws: Workspace, ops: list[_FileOp]) -> str:
     deletes: list[str] = []
     summary = []
     for op in ops:
+        _check_size(writes)
         key = "/".join(ws.parts(op.path))
         if key in deletes:
             raise PatchError(
@@ -396,8 +425,17 @@ def _apply(ws: Workspace, ops: list[_FileOp]) -> str:
         else:
             writes[key] = (new, mode)
             summary.append(f"M {op.path}")
+    _check_size(writes)
     _commit(ws, writes, deletes)
     return "Done!\n" + "\n".join(summary)
+
+
+def _check_size(writes: dict[str, tuple[bytes, int]]) -> None:
+    if sum(len(data) for data, _ in writes.values()) > MAX_PATCH_BYTES:
+        raise PatchError(
+            f"the patch would write more than the {MAX_PATCH_BYTES >> 20} MB one patch may; "
+            "split it"
+        )
 
 
 def _commit(ws: Workspace, writes: dict[str, tuple[bytes, int]], deletes: list[str]) -> None:

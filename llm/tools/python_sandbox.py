@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from llm.errors import ConfigError
+from llm.tools.tree import chown_tree
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 SETTINGS_ENV = "MLX_HARMONY_SANDBOX"  # as in sandbox_child
@@ -102,28 +103,88 @@ def python_roots() -> list[str]:
     return out
 
 
-def bwrap_command(workspace: Path) -> list[str]:
-    cmd = [
-        "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-        "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
-    ]  # fmt: skip
+def bwrap_command(workspace: Path, userns: int | None = None) -> list[str]:
+    """bubblewrap's command line; with `userns` (root's namespace, see
+    `root_user_namespace`) the child keeps the two capabilities it needs to become nobody
+    and does so before anything else."""
+    if userns is None:
+        cmd = [
+            "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
+        ]  # fmt: skip
+    else:
+        cmd = [
+            "bwrap", "--userns", str(userns), "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+            "--clearenv",
+        ]  # fmt: skip
+    mounts: list[list[str]] = []
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged /usr: /lib -> usr/lib
-            cmd += ["--symlink", os.readlink(top), top]
+            mounts.append(["--symlink", os.readlink(top), top])
         elif os.path.isdir(top):
-            cmd += ["--ro-bind", top, top]
+            mounts.append(["--ro-bind", top, top])
     system = [d for d in ("/usr/lib", "/usr/lib64", "/usr/share/zoneinfo") if os.path.isdir(d)]
     for root in [*system, *python_roots()]:
-        cmd += ["--ro-bind", os.path.realpath(root), root]
+        mounts.append(["--ro-bind", os.path.realpath(root), root])
+    mounts += [
+        ["--ro-bind", str(CHILD), INSIDE_CHILD],
+        ["--bind", str(workspace.resolve()), INSIDE_WORKSPACE],
+    ]
+    # The folders above the mount points, made 0755 first: bubblewrap would make them
+    # 0700, which only root may enter (the code runs as nobody when the host is root).
+    parents = sorted({str(p) for m in mounts for p in Path(m[-1]).parents if str(p) != "/"})
+    for parent in parents:
+        cmd += ["--perms", "0755", "--dir", parent]
+    for mount in mounts:
+        cmd += mount
     cmd += [
-        "--ro-bind", str(CHILD), INSIDE_CHILD,
-        "--bind", str(workspace.resolve()), INSIDE_WORKSPACE,
         "--dev", "/dev",
         "--remount-ro", "/dev",  # /dev/shm would be unlimited memory
         "--remount-ro", "/",
-        "--chdir", INSIDE_WORKSPACE,
     ]  # fmt: skip
+    if userns is None:  # else only nobody may enter it: the child changes there itself
+        cmd += ["--chdir", INSIDE_WORKSPACE]
     return [*cmd, "--", sys.executable, "-I", "-B", INSIDE_CHILD]
+
+
+# Run as `python -I -S -c`: a process that enters a new user namespace and waits.
+USERNS_HELPER = (
+    "import ctypes, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).unshare(0x10000000): sys.exit(1)\n"
+    "print(flush=True)\n"
+    "sys.stdin.read()"
+)
+
+
+def root_user_namespace() -> int:
+    """For an assistant run as root: a descriptor of a new user namespace in which uid 0
+    is the host's root (so that bubblewrap, entering it, can still bind the Python
+    installation that only root may read) and 65534 is the host's nobody.
+
+    Under bubblewrap's own namespace the code's uid 65534 would be the host's root: the
+    kernel exempts root from RLIMIT_NPROC (thousands of threads), and whatever the code
+    creates would be root's. Here the code runs as the host's nobody instead.
+    """
+    helper = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", USERNS_HELPER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert helper.stdin is not None and helper.stdout is not None
+    try:
+        if helper.stdout.readline() != b"\n":
+            raise OSError("could not create a user namespace for the python tool")
+        maps = {"uid_map": f"0 0 1\n{NOBODY} {NOBODY} 1\n", "gid_map": f"{NOBODY} {NOBODY} 1\n"}
+        for name, mapping in maps.items():
+            Path(f"/proc/{helper.pid}/{name}").write_text(mapping)
+        return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        helper.stdin.close()
+        helper.stdout.close()
+        helper.wait()
 
 
 def _sbpl(path: str) -> str:
@@ -282,18 +343,34 @@ class PythonSandbox:
             "PYTHONIOENCODING": "utf-8",
             SETTINGS_ENV: json.dumps(settings),
         }
+        userns = None
+        as_root: dict = {}
+        if cmd[0] == "bwrap" and os.geteuid() == 0:
+            # The code runs as nobody (see root_user_namespace), and the workspace is
+            # given to nobody so that it may write there; root still reads everything.
+            userns = root_user_namespace()
+            cmd = bwrap_command(self.workspace, userns)
+            chown_tree(self.workspace, NOBODY, NOBODY)
+            settings["become"] = NOBODY
+            env[SETTINGS_ENV] = json.dumps(settings)
+            as_root = {"group": NOBODY, "extra_groups": [], "pass_fds": (userns,)}
         if cmd[0] == "bwrap":  # it clears the environment: set it after --clearenv
             end = cmd.index("--")
             cmd[end:end] = [a for k, v in env.items() for a in ("--setenv", k, v)]
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            cwd=self.workspace,
-            start_new_session=True,  # its own process group: the timeout kills it all
-        )
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                cwd=self.workspace,
+                start_new_session=True,  # its own process group: the timeout kills it all
+                **as_root,
+            )
+        finally:
+            if userns is not None:
+                os.close(userns)
 
     def _read_reply(self, request_id: int, deadline: float) -> dict | None:
         """The reply line to `request_id`, read with a size cap; None on timeout, a dead
