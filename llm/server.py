@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,6 +43,7 @@ from llm.openai_api import (
 from llm.tool_loop import respond
 from llm.tools.config import ToolsConfig
 from llm.tools.toolbox import Toolbox
+from llm.tools.tree import remove_tree
 from llm.worker import Job, ModelWorker
 
 
@@ -416,7 +416,7 @@ class ServerTools:
         if self._toolbox is not None:
             self._toolbox.close()
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            remove_tree(Path(self._tmp))  # however deep the code made it
 
 
 def _client_call(msg: ChatMessage, server_side: Callable[[str | None], bool]) -> dict | None:

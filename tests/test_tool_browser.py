@@ -4,6 +4,7 @@ local folder: search, open by link id and URL, scrolling, find, citations, error
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 
 from llm.tools import http_fetch
 from llm.tools.browser import Browser, BrowserLimits
-from llm.tools.browser_backends import FolderBackend, HttpBackend
+from llm.tools.browser_backends import BrowserError, FolderBackend, HttpBackend
 
 PARIS = """<!doctype html><html><head><title>Paris - Facts</title>
 <style>body {color: red}</style><script>var secret = 1;</script></head>
@@ -338,3 +339,24 @@ def test_folder_backend_passes_over_a_link_that_leads_outside(tmp_path: Path) ->
     browser = Browser(FolderBackend(docs))
     results = browser.call("search", {"query": "tomatoes"})
     assert "Garden" in results and "Secret" not in results and "password" not in results
+
+
+def test_folder_backend_never_follows_a_link_swapped_in_after_the_check(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The race the red team won 1 time in ~600: the path is resolved (all inside), then
+    a folder on it is swapped for a link outside before the file is opened. Here the swap
+    comes first and resolve() is made to answer as it would have before it."""
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    (docs / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (docs / "sub" / "page.md").write_text("# Page\nfine\n")
+    (outside / "page.md").write_text("# Secret\nthe password\n")
+    backend = FolderBackend(docs)
+    (docs / "sub" / "page.md").unlink()
+    (docs / "sub").rmdir()
+    (docs / "sub").symlink_to(outside)
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: Path(os.path.abspath(self)))
+    with pytest.raises(BrowserError) as err:
+        backend.fetch(f"file://{docs}/sub/page.md")
+    assert "password" not in str(err.value)

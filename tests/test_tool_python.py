@@ -373,6 +373,34 @@ def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        (
+            "files unlinked while held open",
+            "import os\nheld = []\nfor i in range(40):\n    f = open(f'h{i}', 'wb')\n"
+            "    os.unlink(f'h{i}'); f.write(b'x' * (7 << 20)); f.flush(); held.append(f)\n"
+            "print('held', len(held))",
+        ),
+        # Empty files take no blocks (nor, on tmpfs, do empty folders), but inodes and scans.
+        ("empty files", "for i in range(100_000): open(f'e{i}', 'w').close()\nprint('made')"),
+    ],
+)
+def test_what_no_scan_saw_counts_against_the_disk_limit(
+    tmp_path: Path, name: str, code: str
+) -> None:
+    """280 MB in files without a name, and 100,000 empty files, past an 8 MB limit."""
+    ws = tmp_path / "ws"
+    box = PythonSandbox(ws, SandboxLimits(timeout_s=60, disk_mb=8))
+    try:
+        out = box.run(code)
+        assert "grew past its 8 MB limit" in out, (name, out)
+        assert sum(1 for _ in ws.iterdir()) < 100_000
+        assert box.run("print('again')") == "again\n"
+    finally:
+        box.close()
+
+
 def test_long_output_is_truncated(tmp_path: Path) -> None:
     box = PythonSandbox(tmp_path, SandboxLimits(max_output_chars=100))
     try:

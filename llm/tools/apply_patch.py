@@ -298,7 +298,7 @@ class Workspace:
             if st.st_size > MAX_FILE_BYTES:
                 raise PatchError(
                     f"{rel}: {st.st_size >> 20} MB, larger than the {MAX_FILE_BYTES >> 20} MB "
-                    "a patch may change; edit it with the python tool"
+                    "limit on a file read whole"
                 )
             data = fh.read(MAX_FILE_BYTES + 1)
             if len(data) > MAX_FILE_BYTES:  # grew while it was read

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote_plus
 
+from llm.tools.apply_patch import PatchError, Workspace
 from llm.tools.browser_pages import Page, SearchHit, html_page, text_page
 from llm.tools.http_fetch import FetchError, Response, fetch
 
@@ -117,9 +118,26 @@ class FolderBackend:
     def fetch(self, url: str) -> Page:
         path = Path(url.removeprefix("file://"))
         path = (path if path.is_absolute() else self.folder / path).resolve()
-        if not self._inside(path) or not path.is_file():
+        if not self._inside(path):
             raise BrowserError(f"`{url}`: no such page")
-        text = path.read_text(errors="replace")
+        # Opened by descriptor from the folder down, no link followed: a link swapped in
+        # after resolve() above (the python tool's code may share the folder) is refused
+        # instead of leading the read outside.
+        try:
+            folder = Workspace(self.folder)
+        except OSError:
+            raise BrowserError(f"`{url}`: no such page") from None
+        try:
+            found = folder.read(str(path.relative_to(self.folder)))
+        except PatchError as e:
+            raise BrowserError(f"`{url}`: {str(e).split(': ', 1)[-1]}") from None
+        except OSError:
+            found = None
+        finally:
+            folder.close()
+        if found is None:
+            raise BrowserError(f"`{url}`: no such page")
+        text = found[0].decode(errors="replace")
         uri = f"file://{path}"
         if path.suffix in (".html", ".htm"):
             return html_page(uri, text)

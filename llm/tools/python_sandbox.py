@@ -29,10 +29,12 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,6 +51,10 @@ NOBODY = 65534
 MAX_FILES = 256  # open descriptors of the code
 MAX_TASKS = 64  # processes and threads in the sandbox's user namespace
 DISK_POLL_S = 0.02
+# A scan waits this many times its own duration before the next one: a workspace of many
+# files costs the host at most a fifth of a core while code runs.
+DISK_POLL_SPACING = 4
+INODE_BYTES = 4096
 INSTALL_HINT = {
     "linux": "install bubblewrap (sudo apt install bubblewrap, or your distribution's "
     "package) and allow unprivileged user namespaces",
@@ -245,7 +251,9 @@ def confinement_command(workspace: Path, kind: str) -> tuple[list[str], str]:
 
 
 def disk_use(folder: Path) -> int:
-    """Bytes the folder's files take on disk (blocks, so sparse files count as stored)."""
+    """Bytes the folder's files take on disk (blocks, so sparse files count as stored),
+    each file or folder counted as at least INODE_BYTES: empty folders cost the file
+    system inodes, and every scan time (91,200 of them once passed a 1 MB limit)."""
     total, stack = 0, [str(folder)]
     while stack:
         with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
@@ -253,9 +261,42 @@ def disk_use(folder: Path) -> int:
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
-                    else:
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    blocks = entry.stat(follow_symlinks=False).st_blocks * 512
+                    total += max(blocks, INODE_BYTES)
     return total
+
+
+def held_files(root_pid: int) -> int:
+    """Bytes of the files that processes under `root_pid` hold open with no name left (a
+    file opened, then unlinked): no scan of the workspace sees them, yet they fill its
+    disk until closed. Read from the host's /proc (the assistant owns the sandbox's user
+    namespace, so it may); 0 where there is none (macOS)."""
+    held: dict[tuple[int, int], int] = {}
+    for pid in _process_tree(root_pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+                held[st.st_dev, st.st_ino] = st.st_blocks * 512
+    return sum(held.values())
+
+
+def _process_tree(root_pid: int) -> list[int]:
+    found, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        with contextlib.suppress(OSError, ValueError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    todo += [int(child) for child in fh.read().split()]
+    return found
 
 
 # ---------------------------------------------------------------------- the tool
@@ -278,7 +319,7 @@ class PythonSandbox:
         assert self._proc is not None and self._proc.stdin is not None
         self._next_id += 1
         request = json.dumps({"id": self._next_id, "code": code}) + "\n"
-        watcher = self._watch_disk()
+        finish_watch = self._watch_disk()
         try:
             self._proc.stdin.write(request.encode())
             self._proc.stdin.flush()
@@ -286,7 +327,9 @@ class PythonSandbox:
         except (BrokenPipeError, OSError):
             reply = None
         finally:
-            watcher.set()
+            finish_watch()
+        if self._disk_stop:  # also when the code was done before a scan could see it
+            return self._failed(None)
         if reply is not None and reply.get("broken"):
             self.close()
             return (
@@ -399,23 +442,43 @@ class PythonSandbox:
             return None
         return reply if isinstance(reply, dict) and reply.get("id") == request_id else None
 
-    def _watch_disk(self) -> threading.Event:
-        """While code runs: stop it if the workspace grows past `disk_mb`."""
+    def _watch_disk(self) -> Callable[[], None]:
+        """While code runs: stop it if the workspace and the nameless files its processes
+        hold grow past `disk_mb`. Returns what ends the watch, after one last look (fast
+        code can be done before the first scan)."""
         done = threading.Event()
         limit = self.limits.disk_mb << 20
-        start = disk_use(self.workspace)
+        proc = self._proc
+        assert proc is not None
+
+        def use() -> int:
+            return disk_use(self.workspace) + held_files(proc.pid)
+
+        start = use()
         self._disk_stop = False
 
         def watch() -> None:
-            while not done.wait(DISK_POLL_S):
-                use = disk_use(self.workspace)
-                if use > limit and use > start:
+            wait = DISK_POLL_S
+            while True:
+                ending = done.wait(wait)
+                began = time.monotonic()
+                now = use()
+                if now > limit and now > start:
                     self._disk_stop = True
                     self.kill()
                     return
+                if ending:
+                    return
+                wait = max(DISK_POLL_S, DISK_POLL_SPACING * (time.monotonic() - began))
 
-        threading.Thread(target=watch, name="python-disk", daemon=True).start()
-        return done
+        watcher = threading.Thread(target=watch, name="python-disk", daemon=True)
+        watcher.start()
+
+        def finish() -> None:
+            done.set()
+            watcher.join()
+
+        return finish
 
     def _failed(self, status: int | None) -> str:
         proc = self._proc
