@@ -370,6 +370,34 @@ def test_silent_connections_are_closed_and_capped(tiny: Engine) -> None:
         assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
 
 
+def test_connections_that_send_headers_but_no_body_cannot_take_the_server(tiny: Engine) -> None:
+    """Forty connections send their headers and a Content-Length, then nothing: each
+    request's body has a deadline, and a full server still answers /health from its
+    reserve (and refuses anything else there with a 503)."""
+    limits = ServerLimits(header_timeout_s=5.0, max_connections=40)
+    app = create_app([ServedModel("tiny", "tiny-path", PromptConfig())], preloaded=tiny)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
+    )
+    with LiveServer(app, free_port(), limits) as live:
+        held = [socket.create_connection(("127.0.0.1", live.port), timeout=30) for _ in range(40)]
+        try:
+            for conn in held:
+                conn.sendall(head)
+            assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
+            busy = httpx.get(live.url + "/v1/models", timeout=10)
+            assert busy.status_code == 503 and "connection limit" in busy.text
+            for conn in held:  # no body within the deadline: closed
+                with contextlib.suppress(ConnectionResetError):
+                    while conn.recv(4096):
+                        pass
+        finally:
+            for conn in held:
+                conn.close()
+        assert httpx.get(live.url + "/v1/models", timeout=10).status_code in (200, 401)
+
+
 def test_negative_limits_are_refused_at_start() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "llm.cli.serve", "--max-prompt-tokens", "-5"],

@@ -88,6 +88,7 @@ def test_bad_requests_get_an_error_line_and_the_connection_goes_on(server) -> No
         b'{"cmd": "mute", "text": "x"}',
         b'{"cmd": "status", "extra": 1}',
         b"\xff\xfe",
+        b"[" * 60_000,  # json recurses per level: a RecursionError in the connection's thread
         b'{"cmd": "status"}',
     ]
     answers = raw_exchange(control.path, b"\n".join(lines) + b"\n", len(lines))
@@ -99,6 +100,7 @@ def test_bad_requests_get_an_error_line_and_the_connection_goes_on(server) -> No
     assert errors[3] == "'say' needs a non-empty 'text'"
     assert errors[4] == "'mute' takes no 'text'"
     assert errors[5].startswith("field 'extra'")
+    assert errors[7] == "not a request: nested too deeply"
     assert answers[-1] == {"ok": True, "pid": 42, "state": "listening"}
     assert handler.requests == []
 

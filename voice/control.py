@@ -60,6 +60,8 @@ def parse_request(line: bytes | str) -> Request:
         raw = json.loads(line)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
         raise ConfigError(f"not a JSON line ({e})") from None
+    except RecursionError:  # 60,000 `[`: json recurses once per level
+        raise ConfigError("not a request: nested too deeply") from None
     return validate_request(raw)
 
 
