@@ -9,6 +9,9 @@ is atomic (llm.files); `keep_backup` saves a v1 file before it is first overwrit
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -325,3 +328,54 @@ def keep_backup(path: Path | str, version: int, repaired: bool = False) -> Path 
 
 def save_chat_log(path: Path | str, log: ChatLog) -> None:
     atomic_write_json(Path(path), log.to_json())
+
+
+# Logs this process holds: path → the descriptor of its lock file (flock is per open file,
+# so this process must not lock a log twice).
+_held: dict[Path, int] = {}
+
+
+def _lock_path(path: Path) -> Path:
+    """The log's lock file: in the user's state folder, named after the log's real path,
+    so that the folder of logs holds logs only."""
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:32]
+    return state / "mlx-harmony" / "locks" / f"{digest}.lock"
+
+
+def hold_chat_log(path: Path | str) -> None:
+    """Claim the log for this process until `release_chat_log` or its exit (kill -9
+    included: the kernel drops the lock). Two processes writing one log would each save
+    their own conversation over the other's, losing turns: the second is refused here,
+    before it loads anything. A log that could not be written at all is refused too."""
+    path = Path(path).expanduser().absolute()
+    if path in _held:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write a chat log there ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot write a chat log there (permission denied)")
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise ConfigError(
+            f"{path}: another mlx-harmony process has this chat log open{who}; "
+            "quit it first, or use another chat log"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[path] = fd
+
+
+def release_chat_log(path: Path | str) -> None:
+    fd = _held.pop(Path(path).expanduser().absolute(), None)
+    if fd is not None:
+        os.close(fd)  # the lock file stays: removing it would race with a new holder

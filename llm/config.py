@@ -139,7 +139,7 @@ class Profile(BaseModel):
 def read_json(path: Path) -> Any:
     """A JSON file's value; anything wrong with the file is one ConfigError naming it."""
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -154,6 +154,42 @@ def read_json(path: Path) -> Any:
         ) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config or a log") from None
+    except ValueError as e:  # int(): more digits than Python converts (4,300)
+        raise ConfigError(f"{path}: not valid JSON ({str(e).split(';')[0]})") from None
+    where = _lone_surrogate(value)
+    if where is not None:
+        raise ConfigError(
+            f"{path}: text at {where or 'the top'} is not valid Unicode (a lone surrogate escape "
+            "such as \\ud800): it could be neither shown nor saved"
+        )
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Where a string holds an unpaired surrogate (JSON's \\udXXX escapes allow one, UTF-8
+    cannot hold it: printing or saving it fails), as a dotted path; None if nowhere."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                key = f"{where}.{k}" if where else str(k)
+                if not _encodes(str(k)):
+                    return where or "a key"
+                stack.append((v, key))
+        elif isinstance(item, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        elif isinstance(item, str) and not _encodes(item):
+            return where
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_prompt_config(raw: dict[str, Any], source: str = "<prompt config>") -> PromptConfig:

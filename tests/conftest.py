@@ -54,6 +54,7 @@ def vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))  # chat log locks
     folder = ensure_vocab()
     assert folder is not None
     return folder

@@ -158,6 +158,14 @@ BAD_LOGS = {
         b'{"messages": [{"role": "user", "content": 5}]}',
         "field 'content': Input should be a valid string",
     ),
+    "a number of 100,000 digits": (
+        b'{"messages": [{"role": "user", "content": "hi", "n": ' + b"7" * 100_000 + b"}]}",
+        "not valid JSON (Exceeds the limit (4300 digits) for integer string conversion",
+    ),
+    "a lone surrogate": (
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        "text at messages[0].content is not valid Unicode (a lone surrogate",
+    ),
     "no chats": (
         b'{"schema_version": 2, "chats": {}, "active_chat_id": "zzz"}',
         "no chats in it (and so no active chat)",
@@ -181,7 +189,16 @@ def test_corrupt_logs_are_one_line_and_left_untouched(tmp_path: Path, kind: str)
         assert path.read_bytes() == content
 
 
-@pytest.mark.parametrize("kind", ["invalid UTF-8", "metadata a list", "bad v1 timestamp"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "invalid UTF-8",
+        "metadata a list",
+        "bad v1 timestamp",
+        "a number of 100,000 digits",
+        "a lone surrogate",
+    ],
+)
 def test_migrate_refuses_a_corrupt_log_in_one_line(tmp_path: Path, kind: str) -> None:
     content, expected = BAD_LOGS[kind]
     assert content is not None
@@ -285,3 +302,59 @@ def test_a_chat_name_is_found_in_the_chats_folder(tmp_path: Path) -> None:
     assert chat_log_path(Path("new-one"), str(chats)) == chats / "new-one.json"  # created there
     assert chat_log_path(tmp_path / "x.json", str(chats)) == tmp_path / "x.json"  # a path
     assert chat_log_path(None, str(chats)).parent == chats
+
+
+HOLDER = """
+import sys
+from llm.chatlog import hold_chat_log
+hold_chat_log(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path) -> None:
+    """Two processes writing one log would each save over the other's turns: the second
+    chat (or migration) is refused in one line before any model loads, the log untouched;
+    once the first is gone (kill -9 included), the log is free."""
+    path = tmp_path / "chat.json"
+    log = ChatLog()
+    log.start_chat(Chat.new("m")).append(ChatMessage("user", "kept"))
+    save_chat_log(path, log)
+    before = path.read_bytes()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        for command in (["llm.cli.chat", "--chat"], ["llm.cli.migrate"]):
+            out = subprocess.run(
+                [sys.executable, "-m", *command, str(path)], cwd=ROOT, capture_output=True,
+                text=True, stdin=subprocess.DEVNULL, timeout=120,
+            )  # fmt: skip
+            assert out.returncode == 2, out.stderr
+            assert out.stderr == (
+                f"error: {path}: another mlx-harmony process has this chat log open "
+                f"(pid {holder.pid}); quit it first, or use another chat log\n"
+            )
+            assert path.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.migrate", str(path)], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "already schema v2" in out.stdout, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]
+
+
+def test_a_log_where_nothing_can_be_written_is_refused_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "file.json").write_text("{}")
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.chat", "--chat", str(tmp_path / "file.json" / "c.json")],
+        cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: {tmp_path}/file.json/c.json: cannot write a chat log")

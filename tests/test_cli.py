@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,30 @@ def test_chat_conversation_commands_save_and_resume(gpt_oss_path: Path, tmp_path
     (chat,) = resumed["chats"].values()
     assert len(chat["messages"]) == 3
     assert chat["metadata"]["last_model_path"] == str(gpt_oss_path)
+
+
+def test_a_chat_killed_mid_turn_keeps_a_whole_log_and_frees_it(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    """kill -9 while the second turn is generated and saved: the log parses and keeps the
+    first completed turn, and the next chat may open it at once (the kernel dropped the
+    dead process's hold)."""
+    log = tmp_path / "chat.json"
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0")
+    say(child, HELLO.user, HELLO.final)
+    child.sendline("Thanks")
+    child.expect_exact("Thanks")  # the line is in; the turn and its save are under way
+    child.kill(signal.SIGKILL)
+    child.wait()
+    messages = json.loads(log.read_text())["chats"]
+    (chat,) = messages.values()
+    assert [m["content"] for m in chat["messages"][:3]] == [
+        HELLO.user, HELLO.analysis, HELLO.final
+    ]  # fmt: skip
+    child = spawn_chat(gpt_oss_path, log, "--temperature", "0")
+    assert "Resumed" in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
 
 
 def test_resuming_a_log_brings_back_its_model_prompt_config_and_settings(

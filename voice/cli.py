@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from llm.backends import ChatEngine, load_engine
-from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log
+from llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.engine import Engine
@@ -234,6 +234,7 @@ def _main() -> int:
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
     log_path = chat_log_path(log_path, setup.prompt.chats_dir)
+    hold_chat_log(log_path)  # before the models load: another process may be writing it
     voice = not args.text and (config.audio.use_stt or config.audio.use_tts)
 
     # Up before the models load: a second instance is refused at once, and `ctl status`

@@ -22,7 +22,15 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from llm.backends import ChatEngine, load_engine
-from llm.chatlog import Chat, ChatLog, keep_backup, load_chat_log, save_chat_log
+from llm.chatlog import (
+    Chat,
+    ChatLog,
+    hold_chat_log,
+    keep_backup,
+    load_chat_log,
+    release_chat_log,
+    save_chat_log,
+)
 from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
 from llm.cli.multiline import read_message
 from llm.config import SamplingParams
@@ -228,7 +236,7 @@ class ChatSession:
 
     def _cmd_save(self, arg: str) -> None:
         if arg:
-            self.log_path = Path(arg).expanduser()
+            self._switch_log(Path(arg).expanduser())
         self.save()
         self.console.print(f"[dim]Saved {self.log_path}[/]")
 
@@ -236,7 +244,20 @@ class ChatSession:
         if not arg:
             raise ConfigError("\\load needs a path")
         self.save()
-        self._open(Path(arg).expanduser())
+        old = self.log_path
+        self._switch_log(Path(arg).expanduser())
+        try:
+            self._open(self.log_path)
+        except ConfigError:  # a log that does not load: the current one stays
+            self._switch_log(old)
+            raise
+
+    def _switch_log(self, path: Path) -> None:
+        """Write to `path` from now on: held for this process, the old log let go."""
+        hold_chat_log(path)
+        if path.absolute() != self.log_path.absolute():
+            release_chat_log(self.log_path)
+        self.log_path = path
 
     def _cmd_reset(self, _: str) -> None:
         self._new_chat()
@@ -527,6 +548,8 @@ def _main() -> int:
 
     resume_choices(args, warn)
     setup = resolve(args, warn)
+    log_path = chat_log_path(args.chat, setup.prompt.chats_dir)
+    hold_chat_log(log_path)  # before the model loads: another process may be writing it
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
         engine = load_engine(
@@ -539,7 +562,7 @@ def _main() -> int:
     session = ChatSession(
         engine,
         setup,
-        chat_log_path(args.chat, setup.prompt.chats_dir),
+        log_path,
         console,
         show_reasoning=not args.hide_reasoning,
         markdown=not args.no_markdown,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llm.chatlog import SCHEMA_VERSION, keep_backup, load_chat_log, save_chat_log
+from llm.chatlog import (
+    SCHEMA_VERSION,
+    hold_chat_log,
+    keep_backup,
+    load_chat_log,
+    save_chat_log,
+)
 from llm.cli.common import run_main
 from llm.errors import ConfigError
 
@@ -24,10 +30,11 @@ def _main() -> int:
     args = p.parse_args()
     if args.in_place and args.output:
         raise ConfigError("--in-place and --output: choose one")
+    target = args.output or args.log
+    hold_chat_log(target)  # a chat writing it meanwhile would undo the migration
     log, version = load_chat_log(args.log)
     for note in log.repairs:
         print(f"repaired: {note}")
-    target = args.output or args.log
     if target == args.log:
         if version == SCHEMA_VERSION and not log.repairs:
             print(f"{args.log}: already schema v{SCHEMA_VERSION}, nothing to do")
