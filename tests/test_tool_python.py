@@ -382,6 +382,11 @@ def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
             "    os.unlink(f'h{i}'); f.write(b'x' * (7 << 20)); f.flush(); held.append(f)\n"
             "print('held', len(held))",
         ),
+        (
+            "a file below PATH_MAX's depth",
+            "import os\nfor i in range(2100):\n    os.mkdir('dd'); os.chdir('dd')\n"
+            "open('big', 'wb').write(b'x' * (30 << 20))\nprint('hidden')",
+        ),
         # Empty files take no blocks (nor, on tmpfs, do empty folders), but inodes and scans.
         ("empty files", "for i in range(100_000): open(f'e{i}', 'w').close()\nprint('made')"),
     ],
@@ -389,12 +394,13 @@ def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
 def test_what_no_scan_saw_counts_against_the_disk_limit(
     tmp_path: Path, name: str, code: str
 ) -> None:
-    """280 MB in files without a name, and 100,000 empty files, past an 8 MB limit."""
+    """280 MB in files without a name, 30 MB deeper than a path can name, and 100,000
+    empty files, past a 16 MB limit."""
     ws = tmp_path / "ws"
-    box = PythonSandbox(ws, SandboxLimits(timeout_s=60, disk_mb=8))
+    box = PythonSandbox(ws, SandboxLimits(timeout_s=60, disk_mb=16))
     try:
         out = box.run(code)
-        assert "grew past its 8 MB limit" in out, (name, out)
+        assert "grew past its 16 MB limit" in out, (name, out)
         assert sum(1 for _ in ws.iterdir()) < 100_000
         assert box.run("print('again')") == "again\n"
     finally:

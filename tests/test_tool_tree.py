@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.tools.tree import chown_tree, remove_tree
+from llm.tools.tree import TreeChanged, chown_tree, remove_tree, walk
 
 DEPTH = 1500  # deeper than Python's recursion limit, and than PATH_MAX allows to name
 
@@ -64,3 +64,32 @@ def test_the_servers_request_workspace_is_removed_however_deep(tmp_path: Path) -
     _deep(workspace / "deep")
     tools.close()
     assert not workspace.exists()
+
+
+def test_a_folder_moved_during_the_walk_stops_it_before_it_climbs_out(tmp_path: Path) -> None:
+    """The code moves the folder being walked one level up: ".." then leads to the root,
+    and a second step up would have left the tree. The walk notices at the first step."""
+    root = tmp_path / "ws"
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    seen: list[str] = []
+
+    def entry(fd: int, name: str, is_folder: bool) -> None:
+        seen.append(name)
+        if name == "c":  # scanning a/b: move it up to the root
+            os.rename(root / "a" / "b", root / "b")
+
+    with pytest.raises(TreeChanged):
+        walk(root, entry)
+    assert "outside" not in seen
+
+
+def test_a_link_as_the_root_is_followed_but_nothing_below(tmp_path: Path) -> None:
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "sub" / "out").symlink_to(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    seen: list[str] = []
+    walk(tmp_path / "link", lambda fd, name, is_folder: seen.append(name))
+    assert sorted(seen) == ["out", "sub"]
+    remove_tree(tmp_path / "link")
+    assert not (tmp_path / "link").exists() and (tmp_path / "real" / "sub").is_dir()

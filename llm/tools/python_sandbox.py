@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from llm.errors import ConfigError
-from llm.tools.tree import chown_tree
+from llm.tools.tree import TreeChanged, chown_tree, walk
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 SETTINGS_ENV = "MLX_HARMONY_SANDBOX"  # as in sandbox_child
@@ -55,6 +55,7 @@ DISK_POLL_S = 0.02
 # files costs the host at most a fifth of a core while code runs.
 DISK_POLL_SPACING = 4
 INODE_BYTES = 4096
+DISK_SCAN_TRIES = 3
 INSTALL_HINT = {
     "linux": "install bubblewrap (sudo apt install bubblewrap, or your distribution's "
     "package) and allow unprivileged user namespaces",
@@ -253,17 +254,26 @@ def confinement_command(workspace: Path, kind: str) -> tuple[list[str], str]:
 def disk_use(folder: Path) -> int:
     """Bytes the folder's files take on disk (blocks, so sparse files count as stored),
     each file or folder counted as at least INODE_BYTES: empty folders cost the file
-    system inodes, and every scan time (91,200 of them once passed a 1 MB limit)."""
-    total, stack = 0, [str(folder)]
-    while stack:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    blocks = entry.stat(follow_symlinks=False).st_blocks * 512
-                    total += max(blocks, INODE_BYTES)
-    return total
+    system inodes, and every scan time (91,200 of them once passed a 1 MB limit). Walked
+    by descriptor, so nothing hides below PATH_MAX's depth; a tree that keeps changing
+    shape under the scan counts as full (code that wants room can stop moving folders)."""
+    for _ in range(DISK_SCAN_TRIES):
+        total = 0
+
+        def count(fd: int, name: str, _: bool) -> None:
+            nonlocal total
+            with contextlib.suppress(OSError):
+                blocks = os.stat(name, dir_fd=fd, follow_symlinks=False).st_blocks * 512
+                total += max(blocks, INODE_BYTES)
+
+        try:
+            walk(folder, count)
+        except TreeChanged:
+            continue
+        except OSError:  # the workspace itself is gone: nothing in it
+            return total
+        return total
+    return sys.maxsize
 
 
 def held_files(root_pid: int) -> int:

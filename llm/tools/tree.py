@@ -3,7 +3,9 @@
 The python tool's code can build a folder tree thousands of levels deep: `shutil.rmtree`
 and `os.walk` recurse (RecursionError near 1,000 levels) and a path that deep is longer
 than the kernel's PATH_MAX. Here one descriptor is open at a time, each step goes one
-level down by name or up by "..", and links are never followed.
+level down by name or up by "..", and links are never followed. Code that moves a folder
+while it is walked could make ".." lead elsewhere, even above the root: every step up is
+checked to reach the very folder the walk came down from, else `TreeChanged`.
 """
 
 from __future__ import annotations
@@ -16,16 +18,27 @@ from pathlib import Path
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class TreeChanged(OSError):
+    """A folder was moved while the tree was walked."""
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def walk(
     root: Path,
     entry: Callable[[int, str, bool], None],
     leave: Callable[[int, str], None] | None = None,
 ) -> None:
     """Call `entry(folder_fd, name, is_folder)` for everything below `root`, a folder
-    before what it holds, and `leave(parent_fd, name)` once a folder's contents are done."""
-    fd = os.open(root, DIR_FLAGS)
+    before what it holds, and `leave(parent_fd, name)` once a folder's contents are done.
+    `root` itself may be a link to a folder; nothing below it is followed."""
+    fd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)
     pending = [_scan(fd, entry)]  # per level: the sub-folders still to visit
     names: list[str] = []  # the path from `root` to the folder `fd` is open on
+    ids = [_identity(fd)]  # per level: the folder's (device, inode)
     try:
         while True:
             if pending[-1]:
@@ -37,6 +50,7 @@ def walk(
                 os.close(fd)
                 fd = child
                 names.append(name)
+                ids.append(_identity(fd))
                 pending.append(_scan(fd, entry))
                 continue
             pending.pop()
@@ -45,6 +59,9 @@ def walk(
             parent = os.open("..", DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = parent
+            ids.pop()
+            if _identity(fd) != ids[-1]:
+                raise TreeChanged(f"{root}: a folder was moved while it was walked")
             name = names.pop()
             if leave is not None:
                 leave(fd, name)
@@ -64,7 +81,11 @@ def _scan(fd: int, entry: Callable[[int, str, bool], None]) -> list[str]:
 
 
 def remove_tree(root: Path) -> None:
-    """Delete `root` and everything below it; a missing `root` is no error."""
+    """Delete `root` and everything below it; a missing `root` is no error, and a link
+    is removed itself, not what it leads to."""
+    if os.path.islink(root):
+        os.unlink(root)
+        return
 
     def unlink(fd: int, name: str, is_folder: bool) -> None:
         if not is_folder:
