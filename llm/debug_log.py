@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from llm.errors import ConfigError
+
 TokenIds = Literal["in", "out", "both"]
 
 
@@ -22,7 +24,11 @@ def default_path() -> Path:
 class DebugLog:
     def __init__(self, path: Path, token_ids: TokenIds | None = None) -> None:
         self.path, self.token_ids = path, token_ids
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # checked now, before a model loads, not at the first answer
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise ConfigError(f"debug log {path}: cannot write it ({e.strerror or e})") from None
 
     def write(
         self,
@@ -43,5 +49,10 @@ class DebugLog:
             parts += ["--- prompt ids ---", " ".join(map(str, prompt))]
         if self.token_ids in ("out", "both"):
             parts += ["--- response ids ---", " ".join(map(str, response))]
-        with self.path.open("a", encoding="utf-8") as fh:  # a log: appended, never rewritten
+        # A log, appended, never rewritten; private like the chat logs: it holds whole
+        # prompts (an older one made 0644 is narrowed).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
             fh.write("\n".join(parts) + "\n\n")

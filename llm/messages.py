@@ -31,7 +31,14 @@ def empty_turn_notice(done: TurnDone) -> str | None:
     """What to tell the user when the model ended its turn without a single message."""
     if any(m.content.strip() for m in done.messages):
         return None
-    return f"(the model gave no answer: it ended its turn at once, finish {done.finish_reason})"
+    if done.finish_reason == "length":
+        return (
+            f"(no answer: the model wrote {done.stats.generated_tokens} tokens, its limit, "
+            "before it wrote a message; raise max_tokens)"
+        )
+    if done.finish_reason == "cancelled":
+        return "(no answer: stopped before the model wrote a message)"
+    return "(the model gave no answer: it ended its turn at once)"
 
 
 def tool_answer(call: ChatMessage, text: str) -> ChatMessage:

@@ -21,6 +21,7 @@ from llm.tools.python_sandbox import (
     python_roots,
     sandbox_exec_profile,
 )
+from llm.tools.tree import remove_tree
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the confinement under test is bubblewrap's"
@@ -405,6 +406,7 @@ def test_what_no_scan_saw_counts_against_the_disk_limit(
         assert box.run("print('again')") == "again\n"
     finally:
         box.close()
+        remove_tree(ws)  # pytest's own clean-up recurses and would fail on the deep one
 
 
 def test_long_output_is_truncated(tmp_path: Path) -> None:

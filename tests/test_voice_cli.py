@@ -230,6 +230,41 @@ def test_a_running_assistant_takes_typed_lines_and_ctl_commands(
     assert gone.returncode == 2 and gone.stderr.startswith("error: no assistant is running")
 
 
+def test_an_assistant_killed_mid_turn_keeps_a_whole_log_and_frees_it(
+    voice_env, voice_config_file, tmp_path
+) -> None:
+    """kill -9 while a second typed question is answered and saved: the log parses and
+    keeps the first turn, and the log is free for the next process at once."""
+    log, sock = tmp_path / "chat.json", tmp_path / "run" / "voice.sock"
+    run = Running(
+        [*VOICE, "--config", str(voice_config_file), "--chat", str(log),
+         "--control-socket", str(sock)],
+        voice_env,
+    )  # fmt: skip
+    run.wait_for("Listening.")
+    assert run.proc.stdin is not None
+    run.proc.stdin.write("What is the capital of France?\n")
+    run.proc.stdin.flush()
+    run.wait_for("ms after")
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "capital" in log.read_text()):  # saved after the turn
+        assert time.monotonic() < deadline, "the first turn was never saved"
+        time.sleep(0.05)
+    run.proc.stdin.write("What is the capital of France?\n")
+    run.proc.stdin.flush()
+    run.proc.kill()
+    run.proc.wait()
+    saved = json.loads(log.read_text())
+    messages = saved["chats"][saved["active_chat_id"]]["messages"]
+    assert messages[0]["content"] == "What is the capital of France?"
+    assert ANSWER in [m["content"] for m in messages]
+    migrated = subprocess.run(
+        [sys.executable, "-m", "llm.cli.migrate", str(log)],
+        env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert migrated.returncode == 0 and "already schema v2" in migrated.stdout
+
+
 def test_with_a_log_file_errors_land_there_with_a_time(voice_env, tmp_path) -> None:
     broken = tmp_path / "voice.json"
     broken.write_text('{"endpointing": {"silence_ms": "soon"}}')

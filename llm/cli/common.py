@@ -235,3 +235,7 @@ def run_main(body: Callable[[], int | None]) -> None:
     except HarmonyError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C: what was printed stays, no traceback
+        sys.stdout.flush()
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -63,6 +63,7 @@ def _main() -> int:
 def _print_turn(events: Iterator[Event], args: argparse.Namespace) -> None:
     """The answer on stdout; reasoning and tool calls on stderr if asked."""
     last_channel = None
+    reasoning_open = False  # reasoning written on stderr, its line not yet ended
     for event in events:
         if isinstance(event, ToolCall | ToolResult) and args.reasoning == "stderr":
             who = event.message.recipient if isinstance(event, ToolCall) else event.message.name
@@ -70,18 +71,24 @@ def _print_turn(events: Iterator[Event], args: argparse.Namespace) -> None:
             sys.stderr.write(f"\n{arrow} {who}\n{event.message.content.rstrip()}\n")
         elif isinstance(event, TextDelta):
             if event.channel == "final" and not event.recipient:
+                if reasoning_open:  # on a terminal both streams share the screen
+                    sys.stderr.write("\n")
+                    reasoning_open = False
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif args.reasoning == "stderr":
                 sys.stderr.write(event.text)
+                sys.stderr.flush()
+                reasoning_open = not event.text.endswith("\n")
             last_channel = event.channel
         elif isinstance(event, TurnDone):
             if last_channel is not None:
                 sys.stdout.write("\n")
             if (notice := empty_turn_notice(event)) is not None:
                 print(notice, file=sys.stderr)
-            if args.reasoning == "stderr" and any(m.channel != "final" for m in event.messages):
+            if reasoning_open:
                 sys.stderr.write("\n")
+                reasoning_open = False
             if args.stats:
                 s = event.stats
                 print(
