@@ -44,6 +44,11 @@ class RemoteError(RuntimeFailure):
     """The remote server failed; one line naming it and what went wrong."""
 
 
+class RemoteUnreachable(RemoteError, ConfigError):
+    """No server answers at the configured address: like every other wrong setting, a
+    command ends on it with status 2."""
+
+
 _FINISH: dict[str | None, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -205,7 +210,7 @@ class RemoteEngine:
                 response = self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 if attempt >= self.config.retries:
-                    raise RemoteError(
+                    raise RemoteUnreachable(
                         f"{self.where}: cannot connect ({_reason(e)}) after {attempt + 1} tries"
                     ) from None
                 time.sleep(self.config.backoff_s * 2**attempt)

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llm.backends import ChatEngine, load_engine
 from llm.config import PromptConfig, RemoteConfig
 from llm.conversation import Conversation
+from llm.debug_log import DebugLog
 from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
 from llm.openai_api import (
@@ -168,15 +169,19 @@ def create_app(
     limits: ServerLimits | None = None,
     preloaded: ChatEngine | None = None,
     prompt_configs: dict[str, PromptConfig] | None = None,
+    debug: DebugLog | None = None,
 ) -> FastAPI:
     """The app; `preloaded` is the engine of the first served model, if already loaded;
-    `prompt_configs` are those a request may name in its `prompt_config` field."""
+    `prompt_configs` are those a request may name in its `prompt_config` field; `debug`
+    logs every prompt and raw response of each model it loads (`--debug`)."""
     limits = limits or ServerLimits()
     prompt_configs = prompt_configs or {}
     by_name = {s.name: s for s in served}
     default = served[0]
     worker = ModelWorker()
-    load = load or (lambda s: load_engine(s.model, lazy=s.prompt.lazy, remote=s.remote))
+    load = load or (
+        lambda s: load_engine(s.model, lazy=s.prompt.lazy, remote=s.remote, debug=debug)
+    )
     state: dict[str, ChatEngine | str | None] = {
         "engine": preloaded,
         "loaded": default.model if preloaded else None,
@@ -206,6 +211,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # its loc is the character, not a field
+            where = first["loc"][-1] if len(first["loc"]) > 1 else None
+            why = (first.get("ctx") or {}).get("error", "JSON decode error")
+            at = f" (at character {where})" if isinstance(where, int) else ""
+            return ApiError(400, f"the request body is not valid JSON: {why}{at}").response()
         loc = [str(p) for p in first["loc"] if p != "body"]
         param = ".".join(loc) or None
         msg = f"{param}: {first['msg']}" if param else first["msg"]
@@ -366,12 +376,13 @@ async def _started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
         first = await anext(events)
     except StopAsyncIteration:  # cancelled before it ran: its client has gone
         raise ApiError(499, "the client closed the request", code="client_closed") from None
+    except RuntimeFailure as e:  # the backend behind this server (a remote one) failed
+        # First: an unreachable remote is the server's configuration, not the request's.
+        raise ApiError(502, str(e), kind="upstream_error", code="upstream_failed") from None
     except ConfigError as e:
         field = str(e).split(":")[0]
         param = field if field in ChatCompletionRequest.model_fields else "messages"
         raise ApiError(400, str(e), param) from None
-    except RuntimeFailure as e:  # the backend behind this server (a remote one) failed
-        raise ApiError(502, str(e), kind="upstream_error", code="upstream_failed") from None
 
     async def chained() -> AsyncIterator[Any]:
         yield first

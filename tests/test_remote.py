@@ -352,3 +352,15 @@ def test_the_remote_gets_the_same_system_part_as_a_chat_template_model() -> None
         {"role": "user", "content": "hi"},
     ]
     assert msgs[0]["content"] == system_text(prompt, history, None)
+
+
+def test_a_remote_nobody_answers_ends_a_command_like_any_wrong_setting() -> None:
+    """Exit status 2, as for every other error a user can fix, not 1."""
+    port = _free_port()
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.generate", "--remote", f"http://127.0.0.1:{port}/v1",
+         "--model", "m", "hi"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: remote http://127.0.0.1:{port}/v1: cannot connect")

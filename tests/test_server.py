@@ -461,12 +461,12 @@ def test_openapi_schema_fuzz_gives_no_server_error(gpt_oss_engine: Engine) -> No
         check()
 
 
-def start_server_command(model: Path) -> tuple[subprocess.Popen, int, dict]:
+def start_server_command(model: Path, *extra: str) -> tuple[subprocess.Popen, int, dict]:
     """`mlx-harmony-server` in a process of its own; returns it once /health answers."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm.cli.serve", "--model", str(model), "--port", str(port),
-         "--api-key", KEY],
+         "--api-key", KEY, *extra],
         cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
@@ -479,8 +479,9 @@ def start_server_command(model: Path) -> tuple[subprocess.Popen, int, dict]:
             time.sleep(0.2)
 
 
-def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
-    proc, port, health = start_server_command(gpt_oss_path)
+def test_server_command_serves_until_interrupted(gpt_oss_path: Path, tmp_path: Path) -> None:
+    debug = tmp_path / "debug.log"
+    proc, port, health = start_server_command(gpt_oss_path, "--debug-file", str(debug))
     try:
         assert health["loaded_model"] == str(gpt_oss_path)  # loaded before serving
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
@@ -496,7 +497,42 @@ def test_server_command_serves_until_interrupted(gpt_oss_path: Path) -> None:
     assert proc.returncode == 0, out
     # Warmed up before it served: no client pays the kernel compiles (the greedy answer
     # above is unchanged by it; tests/test_engine.py checks the cache it leaves).
-    assert out.index("Warmed up the model in") < out.index("Uvicorn running on")
+    assert out.index("Warmed up the model in") < out.index(f"Serving on http://127.0.0.1:{port}")
+    # --debug-file: the request's prompt and raw response, as the chat's debug log has them.
+    logged = debug.read_text()
+    assert HELLO.user in logged and "<|channel|>final<|message|>" + HELLO.final in logged
+    assert debug.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_port_in_use_is_said_before_anything_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "llm.cli.serve", "--model", "/no/such/model", "--port",
+             str(port)],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)" in (
+        out.stderr
+    )
+    assert "Loading" not in out.stderr  # the model was never loaded
+
+
+def test_a_body_that_is_not_json_names_no_field() -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app([ServedModel("tiny", "x", PromptConfig())], load=lambda _: None)
+    r = TestClient(app).post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON: Expecting property")
+    assert error["message"].endswith("(at character 1)")
 
 
 def test_sigterm_stops_the_server_promptly_despite_running_and_queued_work(

@@ -6,10 +6,13 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import uvicorn
 
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
@@ -85,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main() -> int:
-    import uvicorn
-
     args = build_parser().parse_args()
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
     # The original tool's variable for a server's profiles, when the flag is absent.
@@ -109,9 +110,13 @@ def _main() -> int:
         args.header_timeout,
         args.max_connections,
     )
+    # Bound before anything loads: a port in use is said at once, not after the model.
+    listener = bind(args.host, args.port)
     print(f"Loading {served[0].model} …", file=sys.stderr)
     first = served[0]
-    engine = load_engine(first.model, lazy=first.prompt.lazy, remote=first.remote)
+    engine = load_engine(
+        first.model, lazy=first.prompt.lazy, remote=first.remote, debug=setup.debug
+    )
     if isinstance(engine, Engine):  # a remote or sharded one has nothing to compile here
         # Before serving, so that the first client's request does not pay MLX's kernel
         # compiles (minutes on a fresh NVIDIA machine). Here on the main thread: the
@@ -121,7 +126,12 @@ def _main() -> int:
         print(f"Warmed up the model in {time.perf_counter() - started:.1f}s.", file=sys.stderr)
     key = args.api_key or os.environ.get(API_KEY_ENV)
     app = create_app(
-        served, api_key=key, limits=limits, preloaded=engine, prompt_configs=prompt_configs
+        served,
+        api_key=key,
+        limits=limits,
+        preloaded=engine,
+        prompt_configs=prompt_configs,
+        debug=setup.debug,
     )
     config = server_config(
         app, args.host, args.port, limits.header_timeout_s, limits.max_connections,
@@ -131,8 +141,37 @@ def _main() -> int:
     # the handler it found: by then the work is done, so both end in a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: None)
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+        _Server(config).run(sockets=[listener])
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn says where it listens only when it made the socket itself."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            where = f"[{host}]" if ":" in host else host
+            print(f"Serving on http://{where}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or one line on why it cannot be had."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"--host {host}: {e.strerror or e}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})"
+        ) from None
+    return sock
 
 
 def main() -> None:
