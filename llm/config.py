@@ -41,6 +41,10 @@ class SamplingParams(BaseModel):
     xtc_special_tokens: list[int] | None = None  # besides the format's stop tokens
     repetition_penalty: float = Field(1.0, gt=0)
     repetition_context_size: int = Field(20, ge=1)
+    # OpenAI's additive penalties over the answer so far: once per token seen (presence),
+    # or per occurrence (frequency).
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, float] = Field(default_factory=dict)
     max_tokens: int = Field(1024, ge=1)
     seed: int | None = Field(None, le=MAX_SEED)  # negative: a random seed each run

@@ -37,7 +37,12 @@ from llm.messages import (
     TurnDone,
 )
 from llm.prompt_cache import ConversationCache, common_prefix
-from llm.sampling import Seeder, build_logits_processors, build_sampler
+from llm.sampling import (
+    Seeder,
+    build_logits_processors,
+    build_penalty_processors,
+    build_sampler,
+)
 
 
 def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, dict[str, Any]]:
@@ -226,7 +231,10 @@ class Engine:
             self.model,
             max_tokens=sampling.max_tokens,
             sampler=build_sampler(sampling, self.xtc_protected),
-            logits_processors=build_logits_processors(sampling, prompt_tokens[:-1]),
+            logits_processors=[
+                *build_logits_processors(sampling, prompt_tokens[:-1]),
+                *build_penalty_processors(sampling, prompt_fed=1),
+            ],
             prompt_cache=self._cache.cache,
         )
         decoder = self.format.decoder()

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from llm.config import MAX_SEED, SamplingParams
 from llm.messages import ChatMessage, FinishReason, FunctionTool
@@ -91,6 +91,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Request fields this server takes only at their neutral values: the values that ask
+# nothing of it, and why any other is refused.
+NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": ((None, False), "log probabilities are not returned by this server"),
+    "top_logprobs": ((None, 0), "log probabilities are not returned by this server"),
+    "store": ((None, False), "this server stores no completions"),
+    "modalities": ((None, ["text"]), "this endpoint answers in text only"),
+    "audio": ((None,), "this endpoint answers in text only"),
+    "response_format": (
+        (None, {"type": "text"}),
+        "structured output (json_object, json_schema) is not supported; ask for JSON in the prompt",
+    ),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "web_search_options": ((None,), "no web search here (the browser tool searches)"),
+    "verbosity": ((None, "medium"), "verbosity is not adjustable here"),
+    "functions": ((None, []), "give functions as `tools` (`functions` is deprecated)"),
+    "function_call": ((None, "none", "auto"), "use `tool_choice` (`function_call` is deprecated)"),
+}
+
+
 class ChatCompletionRequest(BaseModel):
     """The request body; unknown fields are refused so that typos do not pass silently."""
 
@@ -113,7 +133,27 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Every other field of OpenAI's request: taken, and ignored where it asks nothing of
+    # this server (a client's defaults); where it asks for what is not here, refused
+    # with the field named (see NEUTRAL).
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None  # billing and latency classes: one class here
+    logprobs: Any = None
+    top_logprobs: Any = None
+    store: Any = None
+    modalities: Any = None
+    audio: Any = None
+    response_format: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    functions: Any = None
+    function_call: Any = None
     # Extensions beyond OpenAI's fields, named as in mlx-lm's server.
     min_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0, strict=True)
@@ -125,6 +165,14 @@ class ChatCompletionRequest(BaseModel):
     # the prompt configs the server offers (by name: never a path the client picks).
     profile: str | None = None
     prompt_config: str | None = None
+
+    @field_validator(*NEUTRAL, mode="before")
+    @classmethod
+    def _neutral_only(cls, v: Any, info: ValidationInfo) -> Any:
+        allowed, why = NEUTRAL[info.field_name]  # type: ignore[index]
+        if not any(v == a and type(v) is type(a) for a in allowed):
+            raise ValueError(why)
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -159,6 +207,8 @@ class ChatCompletionRequest(BaseModel):
             "repetition_context_size",
             "xtc_probability",
             "xtc_threshold",
+            "presence_penalty",
+            "frequency_penalty",
         )
         updates: dict[str, Any] = {
             f: getattr(self, f) for f in fields if getattr(self, f) is not None

@@ -48,6 +48,26 @@ def build_logits_processors(
     return [with_context(p) for p in processors]
 
 
+def build_penalty_processors(params: SamplingParams, prompt_fed: int) -> list[LogitsProcessor]:
+    """OpenAI's presence and frequency penalties, over everything generated so far (the
+    context size is the answer's whole length) and never the prompt: the first
+    `prompt_fed` tokens `generate_step` hands the processors are the prompt's."""
+    processors = make_logits_processors(
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=params.max_tokens,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=params.max_tokens,
+    )
+
+    def generated_only(proc: LogitsProcessor) -> LogitsProcessor:
+        def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+            return proc(tokens[prompt_fed:], logits) if tokens.size > prompt_fed else logits
+
+        return apply
+
+    return [generated_only(p) for p in processors]
+
+
 class Seeder:
     """Seeds MLX's generator: once per engine, or before every turn if asked."""
 

@@ -218,7 +218,8 @@ def create_app(
             return ApiError(400, f"the request body is not valid JSON: {why}{at}").response()
         loc = [str(p) for p in first["loc"] if p != "body"]
         param = ".".join(loc) or None
-        msg = f"{param}: {first['msg']}" if param else first["msg"]
+        why = str(first["msg"]).removeprefix("Value error, ")
+        msg = f"{param}: {why}" if param else why
         return ApiError(400, msg, param).response()
 
     @app.exception_handler(StarletteHTTPException)

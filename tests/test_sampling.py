@@ -163,3 +163,19 @@ def test_top_k_beyond_the_vocabulary_means_no_limit(engine: Engine) -> None:
     assert run(Engine(engine.model, engine.tokenizer, "a"), huge) == run(
         Engine(engine.model, engine.tokenizer, "b"), seeded
     )
+
+
+def test_presence_and_frequency_penalties_count_the_answer_only() -> None:
+    """OpenAI's additive penalties: once per token the answer holds (presence), once per
+    occurrence (frequency); the prompt's token handed to generate_step is not counted."""
+    import mlx.core as mx
+
+    from llm.config import SamplingParams
+    from llm.sampling import build_penalty_processors
+
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    logits = mx.zeros((1, 8))
+    for proc in build_penalty_processors(params, prompt_fed=1):
+        logits = proc(mx.array([7, 3, 3, 5]), logits)  # 7 is the prompt's last token
+    assert logits.tolist()[0] == [0, 0, 0, -1.0, 0, -0.75, 0, 0]
+    assert build_penalty_processors(SamplingParams(), prompt_fed=1) == []

@@ -504,6 +504,51 @@ def test_server_command_serves_until_interrupted(gpt_oss_path: Path, tmp_path: P
     assert debug.stat().st_mode & 0o777 == 0o600
 
 
+def test_the_neutral_fields_clients_send_are_taken(client: openai.OpenAI) -> None:
+    """What frameworks send by default (the SDK's own spelling of each field)."""
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": HELLO.user}],
+        temperature=0,
+        frequency_penalty=0,
+        presence_penalty=0,
+        logprobs=False,
+        top_logprobs=0,
+        metadata={},
+        store=False,
+        user="someone",
+        service_tier="auto",
+        modalities=["text"],
+        response_format={"type": "text"},
+        prompt_cache_key="k",
+        safety_identifier="s",
+    )
+    assert r.choices[0].message.content == HELLO.final
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("logprobs", True, "log probabilities are not returned"),
+        ("store", True, "stores no completions"),
+        ("response_format", {"type": "json_object"}, "structured output"),
+        ("modalities", ["text", "audio"], "text only"),
+        ("presence_penalty", 3, "less than or equal to 2"),
+        ("not_a_field", 1, "Extra inputs are not permitted"),
+    ],
+)
+def test_fields_asking_for_what_is_not_here_are_refused_by_name(
+    client: openai.OpenAI, field: str, value: object, why: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={field: value}
+        )
+    error = err.value.body
+    assert isinstance(error, dict) and error["param"] == field, error
+    assert error["message"].startswith(f"{field}: ") and why in error["message"], error
+
+
 def test_a_port_in_use_is_said_before_anything_loads() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
