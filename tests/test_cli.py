@@ -200,6 +200,27 @@ def test_a_chat_killed_mid_turn_keeps_a_whole_log_and_frees_it(
     child.expect(pexpect.EOF)
 
 
+def test_a_log_that_cannot_be_saved_keeps_the_chat_in_memory(
+    gpt_oss_path: Path, tmp_path: Path
+) -> None:
+    """Its folder replaced by a file mid-chat: the turn is not lost, the user is told,
+    and \\save PATH puts the whole conversation elsewhere."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    child = spawn_chat(gpt_oss_path, folder / "chat.json", "--temperature", "0")
+    folder.rmdir()
+    folder.write_text("now a file")
+    child.sendline(HELLO.user)
+    child.expect_exact(HELLO.final)
+    child.expect_exact("kept in memory")
+    child.expect("You: ")
+    say(child, "\\save " + str(tmp_path / "rescued.json"), "Saved")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    (chat,) = json.loads((tmp_path / "rescued.json").read_text())["chats"].values()
+    assert [m["content"] for m in chat["messages"]] == [HELLO.user, HELLO.analysis, HELLO.final]
+
+
 def test_resuming_a_log_brings_back_its_model_prompt_config_and_settings(
     gpt_oss_path: Path, tmp_path: Path
 ) -> None:

@@ -263,7 +263,15 @@ class VoiceAssistant:
             self.speaker.close()
 
     def save(self) -> None:
-        save_chat_log(self.log_path, self.log)
+        """Write the log; a failure is said and the conversation goes on in memory (the
+        next turn's save tries again)."""
+        try:
+            save_chat_log(self.log_path, self.log)
+        except OSError as e:
+            self.report.notice(
+                f"Could not save {self.log_path} ({e.strerror or e}); the conversation is "
+                "kept in memory."
+            )
 
     def serve(self, stop: threading.Event) -> None:
         """Run the loop until `stop` is set (SIGINT/SIGTERM in the CLI); then close cleanly."""

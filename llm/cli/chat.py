@@ -208,8 +208,19 @@ class ChatSession:
             self.toolbox.close()
             self.toolbox = None
 
-    def save(self) -> None:
-        save_chat_log(self.log_path, self.log)
+    def save(self) -> bool:
+        """Write the log; if that fails (its folder gone, the disk full), say so and keep
+        the conversation in memory: `\\save PATH` can still put it somewhere."""
+        try:
+            save_chat_log(self.log_path, self.log)
+        except OSError as e:
+            self.console.print(
+                f"[yellow]Could not save {self.log_path} ({e.strerror or e}); the conversation "
+                "is kept in memory: \\save PATH saves it elsewhere.[/]",
+                highlight=False,
+            )
+            return False
+        return True
 
     # --------------------------------------------------------------- commands
     def command(self, line: str) -> bool:
@@ -237,8 +248,8 @@ class ChatSession:
     def _cmd_save(self, arg: str) -> None:
         if arg:
             self._switch_log(Path(arg).expanduser())
-        self.save()
-        self.console.print(f"[dim]Saved {self.log_path}[/]")
+        if self.save():
+            self.console.print(f"[dim]Saved {self.log_path}[/]")
 
     def _cmd_load(self, arg: str) -> None:
         if not arg:
@@ -623,9 +634,10 @@ def repl(session: ChatSession, console: Console) -> None:
                 break
             continue
         session.say(message.strip())
-    session.save()
+    saved = session.save()
     session.close()
-    console.print(f"[dim]Chat saved to {session.log_path}[/]")
+    if saved:
+        console.print(f"[dim]Chat saved to {session.log_path}[/]")
 
 
 def main() -> None:
