@@ -245,6 +245,8 @@ def parse_chat_log(raw: Any, source: str = "<chat log>") -> tuple[ChatLog, int]:
         raise ConfigError(f"{source}: {e}") from None
     except (TypeError, ValueError, OverflowError) as e:  # a value of the wrong kind deep inside
         raise ConfigError(f"{source}: not a valid chat log ({e})") from None
+    if "schema_version" not in raw and "chats" not in raw:
+        raise ConfigError(f"{source}: not a chat log (no 'messages' or 'chats' in it)")
     raise ConfigError(f"{source}: unknown chat log schema_version {version!r}")
 
 
@@ -268,7 +270,7 @@ def repair(log: ChatLog) -> list[str]:
     by_age = sorted(log.chats, key=lambda c: log.chats[c].metadata.created_at.unix)
     order += [c for c in by_age if c not in order]
     if order != log.chat_order:
-        notes.append(f"chat_order listed {len(log.chat_order)} chats, {len(order)} exist: rebuilt")
+        notes.append(f"chat_order rebuilt: {_order_problems(log)}")
         log.chat_order = order
     if log.active_chat_id not in log.chats:
         notes.append(
@@ -279,6 +281,25 @@ def repair(log: ChatLog) -> list[str]:
     for chat_id, chat in log.chats.items():
         notes += [f"chat {chat_id}: {n}" for n in _repair_chat(chat)]
     return notes
+
+
+def _order_problems(log: ChatLog) -> str:
+    """What was wrong with a log's chat_order, in words."""
+    gone = [c for c in dict.fromkeys(log.chat_order) if c not in log.chats]
+    unlisted = [c for c in log.chats if c not in log.chat_order]
+    twice = len(log.chat_order) - len(set(log.chat_order))
+    parts = []
+    if gone:
+        parts.append(f"{_count(len(gone), 'listed chat')} missing ({', '.join(gone[:3])})")
+    if unlisted:
+        parts.append(f"{_count(len(unlisted), 'chat')} not listed ({', '.join(unlisted[:3])})")
+    if twice:
+        parts.append(f"{_count(twice, 'chat')} listed twice")
+    return "; ".join(parts) or "out of order"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _repair_chat(chat: Chat) -> list[str]:

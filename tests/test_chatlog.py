@@ -166,6 +166,10 @@ BAD_LOGS = {
         b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
         "text at messages[0].content is not valid Unicode (a lone surrogate",
     ),
+    "another kind of JSON file": (
+        b'{"profiles": {"a": {"model": "m"}}}',
+        "not a chat log (no 'messages' or 'chats' in it)",
+    ),
     "no chats": (
         b'{"schema_version": 2, "chats": {}, "active_chat_id": "zzz"}',
         "no chats in it (and so no active chat)",
@@ -251,7 +255,7 @@ def test_broken_v2_logs_are_repaired_with_a_note_each_and_lose_no_message(
     notes = "\n".join(log.repairs)
     for expected in (
         "ISO strings",
-        "chat_order",
+        "chat_order rebuilt: 1 listed chat missing (gone); 1 chat not listed (chat-002)",
         "active_chat_id 'chat-that-is-not-there'",
         "1 duplicate message ids",
         "updated_at",

@@ -348,6 +348,8 @@ def test_chat_resumes_an_original_v1_log(gpt_oss_path: Path, tmp_path: Path) -> 
     log = tmp_path / "old.json"
     log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
     child = spawn_chat(gpt_oss_path, log, "--temperature", "0", "--max-tokens", "5")
+    recap = plain(child.before)
+    assert "You said: Hello" in recap and "Assistant: Hi" in recap  # its replies too
     say(child, "\\history", "Hi")
     child.sendline("\\quit")
     child.expect(pexpect.EOF)

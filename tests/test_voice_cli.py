@@ -301,6 +301,7 @@ def test_no_usable_microphone_falls_back_to_the_text_chat(
     out = "\n".join(run.lines)
     assert "No usable audio device: no input device matching 'no-such-microphone'" in out
     assert "Falling back to the text chat." in out
+    assert "Resumed" not in out  # a new log, not one of 0 messages
     assert ANSWER in out
 
 

@@ -264,7 +264,11 @@ class VoiceAssistant:
 
     def save(self) -> None:
         """Write the log; a failure is said and the conversation goes on in memory (the
-        next turn's save tries again)."""
+        next turn's save tries again). A new log where nobody said anything yet is not
+        written: closing without a word leaves no file behind."""
+        said = any(m.role == "user" for c in self.log.chats.values() for m in c.messages)
+        if not said and not self.log_path.exists():
+            return
         try:
             save_chat_log(self.log_path, self.log)
         except OSError as e:

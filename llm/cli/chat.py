@@ -172,7 +172,13 @@ class ChatSession:
 
     def _show_last_exchanges(self, count: int = 2) -> None:
         """Where the conversation stands: its last questions and answers, shortened."""
-        shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
+        # An answer: the final channel, or no channel at all (v1 logs, other models).
+        shown = [
+            m
+            for m in self.chat.messages
+            if m.role == "user"
+            or (m.role == "assistant" and m.channel in (None, "final") and not m.recipient)
+        ]
         starts = [i for i, m in enumerate(shown) if m.role == "user"]
         if not starts:
             return
