@@ -147,29 +147,42 @@ class HarmonyFormat:
 class HarmonyDecoder:
     """Feeds tokens to openai-harmony's StreamableParser and reports deltas and messages.
 
-    A model that breaks the format (a small or damaged one) would make the parser raise
-    mid-turn; the rest of the turn is then decoded as plain final text, so the user still
-    sees what it said.
+    A model that breaks the format (a small or damaged one) gets what can be recovered,
+    and special-token text is never shown, spoken or stored: the parser takes a special
+    token it did not expect inside a message as text (`Hi<|message|>more`), so such a
+    token is dropped here; `<|channel|>` or `<|start|>` there begins a new message (the
+    model forgot to end the last one), so the answer after it is still the answer. Where
+    the parser raises, the rest of the turn is plain text on the channel it was in.
+    (The debug log keeps the raw tokens.)
     """
 
     def __init__(self, encoding: HarmonyEncoding) -> None:
         self._enc = encoding
         self._parser = StreamableParser(encoding, role=Role.ASSISTANT)
         self._done = 0
+        self._text = ""  # the open message's text, special tokens left out
         self._raw: list[int] | None = None
         self._raw_text = ""
+        self._raw_channel = "final"
 
     def feed(self, token: int) -> list[TextDelta | MessageDone]:
+        special = self._enc.is_special_token(token)
         if self._raw is not None:
-            return self._feed_raw(token)
+            if special and self._enc.decode([token]) in RESTARTS:
+                return self._restart(token)
+            return [] if special else self._feed_raw(token)
         try:
             self._parser.process(token)
         except HarmonyError:
+            self._raw_channel = self._parser.current_channel or "final"
             self._raw = []
-            return self._feed_raw(token)
-        events: list[TextDelta | MessageDone] = []
+            return [] if special else self._feed_raw(token)
         delta = self._parser.last_content_delta
+        if delta and special:  # taken as text: the model broke the format here
+            return self._restart(token) if self._enc.decode([token]) in RESTARTS else []
+        events: list[TextDelta | MessageDone] = []
         if delta:
+            self._text += delta
             channel = self._parser.current_channel or "final"
             events.append(TextDelta(channel, delta, self._parser.current_recipient))
         events += self._completed()
@@ -182,20 +195,42 @@ class HarmonyDecoder:
 
     def finish(self) -> list[TextDelta | MessageDone]:
         """End of generation (stop token, length limit or cancel): flush what is open."""
+        return self._close_open()
+
+    def _close_open(self) -> list[TextDelta | MessageDone]:
+        """The message being written, ended as it stands."""
         if self._raw is not None:
-            text = self._raw_text
-            return [MessageDone(ChatMessage("assistant", text, "final"))] if text else []
-        content = self._parser.current_content
-        if content and self._parser.current_role == Role.ASSISTANT:
+            text, channel, recipient = self._raw_text, self._raw_channel, None
+        else:
+            text = self._text
             channel = self._parser.current_channel or "final"
-            msg = ChatMessage("assistant", content, channel, self._parser.current_recipient)
-            return [MessageDone(msg)]
-        return []
+            recipient = self._parser.current_recipient
+        self._text, self._raw, self._raw_text = "", None, ""
+        if not text or self._parser.current_role not in (None, Role.ASSISTANT):
+            return []
+        return [MessageDone(ChatMessage("assistant", text, channel, recipient))]
+
+    def _restart(self, token: int) -> list[TextDelta | MessageDone]:
+        """A new message begun inside the open one: end that one, parse afresh from here."""
+        events = self._close_open()
+        name = self._enc.decode([token])
+        self._parser = StreamableParser(
+            self._enc, role=Role.ASSISTANT if name == "<|channel|>" else None
+        )
+        self._done = 0
+        try:
+            self._parser.process(token)
+        except HarmonyError:
+            self._raw = []
+        return events
 
     def _completed(self) -> list[MessageDone]:
         msgs = self._parser.messages
         new, self._done = msgs[self._done :], len(msgs)
-        return [MessageDone(_from_harmony(m)) for m in new]
+        done = [MessageDone(_from_harmony(m, self._text)) for m in new]
+        if done:
+            self._text = ""
+        return done
 
     def _feed_raw(self, token: int) -> list[TextDelta | MessageDone]:
         assert self._raw is not None
@@ -204,10 +239,14 @@ class HarmonyDecoder:
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             return []
         delta, self._raw_text = text[len(self._raw_text) :], text
-        return [TextDelta("final", delta)] if delta else []
+        return [TextDelta(self._raw_channel, delta)] if delta else []
 
 
-def _from_harmony(msg: Message) -> ChatMessage:
-    text = "".join(getattr(c, "text", "") for c in msg.content)
+# Special tokens that, inside a message's text, mean the model began a new message.
+RESTARTS = frozenset({"<|channel|>", "<|start|>"})
+
+
+def _from_harmony(msg: Message, text: str) -> ChatMessage:
+    """`text`: the message's text as the decoder kept it (special tokens left out)."""
     role = msg.author.role.value
     return ChatMessage(role, text, msg.channel or "final", msg.recipient, msg.author.name)
