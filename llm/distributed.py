@@ -38,6 +38,13 @@ def world() -> mx.distributed.Group | None:
     return group if group.size() > 1 else None
 
 
+def is_follower() -> bool:
+    """This process is a rank other than 0: it only mirrors rank 0's model calls (and so
+    must not claim the files rank 0 writes, such as the chat log)."""
+    group = world()
+    return group is not None and group.rank() != 0
+
+
 def load_sharded(ref: str, group: mx.distributed.Group) -> Engine:
     load_model(ref, lazy=True)  # the same one-line errors as an unsharded load
     try:

@@ -23,6 +23,7 @@ from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
+from llm.distributed import is_follower
 from llm.engine import Engine
 from llm.errors import ConfigError
 from voice import ctl, service
@@ -234,7 +235,8 @@ def _main() -> int:
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
     log_path = chat_log_path(log_path, setup.prompt.chats_dir)
-    hold_chat_log(log_path)  # before the models load: another process may be writing it
+    if not is_follower():  # before the models load: another process may be writing it
+        hold_chat_log(log_path)
     voice = not args.text and (config.audio.use_stt or config.audio.use_tts)
 
     # Up before the models load: a second instance is refused at once, and `ctl status`

@@ -34,6 +34,7 @@ from llm.chatlog import (
 from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
 from llm.cli.multiline import read_message
 from llm.config import SamplingParams
+from llm.distributed import is_follower
 from llm.errors import ConfigError, HarmonyError, first_error
 from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
 from llm.remote import RemoteEngine
@@ -566,7 +567,8 @@ def _main() -> int:
     resume_choices(args, warn)
     setup = resolve(args, warn)
     log_path = chat_log_path(args.chat, setup.prompt.chats_dir)
-    hold_chat_log(log_path)  # before the model loads: another process may be writing it
+    if not is_follower():  # before the model loads: another process may be writing it
+        hold_chat_log(log_path)
     started = time.perf_counter()
     with console.status(f"Loading {setup.model} …"):
         engine = load_engine(

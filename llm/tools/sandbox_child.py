@@ -296,6 +296,7 @@ class Worker:
         mine.shutdown(socket.SHUT_RD)  # nothing the worker writes here is ever read
         self.pid, self.requests = pid, mine
         self.cap = settings["max_output_chars"] * 4 + 256  # UTF-8 and the notice
+        self.silent = False  # the last call's pipe ended with nothing in it
 
     def ask(self, code: str) -> str | None:
         """Send one cell; the worker's answer, or None if it died or broke the framing."""
@@ -312,6 +313,10 @@ class Worker:
             return None
         finally:
             os.close(answer_r)
+        # Nothing at all before the pipe's end: the worker is gone (a limit killed it);
+        # its exit is then waited for, so the report says which limit. (Code that closes
+        # its own answer pipe and lives on is waited for until the call's timeout.)
+        self.silent = frame == b""
         if frame is None or len(frame) < HEADER.size:
             return None
         if HEADER.unpack(frame[: HEADER.size])[0] != len(frame) - HEADER.size:
@@ -338,8 +343,9 @@ class Worker:
 
     def died(self) -> int | None:
         """Its exit status as `subprocess` reports one (-N for signal N) if it has ended
-        on its own (e.g. a limit killed it); None while it runs."""
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        on its own (e.g. a limit killed it); None while it runs. After a silent end it
+        is waited for: the pipe closes as it exits, a moment before it can be reaped."""
+        pid, status = os.waitpid(self.pid, 0 if self.silent else os.WNOHANG)
         return os.waitstatus_to_exitcode(status) if pid else None
 
 
