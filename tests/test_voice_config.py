@@ -38,8 +38,9 @@ def test_the_original_moshi_config_is_read_and_its_unused_fields_named(tmp_path:
     path = tmp_path / "moshi-config.json"
     path.write_text(json.dumps(raw))
     config, ignored = load_voice_config(path)
-    assert config.stt.model == raw["stt_model_path"]
-    assert config.tts.voice == raw["tts_voice_path"]
+    # Its *_path fields are folders beside it, as the original read them: never hub ids.
+    assert config.stt.model == str(tmp_path / raw["stt_model_path"])
+    assert config.tts.voice == str(tmp_path / raw["tts_voice_path"])
     assert config.endpointing.silence_ms == raw["stt_silence_ms"]
     assert config.endpointing.energy_threshold == raw["stt_silence_threshold"]
     assert "tts_chunk_chars" in ignored  # the answer is spoken word by word now
@@ -161,3 +162,27 @@ def test_voice_mode_speaks_plainly_and_thinks_briefly_unless_told_otherwise(
     assert spoken_prompt(flag, LlmSection()).reasoning_effort == "medium"
     off = spoken_prompt(PromptConfig(), LlmSection(spoken_style=None, reasoning_effort=None))
     assert off.developer_instructions is None and off.reasoning_effort == "medium"
+
+
+def test_the_original_config_with_its_models_missing_is_one_line_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    """Its relative model folders are not there: said at once (no hub retries, no chat
+    model loaded first), naming the field and where it was looked for."""
+    import subprocess
+    import sys
+
+    if not SEED.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    path = tmp_path / "moshi-config.json"
+    path.write_text(SEED.read_text())
+    out = subprocess.run(
+        [sys.executable, "-m", "voice.cli", "--config", str(path), "--no-control"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        f"error: {path}: field 'stt.model': {tmp_path}/models/stt-2.6b-en-mlx: "
+        "no such file or folder"
+    )
+    assert "Loading" not in out.stdout

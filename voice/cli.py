@@ -28,7 +28,14 @@ from llm.engine import Engine
 from llm.errors import ConfigError
 from voice import ctl, service
 from voice.audio_io import MODEL_RATE, AudioError, list_devices
-from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config, spoken_prompt
+from voice.config import (
+    SECTIONS,
+    VoiceConfig,
+    apply_override,
+    check_local_paths,
+    load_voice_config,
+    spoken_prompt,
+)
 from voice.control import ControlServer, Loading, default_socket_path
 from voice.daemon import TurnTimings, VoiceAssistant
 from voice.logfile import log_to_file
@@ -232,6 +239,8 @@ def _main() -> int:
     if args.list_voices:
         print("\n".join(list_voices(config.tts.voice_repo)))
         return 0
+    if not args.text:
+        check_local_paths(config, str(args.config) if args.config else "voice settings")
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
     log_path = chat_log_path(log_path, setup.prompt.chats_dir)

@@ -303,12 +303,24 @@ def parse_voice_config(raw: Any, source: str = "<voice config>") -> tuple[VoiceC
 
 def load_voice_config(path: Path | str) -> tuple[VoiceConfig, list[str]]:
     path = Path(path)
-    config, ignored = parse_voice_config(read_json(path), str(path))
-    return resolve_paths(config, path), ignored
+    raw = read_json(path)
+    config, ignored = parse_voice_config(raw, str(path))
+    seed = isinstance(raw, dict) and is_seed_layout(raw)
+    return resolve_paths(config, path, seed), ignored
 
 
-def resolve_paths(config: VoiceConfig, anchor: Path) -> VoiceConfig:
-    """Relative file references in a config mean beside that config (if they exist there)."""
+# The original layout's `*_path` fields are folders and files, never hub ids.
+SEED_PATHS = (("stt", "model"), ("tts", "model"), ("tts", "voice"))
+
+
+def resolve_paths(config: VoiceConfig, anchor: Path, seed: bool = False) -> VoiceConfig:
+    """Relative file references in a config mean beside that config (if they exist there;
+    in the original layout always, as that tool read them)."""
+    for section, name in SEED_PATHS if seed else ():
+        sec = getattr(config, section)
+        value = getattr(sec, name)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(sec, name, str(anchor.parent.absolute() / value))
     for section, name in (
         ("llm", "profiles"),
         ("llm", "prompt_config"),
@@ -325,6 +337,26 @@ def resolve_paths(config: VoiceConfig, anchor: Path) -> VoiceConfig:
             if beside.exists():
                 setattr(sec, name, str(beside))
     return config
+
+
+def check_local_paths(config: VoiceConfig, source: str) -> None:
+    """Every model and voice given as a path (absolute: a hub id never is) exists: said in
+    one line before anything loads, not after the chat model and a hub's retries."""
+    wanted = []
+    if config.audio.use_stt:
+        wanted.append(("stt", "model"))
+    if config.audio.use_tts:
+        wanted += [("tts", "model"), ("tts", "voice")]
+    for section, name in wanted:
+        value = getattr(getattr(config, section), name)
+        if (
+            value
+            and Path(value).expanduser().is_absolute()
+            and not Path(value).expanduser().exists()
+        ):
+            raise ConfigError(
+                f"{source}: field '{section}.{name}': {value}: no such file or folder"
+            )
 
 
 def apply_override(config: VoiceConfig, dotted: str, value: Any) -> VoiceConfig:
