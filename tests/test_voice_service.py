@@ -217,3 +217,33 @@ def test_the_log_file_is_stamped_and_rotated(monkeypatch, tmp_path: Path) -> Non
     lines = path.read_text().splitlines()
     assert lines[-1][20:] == "no newline at the end" and lines[-2][20:] == "half done"
     assert all(line[4] == "-" and line[19] == " " for line in lines)  # "YYYY-MM-DD HH:MM:SS "
+
+
+NO_USER_MANAGER = """#!/bin/sh
+echo "$*" >> "$SYSTEMCTL_CALLS"
+case "$*" in
+  --version) echo "systemd 255 (255.4-1)";;
+  *) echo "Failed to connect to bus: No medium found" >&2; exit 1;;
+esac
+"""
+
+
+def test_without_a_user_service_manager_nothing_is_left_and_status_says_so(
+    home: dict[str, str],
+) -> None:
+    (Path(home["PATH"].split(":")[0]) / "systemctl").write_text(NO_USER_MANAGER)
+    unit = Path(home["XDG_CONFIG_HOME"]) / "systemd" / "user" / "mlx-harmony-voice.service"
+    out = service(home, "install")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: systemctl --user daemon-reload failed: Failed to connect")
+    assert "nothing was installed (is a systemd user instance running?" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert not unit.exists()
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text("[Service]\nExecStart=/bin/true\n")  # one put there by hand
+    out = service(home, "status")
+    assert out.stdout.splitlines()[0] == (
+        "systemd user unit: not running (no user service manager answers)"
+    )
+    assert service(home, "install").returncode == 2
+    assert unit.read_text() == "[Service]\nExecStart=/bin/true\n"  # put back as it was

@@ -133,6 +133,11 @@ class Systemd:
     """The user's systemd instance, through `systemctl --user`."""
 
     name = "systemd user unit"
+    # What to try when no user instance answers (a server, a container, an ssh session).
+    hint = (
+        "is a systemd user instance running? `systemctl --user status` tells; on a server, "
+        "`loginctl enable-linger $USER` starts one at boot"
+    )
 
     @property
     def file(self) -> Path:
@@ -185,6 +190,8 @@ class Systemd:
             check=False,
         )  # fmt: skip
         props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if "ActiveState" not in props:  # systemctl could not reach a user instance
+            return ManagerState(False, "not running (no user service manager answers)")
         active = props.get("ActiveState", "unknown")
         detail = f"{active} ({props.get('SubState', '?')})"
         if active == "active" and props.get("ActiveEnterTimestamp"):
@@ -200,6 +207,7 @@ class Launchd:
     """The user's launchd domain, through `launchctl`."""
 
     name = "launchd agent"
+    hint = "run it from a logged-in user's session (launchctl's gui domain)"
 
     @property
     def file(self) -> Path:
@@ -306,8 +314,16 @@ def install(config: Path | None, start: bool) -> str:
         config = config.expanduser().resolve()
         load_voice_config(config)  # a broken config is refused now, not at every login
     m = manager()
+    before = m.file.read_bytes() if m.file.is_file() else None
     atomic_write_bytes(m.file, m.text(command_line(config)))
-    m.load(start)
+    try:
+        m.load(start)
+    except ConfigError as e:  # no manager to take it: leave things as they were
+        if before is None:
+            m.file.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(m.file, before)
+        raise ConfigError(f"{e}; nothing was installed ({m.hint})") from None
     what = "installed and started" if start else "installed (starts at next login)"
     return (
         f"{m.name} {what}: {m.file}\n"
