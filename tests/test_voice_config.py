@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llm.errors import ConfigError
-from voice.cli import build_parser, voice_config
-from voice.config import VoiceConfig, apply_override, load_voice_config
+from voice.cli import FLAG_SECTIONS, build_parser, voice_config
+from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
 
 ROOT = Path(__file__).parent.parent
 SEED = ROOT.parent / "shared" / "data" / "seed-configs" / "moshi-config.example.json"
@@ -169,9 +169,6 @@ def test_the_original_config_with_its_models_missing_is_one_line_before_anything
 ) -> None:
     """Its relative model folders are not there: said at once (no hub retries, no chat
     model loaded first), naming the field and where it was looked for."""
-    import subprocess
-    import sys
-
     if not SEED.exists():
         pytest.skip("../shared/data is not beside this checkout")
     path = tmp_path / "moshi-config.json"
@@ -186,3 +183,17 @@ def test_the_original_config_with_its_models_missing_is_one_line_before_anything
         "no such file or folder"
     )
     assert "Loading" not in out.stdout
+
+
+def test_every_config_flag_says_its_type_default_and_meaning() -> None:
+    """--help is generated from the config model: no bare VALUE, no flag without help."""
+    actions = {a.dest: a for a in build_parser()._actions}
+    for section in FLAG_SECTIONS:
+        for name, field in SECTIONS[section].model_fields.items():
+            action = actions[f"cfg__{section}__{name}"]
+            assert action.metavar != "VALUE", (section, name)
+            assert action.help and "(default: " in action.help, (section, name, action.help)
+            assert field.description and field.description in action.help, (section, name)
+    silence = actions["cfg__endpointing__silence_ms"]
+    assert silence.metavar == "INT" and silence.help.endswith("(default: 700)")
+    assert actions["cfg__endpointing__detector"].metavar == "{energy,silero}"

@@ -7,15 +7,17 @@ service …` (run it in the background from login on).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from types import FrameType
-from typing import get_args
+from types import FrameType, NoneType, UnionType
+from typing import Literal, Union, get_args, get_origin
 
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.text import Text
 
@@ -155,11 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
             flag = f"--{section}-{name}".replace("_", "-")
             dest = f"cfg__{section}__{name}"
             kinds = get_args(field.annotation) or (field.annotation,)
+            about = flag_help(field)
             if bool in kinds:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction)
+                group.add_argument(
+                    flag, dest=dest, action=argparse.BooleanOptionalAction, help=about
+                )
             else:
-                group.add_argument(flag, dest=dest, metavar="VALUE", help=field.description)
+                group.add_argument(flag, dest=dest, metavar=metavar(field), help=about)
     return p
+
+
+def metavar(field: FieldInfo) -> str:
+    """The value a config flag takes, from the field's type: its choices, or its kind."""
+    top = field.annotation
+    union = get_origin(top) in (Union, UnionType)
+    kinds = [k for k in (get_args(top) if union else (top,)) if k is not NoneType]
+    choices = [c for k in kinds if get_origin(k) is Literal for c in get_args(k)]
+    if choices:
+        return "{" + ",".join(str(c) for c in choices) + "}"
+    names = {int: "INT", float: "NUMBER", str: "TEXT"}
+    words = [names.get(k, "LIST" if get_origin(k) is list else "VALUE") for k in kinds]
+    return "|".join(dict.fromkeys(words))
+
+
+def flag_help(field: FieldInfo) -> str:
+    """The field's description and its default, as the config file would hold it."""
+    default = json.dumps(field.get_default(call_default_factory=True))
+    return f"{field.description or ''} (default: {default})".strip().replace("%", "%%")
 
 
 def voice_config(args: argparse.Namespace) -> tuple[VoiceConfig, list[str]]:

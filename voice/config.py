@@ -62,7 +62,7 @@ class TtsSection(_Section):
     voice: str = Field(DEFAULT_VOICE, description="voice name in voice_repo, or a file path")
     voice_repo: str = Field("kyutai/tts-voices", description="repo id or folder of voices")
     quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
-    temperature: float = Field(0.6, ge=0.0)
+    temperature: float = Field(0.6, ge=0.0, description="sampling temperature of the voice")
     cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
     codebooks: int | None = Field(
         8, ge=1, description="audio codebooks to generate at most (null: all); fewer = faster"
@@ -178,11 +178,11 @@ class ActivationSection(_Section):
     earcons: bool | None = Field(
         None, description="short tones when it starts and stops listening; default: unless always"
     )
-    earcon_volume: float = Field(0.2, ge=0, le=1)
+    earcon_volume: float = Field(0.2, ge=0, le=1, description="loudness of the earcons, 0-1")
 
 
 class DisplaySection(_Section):
-    show_reasoning: bool = False
+    show_reasoning: bool = Field(False, description="print the model's reasoning")
     status: bool | None = Field(
         None, description="state changes on their own lines; default: only on a terminal"
     )
