@@ -248,7 +248,9 @@ def test_its_own_voice_through_the_room_does_not_interrupt_it_but_the_user_does(
     """Loudspeakers: the speaker is looped into the microphone with a room's delay. With
     echo cancellation (the default) the assistant's own voice is removed from what the
     microphone hears, so barge-in is on and only the user's voice interrupts it."""
-    assistant, rec, _ = make_assistant()
+    # Greedy: the answers are the trained ones, long enough to be interrupted (sampled,
+    # a two-token answer once ended before the interruption was played).
+    assistant, rec, _ = make_assistant(prompt=PromptConfig(sampling={"temperature": 0.0}))
     assert assistant.echo is not None and assistant.rules.barge_in
     loop = virtual_audio.loop_speaker_into_mic(delay_ms=60)
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)

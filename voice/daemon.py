@@ -264,10 +264,10 @@ class VoiceAssistant:
 
     def save(self) -> None:
         """Write the log; a failure is said and the conversation goes on in memory (the
-        next turn's save tries again). A new log where nobody said anything yet is not
-        written: closing without a word leaves no file behind."""
-        said = any(m.role == "user" for c in self.log.chats.values() for m in c.messages)
-        if not said and not self.log_path.exists():
+        next turn's save tries again). A new log with no message at all is not written:
+        an assistant that could not even open its devices leaves no file behind."""
+        empty = not any(c.messages for c in self.log.chats.values())
+        if empty and not self.log_path.exists():
             return
         try:
             save_chat_log(self.log_path, self.log)
