@@ -362,3 +362,17 @@ def test_a_log_where_nothing_can_be_written_is_refused_before_loading(tmp_path: 
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith(f"error: {tmp_path}/file.json/c.json: cannot write a chat log")
+
+
+def test_migrate_to_where_nothing_can_be_written_is_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "chat.json"
+    src.write_bytes((DATA / "chatlog-v1.json").read_bytes())
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "o.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.cli.migrate", str(src), "-o", str(target)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: {target}: cannot write a chat log there")
+    assert src.read_bytes() == (DATA / "chatlog-v1.json").read_bytes()
