@@ -81,6 +81,7 @@ class _Clock:
     start: float
     first_token: float | None = None
     first_final: float | None = None
+    last_token: float | None = None
 
     def since(self, t: float | None) -> float | None:
         return None if t is None else t - self.start
@@ -251,7 +252,8 @@ class Engine:
                     self._cache.tokens.append(prompt_tokens[-1])
                 self._cache.tokens.append(token)
                 generated.append(token)
-                clock.first_token = clock.first_token or time.perf_counter()
+                clock.last_token = time.perf_counter()
+                clock.first_token = clock.first_token or clock.last_token
                 for event in decoder.feed(token):
                     yield self._track(event, clock, done)
                 reasoning += decoder.reasoning
@@ -278,7 +280,9 @@ class Engine:
             mx.eval([c.state for c in self._cache.cache])
         for event in decoder.finish():
             yield self._track(event, clock, done)
-        end = time.perf_counter()
+        # The turn's time ends with its last token, as mlx-lm counts it: the step
+        # generate_step had already queued after it (waited for above) is not the answer's.
+        end = clock.last_token or time.perf_counter()
         stats = GenerationStats(
             prompt_tokens=len(prompt_tokens),
             cached_tokens=cached,
