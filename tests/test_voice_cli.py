@@ -177,17 +177,23 @@ def test_sigint_while_speaking_saves_what_was_heard(
     assert messages[-1]["voice_timings"]["interrupted"] is True
 
 
+def listening(env, config: Path, tmp_path: Path) -> tuple[Running, Path, Path]:
+    """The assistant started with a chat log and a control socket of the test's own,
+    once it listens; and those two paths."""
+    log, sock = tmp_path / "chat.json", tmp_path / "run" / "voice.sock"
+    run = Running(
+        [*VOICE, "--config", str(config), "--chat", str(log), "--control-socket", str(sock)],
+        env,
+    )
+    run.wait_for("Listening.")
+    return run, log, sock
+
+
 @pytest.mark.slow
 def test_a_running_assistant_takes_typed_lines_and_ctl_commands(
     voice_env, voice_config_file, tmp_path
 ) -> None:
-    log, sock = tmp_path / "chat.json", tmp_path / "run" / "voice.sock"
-    run = Running(
-        [*VOICE, "--config", str(voice_config_file), "--chat", str(log),
-         "--control-socket", str(sock)],
-        voice_env,
-    )  # fmt: skip
-    run.wait_for("Listening.")
+    run, log, sock = listening(voice_env, voice_config_file, tmp_path)
     # One assistant per socket: a second one is refused before it loads anything.
     second = subprocess.run(
         [*VOICE, "--config", str(voice_config_file), "--control-socket", str(sock)],
@@ -230,18 +236,13 @@ def test_a_running_assistant_takes_typed_lines_and_ctl_commands(
     assert gone.returncode == 2 and gone.stderr.startswith("error: no assistant is running")
 
 
+@pytest.mark.slow
 def test_an_assistant_killed_mid_turn_keeps_a_whole_log_and_frees_it(
     voice_env, voice_config_file, tmp_path
 ) -> None:
     """kill -9 while a second typed question is answered and saved: the log parses and
     keeps the first turn, and the log is free for the next process at once."""
-    log, sock = tmp_path / "chat.json", tmp_path / "run" / "voice.sock"
-    run = Running(
-        [*VOICE, "--config", str(voice_config_file), "--chat", str(log),
-         "--control-socket", str(sock)],
-        voice_env,
-    )  # fmt: skip
-    run.wait_for("Listening.")
+    run, log, _ = listening(voice_env, voice_config_file, tmp_path)
     assert run.proc.stdin is not None
     run.proc.stdin.write("What is the capital of France?\n")
     run.proc.stdin.flush()
