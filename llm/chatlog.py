@@ -374,6 +374,10 @@ def hold_chat_log(path: Path | str) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"{path}: cannot write a chat log there (a part of its folder is a file)"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot write a chat log there ({e.strerror or e})") from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
