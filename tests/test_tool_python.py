@@ -536,3 +536,21 @@ def test_calls_work_while_the_assistant_holds_many_descriptors(sandbox: PythonSa
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_sandbox_that_cannot_start_is_an_answer_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    """E.g. root's user namespace refused (user.max_user_namespaces = 0)."""
+    from llm.tools import python_sandbox
+
+    def refused(*_: object, **__: object) -> None:
+        raise OSError("could not create a user namespace for the python tool")
+
+    box = PythonSandbox(tmp_path / "ws", SandboxLimits(timeout_s=20))
+    monkeypatch.setattr(python_sandbox.subprocess, "Popen", refused)
+    out = box.run("print(1)")
+    assert out == (
+        "The python sandbox could not start: could not create a user namespace for the python tool."
+    )
+    monkeypatch.undo()
+    assert box.run("print(2)") == "2\n"
+    box.close()

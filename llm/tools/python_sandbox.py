@@ -325,7 +325,12 @@ class PythonSandbox:
     def run(self, code: str) -> str:
         """Run `code`; return what the model reads (output, traceback or what went wrong)."""
         if self._proc is None or self._proc.poll() is not None:
-            self._start()
+            try:
+                self._start()
+            except OSError as e:  # no user namespace for root's sandbox, a workspace it
+                # cannot own or enter: the model reads why, the assistant goes on
+                self.close()
+                return f"The python sandbox could not start: {e.strerror or e}."
         assert self._proc is not None and self._proc.stdin is not None
         self._next_id += 1
         request = json.dumps({"id": self._next_id, "code": code}) + "\n"
