@@ -156,7 +156,7 @@ def print_report(results: dict) -> None:
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
         for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
                     "first_chunk_ms", "first_audio_ms", "speculative_turns",
-                    "speculations_dropped"):  # fmt: skip
+                    "speculations_dropped", "ended_by_detector", "turn_model_ms"):  # fmt: skip
             cells = [vs[f"{label}_{key}"] for label in labels]
             text = "".join(
                 f"{'-':>{width}}" if v is None
@@ -198,6 +198,9 @@ def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
 
 
 PREFILL_VARIANTS = {"both": (True, False), "on": (True,), "off": (False,)}
+# The turn detector: the config's, on (as configured), off (the silence rule), or both
+# (the silence rule first: the first variant of a process pays CUDA's compilation).
+TURN_MODEL_VARIANTS = {"config": (None,), "on": (None,), "off": (False,), "both": (False, None)}
 
 
 def speculate_variants(choice: str, configured: int | None) -> tuple[int | None, ...]:
@@ -275,7 +278,8 @@ def voice_latency(
             config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
             devices=args.voice_devices, one_chat=args.voice_one_chat,
             variants=tuple(
-                (prefill, speculate)
+                (prefill, speculate, detector)
+                for detector in TURN_MODEL_VARIANTS[args.voice_turn_model]
                 for prefill in PREFILL_VARIANTS[args.voice_prefill]
                 for speculate in speculate_variants(
                     args.voice_speculate, config.endpointing.speculate_ms
@@ -326,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative start (endpointing.speculate_ms) as configured "
                    "(default), on, off, both in one process, or milliseconds for each "
                    "variant (0,250,160)")  # fmt: skip
+    p.add_argument("--voice-turn-model", choices=tuple(TURN_MODEL_VARIANTS), default="config",
+                   help="the turn detector: as configured, off (silence), or both")  # fmt: skip
     p.add_argument("--voice-one-chat", action="store_true",
                    help="a variant's rounds as one chat (else a new chat each)")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",

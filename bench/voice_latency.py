@@ -11,6 +11,7 @@ without prefilling the words heard while the user is still speaking.
 
 from __future__ import annotations
 
+import re
 import shutil
 import statistics
 import subprocess
@@ -35,10 +36,12 @@ from voice.control import Reply, Request
 from voice.daemon import TurnTimings, VoiceAssistant
 from voice.stt import Transcriber
 from voice.tts import Synthesizer
+from voice.turn_scorer import load_turn_scorer
 from voice.vad import make_detector
 
-# (prefill while listening, endpointing.speculate_ms or None for the config's)
-Variant = tuple[bool, int | None]
+# (prefill while listening, endpointing.speculate_ms or None for the config's, the turn
+# model on or off or None for the config's)
+Variant = tuple[bool, int | None, bool | None]
 QUESTIONS = [
     "What is the capital of France?",
     "Tell me a joke.",
@@ -63,6 +66,10 @@ class LatencyRecord:
     speculative: bool = False
     speculations_dropped: int = 0  # answers started during this question, then dropped
     speculate_ms: int = 0  # endpointing.speculate_ms in effect (0: off)
+    turn_model: bool = False  # the turn detector was on
+    ended_by: str = ""  # what ended the turn (silence, turn detector, …)
+    # The turn model's median turnaround over the variant (request → result on the loop).
+    turn_model_ms: float | None = None
 
     @classmethod
     def of(cls, prefill: bool, turn: int, t: TurnTimings, dropped: int = 0) -> LatencyRecord:
@@ -73,7 +80,7 @@ class LatencyRecord:
             prefill, turn, t.endpoint_ms, t.transcript_ms - t.endpoint_ms,
             gap(t.transcript_ms, t.first_token_ms), gap(t.first_token_ms, t.first_final_ms),
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
-            t.prompt_tokens, t.speculative, dropped,
+            t.prompt_tokens, t.speculative, dropped, ended_by=t.ended_by,
         )  # fmt: skip
 
     def row(self) -> dict:
@@ -104,12 +111,13 @@ def run(
     tts: Synthesizer,
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
-    variants: tuple[Variant, ...] = ((True, None), (False, None)),
+    variants: tuple[Variant, ...] = ((True, None, None), (False, None, None)),
     one_chat: bool = False,
 ) -> list[LatencyRecord]:
     """Each of `variants` in turn, in one process (so a backend that compiles kernels per
-    shape pays once): prefill while listening on or off, and `endpointing.speculate_ms`
-    (None: the config's). `devices`: PulseAudio's
+    shape pays once): prefill while listening on or off, `endpointing.speculate_ms`
+    (None: the config's) and the turn model on or off (None: the config's). `devices`:
+    PulseAudio's
     virtual ones (espeak-ng speech), or `file` ones (no sound
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
     noise; `auto` picks PulseAudio where its tools are installed. `one_chat`: a variant's
@@ -171,10 +179,14 @@ def _run_pulse(
 
 
 def _variant_config(config: VoiceConfig, variant: Variant) -> VoiceConfig:
-    prefill, speculate_ms = variant
+    prefill, speculate_ms, turn_model = variant
     config = apply_override(config, "llm.prefill_while_listening", prefill)
     if speculate_ms is not None:
         config = apply_override(config, "endpointing.speculate_ms", speculate_ms)
+    if speculate_ms == 0:  # no head start at all: nor at a likely end
+        config = apply_override(config, "endpointing.speculate_threshold", None)
+    if turn_model is False:
+        config = apply_override(config, "endpointing.turn_model", None)
     return config
 
 
@@ -186,9 +198,10 @@ def _assistant(
     log.start_chat(Chat.new(setup.model))
     engine.reset()
     collector = _Collector()
+    scorer = load_turn_scorer(cfg.endpointing, MODEL_RATE, print)
     assistant = VoiceAssistant(
         cfg, engine, setup.prompt, stt, tts, make_detector(cfg.endpointing, MODEL_RATE), log,
-        folder / "log.json", collector, **devices,
+        folder / "log.json", collector, turn_scorer=scorer, **devices,
     )  # fmt: skip
     collector.speculations = assistant.speculations
     return assistant, collector
@@ -231,15 +244,32 @@ def _rounds(
     helper.join()
     prefill = config.llm.prefill_while_listening
     speculate = config.endpointing.speculate_ms or 0
+    detector = assistant.rules.policy is not None
+    turnarounds = assistant.scorer.turnarounds if assistant.scorer is not None else []
+    turn_model_ms = statistics.median(turnarounds) * 1000 if turnarounds else None
     return [
-        replace(LatencyRecord.of(prefill, i, t, d), speculate_ms=speculate)
+        replace(
+            LatencyRecord.of(prefill, i, t, d),
+            speculate_ms=speculate,
+            turn_model=detector,
+            turn_model_ms=turn_model_ms,
+        )
         for i, (t, d) in enumerate(zip(collector.timings, collector.dropped, strict=True))
     ]
 
 
+QUESTIONS_SPOKEN = Path(__file__).parent / "data" / "questions"
+
+
 def _speech(text: str) -> np.ndarray:
-    """`text` spoken by espeak-ng at 24 kHz, or, without it, two seconds of speech-like
-    noise (syllable-paced bursts: what an energy detector and a random-weight STT need)."""
+    """`text` as spoken in `bench/data/questions` (espeak-ng, made once: the same speech on
+    every machine), else by espeak-ng at 24 kHz, else two seconds of speech-like noise
+    (syllable-paced bursts: what an energy detector and a random-weight STT need)."""
+    from bench.virtual_audio import read_wav
+
+    spoken = QUESTIONS_SPOKEN / (re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") + ".wav")
+    if spoken.is_file():
+        return read_wav(spoken)
     if shutil.which("espeak-ng") and shutil.which("sox"):
         with tempfile.TemporaryDirectory() as tmp:
             raw, out = Path(tmp) / "raw.wav", Path(tmp) / "out.wav"
@@ -247,8 +277,6 @@ def _speech(text: str) -> np.ndarray:
             subprocess.run(
                 ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out)], check=True
             )
-            from bench.virtual_audio import read_wav
-
             return read_wav(out)
     rng = np.random.default_rng(len(text))
     t = np.arange(2 * MODEL_RATE) / MODEL_RATE
@@ -258,20 +286,30 @@ def _speech(text: str) -> np.ndarray:
 
 def summarize(records: list[LatencyRecord]) -> dict:
     """Medians per variant, as `<label>_<stage>`; `labels` lists the variants in order:
-    `with_prefill` / `without_prefill`, with `_speculate_<ms>` when several were run."""
-    groups = list(dict.fromkeys((r.prefill_while_listening, r.speculate_ms) for r in records))
-    several = len({ms for _, ms in groups}) > 1
+    `with_prefill` / `without_prefill`, with `_speculate_<ms>` when several were run and
+    `_silence` / `_detector` when the turn model was run both ways."""
+
+    def group_of(r: LatencyRecord) -> tuple[bool, int, bool]:
+        return r.prefill_while_listening, r.speculate_ms, r.turn_model
+
+    groups = list(dict.fromkeys(group_of(r) for r in records))
+    several = len({ms for _, ms, _ in groups}) > 1
+    both = len({d for *_, d in groups}) > 1
     out: dict = {"labels": []}
-    for prefill, ms in groups:
-        rows = [r for r in records if (r.prefill_while_listening, r.speculate_ms) == (prefill, ms)]
-        label = ("with_prefill" if prefill else "without_prefill") + (
-            f"_speculate_{ms}" if several else ""
+    for group in groups:
+        prefill, ms, detector = group
+        rows = [r for r in records if group_of(r) == group]
+        label = (
+            ("with_prefill" if prefill else "without_prefill")
+            + (f"_speculate_{ms}" if several else "")
+            + (("_detector" if detector else "_silence") if both else "")
         )
         out["labels"].append(label)
         for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
-                    "first_chunk_ms", "first_audio_ms"):  # fmt: skip
+                    "first_chunk_ms", "first_audio_ms", "turn_model_ms"):  # fmt: skip
             values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
             out[f"{label}_{key}"] = statistics.median(values) if values else None
         out[f"{label}_speculative_turns"] = sum(r.speculative for r in rows)
         out[f"{label}_speculations_dropped"] = sum(r.speculations_dropped for r in rows)
+        out[f"{label}_ended_by_detector"] = sum(r.ended_by == "turn detector" for r in rows)
     return out

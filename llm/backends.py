@@ -43,6 +43,11 @@ class ChatEngine(Protocol):
         """Tokens the prompt will take (None where the prompt is rendered elsewhere)."""
         ...
 
+    def end_of_turn_probability(self, conversation: Conversation) -> float | None:
+        """The model's probability that the user's last message is complete (None where
+        the model is not at hand)."""
+        ...
+
     def reset(self) -> None: ...
 
     def mark(self) -> object:

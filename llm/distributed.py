@@ -197,6 +197,10 @@ class ShardedEngine:
     def prompt_size(self, conversation: Conversation) -> int | None:
         return self.engine.prompt_size(conversation)  # rank 0 alone: no model
 
+    def end_of_turn_probability(self, conversation: Conversation) -> float | None:
+        """Not across ranks: every rank would have to run the same model call."""
+        return None
+
     def reset(self) -> None:
         _broadcast(self.group, _call("reset"))
         self.engine.reset()

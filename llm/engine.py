@@ -357,6 +357,33 @@ class Engine:
         b = self._render(prompt, [*head[:-1], replace(last, content=f"{words[0]} x")], now, tools)
         yield from self._fill(a[: common_prefix(a, b)], step)
 
+    def end_of_turn_probability(self, conversation: Conversation) -> float | None:
+        """The model's probability that the user's last message ends where it does: of the
+        token that closes it in the rendered prompt (`<|end|>` in Harmony, the template's
+        end-of-turn token otherwise), after its last word. A turn-taking signal read from
+        logits the prefill nearly computes anyway: only the tokens past the cache are run,
+        and the cache's checkpoint is left as it was (the live cache is trimmed back by the
+        next prefill)."""
+        history = conversation.history
+        if not history or history[-1].role != "user" or not history[-1].content.strip():
+            return None
+        last = replace(history[-1], content=history[-1].content.rstrip())
+        prompt, now, tools = conversation.prompt, conversation.now, conversation.tools
+        a = self._render(prompt, [*history[:-1], last], now, tools)
+        b = self._render(
+            prompt, [*history[:-1], replace(last, content=f"{last.content} x")], now, tools
+        )
+        n = common_prefix(a, b)
+        if n == 0 or n >= len(a):
+            return None
+        cached = self._cache.reuse(a[:n])  # keeps the last token back: its logits are needed
+        with mx.stream(generation_stream):
+            logits = self.model(mx.array(a[cached:n])[None], cache=self._cache.cache)[0, -1]
+            p = mx.softmax(logits.astype(mx.float32))[a[n]]
+            mx.eval(p, [c.state for c in self._cache.cache])
+        self._cache.tokens += a[cached:n]
+        return float(p.item())
+
     def mark(self) -> object:
         """The conversation's cache as it is now, for `rollback` after a turn that is then
         dropped (a speculative answer the user talked over): what was prefilled before it

@@ -158,6 +158,10 @@ class RemoteEngine:
     def rollback(self, mark: object) -> None:
         """See `mark`."""
 
+    def end_of_turn_probability(self, conversation: Conversation) -> float | None:
+        """Not offered by the remote API (its logits stay on the server)."""
+        return None
+
     def prefill(self, conversation: Conversation) -> int:
         """The remote API has no prefill: the whole prompt is sent at the end of the turn."""
         return 0

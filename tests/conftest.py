@@ -169,7 +169,7 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
     from voice.daemon import VoiceAssistant
     from voice.vad import make_detector
 
-    def make(prompt=None, hears: bool = True, speaks: bool = True, **overrides):
+    def make(prompt=None, hears: bool = True, speaks: bool = True, turn_model=False, **overrides):
         config = VoiceConfig()
         for key, value in (VOICE_TEST_SETTINGS | overrides).items():
             config = apply_override(config, key, value)
@@ -179,9 +179,17 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
         path = tmp_path / "voice-chat.json"
         prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
         detector = make_detector(config.endpointing, 24_000)
+        scorer = None
+        if turn_model:  # the real Smart Turn, from pipecat's wheel
+            from voice.smart_turn import SmartTurn
+            from voice.turn_scorer import TurnScorer
+
+            scorer = TurnScorer(SmartTurn.load(), 24_000)
+            scorer.warmup()
         assistant = VoiceAssistant(
             config, engine, prompt, transcriber if hears else None,
             synthesizer if speaks else None, detector, log, path, recorder,
+            turn_scorer=scorer,
         )  # fmt: skip
         return assistant, recorder, path
 

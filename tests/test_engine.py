@@ -401,3 +401,38 @@ def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
     again = collect(warmed.stream(Conversation(history, seeded)))
     assert again.stats.cached_tokens == 0
     assert again.tokens == fresh.tokens
+
+
+@pytest.mark.parametrize("fixture", ["engine", "chatml_engine"])
+def test_end_of_turn_probability_is_the_models_own_and_leaves_the_cache_exact(
+    fixture: str, request
+) -> None:
+    """The chat model's text signal for turn-taking: the probability of the token that
+    closes the user's message, after its words — the same number a plain forward pass
+    over the whole prompt gives — and the turn answered afterwards is unchanged."""
+    from datetime import datetime
+
+    engine: Engine = request.getfixturevalue(fixture)
+    now = datetime(2026, 11, 25, 12, 0)
+    question = "What is the capital of France?"
+    p_partial = None
+    for n in (3, 6):  # the transcript as it grows (the prefill having caught up)
+        partial = Conversation(
+            [ChatMessage("user", " ".join(question.split()[:n]))], GREEDY, now=now
+        )
+        engine.prefill(partial)
+        p = engine.end_of_turn_probability(partial)
+        tokens = engine._render(GREEDY, partial.history, now, [])
+        ends = engine._render(
+            GREEDY, [ChatMessage("user", f"{partial.history[0].content} x")], now, []
+        )
+        k = next(i for i, (a, b) in enumerate(zip(tokens, ends, strict=False)) if a != b)
+        logits = engine.model(mx.array(tokens[:k])[None])[0, -1].astype(mx.float32)
+        assert p == pytest.approx(mx.softmax(logits)[tokens[k]].item(), rel=1e-3, abs=1e-6)
+        p_partial = p if n == 3 else p_partial
+    assert p_partial is not None and 0 <= p_partial <= 1
+    done = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
+    engine.reset()
+    fresh = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
+    assert done.tokens == fresh.tokens
+    assert engine.end_of_turn_probability(Conversation([], GREEDY, now=now)) is None

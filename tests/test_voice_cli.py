@@ -258,7 +258,7 @@ def test_an_assistant_killed_mid_turn_keeps_a_whole_log_and_frees_it(
     saved = json.loads(log.read_text())
     messages = saved["chats"][saved["active_chat_id"]]["messages"]
     assert messages[0]["content"] == "What is the capital of France?"
-    assert ANSWER in [m["content"] for m in messages]
+    assert ANSWER in [m["content"] for m in messages], run.lines  # what it said, if not
     migrated = subprocess.run(
         [sys.executable, "-m", "llm.cli.migrate", str(log)],
         env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=60,

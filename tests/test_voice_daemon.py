@@ -416,3 +416,32 @@ def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_
     log = json.loads(log_path.read_text())
     messages = log["chats"][log["active_chat_id"]]["messages"]
     assert [m["role"] for m in messages].count("user") == 1
+
+
+def test_the_turn_model_ends_a_finished_question_before_the_silence_would(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """The live loop with the real Smart Turn: the finished question is scored at its
+    silent blocks, off the loop, and the turn detector — not the 2 s of silence that are
+    the maximum here — decides the end; the log says so."""
+    assistant, rec, log_path = make_assistant(
+        turn_model=True,
+        **{"endpointing.semantic": "off", "endpointing.silence_ms": 2000,
+           "endpointing.max_wait_ms": 2000, "endpointing.speculate_ms": 0},
+    )  # fmt: skip
+    assert assistant.rules.policy is not None
+    assert assistant.status()["end_of_turn"].startswith("turn model + hold words >= 0.2")
+    question = virtual_audio.say("What is the capital of France?", tmp_path)
+
+    def scenario(stop: threading.Event) -> None:
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("turn_done", timeout=90)
+
+    serve(assistant, scenario)
+    assert any(n.startswith("end of turn: turn model + hold words") for n in rec.texts("notice"))
+    assert rec.texts("heard") == [HEARD]
+    (t,) = rec.timings
+    assert t.ended_by == "turn detector", (t, assistant.scorer.turnarounds)
+    log = json.loads(log_path.read_text())
+    messages = log["chats"][log["active_chat_id"]]["messages"]
+    assert messages[-1]["voice_timings"]["ended_by"] == "turn detector"

@@ -20,6 +20,7 @@ from voice.turns import (
     DropHearing,
     DropTurn,
     Earcon,
+    EndScore,
     Feed,
     FinishHearing,
     Mute,
@@ -28,6 +29,8 @@ from voice.turns import (
     PeekHearing,
     Prefill,
     Rules,
+    ScoreEnd,
+    ScoreText,
     ShowWords,
     StartHearing,
     StartTurn,
@@ -35,6 +38,7 @@ from voice.turns import (
     Status,
     Stop,
     TalkKey,
+    TextScore,
     Transcript,
     Words,
     find_phrase,
@@ -45,7 +49,13 @@ from voice.turns import (
 BLOCK = 0.08  # s: the default 80 ms blocks
 
 
-def rules(echo_cancelled: bool = False, pauses: bool = False, **overrides: Any) -> Rules:
+def rules(
+    echo_cancelled: bool = False,
+    pauses: bool = False,
+    turn_model: bool = False,
+    text_signal: bool = False,
+    **overrides: Any,
+) -> Rules:
     config = VoiceConfig()
     # Speculative start is off unless a test turns it on (its own tests below).
     settings = {
@@ -56,7 +66,10 @@ def rules(echo_cancelled: bool = False, pauses: bool = False, **overrides: Any) 
     } | overrides
     for key, value in settings.items():
         config = apply_override(config, key, value)
-    return Rules.from_config(config, echo_cancelled, predicts_pauses=pauses)
+    return Rules.from_config(
+        config, echo_cancelled, predicts_pauses=pauses, turn_model=turn_model,
+        text_signal=text_signal,
+    )  # fmt: skip
 
 
 class Talk:
@@ -172,7 +185,8 @@ def test_without_echo_cancellation_speech_over_the_answer_is_not_heard() -> None
 
 
 def test_with_echo_cancellation_speech_over_the_answer_interrupts_it() -> None:
-    talk = Talk(rules(echo_cancelled=True))  # barge-in: on by default with cancellation
+    # Barge-in: on by default with cancellation; with no backchannels, at once.
+    talk = Talk(rules(echo_cancelled=True, **{"barge_in.backchannels": []}))
     answering(talk)
     assert talk.blocks("ss.s.ss") == []  # 240 ms in a row are needed; blips are not enough
     out = talk.blocks("s")
@@ -362,7 +376,7 @@ def test_a_predicted_pause_ends_the_turn_before_the_silence_would() -> None:
     assert not of(out, FinishHearing)  # never in the middle of speech
     out = heard_with_pauses(talk, ".", 0.9)
     # At the first silent block: 80 ms, not 2000 (and the STT has heard those 80 ms).
-    assert of(out, FinishHearing) == [FinishHearing(silence_ms=80)]
+    assert of(out, FinishHearing) == [FinishHearing(silence_ms=80, by="predicted pause")]
     assert of(talk.send(Transcript("what time is it")), StartTurn)
 
 
@@ -505,3 +519,180 @@ def test_a_likely_pause_is_confirmed_by_the_silence_when_no_certainty_comes() ->
     talk.send(Transcript("what time is it"))
     out = heard_with_pauses(talk, "....", 0.5)
     assert of(out, ConfirmTurn) and talk.state.phase == "answering"
+
+
+# ---------------------------------------------------------------------------- backchannels
+def test_a_backchannel_over_the_answer_does_not_interrupt_it() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    out = talk.blocks("sss")
+    assert StartHearing(3) in out and not of(out, CancelTurn)  # heard, not yet obeyed
+    assert not of(talk.send(Words("mm-hmm")), CancelTurn)
+    out = talk.blocks("." * 5)
+    assert of(out, FinishHearing)
+    out = talk.send(Transcript("Mm-hmm, yeah."))
+    assert not of(out, CancelTurn) and not of(out, StartTurn)
+    assert talk.state.phase == "answering" and not talk.state.interrupting
+    talk.send(AnswerFinished())
+    assert talk.state.phase == "idle"
+
+
+def test_words_over_the_answer_interrupt_it_as_soon_as_they_are_heard() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    talk.blocks("sss")
+    out = talk.send(Words("yeah wait"))
+    assert out[:2] == [Notice("(interrupted)"), CancelTurn()]
+    assert talk.state.phase == "hearing" and talk.state.addressed
+    out = talk.utterance("yeah wait what about Paris", speech=2)
+    assert of(out, StartTurn)[0].text == "yeah wait what about Paris"
+
+
+def test_a_stop_phrase_interrupts_and_a_word_count_can_be_asked() -> None:
+    talk = Talk(rules(echo_cancelled=True, **{"barge_in.interrupt_min_words": 2}))
+    answering(talk)
+    talk.blocks("sss")
+    assert not of(talk.send(Words("okay wait")), CancelTurn)  # one word besides "okay"
+    assert of(talk.send(Words("okay wait no")), CancelTurn)
+    other = Talk(rules(echo_cancelled=True, **{"barge_in.interrupt_min_words": 3}))
+    answering(other)
+    other.blocks("sss")
+    assert of(other.send(Words("stop")), CancelTurn)  # a stop phrase needs no count
+
+
+def test_the_answer_ending_under_the_users_words_hands_them_to_a_turn() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    talk.blocks("sss")
+    talk.send(AnswerFinished())
+    assert talk.state.phase == "hearing" and not talk.state.interrupting
+    out = talk.utterance("mm and another one", speech=2)
+    assert of(out, StartTurn)[0].text == "mm and another one"
+
+
+def test_muting_while_speech_is_heard_over_the_answer_drops_it() -> None:
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    talk.blocks("sss")
+    out = talk.send(Mute(True))
+    assert DropHearing() in out and not talk.state.interrupting
+
+
+# ---------------------------------------------------------------------------- turn detector
+DETECTOR = {
+    "endpointing.silence_ms": 700,
+    "endpointing.min_wait_ms": 300,
+    "endpointing.max_wait_ms": 1500,
+    "endpointing.end_threshold": 0.5,
+    "endpointing.speculate_threshold": None,
+}
+
+
+def pause(talk: Talk, blocks: int, score: float | None) -> list[Any]:
+    """Silent blocks, each followed by the turn model's score of the audio heard so far."""
+    out = []
+    for _ in range(blocks):
+        step_out = talk.blocks(".")
+        out += step_out
+        if talk.state.phase != "hearing" or talk.state.ending:
+            break
+        if score is not None and of(step_out, ScoreEnd):
+            out += talk.send(EndScore(score, talk.now))
+    return out
+
+
+def heard(talk: Talk, words: str, speech: int = 6) -> None:
+    talk.blocks("s" * speech)
+    talk.send(Words(words))
+
+
+def test_the_detector_ends_a_complete_request_sooner_than_the_silence_rule() -> None:
+    talk = Talk(rules(turn_model=True, **DETECTOR))
+    heard(talk, "what time is it")
+    out = pause(talk, 20, score=0.95)
+    # 320 ms (the first block past min_wait) against 700 ms of silence.
+    assert of(out, FinishHearing) == [FinishHearing(silence_ms=320, by="turn detector")]
+    silence = Talk(rules(**DETECTOR))
+    heard(silence, "what time is it")
+    assert of(pause(silence, 20, score=None), FinishHearing) == [FinishHearing(silence_ms=720)]
+
+
+def test_the_detector_holds_through_a_mid_sentence_pause_the_silence_rule_cuts() -> None:
+    for words, score in [("so I was thinking that", 0.1), ("add eggs, milk and", 0.95)]:
+        # The voice sounds unfinished; or it sounds finished but the words are not.
+        silence = Talk(rules(**DETECTOR))
+        heard(silence, words)
+        assert of(pause(silence, 12, score=None), FinishHearing)  # cut off after 700 ms
+        talk = Talk(rules(turn_model=True, **DETECTOR))
+        heard(talk, words)
+        assert not of(pause(talk, 12, score=score), FinishHearing)  # 960 ms: still listening
+        talk.blocks("ss")
+        talk.send(Words(f"{words} we go"))
+        out = pause(talk, 20, score=0.9)
+        assert of(out, FinishHearing) == [FinishHearing(320, "turn detector")]
+
+
+def test_the_detector_never_waits_past_the_maximum() -> None:
+    talk = Talk(rules(turn_model=True, **DETECTOR))
+    heard(talk, "what time is it")
+    out = pause(talk, 30, score=0.01)
+    assert of(out, FinishHearing) == [FinishHearing(silence_ms=1520)]  # the block past 1.5 s
+    unscored = Talk(rules(turn_model=True, **DETECTOR))  # a model too slow to answer
+    heard(unscored, "what time is it")
+    assert of(pause(unscored, 30, score=None), FinishHearing) == [FinishHearing(1520)]
+
+
+def test_a_score_of_audio_before_the_latest_speech_is_ignored() -> None:
+    talk = Talk(rules(turn_model=True, **DETECTOR))
+    heard(talk, "what time")
+    talk.blocks("....")
+    before = talk.now
+    heard(talk, "what time is it", speech=2)
+    talk.blocks("....")
+    assert not of(talk.send(EndScore(0.99, before)), FinishHearing)
+    assert of(talk.send(EndScore(0.99, talk.now)), FinishHearing)
+
+
+def test_a_likely_end_starts_the_answer_and_the_end_confirms_it() -> None:
+    talk = Talk(rules(turn_model=True, **DETECTOR | {"endpointing.speculate_threshold": 0.3}))
+    assert talk.state.rules.end_of_turn() == (
+        "end of turn: turn model + hold words >= 0.5 after 300 ms (at most 1500 ms of silence)"
+        "; answer started at a likely end"
+    )
+    heard(talk, "what time is it")
+    out = pause(talk, 2, score=0.4)
+    assert of(out, PeekHearing) and talk.state.speculating
+    out = talk.send(Transcript("what time is it"))
+    assert of(out, StartTurn)[0].speculative
+    out = pause(talk, 3, score=0.8)
+    assert ConfirmTurn("turn detector") in out and talk.state.phase == "answering"
+
+
+def test_the_chat_models_text_signal_is_asked_and_weighed() -> None:
+    settings = DETECTOR | {"endpointing.text_weight": 1.0, "endpointing.hold_words": []}
+    talk = Talk(rules(text_signal=True, **settings))
+    assert "chat model" in talk.state.rules.end_of_turn()
+    talk.blocks("s" * 6)
+    assert ScoreText("what is the capital of") in talk.send(Words("what is the capital of"))
+    talk.send(TextScore(0.02, "what is the capital of"))
+    assert not of(pause(talk, 10, score=None), FinishHearing)  # unlikely end: listening on
+    talk.blocks("ss")
+    talk.send(Words("what is the capital of France"))
+    talk.send(TextScore(0.9, "what is the capital of France"))
+    assert of(pause(talk, 6, score=None), FinishHearing) == [FinishHearing(320, "turn detector")]
+
+
+def test_a_head_start_taken_at_the_end_waits_for_its_transcript() -> None:
+    """Speculation (by silence) and the detector's end due on the same block: the end is
+    decided once the transcript it needs has come back (the shell answers a
+    `PeekHearing` at once, before any later score)."""
+    settings = DETECTOR | {"endpointing.speculate_ms": 560, "endpointing.min_wait_ms": 500}
+    talk = Talk(rules(turn_model=True, **settings))
+    heard(talk, "what time is it")
+    pause(talk, 6, score=0.9)
+    out = talk.blocks(".")  # 560 ms: the head start's block, past the minimum wait
+    assert of(out, PeekHearing) and not of(out, ConfirmTurn) and not of(out, Notice)
+    out = talk.send(Transcript("what time is it"))
+    assert of(out, StartTurn)[0].speculative
+    out = talk.send(EndScore(0.9, talk.now))
+    assert ConfirmTurn("turn detector") in out

@@ -43,6 +43,7 @@ from voice.daemon import TurnTimings, VoiceAssistant
 from voice.logfile import log_to_file
 from voice.stt import Transcriber
 from voice.tts import Synthesizer, list_voices
+from voice.turn_scorer import load_turn_scorer
 from voice.typed_input import read_typed_lines
 from voice.vad import make_detector
 
@@ -316,13 +317,18 @@ def voice_assistant(
             engine.warmup(prompt)
         console.print(f"[dim]Warmed up the model in {time.perf_counter() - started:.1f}s.[/]")
     detector = make_detector(config.endpointing, sample_rate=MODEL_RATE)
+    scorer = None
+    if stt is not None:
+        scorer = load_turn_scorer(
+            config.endpointing, MODEL_RATE, lambda line: console.print(f"[yellow]{line}[/]")
+        )
     status = config.display.status
     reporter = TerminalReporter(
         console, config.display.show_reasoning, console.is_terminal if status is None else status
     )
     assistant = VoiceAssistant(
         config, engine, prompt, stt, tts, detector,
-        open_log(log_path, setup, console), log_path, reporter,
+        open_log(log_path, setup, console), log_path, reporter, turn_scorer=scorer,
     )  # fmt: skip
     try:
         assistant.open()

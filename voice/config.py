@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llm.config import PromptConfig, read_json
 from llm.errors import ConfigError, error_line, first_error
+from voice.turn_policy import HOLD_WORDS
 
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
 DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"
@@ -125,6 +126,41 @@ class EndpointingSection(_Section):
         description="with an STT that predicts pauses, the smoothed pause probability that "
         "starts the answer early (as speculate_ms does), below pause_threshold; null = off",
     )
+    turn_model: str | None = Field(
+        "smart-turn-v3.2",
+        description="the acoustic end-of-turn model: smart-turn-v3.2 (pipecat's, from its "
+        "package or the hub) or an ONNX file of the same shape; null = silence_ms alone",
+    )
+    end_threshold: float = Field(
+        0.2, gt=0, lt=1, description="fused end-of-turn probability that ends the turn"
+    )
+    min_wait_ms: int = Field(
+        500, ge=0, description="silence before the fused probability may end the turn"
+    )
+    max_wait_ms: int = Field(
+        1500,
+        ge=50,
+        description="with a turn model, the silence that ends the turn whatever the model "
+        "says (silence_ms is the rule without one)",
+    )
+    speculate_threshold: float | None = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="fused probability that starts the answer early (as speculate_ms "
+        "does), below end_threshold; null = off",
+    )
+    text_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the chat model's own end-of-message probability in the "
+        "fused probability (log-odds; the acoustic model's is 1); 0 = not computed",
+    )
+    hold_words: list[str] = Field(
+        default_factory=lambda: list(HOLD_WORDS),
+        description="a transcript ending on one of these words holds the turn until "
+        "max_wait_ms (e.g. 'and', 'um'); [] = off",
+    )
 
     @model_validator(mode="after")
     def _speculate_before_the_end(self) -> EndpointingSection:
@@ -133,6 +169,17 @@ class EndpointingSection(_Section):
                 f"speculate_ms ({self.speculate_ms}) must be shorter than silence_ms "
                 f"({self.silence_ms})"
             )
+        if self.min_wait_ms >= self.max_wait_ms:
+            raise ValueError(
+                f"min_wait_ms ({self.min_wait_ms}) must be shorter than max_wait_ms "
+                f"({self.max_wait_ms})"
+            )
+        spec = self.speculate_threshold
+        if spec is not None and spec >= self.end_threshold:
+            raise ValueError(
+                f"speculate_threshold ({spec:g}) must be below end_threshold "
+                f"({self.end_threshold:g})"
+            )
         early = self.pause_speculate_threshold
         if early is not None and early >= self.pause_threshold:
             raise ValueError(
@@ -140,6 +187,13 @@ class EndpointingSection(_Section):
                 f"({self.pause_threshold:g})"
             )
         return self
+
+
+DEFAULT_BACKCHANNELS = [
+    "mm-hmm", "mhm", "mm", "hmm", "uh-huh", "uh huh", "yeah", "yes", "yep", "right",
+    "okay", "ok", "sure", "i see", "got it", "oh", "ah", "wow", "cool", "nice", "alright",
+    "all right", "exactly", "true",
+]  # fmt: skip
 
 
 class BargeInSection(_Section):
@@ -151,6 +205,15 @@ class BargeInSection(_Section):
         300,
         ge=0,
         description="without echo cancellation, how long after playback the mic stays deaf",
+    )
+    backchannels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BACKCHANNELS),
+        description="said over the answer, these do not interrupt it ('mm-hmm', 'yeah'): "
+        "the answer stops once the words heard hold interrupt_min_words others (or a stop "
+        "phrase); [] = any speech interrupts at once",
+    )
+    interrupt_min_words: int = Field(
+        1, ge=1, description="words besides backchannels that make speech an interruption"
     )
 
 

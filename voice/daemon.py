@@ -43,6 +43,7 @@ from voice.echo import available as echo_available
 from voice.speakable import SpeakableStream
 from voice.stt import Transcriber
 from voice.tts import SpeechSession, Synthesizer
+from voice.turn_scorer import TurnScorer
 from voice.turns import (
     AnswerFinished,
     AnswerStarted,
@@ -54,6 +55,7 @@ from voice.turns import (
     DropHearing,
     DropTurn,
     Earcon,
+    EndScore,
     Feed,
     FinishHearing,
     Mute,
@@ -62,6 +64,8 @@ from voice.turns import (
     PeekHearing,
     Prefill,
     Rules,
+    ScoreEnd,
+    ScoreText,
     ShowWords,
     StartHearing,
     StartTurn,
@@ -69,6 +73,7 @@ from voice.turns import (
     Status,
     Stop,
     TalkKey,
+    TextScore,
     Transcript,
     Words,
     free,
@@ -118,6 +123,7 @@ class TurnTimings:
     # Started before the end was confirmed (endpointing.speculate_ms): the transcript and
     # the first tokens and frames may come before `endpoint_ms`.
     speculative: bool = False
+    ended_by: str = ""  # what decided the user was done (`voice.turns.EndedBy`)
 
     def as_log(self) -> dict[str, float | int | bool | None]:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -172,6 +178,7 @@ class VoiceAssistant:
         clock: Callable[[], float] = time.perf_counter,
         mic: Microphone | None = None,
         speaker: Speaker | None = None,
+        turn_scorer: TurnScorer | None = None,
     ) -> None:
         self.cfg, self.engine, self.prompt = config, engine, prompt
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
@@ -185,7 +192,13 @@ class VoiceAssistant:
         self.echo = self._echo_canceller()
         hears, speaks = self.mic is not None, self.speaker is not None
         pauses = transcriber is not None and transcriber.predicts_pauses
-        self.rules = Rules.from_config(config, self.echo is not None, hears, speaks, pauses)
+        self.scorer = turn_scorer if hears else None
+        self._scorer_failed = False
+        self.rules = Rules.from_config(
+            config, self.echo is not None, hears, speaks, pauses,
+            turn_model=self.scorer is not None,
+            text_signal=hears and config.endpointing.text_weight > 0,
+        )  # fmt: skip
         self.conv = State.start(self.rules)
         self.earcons = Earcons(config.activation.earcon_volume) if self.rules.earcons else None
         self.preroll: deque[Block] = deque(
@@ -239,6 +252,8 @@ class VoiceAssistant:
         # Its resamplers are native objects: released now, not left to the interpreter's
         # exit (where nanobind reports them as leaked).
         self.echo = None
+        if self.scorer is not None:
+            self.scorer.close()
         if self.toolbox is not None:
             self.toolbox.close()
         self.save()
@@ -296,6 +311,15 @@ class VoiceAssistant:
         if self.mic is not None:
             for block in self.mic.drain() if busy else self._wait_block(self.mic):
                 self._on_block(block)
+        if self.scorer is not None:
+            for heard_until, p in self.scorer.results():
+                self._handle(EndScore(p, heard_until))
+            if self.scorer.failure is not None and not self._scorer_failed:
+                self._scorer_failed = True
+                self.report.notice(
+                    f"the turn model stopped ({self.scorer.failure}); turns end after "
+                    f"{self.cfg.endpointing.max_wait_ms} ms of silence"
+                )
         elif not busy:
             self._wait_command(timeout=0.05)
         if self.turn is not None:
@@ -356,6 +380,8 @@ class VoiceAssistant:
                 if not (self.stt.active and self.stt.room > 0):
                     return []
                 heard: list[turns.Event] = []
+                if self.scorer is not None:
+                    self.scorer.add(self._block.pcm)
                 if self.stt.feed(self._block.pcm):
                     heard.append(Words(self.stt.text))
                 if self.stt.pause is not None:
@@ -363,8 +389,15 @@ class VoiceAssistant:
                 return heard
             case Prefill(text):
                 self._prefill(text)
-            case FinishHearing(silence_ms):
-                return [Transcript(self._finish_hearing(silence_ms / 1000))]
+            case ScoreEnd():
+                assert self.scorer is not None and self._block is not None
+                self.scorer.request(self._block.at)
+            case ScoreText(text):
+                return self._score_text(text)
+            case FinishHearing(silence_ms, by):
+                text = self._finish_hearing(silence_ms / 1000)
+                self._timings.ended_by = by
+                return [Transcript(text)]
             case PeekHearing(silence_ms):
                 return [Transcript(self._finish_hearing(silence_ms / 1000, peek=True))]
             case DropHearing():
@@ -377,8 +410,8 @@ class VoiceAssistant:
                 if not typed and not speculative:
                     self.report.heard(text)
                 self._start_turn(text, at, timings, reply if typed else None, speculative)
-            case ConfirmTurn():
-                self._confirm_turn()
+            case ConfirmTurn(by):
+                self._confirm_turn(by)
             case DropTurn():
                 self._drop_turn()
             case CancelTurn():
@@ -404,6 +437,7 @@ class VoiceAssistant:
             "activation": self.rules.activation,
             "echo_cancellation": self.echo is not None,
             "barge_in": self.rules.barge_in,
+            "end_of_turn": self.rules.end_of_turn().removeprefix("end of turn: "),
             "chat_log": str(self.log_path),
             "chat_id": self._chat_id,
             "turns": self.turns,
@@ -518,6 +552,8 @@ class VoiceAssistant:
         # One clock reading per utterance, so that the prompt rendered while listening
         # and the one rendered at the end agree on any time placeholder.
         self._utterance_now = datetime.now()
+        if self.scorer is not None:
+            self.scorer.start([b.pcm for b in blocks])
         new = [self.stt.feed(b.pcm) for b in blocks]
         return [Words(self.stt.text)] if any(new) else []
 
@@ -532,6 +568,20 @@ class VoiceAssistant:
             step=PREFILL_CHUNK,
         )
         self._prefill_step()
+
+    def _score_text(self, text: str) -> list[turns.Event]:
+        """The chat model's end-of-message probability after `text`, when the prefill has
+        caught up (only the last words are then left to run through the model)."""
+        if self._prefilling is not None:
+            return []
+        history = [*self.log.active().history(), ChatMessage("user", text)]
+        tools = self.toolbox.declarations if self.toolbox else []
+        conversation = Conversation(history, self.prompt, now=self._utterance_now, tools=tools)
+        try:
+            p = self.engine.end_of_turn_probability(conversation)
+        except HarmonyError:
+            return []
+        return [] if p is None else [TextScore(p, text)]
 
     def _prefill_step(self) -> None:
         assert self._prefilling is not None
@@ -603,13 +653,14 @@ class VoiceAssistant:
             assistant_prefix=FINAL_CHANNEL if skip else "",
         )
 
-    def _confirm_turn(self) -> None:
+    def _confirm_turn(self, by: str) -> None:
         """The speculative turn's question was the user's whole turn: from now on it is an
         ordinary answer, and what was held comes out at once."""
         turn = self.turn
         assert turn is not None and turn.held is not None and turn.user is not None
         self.speculations["confirmed"] += 1
         turn.timings.endpoint_ms = (self.clock() - turn.speech_end_at) * 1000
+        turn.timings.ended_by = by
         self.report.heard(turn.user.content)
         held, reports = turn.held, turn.held_reports
         turn.held, turn.held_reports, turn.at_tool = None, [], False

@@ -19,12 +19,15 @@ from difflib import SequenceMatcher
 from typing import Literal
 
 from voice.config import VoiceConfig
+from voice.turn_policy import Fusion, Policy
 from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, VadEvent
 
 Activation = Literal["always", "wake_phrase", "push_to_talk"]
 # Weight of the newest pause probability in its running average.
 PAUSE_SMOOTHING = 0.3
 Phase = Literal["idle", "hearing", "answering", "down"]
+# What decided that the user was done (in each turn's timings and the log).
+EndedBy = Literal["silence", "turn detector", "predicted pause", "key"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,15 @@ class Rules:
     # without ending its stream and the answer started, held until the end is confirmed.
     speculate_blocks: int = 0
     pause_speculate: float = 0.0
+    # The turn detector (`voice.turn_policy`): None = the silence rule alone. With one, the
+    # endpointer's silence is the policy's maximum wait.
+    policy: Policy | None = None
+    fusion: Fusion = field(default_factory=Fusion)
+    fused_speculate: float = 0.0  # fused probability that starts the answer early; 0 = off
+    # Backchannels: while the assistant speaks, speech is an interruption only once its
+    # words are (more than these phrases, or a stop phrase). () = any speech interrupts.
+    backchannels: tuple[str, ...] = ()
+    interrupt_words: int = 1
 
     @classmethod
     def from_config(
@@ -63,6 +75,8 @@ class Rules:
         hears: bool = True,
         speaks: bool = True,
         predicts_pauses: bool = False,
+        turn_model: bool = False,
+        text_signal: bool = False,
     ) -> Rules:
         barge_in = cfg.barge_in.enabled
         if barge_in is None:  # auto: only where the assistant cannot hear itself
@@ -72,8 +86,14 @@ class Rules:
         semantic = predicts_pauses and cfg.endpointing.semantic == "auto"
         speculate_ms = cfg.endpointing.speculate_ms or 0
         speculate = speculate_ms > 0 and hears
+        ep = cfg.endpointing
+        policy = None
+        if turn_model or text_signal:
+            policy = Policy(ep.end_threshold, ep.min_wait_ms / 1000, ep.max_wait_ms / 1000)
+            # The maximum wait is the silence rule's length now.
+            ep = ep.model_copy(update={"silence_ms": ep.max_wait_ms})
         return cls(
-            endpointer=Endpointer.new(cfg.endpointing, cfg.audio.block_ms),
+            endpointer=Endpointer.new(ep, cfg.audio.block_ms),
             block_ms=cfg.audio.block_ms,
             barge_in=barge_in and hears and speaks,
             barge_in_blocks=max(1, math.ceil(cfg.barge_in.min_speech_ms / cfg.audio.block_ms)),
@@ -91,18 +111,48 @@ class Rules:
             pause_ignore_steps=math.ceil(cfg.endpointing.pause_ignore_ms / cfg.audio.block_ms),
             speculate_blocks=math.ceil(speculate_ms / cfg.audio.block_ms) if speculate else 0,
             pause_speculate=(cfg.endpointing.pause_speculate_threshold or 0.0) if semantic else 0.0,
+            policy=policy,
+            fusion=Fusion(
+                acoustic_weight=1.0 if turn_model else 0.0,
+                text_weight=cfg.endpointing.text_weight if text_signal else 0.0,
+                hold_words=tuple(cfg.endpointing.hold_words),
+            ),
+            fused_speculate=(
+                (cfg.endpointing.speculate_threshold or 0.0) if policy and hears else 0.0
+            ),
+            backchannels=tuple(cfg.barge_in.backchannels),
+            interrupt_words=cfg.barge_in.interrupt_min_words,
         )
 
     def end_of_turn(self) -> str:
         """Which rule ends a turn, for the status line."""
         silence = f"{self.endpointer.p.silence_ms} ms of silence"
         rule = f"predicted pause (or {silence})" if self.semantic else silence
+        if self.policy is not None:
+            signals = self.signals()
+            p = self.policy
+            rule = (
+                f"{' + '.join(signals)} >= {p.threshold:g} after {p.min_wait_s * 1000:.0f} ms "
+                f"(at most {silence})"
+            ) + (", or predicted pause" if self.semantic else "")
         early = []
         if self.speculate_blocks:
             early.append(f"after {self.speculate_blocks * self.block_ms} ms")
         if self.pause_speculate:
             early.append("at a likely pause")
+        if self.fused_speculate:
+            early.append("at a likely end")
         return f"end of turn: {rule}" + (f"; answer started {' or '.join(early)}" if early else "")
+
+    def signals(self) -> list[str]:
+        """The end-of-turn signals in use, by name."""
+        f = self.fusion
+        named = [
+            ("turn model", f.acoustic_weight > 0),
+            ("chat model", f.text_weight > 0),
+            ("hold words", bool(f.hold_words)),
+        ]
+        return [name for name, on in named if on]
 
 
 @dataclass(frozen=True)
@@ -128,6 +178,14 @@ class State:
     speculating: bool = False
     spec_turn: bool = False
     held: str = ""
+    # The turn detector's signals for the pause under way (None: not yet scored), and the
+    # transcript they are about.
+    acoustic: float | None = None
+    text_p: float | None = None
+    words: str = ""
+    # Speech over the answer, being heard to learn whether it is an interruption or a
+    # backchannel ("mm-hmm"): the answer goes on meanwhile.
+    interrupting: bool = False
 
     @classmethod
     def start(cls, rules: Rules) -> State:
@@ -175,6 +233,23 @@ class Pause:
     """The STT's probability, for the frame just transcribed, that a pause comes."""
 
     probability: float
+
+
+@dataclass(frozen=True)
+class EndScore:
+    """The turn model's probability that the utterance heard until `heard_until` (a
+    block's time) is complete."""
+
+    probability: float
+    heard_until: float
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """The chat model's probability that the user's message ends after `text`."""
+
+    probability: float
+    text: str
 
 
 @dataclass(frozen=True)
@@ -227,8 +302,8 @@ class DeviceBack:
 
 
 Event = (
-    Block | Words | Pause | Transcript | Ask | AnswerStarted | AnswerFinished | Stop
-    | TalkKey | Mute | DeviceLost | DeviceBack
+    Block | Words | Pause | EndScore | TextScore | Transcript | Ask | AnswerStarted
+    | AnswerFinished | Stop | TalkKey | Mute | DeviceLost | DeviceBack
 )  # fmt: skip
 
 
@@ -266,11 +341,25 @@ class Prefill:
 
 
 @dataclass(frozen=True)
+class ScoreEnd:
+    """Score the utterance heard so far with the turn model (answered by an `EndScore`,
+    later: it runs off the loop)."""
+
+
+@dataclass(frozen=True)
+class ScoreText:
+    """The chat model's end-of-message probability after `text` (a `TextScore`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class FinishHearing:
     """Flush the STT; answer with a `Transcript`. `silence_ms`: how much of the audio fed
     last was silence (the STT's delay has already run over it)."""
 
     silence_ms: int = 0
+    by: EndedBy = "silence"
 
 
 @dataclass(frozen=True)
@@ -298,6 +387,8 @@ class StartTurn:
 class ConfirmTurn:
     """The speculative turn's question was the whole turn: play it, show it, keep it."""
 
+    by: EndedBy = "silence"
+
 
 @dataclass(frozen=True)
 class DropTurn:
@@ -315,8 +406,9 @@ class Earcon:
 
 
 Action = (
-    Status | Notice | StartHearing | Feed | ShowWords | Prefill | FinishHearing | PeekHearing
-    | DropHearing | StartTurn | ConfirmTurn | DropTurn | CancelTurn | Earcon
+    Status | Notice | StartHearing | Feed | ShowWords | Prefill | ScoreEnd | ScoreText
+    | FinishHearing | PeekHearing | DropHearing | StartTurn | ConfirmTurn | DropTurn
+    | CancelTurn | Earcon
 )  # fmt: skip
 
 
@@ -338,6 +430,12 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
             state = _words(state, text, out)
         case Pause(probability):
             state = _pause(state, probability, now, out)
+        case EndScore(probability, heard_until):
+            if state.phase == "hearing" and heard_until >= state.last_speech_at:
+                state = _detect_end(replace(state, acoustic=probability), now, out)
+        case TextScore(probability, text):
+            if state.phase == "hearing" and text == state.words:
+                state = _detect_end(replace(state, text_p=probability), now, out)
         case Transcript(text):
             state = _transcript(state, text, now, out)
         case Ask(text):
@@ -348,7 +446,10 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
             state = replace(state, phase="answering", barge=0)
             out(Status("speaking"))
         case AnswerFinished():
-            state = _after_answer(state, now, out)
+            if state.interrupting:  # it ended under the user's words: they are heard on
+                state = _hear_interruption(state, out)
+            else:
+                state = _after_answer(state, now, out)
         case Stop():
             if state.phase == "answering":
                 out(Notice("(stopped)"), CancelTurn())
@@ -356,6 +457,7 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         case TalkKey():
             state = _talk_key(state, now, out)
         case Mute(on):
+            state = _end_interrupting(state, out)
             if state.phase == "hearing":
                 out(DropHearing())  # the words being heard are dropped, not answered
                 state = _drop_speculation(replace(state, phase="idle"), out)
@@ -363,6 +465,7 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
             if state.phase == "idle":
                 out(Status(state.idle_status(now)))
         case DeviceLost(which) if state.phase != "down":
+            state = _end_interrupting(state, out)
             if state.phase == "answering":
                 out(CancelTurn())
             elif state.phase == "hearing":
@@ -384,13 +487,18 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
     if state.phase == "answering":
         if not rules.barge_in:
             return state  # the microphone would hear the assistant's own voice
+        if state.interrupting:
+            return _while_interrupting(state, block, out)
         barge = state.barge + 1 if block.speech else 0
         if barge < rules.barge_in_blocks:
             return replace(state, barge=barge)
-        out(Notice("(interrupted)"), CancelTurn())
         state = replace(
             state, vad=state.endpointer.started(barge), barge=0, last_speech_at=block.at
         )
+        if rules.backchannels:  # its words will tell an interruption from an "mm-hmm"
+            out(StartHearing(barge))
+            return replace(state, interrupting=True, ending=False, words="")
+        out(Notice("(interrupted)"), CancelTurn())
         # Talking over the answer is talking to the assistant: no wake phrase, no key.
         return _begin_hearing(state, barge, addressed=True, out=out)
     if state.phase == "idle" and block.at < state.deaf_until:
@@ -398,7 +506,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
     vad, event = state.endpointer.update(block.speech)
     state = replace(state, vad=vad)
     if block.speech:
-        state = replace(state, last_speech_at=block.at)
+        state = replace(state, last_speech_at=block.at, acoustic=None)
     if isinstance(event, SpeechStarted):
         if rules.activation == "push_to_talk" and now >= state.open_until:
             return replace(state, vad=vad.reset())  # not for us: the key was not pressed
@@ -409,17 +517,96 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
     if state.ending:
         return state
     out(Feed())
+    speculated = False
     if state.speculating:
-        return _while_speculating(state, block, event, now, out)
-    if isinstance(event, SpeechEnded):
+        state = _while_speculating(state, block, event, now, out)
+    elif isinstance(event, SpeechEnded):
         out(FinishHearing(event.silence_ms))
-        state = replace(state, ending=True)
+        return replace(state, ending=True)
     elif isinstance(event, SpeechDropped):
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
-        state = replace(state, phase="idle")
+        return replace(state, phase="idle")
     elif rules.speculate_blocks and vad.silent_blocks >= rules.speculate_blocks:
         state = _speculate(state, out)
+        speculated = True
+    scoring = rules.policy is not None and event is None and not block.speech
+    if scoring and state.phase == "hearing" and not state.ending:
+        out(ScoreEnd())  # for the next block: the model runs off the loop
+        if not speculated:  # else its transcript comes first: the next block decides
+            state = _detect_end(state, now, out)
     return state
+
+
+def _detect_end(state: State, now: float, out: _Out) -> State:
+    """The turn detector at a silent block: the fused probability (the newest scores of
+    this pause) against the policy — or the head start at a lower probability."""
+    rules = state.rules
+    vad = state.endpointer
+    if rules.policy is None or state.phase != "hearing" or state.ending:
+        return state
+    if not vad.speaking or vad.silent_blocks == 0:
+        return state
+    if vad.speech_blocks * vad.block_ms < vad.p.min_speech_ms:
+        return state  # too short to be a question: the silence rule drops it
+    fused = rules.fusion.probability(state.acoustic, state.text_p, state.words)
+    if rules.policy.decide(vad.silent_blocks * vad.block_ms / 1000, fused):
+        if state.speculating:
+            return _confirm(replace(state, vad=vad.reset()), now, out, "turn detector")
+        out(FinishHearing(vad.silent_blocks * vad.block_ms, "turn detector"))
+        return replace(state, ending=True, vad=vad.reset())
+    early = rules.fused_speculate
+    if early and fused is not None and fused >= early and not state.speculating:
+        return _speculate(state, out)
+    return state
+
+
+def _while_interrupting(state: State, block: Block, out: _Out) -> State:
+    """Speech over the answer, heard until its words decide (`_words`, `_transcript`)."""
+    vad, event = state.endpointer.update(block.speech)
+    state = replace(state, vad=vad)
+    if block.speech:
+        state = replace(state, last_speech_at=block.at)
+    if state.ending:
+        return state  # its transcript is on its way
+    out(Feed())
+    if isinstance(event, SpeechEnded):
+        out(FinishHearing(event.silence_ms))
+        return replace(state, ending=True)
+    if isinstance(event, SpeechDropped):
+        out(DropHearing())
+        return replace(state, interrupting=False)
+    return state
+
+
+def _end_interrupting(state: State, out: _Out) -> State:
+    if not state.interrupting:
+        return state
+    out(DropHearing())
+    return replace(state, interrupting=False, ending=False)
+
+
+def _hear_interruption(state: State, out: _Out) -> State:
+    """The speech over the answer is a turn of its own: hearing goes on from here."""
+    out(Status("hearing"))
+    return replace(
+        state, phase="hearing", interrupting=False, addressed=True, prefilled_words=0,
+        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="",
+        acoustic=None, text_p=None, words="",
+    )  # fmt: skip
+
+
+def is_interruption(text: str, rules: Rules) -> bool:
+    """Whether words said over the answer mean to stop it: at least `interrupt_words`
+    words besides the backchannel phrases, or a stop phrase."""
+    if rules.stop_phrases and find_phrase(text, rules.stop_phrases) is not None:
+        return True
+    said = f" {' '.join(_words_of(text))} "
+    for phrase in sorted(rules.backchannels, key=len, reverse=True):
+        words = " ".join(_words_of(phrase))
+        if words:
+            said = said.replace(f" {words} ", " ")
+            said = said.replace(f" {words} ", " ")  # again: adjacent repeats overlap
+    return len(said.split()) >= rules.interrupt_words
 
 
 def _speculate(state: State, out: _Out) -> State:
@@ -452,7 +639,7 @@ def _drop_speculation(state: State, out: _Out) -> State:
     return replace(state, speculating=False, spec_turn=False, held="")
 
 
-def _confirm(state: State, now: float, out: _Out) -> State:
+def _confirm(state: State, now: float, out: _Out, by: EndedBy = "silence") -> State:
     held = state.held
     out(DropHearing())  # its transcript was taken
     state = replace(state, speculating=False, held="")
@@ -462,7 +649,7 @@ def _confirm(state: State, now: float, out: _Out) -> State:
         out(Earcon("done"))
     # "thinking" before the held answer comes out: the shell says "speaking" with its
     # first frame.
-    out(ShowWords(""), Status("thinking"), ConfirmTurn())
+    out(ShowWords(""), Status("thinking"), ConfirmTurn(by))
     return replace(state, phase="answering", barge=0, open_until=0.0, spec_turn=False)
 
 
@@ -473,6 +660,7 @@ def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> Sta
     return replace(
         state, phase="hearing", addressed=addressed, prefilled_words=0, ending=False,
         pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="",
+        acoustic=None, text_p=None, words="",
     )  # fmt: skip
 
 
@@ -495,8 +683,8 @@ def _pause(state: State, probability: float, now: float, out: _Out) -> State:
         return state
     if ema > rules.pause_threshold:
         if state.speculating:
-            return _confirm(replace(state, vad=vad.reset()), now, out)
-        out(FinishHearing(vad.silent_blocks * vad.block_ms))
+            return _confirm(replace(state, vad=vad.reset()), now, out, "predicted pause")
+        out(FinishHearing(vad.silent_blocks * vad.block_ms, "predicted pause"))
         return replace(state, ending=True, vad=vad.reset())
     if rules.pause_speculate and ema > rules.pause_speculate and not state.speculating:
         return _speculate(state, out)
@@ -504,6 +692,11 @@ def _pause(state: State, probability: float, now: float, out: _Out) -> State:
 
 
 def _words(state: State, text: str, out: _Out) -> State:
+    if state.interrupting:
+        if not is_interruption(text, state.rules):
+            return state  # a backchannel so far: the answer goes on
+        out(Notice("(interrupted)"), CancelTurn())
+        state = _hear_interruption(state, out)
     if state.phase != "hearing" or state.speculating:
         return state
     out(ShowWords(text))
@@ -515,6 +708,7 @@ def _words(state: State, text: str, out: _Out) -> State:
         if rules.earcons:
             out(Earcon("listening"))
     question = strip_wake_phrase(text, rules) if rules.activation == "wake_phrase" else text
+    state = _new_words(state, question, out)
     words = len(question.split())
     # The last word may still grow: prefill up to the one before it.
     if rules.prefill and words - 1 > state.prefilled_words:
@@ -536,13 +730,30 @@ def _question(state: State, text: str) -> str | None:
     return question
 
 
+def _new_words(state: State, text: str, out: _Out) -> State:
+    """The transcript the turn detector judges changed: its text score is asked anew."""
+    if text == state.words:
+        return state
+    if state.rules.fusion.text_weight and text.strip():
+        out(ScoreText(text))
+    return replace(state, words=text, text_p=None)
+
+
 def _transcript(state: State, text: str, now: float, out: _Out) -> State:
+    if state.interrupting:
+        state = replace(state, ending=False)
+        if not is_interruption(text, state.rules):
+            return replace(state, interrupting=False)  # only "mm-hmm": nothing to do
+        out(Notice("(interrupted)"), CancelTurn())
+        state = replace(_hear_interruption(state, out), ending=False)
     if state.phase != "hearing":
         return state
     if state.speculating:
         question = _question(state, text)
         if question is not None:
             out(StartTurn(question, state.last_speech_at or now, speculative=True))
+        # The whole transcript: what the turn detector judges from here on.
+        state = _new_words(state, question or text, out)
         return replace(state, held=text, spec_turn=question is not None)
     rules = state.rules
     state = replace(state, phase="idle", ending=False)
@@ -572,6 +783,7 @@ def _transcript(state: State, text: str, now: float, out: _Out) -> State:
 
 def _after_answer(state: State, now: float, out: _Out) -> State:
     rules = state.rules
+    state = _end_interrupting(state, out)
     state = replace(
         state,
         phase="idle",
@@ -593,9 +805,9 @@ def _talk_key(state: State, now: float, out: _Out) -> State:
         if state.ending:
             return state
         if state.speculating:
-            return _confirm(state, now, out)
+            return _confirm(state, now, out, "key")
         vad = state.endpointer
-        out(FinishHearing(vad.silent_blocks * vad.block_ms))
+        out(FinishHearing(vad.silent_blocks * vad.block_ms, "key"))
         return replace(state, vad=vad.reset(), ending=True)
     if state.phase == "answering":
         out(Notice("(interrupted)"), CancelTurn())
