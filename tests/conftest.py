@@ -194,3 +194,37 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
         return assistant, recorder, path
 
     return make
+
+
+# ---------------------------------------------------------------------------- test tiers
+# The `unit` tier: no model fixture, no audio server, no process started — what a
+# developer runs on every change (`scripts/run pytest -m unit`, about a minute). A test is
+# in it unless it asks for one of these fixtures (directly or through another) or is
+# marked `heavy`; a unit test that starts a process anyway fails (`_no_processes`), so the
+# tier cannot quietly grow slow.
+HEAVY_FIXTURES = {
+    "gpt_oss_path", "gpt_oss_python_path", "chatml_path", "voice_models", "virtual_audio",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        heavy = HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if not heavy and item.get_closest_marker("heavy") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import multiprocessing.util
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(
+            "a unit test started a process: mark it @pytest.mark.heavy (tests/conftest.py)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)

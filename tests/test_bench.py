@@ -156,6 +156,7 @@ def test_speculative_start_variants_by_name_or_milliseconds() -> None:
             speculate_variants(bad, None)
 
 
+@pytest.mark.heavy
 def test_prefill_shapes_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "shapes.json"
     run = subprocess.run(
@@ -170,6 +171,7 @@ def test_prefill_shapes_benchmark_smoke(tmp_path: Path) -> None:
     assert results["env"]["MLX_CUDA_USE_CUDNN_SDPA"] == "0"
 
 
+@pytest.mark.heavy
 def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Path) -> None:
     """What random weights write is mostly symbols and other scripts, which the voice
     loop's speech cleaning drops: a run once spoke not one sound. The benchmark's sampling

@@ -130,6 +130,7 @@ def tiny_eot_bench(path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+@pytest.mark.heavy
 def test_eot_bench_rows_are_scored_with_the_silence_rule_beside_the_detectors(
     tmp_path: Path,
 ) -> None:
@@ -154,6 +155,7 @@ def test_eot_bench_rows_are_scored_with_the_silence_rule_beside_the_detectors(
     assert "| silence |" in run.stdout and "| fused |" in run.stdout
 
 
+@pytest.mark.heavy
 def test_eot_bench_rows_without_its_columns_are_one_line(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -59,6 +59,7 @@ def test_hyperparameters_recorded_only_when_they_change() -> None:
     assert chat.metadata.last_hyperparameters == b
 
 
+@pytest.mark.heavy
 def test_migrate_command_keeps_a_backup_and_every_message(tmp_path: Path) -> None:
     log = tmp_path / "old.json"
     log.write_bytes((DATA / "chatlog-v1.json").read_bytes())
@@ -101,6 +102,7 @@ while True:
 """
 
 
+@pytest.mark.heavy
 def test_kill_9_mid_write_leaves_a_whole_log(tmp_path: Path) -> None:
     """The writer is killed after its first save and then 0 to 4 saves more (whenever it
     is, however loaded the machine): the log always parses, holding the last completed
@@ -203,6 +205,7 @@ def test_corrupt_logs_are_one_line_and_left_untouched(tmp_path: Path, kind: str)
         "a lone surrogate",
     ],
 )
+@pytest.mark.heavy
 def test_migrate_refuses_a_corrupt_log_in_one_line(tmp_path: Path, kind: str) -> None:
     content, expected = BAD_LOGS[kind]
     assert content is not None
@@ -229,6 +232,7 @@ def test_an_active_chat_id_missing_from_the_chats_falls_back_to_the_last_chat(
     assert log.active_chat_id == [c for c in raw["chat_order"] if c in raw["chats"]][-1]
 
 
+@pytest.mark.heavy
 def test_broken_v2_logs_are_repaired_with_a_note_each_and_lose_no_message(
     tmp_path: Path,
 ) -> None:
@@ -317,6 +321,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.heavy
 def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path) -> None:
     """Two processes writing one log would each save over the other's turns: the second
     chat (or migration) is refused in one line before any model loads, the log untouched;
@@ -354,6 +359,7 @@ def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]
 
 
+@pytest.mark.heavy
 def test_a_log_where_nothing_can_be_written_is_refused_before_loading(tmp_path: Path) -> None:
     (tmp_path / "file.json").write_text("{}")
     out = subprocess.run(
@@ -364,6 +370,7 @@ def test_a_log_where_nothing_can_be_written_is_refused_before_loading(tmp_path: 
     assert out.stderr.startswith(f"error: {tmp_path}/file.json/c.json: cannot write a chat log")
 
 
+@pytest.mark.heavy
 def test_migrate_to_where_nothing_can_be_written_is_one_line(tmp_path: Path) -> None:
     src = tmp_path / "chat.json"
     src.write_bytes((DATA / "chatlog-v1.json").read_bytes())

@@ -67,6 +67,7 @@ def test_the_original_tools_options_are_taken(gpt_oss_path: Path, tmp_path: Path
     assert "note: --profiles-file is --profiles here" in renamed.stderr
 
 
+@pytest.mark.heavy
 def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Path) -> None:
     missing = tmp_path / "profiles.json"
     out = subprocess.run(
@@ -76,6 +77,7 @@ def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Pat
     assert out.returncode == 2 and out.stderr.strip() == f"error: {missing}: file not found"
 
 
+@pytest.mark.heavy
 def test_migrate_in_place_is_the_default_spelled_out(tmp_path: Path) -> None:
     log = tmp_path / "old.json"
     log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
@@ -107,6 +109,7 @@ def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) 
         (["hi", "--seed", str(2**70), "--model", "x"], "error: --seed: Input should be less"),
     ],
 )
+@pytest.mark.heavy
 def test_generate_errors_are_one_line(args: list[str], message: str) -> None:
     out = generate(*args)
     assert out.returncode == 2
@@ -410,6 +413,7 @@ def test_token_id_lists_are_read_as_lists() -> None:
     assert parse(["hi", "--xtc-special-tokens", "1,2"]).xtc_special_tokens == [1, 2]
 
 
+@pytest.mark.heavy
 def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Path) -> None:
     from llm.config import load_prompt_config
 

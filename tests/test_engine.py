@@ -404,6 +404,7 @@ def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["engine", "chatml_engine"])
+@pytest.mark.heavy
 def test_end_of_turn_probability_is_the_models_own_and_leaves_the_cache_exact(
     fixture: str, request
 ) -> None:

@@ -21,6 +21,7 @@ MODULES = [
 
 
 @pytest.mark.parametrize("name", MODULES)
+@pytest.mark.heavy
 def test_module_imports(name: str) -> None:
     # In a child process: moshi's native dependencies (sentencepiece, sphn) stay out of the
     # test process until the voice tests need them; a segfault in later engine sampling
@@ -57,6 +58,7 @@ print("stepped")
 """
 
 
+@pytest.mark.heavy
 def test_tiny_streaming_stt_lm_steps() -> None:
     # In a child process: this test is about the installed packages, and keeping
     # moshi's native state out of the test process keeps the other tests independent.

@@ -354,6 +354,7 @@ def test_the_remote_gets_the_same_system_part_as_a_chat_template_model() -> None
     assert msgs[0]["content"] == system_text(prompt, history, None)
 
 
+@pytest.mark.heavy
 def test_a_remote_nobody_answers_ends_a_command_like_any_wrong_setting() -> None:
     """Exit status 2, as for every other error a user can fix, not 1."""
     port = _free_port()

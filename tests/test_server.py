@@ -398,6 +398,7 @@ def test_connections_that_send_headers_but_no_body_cannot_take_the_server(tiny: 
         assert httpx.get(live.url + "/v1/models", timeout=10).status_code in (200, 401)
 
 
+@pytest.mark.heavy
 def test_negative_limits_are_refused_at_start() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "llm.cli.serve", "--max-prompt-tokens", "-5"],
@@ -549,6 +550,7 @@ def test_fields_asking_for_what_is_not_here_are_refused_by_name(
     assert error["message"].startswith(f"{field}: ") and why in error["message"], error
 
 
+@pytest.mark.heavy
 def test_a_port_in_use_is_said_before_anything_loads() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

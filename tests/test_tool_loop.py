@@ -166,6 +166,7 @@ def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: En
     assert [m.recipient for m in last.messages if m.recipient] == ["functions.get_weather"]
 
 
+@pytest.mark.heavy
 def test_a_python_call_is_killed_from_another_thread(tmp_path: Path) -> None:
     toolbox = Toolbox(ToolsConfig(python=True), tmp_path)
     code = "open('started', 'w').close()\nwhile True: pass"

@@ -223,6 +223,7 @@ for _ in range(50_000_000):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
+@pytest.mark.heavy
 def test_a_symlink_swapped_in_while_patching_never_leads_a_write_outside(tmp_path: Path) -> None:
     """Another process flips `ws/sub` between a real folder and a link to a folder outside
     while patches are applied: every write lands inside, or the patch is refused."""

@@ -43,6 +43,7 @@ def outside(tmp_path: Path) -> Path:
     return secret
 
 
+@pytest.mark.heavy
 def test_output_errors_and_notebook_state(sandbox: PythonSandbox) -> None:
     assert sandbox.run("x = 6 * 7\nx") == "42\n"  # a final expression is shown
     assert sandbox.run("print(x + 1)") == "43\n"  # state persists between calls
@@ -53,6 +54,7 @@ def test_output_errors_and_notebook_state(sandbox: PythonSandbox) -> None:
     assert "SyntaxError" in sandbox.run("def (")
 
 
+@pytest.mark.heavy
 def test_stateless_mode_forgets(tmp_path: Path) -> None:
     box = PythonSandbox(tmp_path, SandboxLimits(persistent=False))
     try:
@@ -62,6 +64,7 @@ def test_stateless_mode_forgets(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.heavy
 def test_ordinary_code_works(sandbox: PythonSandbox) -> None:
     """Files in the workspace, numpy, threads, temporary files."""
     sandbox.run("open('data.txt', 'w').write('hello')")
@@ -79,6 +82,7 @@ def test_ordinary_code_works(sandbox: PythonSandbox) -> None:
     )
 
 
+@pytest.mark.heavy
 def test_the_workspace_is_not_on_the_import_path(sandbox: PythonSandbox) -> None:
     """A module the code writes (or a file a page planted) is not imported by name."""
     sandbox.run("open('json.py', 'w').write(\"print('planted')\")")
@@ -161,6 +165,7 @@ NOBODY = 65534
 
 
 @pytest.mark.parametrize("name", ESCAPES)
+@pytest.mark.heavy
 def test_escapes_fail(sandbox: PythonSandbox, outside: Path, tmp_path: Path, name: str) -> None:
     out = sandbox.run(ESCAPES[name].format(secret=str(outside)))
     assert not any(mark in out for mark in ESCAPED), out
@@ -172,6 +177,7 @@ def test_escapes_fail(sandbox: PythonSandbox, outside: Path, tmp_path: Path, nam
     assert not set_id, set_id
 
 
+@pytest.mark.heavy
 def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox, tmp_path: Path) -> None:
     """Only the sandbox's own folders, and the parents of the Python installation's
     mount point (which may lie under /tmp or /home): nothing else of the host."""
@@ -185,6 +191,7 @@ def test_the_root_holds_only_the_sandbox(sandbox: PythonSandbox, tmp_path: Path)
     assert sandbox.run(f"import os; print(os.path.exists({str(marker)!r}))") == "False\n"
 
 
+@pytest.mark.heavy
 def test_host_sockets_are_out_of_reach(sandbox: PythonSandbox, tmp_path: Path) -> None:
     """A Unix socket beside the workspace, an abstract one, and a TCP one on loopback: the
     code reaches none of them (no mount, its own network namespace, no inet sockets)."""
@@ -224,12 +231,14 @@ def test_host_sockets_are_out_of_reach(sandbox: PythonSandbox, tmp_path: Path) -
     assert "connected" not in out and not accepted, out
 
 
+@pytest.mark.heavy
 def test_the_environment_holds_no_secrets(sandbox: PythonSandbox, monkeypatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     sandbox.close()  # the next call starts a sandbox under this environment
     assert "sk-secret" not in sandbox.run("import os; print(dict(os.environ))")
 
 
+@pytest.mark.heavy
 def test_the_protocol_is_out_of_the_codes_reach(sandbox: PythonSandbox) -> None:
     """The code can neither read the next request nor forge or garble a reply: writing
     into every descriptor it has reaches only its own channel, which stops it."""
@@ -257,6 +266,7 @@ MANY_THREADS = (
 )
 
 
+@pytest.mark.heavy
 def test_threads_and_descriptors_are_limited(sandbox: PythonSandbox) -> None:
     out = sandbox.run(MANY_THREADS)
     assert out.startswith("refused after") and int(out.split()[-1]) < 64, out
@@ -283,6 +293,7 @@ FORGE_FRAME = (
 )
 
 
+@pytest.mark.heavy
 def test_an_answer_is_bound_to_the_call_that_asked(sandbox: PythonSandbox) -> None:
     out = sandbox.run(FORGE_FRAME + "forge()\nprint('real')")
     assert "forged" not in out and "answer channel" in out, out
@@ -300,6 +311,7 @@ def test_an_answer_is_bound_to_the_call_that_asked(sandbox: PythonSandbox) -> No
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="what root's assistant does differently")
+@pytest.mark.heavy
 def test_as_root_the_code_runs_as_nobody(sandbox: PythonSandbox) -> None:
     """Not the host's root: what it writes is nobody's, and it cannot become root."""
     out = sandbox.run("import os\nopen('made.txt', 'w').write('x')\ntry:\n    os.setuid(0)\n"
@@ -309,6 +321,7 @@ def test_as_root_the_code_runs_as_nobody(sandbox: PythonSandbox) -> None:
     assert (made.stat().st_uid, made.stat().st_gid) == (NOBODY, NOBODY)
 
 
+@pytest.mark.heavy
 def test_the_worker_is_stopped_between_calls(sandbox: PythonSandbox) -> None:
     """A thread left spinning does not run on between calls: the worker is stopped
     (SIGSTOP) before each reply, so its state reads "T" until the next call."""
@@ -332,6 +345,7 @@ def _sandbox_process_states(root: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.heavy
 def test_timeout_kills_and_restarts(tmp_path: Path) -> None:
     box = PythonSandbox(tmp_path, SandboxLimits(timeout_s=1.5, cpu_s=30))
     try:
@@ -343,12 +357,14 @@ def test_timeout_kills_and_restarts(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.heavy
 def test_memory_limit(sandbox: PythonSandbox) -> None:
     out = sandbox.run("block = bytearray(4 * 1024**3)")
     assert "MemoryError" in out
     assert sandbox.run("print(1)") == "1\n"
 
 
+@pytest.mark.heavy
 def test_cpu_limit_kills_a_busy_process(tmp_path: Path) -> None:
     box = PythonSandbox(tmp_path, SandboxLimits(timeout_s=20, cpu_s=1))
     try:
@@ -358,6 +374,7 @@ def test_cpu_limit_kills_a_busy_process(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.heavy
 def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
     """Many files, each under the file-size limit, past `disk_mb` in all: stopped."""
     ws = tmp_path / "ws"
@@ -392,6 +409,7 @@ def test_the_workspace_cannot_fill_the_disk(tmp_path: Path) -> None:
         ("empty files", "for i in range(100_000): open(f'e{i}', 'w').close()\nprint('made')"),
     ],
 )
+@pytest.mark.heavy
 def test_what_no_scan_saw_counts_against_the_disk_limit(
     tmp_path: Path, name: str, code: str
 ) -> None:
@@ -409,6 +427,7 @@ def test_what_no_scan_saw_counts_against_the_disk_limit(
         remove_tree(ws)  # pytest's own clean-up recurses and would fail on the deep one
 
 
+@pytest.mark.heavy
 def test_long_output_is_truncated(tmp_path: Path) -> None:
     box = PythonSandbox(tmp_path, SandboxLimits(max_output_chars=100))
     try:
@@ -418,6 +437,7 @@ def test_long_output_is_truncated(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.heavy
 def test_a_flood_of_output_is_cut_in_the_sandbox(tmp_path: Path) -> None:
     """200 MB printed: only the limit crosses to the assistant's process."""
     box = PythonSandbox(tmp_path, SandboxLimits(max_output_chars=1000, memory_mb=2048))
@@ -429,6 +449,7 @@ def test_a_flood_of_output_is_cut_in_the_sandbox(tmp_path: Path) -> None:
         box.close()
 
 
+@pytest.mark.heavy
 def test_without_confinement_the_tool_refuses_unless_told(tmp_path: Path, monkeypatch) -> None:
     from llm.tools import python_sandbox
 
@@ -472,6 +493,7 @@ print(json.dumps(results))
     os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
     reason="needs root to act as another user, and a system Python that user may run",
 )
+@pytest.mark.heavy
 def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> None:
     """The assistant run by an ordinary user (uid 65534 here): the same escapes fail and
     ordinary code (files, threads) works. The project's own Python may live where only
@@ -519,6 +541,7 @@ def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> N
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.heavy
 def test_calls_work_while_the_assistant_holds_many_descriptors(sandbox: PythonSandbox) -> None:
     """A server with 1,100 open connections: select() breaks above 1,023 descriptors; the
     sandbox's reply is read with selectors (poll/epoll) and still arrives."""
@@ -538,6 +561,7 @@ def test_calls_work_while_the_assistant_holds_many_descriptors(sandbox: PythonSa
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.heavy
 def test_a_sandbox_that_cannot_start_is_an_answer_not_a_crash(tmp_path: Path, monkeypatch) -> None:
     """E.g. root's user namespace refused (user.max_user_namespaces = 0)."""
     from llm.tools import python_sandbox

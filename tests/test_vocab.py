@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llm.vocab import VOCAB_FILE, VOCAB_SHA256
 
 ROOT = Path(__file__).parent.parent
@@ -31,6 +33,7 @@ def test_vocab_unpacked_from_the_wheel_is_the_official_file(vocab_dir: Path) -> 
     assert os.environ["TIKTOKEN_ENCODINGS_BASE"] == str(vocab_dir)
 
 
+@pytest.mark.heavy
 def test_fresh_cache_works_without_network(tmp_path: Path) -> None:
     # No proxy reachable, an empty cache: the only way is the bundled file.
     out = _run({"XDG_CACHE_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9"})
@@ -38,6 +41,7 @@ def test_fresh_cache_works_without_network(tmp_path: Path) -> None:
     assert (tmp_path / "mlx-harmony" / "encodings" / VOCAB_FILE).is_file()
 
 
+@pytest.mark.heavy
 def test_named_folder_without_the_file_is_one_clear_line(tmp_path: Path) -> None:
     out = _run({"TIKTOKEN_ENCODINGS_BASE": str(tmp_path)})
     assert out.returncode != 0

@@ -51,6 +51,7 @@ def test_rescan_waits_for_a_closing_stream_and_never_terminates_under_it(monkeyp
     assert rescan(wait=2) is True and calls == ["terminate", "initialize"]
 
 
+@pytest.mark.heavy
 def test_a_killed_runs_sound_server_is_stopped_at_the_next_start(tmp_path) -> None:
     """A test run killed with -9 cannot stop its PulseAudio server: the next start does."""
     from bench.virtual_audio import OWNER_FILE, clean_up_abandoned, missing_tools

@@ -416,6 +416,7 @@ def test_hotmic_says_no_device(voice_env) -> None:
     )
 
 
+@pytest.mark.heavy
 def test_hotmic_without_any_sound_server_says_no_device(tmp_path) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "PULSE_RUNTIME_PATH": str(tmp_path)}
     env["PULSE_SERVER"] = f"unix:{tmp_path}/nothing-here"

@@ -102,7 +102,8 @@ def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> 
         [
             "--config", str(path), "--endpointing-silence-ms", "450", "--barge-in-enabled",
             "--audio-input-device", "3", "--set", "tts.voice=alba",
-            "--set", "tts.padding_between=2",
+            "--set", "tts.padding_between=2", "--endpointing-turn-model", "null",
+            "--set", "barge_in.backchannels=[]", "--endpointing-hold-words", '["and", "um"]',
         ]
     )  # fmt: skip
     config, _ = voice_config(args)
@@ -111,6 +112,8 @@ def test_every_field_can_be_overridden_from_the_command_line(tmp_path: Path) -> 
     assert config.audio.input_device == "3"
     assert config.tts.voice == "alba"
     assert config.tts.padding_between == 2
+    assert config.endpointing.turn_model is None  # JSON's null and lists, as in the file
+    assert config.barge_in.backchannels == [] and config.endpointing.hold_words == ["and", "um"]
     fields = {f"{s}.{n}" for s, sec in VoiceConfig.model_fields.items() if s != "llm"
               for n in sec.annotation.model_fields}  # fmt: skip
     help_text = build_parser().format_help()
@@ -132,6 +135,7 @@ def test_bad_overrides_are_one_line_errors(dotted: str, value: str, message: str
     assert message in str(e.value)
 
 
+@pytest.mark.heavy
 def test_the_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "voice.json"
     path.write_text(json.dumps({"barge_in": {"enabled": "maybe"}}))
@@ -164,6 +168,7 @@ def test_voice_mode_speaks_plainly_and_thinks_briefly_unless_told_otherwise(
     assert off.developer_instructions is None and off.reasoning_effort == "medium"
 
 
+@pytest.mark.heavy
 def test_the_original_config_with_its_models_missing_is_one_line_before_anything_loads(
     tmp_path: Path,
 ) -> None:

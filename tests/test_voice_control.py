@@ -159,6 +159,7 @@ def test_a_server_refuses_a_folder_others_may_enter(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.heavy
 def test_another_users_connection_is_refused_by_its_credentials() -> None:
     """Even with the file mode opened up, the kernel's peer credentials decide."""
     handler = Answering()

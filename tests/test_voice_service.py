@@ -41,6 +41,7 @@ def exec_start(unit: str) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.heavy
 def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     version = subprocess.run(["systemctl", "--version"], capture_output=True, text=True)
     number = int(version.stdout.split()[1])
@@ -111,6 +112,7 @@ def calls(env: dict[str, str]) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.heavy
 def test_install_status_logs_and_uninstall(home: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "my voice.json"
     config.write_text('{"endpointing": {"silence_ms": 500}}')
@@ -159,6 +161,7 @@ def test_install_status_logs_and_uninstall(home: dict[str, str], tmp_path: Path)
     assert out.returncode == 3 and out.stdout.startswith("not installed")
 
 
+@pytest.mark.heavy
 def test_install_refuses_a_broken_config_and_writes_nothing(home, tmp_path: Path) -> None:
     config = tmp_path / "voice.json"
     config.write_text('{"barge_in": {"enabled": "sometimes"}}')
@@ -178,6 +181,7 @@ class Running:
         reply.error("not in this test")
 
 
+@pytest.mark.heavy
 def test_status_of_a_running_assistant_comes_from_its_socket(
     home, monkeypatch, tmp_path: Path
 ) -> None:
@@ -228,6 +232,7 @@ esac
 """
 
 
+@pytest.mark.heavy
 def test_without_a_user_service_manager_nothing_is_left_and_status_says_so(
     home: dict[str, str],
 ) -> None:

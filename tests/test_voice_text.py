@@ -126,6 +126,7 @@ def speech_and_noise(folder):
     return np.fromfile(raw, dtype=np.float32), noise
 
 
+@pytest.mark.heavy
 def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:
     import numpy as np
 
@@ -143,6 +144,7 @@ def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None
     assert fraction(noise) < 0.1  # loud hiss is energy, not speech
 
 
+@pytest.mark.heavy
 def test_the_default_detector_takes_speech_that_is_near_and_not_noise_or_far_speech(
     tmp_path,
 ) -> None:

@@ -60,6 +60,7 @@ def model() -> SmartTurn:
     return SmartTurn.load()  # pipecat's bundled copy: the tests' environment has it
 
 
+@pytest.mark.heavy
 def test_the_published_model_hears_a_finished_question_and_one_cut_short(
     model: SmartTurn, tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_the_published_model_hears_a_finished_question_and_one_cut_short(
     assert model.probability(said[: int(len(said) * 0.6)]) < 0.5  # cut mid-word
 
 
+@pytest.mark.heavy
 def test_the_scorer_runs_beside_the_caller_one_call_at_a_time(
     model: SmartTurn, tmp_path: Path
 ) -> None:
@@ -123,6 +125,7 @@ def test_without_pipecat_the_model_comes_from_the_hub_cache_and_offline_says_so(
         model_path("smart-turn-v3.2")
 
 
+@pytest.mark.heavy
 def test_a_worker_that_dies_stops_the_scores_not_the_assistant(model: SmartTurn) -> None:
     scorer = TurnScorer(model, RATE)
     try:

@@ -7,6 +7,8 @@ mapped onto the sections below and the ones with no counterpart are reported as 
 
 from __future__ import annotations
 
+import json
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -428,11 +430,25 @@ def apply_override(config: VoiceConfig, dotted: str, value: Any) -> VoiceConfig:
     if section not in SECTIONS or name not in SECTIONS[section].model_fields:
         raise ConfigError(f"--set {dotted}: no such setting")
     current = getattr(config, section).model_dump()
-    try:
-        updated = SECTIONS[section].model_validate({**current, name: value})
-    except ValidationError as e:
-        raise ConfigError(f"{dotted}: {first_error(e)[1]}") from None
-    return config.model_copy(update={section: updated})
+    # From the command line every value is text: as JSON it may be a list or null
+    # (`--set barge_in.backchannels=[]`, `--endpointing-turn-model null`), tried first;
+    # numbers stay text (pydantic reads "450" for an int, and "3" stays a device name).
+    candidates = [value]
+    if isinstance(value, str):
+        with suppress(ValueError):
+            parsed = json.loads(value)
+            if parsed is None or isinstance(parsed, list | dict):
+                candidates.insert(0, parsed)
+    error = None
+    for candidate in candidates:
+        try:
+            updated = SECTIONS[section].model_validate({**current, name: candidate})
+        except ValidationError as e:
+            error = error or e
+            continue
+        return config.model_copy(update={section: updated})
+    assert error is not None
+    raise ConfigError(f"{dotted}: {first_error(error)[1]}") from None
 
 
 def spoken_prompt(prompt: PromptConfig, llm: LlmSection) -> PromptConfig:
