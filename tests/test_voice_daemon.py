@@ -445,3 +445,37 @@ def test_the_turn_model_ends_a_finished_question_before_the_silence_would(
     log = json.loads(log_path.read_text())
     messages = log["chats"][log["active_chat_id"]]["messages"]
     assert messages[-1]["voice_timings"]["ended_by"] == "turn detector"
+
+
+def test_the_chat_models_text_signal_is_read_while_listening_and_leaves_the_answer_intact(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """With `text_weight`, the words heard are scored by the chat model itself between
+    microphone blocks (never while an answer runs on its cache), and the answer that
+    follows is the one the model gives without them."""
+    assistant, rec, _ = make_assistant(
+        **{"endpointing.semantic": "off", "endpointing.text_weight": 1.0,
+           "endpointing.hold_words": [], "endpointing.max_wait_ms": 1500},
+    )  # fmt: skip
+    assert "chat model" in assistant.status()["end_of_turn"]
+    scored: list[tuple[str, bool]] = []
+    real = assistant.engine.end_of_turn_probability
+
+    def spy(conversation):
+        scored.append((conversation.history[-1].content, assistant.turn is None))
+        return real(conversation)
+
+    assistant.engine.end_of_turn_probability = spy
+    question = virtual_audio.say("What is the capital of France?", tmp_path)
+
+    def scenario(stop: threading.Event) -> None:
+        virtual_audio.play_into_mic(question).wait()
+        rec.wait("turn_done", timeout=90)
+
+    try:
+        serve(assistant, scenario)
+    finally:
+        del assistant.engine.end_of_turn_probability
+    assert scored and all(idle for _, idle in scored), scored
+    assert rec.texts("heard") == [HEARD]
+    assert "".join(rec.texts("answer")) == ANSWER

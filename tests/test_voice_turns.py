@@ -673,6 +673,8 @@ def test_the_chat_models_text_signal_is_asked_and_weighed() -> None:
     talk = Talk(rules(text_signal=True, **settings))
     assert "chat model" in talk.state.rules.end_of_turn()
     talk.blocks("s" * 6)
+    assert not of(talk.blocks("."), ScoreEnd)  # no turn model: nothing to score the audio
+    talk.blocks("s")
     assert ScoreText("what is the capital of") in talk.send(Words("what is the capital of"))
     talk.send(TextScore(0.02, "what is the capital of"))
     assert not of(pause(talk, 10, score=None), FinishHearing)  # unlikely end: listening on

@@ -210,6 +210,7 @@ class VoiceAssistant:
         self._timings = TurnTimings()  # the utterance being transcribed
         self._pending_reply: Reply | None = None  # who asked the question being started
         self._prefilling: Iterator[int] | None = None  # the words heard so far, being fed
+        self._text_to_score: str | None = None  # a text signal asked while the feed ran
         self._stt_frames_at_start = 0
         self._devices_down = False
         self._utterance_now = datetime.now()
@@ -327,6 +328,9 @@ class VoiceAssistant:
             return
         if self._prefilling is not None:
             self._prefill_step()
+        if self._prefilling is None and self._text_to_score is not None:
+            for event in self._score_text(self._text_to_score):
+                self._handle(event)
         if self._waiting and free(self.conv):
             self._start_waiting()
 
@@ -570,10 +574,17 @@ class VoiceAssistant:
         self._prefill_step()
 
     def _score_text(self, text: str) -> list[turns.Event]:
-        """The chat model's end-of-message probability after `text`, when the prefill has
-        caught up (only the last words are then left to run through the model)."""
-        if self._prefilling is not None:
+        """The chat model's end-of-message probability after `text`, once the prefill has
+        caught up (only the last words are then left to run through the model): now, or
+        when the feed under way ends (`step`). Never while a turn runs: the engine's cache
+        is then the turn's."""
+        if self.turn is not None:
+            self._text_to_score = None
             return []
+        if self._prefilling is not None:
+            self._text_to_score = text
+            return []
+        self._text_to_score = None
         history = [*self.log.active().history(), ChatMessage("user", text)]
         tools = self.toolbox.declarations if self.toolbox else []
         conversation = Conversation(history, self.prompt, now=self._utterance_now, tools=tools)

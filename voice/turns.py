@@ -531,7 +531,8 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         speculated = True
     scoring = rules.policy is not None and event is None and not block.speech
     if scoring and state.phase == "hearing" and not state.ending:
-        out(ScoreEnd())  # for the next block: the model runs off the loop
+        if rules.fusion.acoustic_weight:
+            out(ScoreEnd())  # for the next block: the model runs off the loop
         if not speculated:  # else its transcript comes first: the next block decides
             state = _detect_end(state, now, out)
     return state
@@ -750,10 +751,11 @@ def _transcript(state: State, text: str, now: float, out: _Out) -> State:
         return state
     if state.speculating:
         question = _question(state, text)
+        # The whole transcript: what the turn detector judges from here on (its text
+        # score asked first: once the answer runs, the chat model is the answer's).
+        state = _new_words(state, question or text, out)
         if question is not None:
             out(StartTurn(question, state.last_speech_at or now, speculative=True))
-        # The whole transcript: what the turn detector judges from here on.
-        state = _new_words(state, question or text, out)
         return replace(state, held=text, spec_turn=question is not None)
     rules = state.rules
     state = replace(state, phase="idle", ending=False)
