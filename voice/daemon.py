@@ -312,17 +312,10 @@ class VoiceAssistant:
         if self.mic is not None:
             for block in self.mic.drain() if busy else self._wait_block(self.mic):
                 self._on_block(block)
-        if self.scorer is not None:
-            for heard_until, p in self.scorer.results():
-                self._handle(EndScore(p, heard_until))
-            if self.scorer.failure is not None and not self._scorer_failed:
-                self._scorer_failed = True
-                self.report.notice(
-                    f"the turn model stopped ({self.scorer.failure}); turns end after "
-                    f"{self.cfg.endpointing.max_wait_ms} ms of silence"
-                )
         elif not busy:
             self._wait_command(timeout=0.05)
+        if self.scorer is not None:
+            self._take_scores(self.scorer)
         if self.turn is not None:
             self._advance()
             return
@@ -333,6 +326,16 @@ class VoiceAssistant:
                 self._handle(event)
         if self._waiting and free(self.conv):
             self._start_waiting()
+
+    def _take_scores(self, scorer: TurnScorer) -> None:
+        for heard_until, p in scorer.results():
+            self._handle(EndScore(p, heard_until))
+        if scorer.failure is not None and not self._scorer_failed:
+            self._scorer_failed = True
+            self.report.notice(
+                f"the turn model stopped ({scorer.failure}); turns end after "
+                f"{self.cfg.endpointing.max_wait_ms} ms of silence"
+            )
 
     def _wait_block(self, mic: Microphone) -> list[Block]:
         first = mic.read(timeout=0.05)
