@@ -96,7 +96,8 @@ def single_turns(
 
     Every prompt runs once through each side untimed first: MLX compiles kernels for each
     new shape on some backends (CUDA), and whichever side met a length first would pay it.
-    Both sides start each turn from an empty buffer cache.
+    Both sides start each turn from an empty buffer cache, and take turns at going first
+    (a GPU's clocks and a machine's other work change within a question's pair too).
     """
     bias = bias or {}
     prompt = greedy_prompt(max_tokens, bias)
@@ -104,17 +105,21 @@ def single_turns(
     for i, question in enumerate(questions):
         history = [ChatMessage("user", question)]
         tokens = engine.render(history, prompt, max_tokens)
+        order = ("engine", "mlx-lm") if i % 2 == 0 else ("mlx-lm", "engine")
         for timed in (False, True):
-            # Each side starts with MLX's buffer cache empty: whichever side inherits the
-            # other's freed buffers is favoured (on the CPU the engine's first token came
-            # 1.5x later than mlx-lm's this way, and even with it once both started alike).
-            engine.reset()
-            mx.clear_cache()
-            ours, _ = engine_turn(engine, prompt, history, i)
-            mx.clear_cache()
-            peer = peer_turn(engine, tokens, max_tokens, i, bias)
+            done: dict[str, TurnRecord] = {}
+            for side in order:
+                # Each side starts with MLX's buffer cache empty: whichever side inherits
+                # the other's freed buffers is favoured (on the CPU the engine's first token
+                # came 1.5x later than mlx-lm's this way, and even once both started alike).
+                mx.clear_cache()
+                if side == "engine":
+                    engine.reset()
+                    done[side] = engine_turn(engine, prompt, history, i)[0]
+                else:
+                    done[side] = peer_turn(engine, tokens, max_tokens, i, bias)
             if timed:
-                records += [ours, peer]
+                records += [done["engine"], done["mlx-lm"]]
     engine.reset()
     return records
 
