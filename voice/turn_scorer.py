@@ -16,14 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import (
-    BrokenExecutor,
-    Executor,
-    Future,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    wait,
-)
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,35 +59,25 @@ def _load_in_worker(path: str) -> None:
 
 def _score_in_worker(audio: np.ndarray, rate: int) -> float:
     assert _model is not None
-    return _score(_model, audio, rate)
-
-
-def _score(model: SmartTurn, audio: np.ndarray, rate: int) -> float:
     if rate != RATE:
         import soxr
 
         audio = soxr.resample(audio, rate, RATE).astype(np.float32)
-    return model.probability(audio)
+    return _model.probability(audio)
 
 
 class TurnScorer:
-    def __init__(self, model: SmartTurn, sample_rate: int, process: bool = True) -> None:
+    def __init__(self, model: SmartTurn, sample_rate: int) -> None:
         self.rate = sample_rate
         self._audio: deque[np.ndarray] = deque()
         self._samples = 0
-        self._pool: Executor
         self._started = False
-        if process:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_load_in_worker,
-                initargs=(str(Path(model.path)),),
-            )
-            self._call: Callable[[np.ndarray], Future[float]] = self._in_process
-        else:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-model")
-            self._call = lambda audio: self._pool.submit(_score, model, audio, sample_rate)
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_load_in_worker,
+            initargs=(str(Path(model.path)),),
+        )
         self._running: tuple[float, float, Future[float]] | None = None
         self._done: list[tuple[float, float]] = []
         # Seconds from each request to its result being collected (the loop's view: the
@@ -109,7 +92,7 @@ class TurnScorer:
         its first call, which would otherwise fall in the first pause (≈1-2 s)."""
         self._call(np.zeros(self.rate // 10, np.float32)).result(timeout=timeout)
 
-    def _in_process(self, audio: np.ndarray) -> Future[float]:
+    def _call(self, audio: np.ndarray) -> Future[float]:
         if self._started:
             return self._pool.submit(_score_in_worker, audio, self.rate)
         self._started = True
