@@ -153,10 +153,15 @@ def print_report(results: dict) -> None:
     if vs:
         labels = vs["labels"]
         width = max(14, *(len(label) + 2 for label in labels))
+        if vs.get("tts"):
+            t = vs["tts"]
+            codebooks = f"{t['codebooks']} of {t['of']} codebooks"
+            print(f"text to speech: {codebooks}, {t['rate']:.2f}x real time")
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
         for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
                     "first_chunk_ms", "first_audio_ms", "speculative_turns",
-                    "speculations_dropped", "ended_by_detector", "turn_model_ms"):  # fmt: skip
+                    "speculations_dropped", "ended_by_detector", "turn_model_ms",
+                    "underruns"):  # fmt: skip
             cells = [vs[f"{label}_{key}"] for label in labels]
             text = "".join(
                 f"{'-':>{width}}" if v is None
@@ -264,9 +269,8 @@ def voice_latency(
             # final channel (what llm.reasoning "skip" does), or nothing would be spoken.
             config = apply_override(config, "llm.reasoning", "skip")
             stt, tts = random_voice_models(
-                Path(tmp), vl.QUESTIONS[0], config.tts.codebooks, config.stt.quantize,
-                config.tts.quantize,
-            )  # fmt: skip
+                Path(tmp), vl.QUESTIONS[0], config.tts, config.stt.quantize
+            )
         else:
             from rich.console import Console
 
@@ -286,7 +290,10 @@ def voice_latency(
                 )
             ),
         )  # fmt: skip
-    return [r.row() for r in records], vl.summarize(records)
+    summary = vl.summarize(records)
+    if tts.speed is not None:
+        summary["tts"] = tts.speed.as_log()
+    return [r.row() for r in records], summary
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from moshi_mlx.models.mimi import Mimi, mimi_202407
 
 from llm.cli.common import run_main
 from voice.checkpoints import Checkpoint, quantize_lm
+from voice.config import TtsSection
 from voice.stt import FRAME, Transcriber
 from voice.tts import Synthesizer
 
@@ -373,12 +374,12 @@ class ScriptedTranscript:
 def random_voice_models(
     folder: Path,
     question: str,
-    codebooks: int | None,
+    tts_config: TtsSection,
     stt_quantize: int | None = None,
-    tts_quantize: int | None = None,
 ) -> tuple[ScriptedTranscript, Synthesizer]:
     """STT 1B and TTS 1.6B at their published shapes with random weights, warmed up (MLX
-    on CUDA compiles kernels per shape: the first frames take seconds)."""
+    on CUDA compiles kernels per shape: the first frames take seconds), the TTS's
+    codebooks chosen and timed as the voice command does."""
     raw = stt_config()
     lm = _random_lm(raw, mx.bfloat16)
     if stt_quantize:
@@ -387,8 +388,12 @@ def random_voice_models(
     stt_folder.mkdir(parents=True, exist_ok=True)
     tts_folder.mkdir(parents=True, exist_ok=True)
     stt = Transcriber(Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(stt_folder)))
-    ckpt, voice = _tts_parts(tts_folder, tts_quantize, mx.bfloat16)
-    tts = Synthesizer(ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks)
+    ckpt, voice = _tts_parts(tts_folder, tts_config.quantize, mx.bfloat16)
+    auto = tts_config.codebooks == "auto"
+    tts = Synthesizer(
+        ckpt, voice, temperature=0.6, max_seconds=120,
+        codebooks=None if auto else tts_config.codebooks,
+    )  # fmt: skip
     scripted = ScriptedTranscript(stt, question)
     scripted.warmup()
     stt.start()
@@ -397,4 +402,5 @@ def random_voice_models(
     stt.finish()
     for _ in tts.speak(TEXT):
         pass
+    tts.calibrate(auto, tts_config.min_codebooks, tts_config.realtime_margin)
     return scripted, tts

@@ -70,6 +70,8 @@ class LatencyRecord:
     ended_by: str = ""  # what ended the turn (silence, turn detector, …)
     # The turn model's median turnaround over the variant (request → result on the loop).
     turn_model_ms: float | None = None
+    underruns: int = 0  # the speaker ran dry mid-answer (a gap in the speech)
+    buffered_frames: int = 0  # TTS frames held back before the answer started playing
 
     @classmethod
     def of(cls, prefill: bool, turn: int, t: TurnTimings, dropped: int = 0) -> LatencyRecord:
@@ -81,6 +83,7 @@ class LatencyRecord:
             gap(t.transcript_ms, t.first_token_ms), gap(t.first_token_ms, t.first_final_ms),
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
             t.prompt_tokens, t.speculative, dropped, ended_by=t.ended_by,
+            underruns=t.underruns, buffered_frames=t.buffered_frames,
         )  # fmt: skip
 
     def row(self) -> dict:
@@ -312,4 +315,5 @@ def summarize(records: list[LatencyRecord]) -> dict:
         out[f"{label}_speculative_turns"] = sum(r.speculative for r in rows)
         out[f"{label}_speculations_dropped"] = sum(r.speculations_dropped for r in rows)
         out[f"{label}_ended_by_detector"] = sum(r.ended_by == "turn detector" for r in rows)
+        out[f"{label}_underruns"] = sum(r.underruns for r in rows)
     return out

@@ -185,7 +185,8 @@ class HarmonyDecoder:
             self._text += delta
             channel = self._parser.current_channel or "final"
             events.append(TextDelta(channel, delta, self._parser.current_recipient))
-        events += self._completed()
+        if special:  # a message ends only at a special token (<|end|>, <|return|>, <|call|>)
+            events += self._completed()
         return events
 
     @property

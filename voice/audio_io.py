@@ -328,7 +328,13 @@ class Speaker(_Stream):
         self.played_samples = 0
         self.played: deque[tuple[float, np.ndarray]] = deque(maxlen=PLAYED_BLOCKS)
         self.latency = 0.0
-        self.rate = MODEL_RATE
+        self.rate = MODEL_RATE  # until open() finds the device's own
+        self._resample = _Resampler(MODEL_RATE, MODEL_RATE)
+        # Set while an answer's audio is still coming: running dry then is a gap mid-answer
+        # (an underrun), counted once per gap; the wait before its first frame is not.
+        self.expecting = False
+        self.underruns = 0
+        self._sounding = False
 
     def open(self) -> None:
         sd = sounddevice()
@@ -347,6 +353,7 @@ class Speaker(_Stream):
 
     def clear(self) -> None:
         """Stop at once (barge-in): drop everything not yet handed to the device."""
+        self.expecting = False
         self._generation += 1
         self._frames.clear()
 
@@ -382,6 +389,12 @@ class Speaker(_Stream):
             self._head = self._head[take:]
             filled += take
         out[filled:] = 0.0
+        if filled == frames:
+            self._sounding = True
+        elif self._sounding:
+            self._sounding = False
+            if self.expecting:
+                self.underruns += 1
         now = time.perf_counter()
         self.played.append((now + self.latency, out.copy()))
         self.played_samples += filled

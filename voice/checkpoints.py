@@ -105,8 +105,8 @@ def keep_codebooks(lm: models.Lm, codebooks: int) -> None:
     fewer depformer slices would break its weight mapping (the per-step weight schedule
     splits shared tensors by the full slice count), so the loaded model is cut instead."""
     have = lm.cfg.depformer.num_slices
-    if codebooks < 1:
-        raise ConfigError(f"tts.codebooks: {codebooks} is below 1")
+    if codebooks < 2:  # Mimi's decoder splits the first codebook from the others
+        raise ConfigError(f"tts.codebooks: {codebooks} is below 2")
     if codebooks >= have:
         return  # at most what the model has
     lm.depformer.slices = lm.depformer.slices[:codebooks]

@@ -247,6 +247,10 @@ def load_voice_models(
     with console.status(f"Loading text to speech {t.model} …"):
         tts = Synthesizer.from_config(t)
         tts.warmup()
+    with console.status("Timing text to speech on this machine …"):
+        speed = tts.calibrate(t.codebooks == "auto", t.min_codebooks, t.realtime_margin)
+    # Printed, so also in the --log-file log.
+    console.print(f"Text to speech: {speed.describe()}")
     return stt, tts
 
 

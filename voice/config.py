@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -67,8 +67,22 @@ class TtsSection(_Section):
     quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
     temperature: float = Field(0.6, ge=0.0, description="sampling temperature of the voice")
     cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
-    codebooks: int | None = Field(
-        8, ge=1, description="audio codebooks to generate at most (null: all); fewer = faster"
+    codebooks: Annotated[int, Field(ge=2)] | Literal["auto"] | None = Field(
+        "auto",
+        description="audio codebooks to generate: auto = the most that this machine "
+        "synthesizes realtime_margin times faster than real time; a number fixes it; null: "
+        "all the model has (fewer = faster, coarser sound)",
+    )
+    min_codebooks: int = Field(
+        8, ge=2, description="auto never goes below this (coarser speech is hard to follow)"
+    )
+    realtime_margin: float = Field(
+        1.2, ge=1.0, description="auto keeps synthesis this many times faster than playback"
+    )
+    playout_buffer: bool = Field(
+        True,
+        description="where synthesis is slower than playback, hold an answer back until "
+        "it can play to the end without a gap (off: start at once, with gaps)",
     )
     padding_between: int = Field(1, ge=0, description="pause steps forced between words")
     greeting: bool = Field(True, description="speak the prompt config's greeting at start")

@@ -39,7 +39,10 @@ def describe_status(fields: dict[str, Any]) -> str:
     if "started" in fields:
         since = datetime.fromtimestamp(fields["started"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"since: {since} (pid {fields.get('pid', '?')})")
-    for key, label in (("model", "model"), ("config", "config"), ("chat_log", "chat log")):
+    for key, label in (
+        ("model", "model"), ("config", "config"), ("chat_log", "chat log"),
+        ("tts", "text to speech"),
+    ):  # fmt: skip
         if fields.get(key):
             lines.append(f"{label}: {fields[key]}")
     if "turns" in fields:

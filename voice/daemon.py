@@ -14,6 +14,7 @@ only as typed or control-socket text; without TTS answers are only shown and ret
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -40,6 +41,7 @@ from voice.control import Reply, Request
 from voice.earcons import Earcons
 from voice.echo import EchoCanceller
 from voice.echo import available as echo_available
+from voice.playout import RATE_MARGIN, frames_to_buffer
 from voice.speakable import SpeakableStream
 from voice.stt import Transcriber
 from voice.tts import SpeechSession, Synthesizer
@@ -86,6 +88,12 @@ FINAL_CHANNEL = "<|channel|>final<|message|>"
 AHEAD_SECONDS = 0.3
 # Blocks kept from before the detector fired, so the first syllable reaches the STT.
 PREROLL_EXTRA_BLOCKS = 2
+# Words an answer still to be written is expected to have, before any was spoken; then the
+# mean of the last answers (only matters where speech is synthesized slower than it plays).
+ANSWER_WORDS_PRIOR = 25
+# TTS steps of an answer before their own pace counts in the playout decision (the first
+# ones, before the audio starts, skip most of the model and would look fast).
+LIVE_RATE_STEPS = 8
 # Tokens prefilled per pass of the loop while listening: the microphone is drained between
 # chunks, so a long conversation's prefill never holds up the end of speech or a barge-in.
 PREFILL_CHUNK = 512
@@ -124,6 +132,13 @@ class TurnTimings:
     # the first tokens and frames may come before `endpoint_ms`.
     speculative: bool = False
     ended_by: str = ""  # what decided the user was done (`voice.turns.EndedBy`)
+    underruns: int = 0  # the speaker ran dry mid-answer: gaps in the speech
+    # The playout buffer: frames held back before the answer's first one played (1: none),
+    # the answer's length in frames as predicted then, and the synthesis speed (times
+    # real time) the decision used (`voice.playout`).
+    buffered_frames: int = 0
+    predicted_frames: int = 0
+    tts_rate: float | None = None
 
     def as_log(self) -> dict[str, float | int | bool | None]:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -151,6 +166,13 @@ class _Turn:
     held_reports: list[Callable[[], None]] = field(default_factory=list)
     at_tool: bool = False
     mark: object = None
+    # Frames synthesized but not yet given to the speaker: the playout buffer, filled until
+    # the answer can play to its end without a gap, and again after a gap (`voice.playout`).
+    waiting: list[np.ndarray] = field(default_factory=list)
+    buffering: bool = True
+    tts_steps: int = 0
+    tts_started_at: float | None = None
+    underruns_base: int = 0  # the speaker's underrun count when the turn began
 
     def show(self, report: Callable[[], None]) -> None:
         if self.held is None:
@@ -217,6 +239,7 @@ class VoiceAssistant:
         self.turns = 0
         # Speculative starts: "started", "confirmed", "dropped" (the waste).
         self.speculations: Counter[str] = Counter()
+        self._answer_words: deque[int] = deque([ANSWER_WORDS_PRIOR], maxlen=8)
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
         self.toolbox: Toolbox | None = None
@@ -441,6 +464,7 @@ class VoiceAssistant:
             "muted": self.muted,
             "hears": self.mic is not None,
             "speaks": self.tts is not None,
+            "tts": self.tts.speed.describe() if self.tts and self.tts.speed else None,
             "activation": self.rules.activation,
             "echo_cancellation": self.echo is not None,
             "barge_in": self.rules.barge_in,
@@ -635,6 +659,7 @@ class VoiceAssistant:
         )
         if self.speaker is not None:
             turn.played_base = self.speaker.played_samples
+            turn.underruns_base = self.speaker.underruns
             self.speaker.first_sound_at = None
         self.turn = turn
         return turn
@@ -682,8 +707,8 @@ class VoiceAssistant:
             report()
         if self.speaker is not None:
             self.speaker.first_sound_at = None  # an earcon may have played since the start
-        for frame in held:
-            self._play(turn, frame)
+        turn.waiting += held
+        self._release(turn)
 
     def _drop_turn(self) -> None:
         """The user went on speaking: the speculative turn ends unseen and unheard, and the
@@ -709,13 +734,19 @@ class VoiceAssistant:
         turn = self.turn
         assert turn is not None
         speech_ready = turn.speech is not None and turn.speech.ready
-        if turn.held is not None and self.tts is not None:
-            ahead = len(turn.held) * self.tts.frame_samples / self.tts.sample_rate
+        frame_s = self.tts.frame_seconds if self.tts is not None else 0.0
+        if turn.held is not None:
+            ahead = len(turn.held) * frame_s
         else:
-            ahead = self.speaker.pending_seconds() if self.speaker is not None else 0.0
-        # A finished answer is synthesized to its end, unless it is held: held audio
-        # stays within AHEAD_SECONDS until the turn is confirmed.
-        if speech_ready and (ahead < AHEAD_SECONDS or (turn.generated and turn.held is None)):
+            ahead = len(turn.waiting) * frame_s
+            ahead += self.speaker.pending_seconds() if self.speaker is not None else 0.0
+            if self._ran_dry(turn):
+                turn.buffering = True  # a gap: hold back again until the rest can play
+        # A finished answer, or one filling its playout buffer, is synthesized as fast as
+        # it can be, unless it is held: held audio stays within AHEAD_SECONDS until the
+        # turn is confirmed.
+        fill = turn.held is None and (turn.generated or turn.buffering)
+        if speech_ready and (ahead < AHEAD_SECONDS or fill):
             self._tts_step(turn)
         elif not turn.generated and not turn.at_tool:
             self._engine_step(turn)
@@ -785,16 +816,76 @@ class VoiceAssistant:
 
     def _tts_step(self, turn: _Turn) -> None:
         assert turn.speech is not None and self.speaker is not None
+        if turn.tts_started_at is None:
+            turn.tts_started_at = self.clock()
         frame = turn.speech.step()
-        if frame is None:
-            return
-        if turn.held is not None:
-            turn.held.append(frame)
-        else:
-            self._play(turn, frame)
+        turn.tts_steps += 1
+        if frame is not None:
+            (turn.held if turn.held is not None else turn.waiting).append(frame)
+        if turn.held is None:
+            self._release(turn)
+
+    def _release(self, turn: _Turn) -> None:
+        """Give the speaker what the playout buffer may let go of now."""
+        assert turn.speech is not None and self.speaker is not None
+        if turn.buffering and turn.waiting and self._can_play_through(turn):
+            turn.buffering = False
+        if not turn.buffering:
+            for frame in turn.waiting:
+                self._play(turn, frame)
+            turn.waiting.clear()
+        if turn.speech.done and not turn.waiting:
+            self.speaker.expecting = False  # what runs dry from here on is the end
+
+    def _can_play_through(self, turn: _Turn) -> bool:
+        """Whether the frames in hand cover what the rest of the answer will fall behind
+        by, at the speed synthesis runs here (`voice.playout`)."""
+        assert turn.speech is not None and self.tts is not None
+        if turn.speech.done or not self.cfg.tts.playout_buffer:
+            return True
+        rate = self._tts_rate(turn)
+        total = len(turn.waiting) + turn.speech.frames_left() + self._unwritten_frames(turn)
+        if len(turn.waiting) < frames_to_buffer(rate / RATE_MARGIN, total):
+            return False
+        if not turn.timings.buffered_frames:  # the answer's first start, not a re-buffer
+            turn.timings.buffered_frames = len(turn.waiting)
+            turn.timings.predicted_frames = total
+            turn.timings.tts_rate = round(rate, 3)
+        return True
+
+    def _tts_rate(self, turn: _Turn) -> float:
+        """Synthesis speed (audio seconds per second): as measured at start, or this
+        answer's own pace where slower (the engine's steps between frames, a busy
+        machine)."""
+        assert self.tts is not None
+        rate = self.tts.speed.rate if self.tts.speed is not None else float("inf")
+        if turn.tts_steps >= LIVE_RATE_STEPS and turn.tts_started_at is not None:
+            took = self.clock() - turn.tts_started_at
+            if took > 0:
+                rate = min(rate, turn.tts_steps * self.tts.frame_seconds / took)
+        return rate
+
+    def _unwritten_frames(self, turn: _Turn) -> int:
+        """Frames the part of the answer not written yet is expected to take."""
+        assert turn.speech is not None
+        if turn.generated:
+            return 0
+        words = max(0, round(statistics.mean(self._answer_words)) - len(turn.answer.split()))
+        return turn.speech.frames_for_words(words)
+
+    def _ran_dry(self, turn: _Turn) -> bool:
+        """The answer was playing and the speaker has nothing left, with more to come."""
+        return (
+            not turn.buffering
+            and turn.speech is not None
+            and not turn.speech.done
+            and self.speaker is not None
+            and self.speaker.pending_seconds() == 0
+        )
 
     def _play(self, turn: _Turn, frame: np.ndarray) -> None:
         assert self.speaker is not None
+        self.speaker.expecting = True
         self.speaker.play(frame)
         if turn.timings.first_chunk_ms is None:
             turn.timings.first_chunk_ms = (self.clock() - turn.speech_end_at) * 1000
@@ -803,6 +894,10 @@ class VoiceAssistant:
     def _finish_turn(self) -> None:
         turn = self.turn
         assert turn is not None
+        if self.speaker is not None:
+            self.speaker.expecting = False
+        if turn.answer.strip():
+            self._answer_words.append(len(turn.answer.split()))
         if turn.user is not None:
             self._record(turn, heard=None)
         elif turn.reply is not None:
@@ -846,6 +941,8 @@ class VoiceAssistant:
             turn.timings.first_audio_ms = (
                 self.speaker.first_sound_at + self.speaker.latency - turn.speech_end_at
             ) * 1000
+        if self.speaker is not None:
+            turn.timings.underruns = self.speaker.underruns - turn.underruns_base
         turn.timings.prompt_tokens = turn.done.stats.prompt_tokens
         turn.timings.cached_tokens = turn.done.stats.cached_tokens
         chat = self.log.active()

@@ -11,6 +11,7 @@ machine, script preparation and conditioning, `LmGen`, Mimi).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,11 @@ from moshi_mlx.utils.sampling import Sampler
 from llm.errors import ConfigError
 from voice.checkpoints import Checkpoint, fetch, keep_codebooks, load_checkpoint
 from voice.config import TtsSection
+from voice.tts_speed import StepTimes, TtsSpeed, choose_codebooks, frame_cost, line_through
+
+# Spoken to nobody at start-up, to time this machine's frames (long enough for the
+# measured frames after the text-only delay of every published model).
+CALIBRATION_TEXT = "One moment please, I am checking how fast I can speak on this machine today."
 
 
 def voice_file(voice: str, voice_repo: str, suffix: str) -> Path:
@@ -71,10 +77,13 @@ class Synthesizer:
         skip_delay_depformer: bool = True,
         compile_depformer: bool = True,
     ) -> None:
+        self.model_codebooks = checkpoint.lm.dep_q
         if codebooks is not None:
             keep_codebooks(checkpoint.lm, codebooks)
         self.skip_delay_depformer = skip_delay_depformer
+        self.compile_depformer = compile_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
+        self.speed: TtsSpeed | None = None  # measured by `calibrate`
         self.model = TTSModel(
             checkpoint.lm,
             checkpoint.mimi,
@@ -124,6 +133,8 @@ class Synthesizer:
 
     @classmethod
     def from_config(cls, t: TtsSection) -> Synthesizer:
+        """Loaded with every codebook where `tts.codebooks` is "auto" (`calibrate` cuts
+        them to what this machine keeps up with)."""
         return cls.load(
             t.model,
             t.voice,
@@ -132,8 +143,69 @@ class Synthesizer:
             temperature=t.temperature,
             cfg_coef=t.cfg_coef,
             padding_between=t.padding_between,
-            codebooks=t.codebooks,
+            codebooks=None if t.codebooks == "auto" else t.codebooks,
         )
+
+    @property
+    def frame_seconds(self) -> float:
+        return self.frame_samples / self.sample_rate
+
+    def measure(self, frames: int = 8) -> StepTimes:
+        """Time the steps of a session on `CALIBRATION_TEXT` until `frames` frames with
+        every kept codebook are timed (the first such frame, which may compile the
+        depformer for a new codebook count, is not counted)."""
+        session = self.session()
+        session.push(CALIBRATION_TEXT)
+        session.close()
+        times = StepTimes(self.lm.dep_q, [], [], [])
+        skipped = False
+        while not session.done and len(times.full) < frames:
+            start = time.perf_counter()
+            pcm = session.step()
+            took = time.perf_counter() - start
+            if session.last_slices == 0:
+                times.backbone.append(took)
+            elif session.last_slices == self.lm.dep_q and pcm is not None:
+                if not skipped:
+                    skipped = True
+                    continue
+                times.full.append(took)
+                times.decode.append(session.last_decode_seconds)
+        if not times.full:
+            raise RuntimeError("the TTS gave no audio for its calibration text")
+        return times
+
+    def calibrate(self, auto: bool, floor: int, margin: float) -> TtsSpeed:
+        """Measure this machine's frame; with `auto`, first cut the codebooks to the most
+        whose frame is synthesized `margin` times faster than it plays (never below
+        `floor`), re-measuring after each cut: the line fitted to one session is only a
+        first guess, the second cut uses the two measured points."""
+        times = self.measure()
+        measured = [(self.lm.dep_q, times.frame)]
+        cost = frame_cost(times)
+        while auto:
+            k = choose_codebooks(cost, self.lm.dep_q, floor, margin, self.frame_seconds)
+            if k >= self.lm.dep_q:
+                break
+            keep_codebooks(self.lm, k)
+            if self.compile_depformer:  # its trace ran every slice it had
+                self.depformer = compiled_depformer(
+                    self.lm, self.audio_sampler, self.model.cfg_coef
+                )
+            times = self.measure()
+            measured.append((k, times.frame))
+            if self.frame_seconds / times.frame >= margin or len(measured) > 2:
+                break
+            cost = line_through(measured[-2], measured[-1])
+        self.speed = TtsSpeed(
+            codebooks=self.lm.dep_q,
+            of=self.model_codebooks,
+            frame_seconds=times.frame,
+            audio_seconds=self.frame_seconds,
+            chosen=auto,
+            margin=margin,
+        )
+        return self.speed
 
     def _condition(self, attributes) -> None:
         # As in TTSModel.generate: summed text conditions and one cross-attention source.
@@ -214,6 +286,10 @@ class SpeechSession:
                 return lm.dep_q
             return max((q + 1 for q, at in enumerate(starts) if self.offset >= at), default=0)
 
+        self._slices_needed = slices_needed
+        self.last_slices = 0  # depformer passes of the last step
+        self.last_decode_seconds = 0.0  # Mimi's share of the last step
+        self._audio_from = max(starts, default=0) + 1
         stepped = (
             _SteppedLm(lm, slices_needed, ids.zero, synth.depformer)
             if synth.skip_delay_depformer or synth.depformer is not None
@@ -268,6 +344,7 @@ class SpeechSession:
     def step(self) -> np.ndarray | None:
         """One model step; the 80 ms of audio it completed, if any."""
         synth, ids = self.synth, self.machine.token_ids
+        self.last_slices = self._slices_needed()
         self.gen.step(self._inputs, ct=synth.ct, cross_attention_src=synth.cross)
         self.offset += 1
         frame = self.gen.last_audio_tokens()
@@ -275,8 +352,33 @@ class SpeechSession:
             return None
         if self.first_audio_step is None:
             self.first_audio_step = self.offset
+        start = time.perf_counter()
         pcm = synth.mimi.decode_step(frame[:, :, None])
-        return np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
+        pcm = np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
+        self.last_decode_seconds = time.perf_counter() - start
+        return pcm
+
+    def frames_left(self) -> int:
+        """At most how many more audio frames the text pushed so far makes (the speech
+        ends with it when closed). Each word takes one step to start, then its tokens, its
+        forced pause or the model's chosen pause, whichever is longest; the model may not
+        pause longer than the machine's `max_padding`."""
+        model, state = self.synth.model, self.state
+        tail = model.delay_steps + model.final_padding
+        if state.end_step is not None:
+            steps = state.end_step + tail - self.offset
+        else:
+            longest_pause = self.machine.max_padding
+            steps = sum(1 + max(len(e.tokens), e.padding, longest_pause) for e in state.entries)
+            steps += max(len(state.queued), state.forced_padding, state.remaining_padding)
+            steps += self.frames_for_words(len(self._pending.split())) + 1 + tail
+        before_audio = max(0, self._audio_from - self.offset)
+        return max(0, steps - before_audio)
+
+    def frames_for_words(self, words: int) -> int:
+        """At most how many frames `words` words not tokenized yet take (as in
+        `frames_left`, taking a word for two tokens)."""
+        return words * (1 + max(2, self.machine.max_padding))
 
     def heard(self, frames_played: int) -> str:
         """The words whose audio was among the first `frames_played` frames."""

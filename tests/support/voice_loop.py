@@ -94,6 +94,7 @@ class SpokenTexts:
     def __init__(self, tts) -> None:
         self.tts, self.texts = tts, []
         self.frame_samples, self.sample_rate = tts.frame_samples, tts.sample_rate
+        self.frame_seconds, self.speed = tts.frame_seconds, tts.speed
         self.at_first_step: list[str] = []  # each session's words when it was first stepped
 
     def session(self):

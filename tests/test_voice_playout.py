@@ -1,0 +1,231 @@
+"""Speech that never stutters: the TTS speed measured at start, the codebook count chosen
+from it, and the playout buffer that holds an answer back on a machine that synthesizes
+slower than it plays.
+
+The daemon tests slow the tiny TTS down on purpose (a sleep in every step) and play into
+a speaker paced by the clock, as a sound card consumes (`bench.file_audio.ClockSpeaker`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bench.file_audio import ClockSpeaker
+from llm.chatlog import Chat, ChatLog
+from llm.config import PromptConfig
+from tests.support.voice_loop import Recorder, serve
+from voice.audio_io import MODEL_RATE, Speaker
+from voice.config import VoiceConfig, apply_override
+from voice.control import Request
+from voice.daemon import VoiceAssistant
+from voice.playout import RATE_MARGIN, frames_to_buffer
+from voice.tts import SpeechSession, Synthesizer
+from voice.tts_speed import (
+    FrameCost,
+    StepTimes,
+    TtsSpeed,
+    choose_codebooks,
+    frame_cost,
+    line_through,
+)
+from voice.vad import make_detector
+
+FRAME_S = 0.08
+
+
+# ------------------------------------------------------------------------ the playout rule
+def gaps(rate: float, total: int, buffered: int) -> int:
+    """Frames that would arrive after their turn to play, starting with `buffered` in
+    hand: frame j is ready (j - buffered + 1) / rate frame-lengths after the start and
+    plays at j."""
+    return sum((j - buffered + 1) / rate > j + 1e-9 for j in range(buffered, total))
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5, 0.77, 0.9, 0.99])
+@pytest.mark.parametrize("total", [2, 7, 40, 250])
+def test_the_buffer_is_the_least_that_plays_the_answer_without_a_gap(rate, total) -> None:
+    need = frames_to_buffer(rate, total)
+    assert gaps(rate, total, need) == 0
+    if need > 1:
+        assert gaps(rate, total, need - 1) > 0
+
+
+def test_a_machine_that_keeps_up_plays_the_first_frame_at_once() -> None:
+    assert frames_to_buffer(1.0, 500) == 1
+    assert frames_to_buffer(3.0, 500) == 1
+    assert frames_to_buffer(0.5, 1) == 1
+    # Far too slow: the whole answer is synthesized first.
+    assert frames_to_buffer(0.0, 30) == 30
+
+
+# --------------------------------------------------------------- the codebook count chosen
+def test_frame_cost_splits_the_frame_into_fixed_work_and_each_codebook() -> None:
+    times = StepTimes(32, backbone=[0.020, 0.021, 0.019], full=[0.150, 0.148], decode=[0.010])
+    cost = frame_cost(times)
+    assert cost.fixed == pytest.approx(0.030)
+    assert cost.per_codebook == pytest.approx((0.149 - 0.030) / 32)
+    assert cost.frame(32) == pytest.approx(0.149)
+
+
+def test_the_most_codebooks_that_stay_ahead_of_playback_are_chosen() -> None:
+    cost = FrameCost(fixed=0.030, per_codebook=0.004)  # 32: 158 ms, 8: 62 ms
+    # 66.7 ms a frame at a 1.2 margin: 0.030 + 0.004 k <= 0.0667 → k = 9
+    assert choose_codebooks(cost, 32, 8, 1.2, FRAME_S) == 9
+    assert choose_codebooks(FrameCost(0.01, 0.001), 32, 8, 1.2, FRAME_S) == 32
+    # Nothing keeps up: the floor, never fewer; a model with fewer than the floor: all.
+    assert choose_codebooks(FrameCost(0.2, 0.01), 32, 8, 1.2, FRAME_S) == 8
+    assert choose_codebooks(FrameCost(0.2, 0.01), 4, 8, 1.2, FRAME_S) == 4
+    assert choose_codebooks(FrameCost(0.2, 0.01), 32, 1, 1.2, FRAME_S) == 2  # Mimi's least
+
+
+def test_a_second_measured_point_replaces_the_first_guess() -> None:
+    cost = line_through((32, 0.150), (12, 0.070))
+    assert cost.per_codebook == pytest.approx(0.004)
+    assert cost.frame(12) == pytest.approx(0.070)
+    assert choose_codebooks(cost, 12, 8, 1.2, FRAME_S) == 11
+
+
+def test_the_status_line_says_what_was_chosen_and_how_fast_it_runs() -> None:
+    fast = TtsSpeed(12, 32, 0.05, FRAME_S, chosen=True, margin=1.2)
+    assert fast.rate == pytest.approx(1.6)
+    assert fast.describe() == (
+        "12 of 32 codebooks (chosen for this machine), 1.60x real time (50 ms a frame)"
+    )
+    slow = TtsSpeed(8, 32, 0.1, FRAME_S, chosen=False, margin=1.2)
+    assert not slow.keeps_up
+    assert slow.describe().startswith("8 of 32 codebooks (set in tts.codebooks), 0.80x real")
+    assert "under the 1.2x margin" in slow.describe()
+
+
+# ---------------------------------------------------------------------- gaps are counted
+def test_the_speaker_counts_a_gap_mid_answer_but_not_the_start_or_the_end() -> None:
+    speaker = Speaker(None)  # not opened: its callback is called here as a sound card would
+    block = MODEL_RATE // 50
+
+    def period() -> None:
+        speaker._callback(np.zeros((block, 1), np.float32), block, None, None)
+
+    period()  # before the answer: silence is no gap
+    speaker.expecting = True
+    period()
+    speaker.play(np.ones(2 * block, np.float32))
+    period(), period()
+    assert speaker.underruns == 0
+    period()  # ran dry with more to come
+    period()  # the same gap
+    assert speaker.underruns == 1
+    speaker.play(np.ones(block, np.float32))
+    period()
+    speaker.expecting = False  # the last frame is queued: what follows is the end
+    speaker.play(np.ones(block // 2, np.float32))
+    period(), period()
+    assert speaker.underruns == 1
+
+
+# ------------------------------------------------------------- on the tiny TTS, slowed down
+def slow_down(monkeypatch, seconds: float, per_codebook: float = 0.0) -> None:
+    """Every TTS step takes `seconds` longer, plus `per_codebook` per depformer pass."""
+    step = SpeechSession.step
+
+    def slowed(self: SpeechSession) -> np.ndarray | None:
+        out = step(self)
+        time.sleep(seconds + per_codebook * self.last_slices)
+        return out
+
+    monkeypatch.setattr(SpeechSession, "step", slowed)
+
+
+def fresh_tts(voice_models) -> Synthesizer:
+    """Its own copy: choosing codebooks cuts the model it measures."""
+    folder = voice_models / "tts"
+    return Synthesizer.load(str(folder), "tiny-voice", str(folder / "voices"), temperature=0.0)
+
+
+def test_a_machine_that_keeps_up_keeps_every_codebook(voice_models) -> None:
+    tts = fresh_tts(voice_models)
+    tts.warmup()
+    speed = tts.calibrate(auto=True, floor=2, margin=1.2)
+    assert (speed.codebooks, speed.of, tts.lm.dep_q) == (4, 4, 4)
+    assert speed.chosen and speed.keeps_up
+
+
+def test_auto_cuts_to_the_most_codebooks_this_machine_keeps_up_with(
+    voice_models, monkeypatch
+) -> None:
+    # 90 ms a codebook against a 320 ms budget (a 0.25 margin, to dwarf the tiny model's
+    # own few ms under any load): 3 codebooks take 270 ms, 4 take 360.
+    slow_down(monkeypatch, 0.0, per_codebook=0.09)
+    tts = fresh_tts(voice_models)
+    speed = tts.calibrate(auto=True, floor=2, margin=0.25)
+    assert (speed.codebooks, speed.of, tts.lm.dep_q) == (3, 4, 3)
+    assert speed.keeps_up
+    frames = list(tts.speak("Hello there"))  # and it speaks with what it kept
+    assert frames and all(f.shape == (tts.frame_samples,) for f in frames)
+
+
+def test_a_machine_too_slow_for_any_count_gets_the_floor_and_is_told(
+    voice_models, monkeypatch
+) -> None:
+    slow_down(monkeypatch, 0.1)  # every step longer than the 80 ms it makes
+    tts = fresh_tts(voice_models)
+    speed = tts.calibrate(auto=True, floor=3, margin=1.2)
+    assert (speed.codebooks, tts.lm.dep_q) == (3, 3)
+    assert not speed.keeps_up and "under the 1.2x margin" in speed.describe()
+
+
+ANSWER = "Hello! How can I help you today?"
+
+
+def ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **overrides):
+    """'Hello' asked as text of an assistant whose TTS runs at about 0.7x real time,
+    speaking into a clock-paced speaker; its timings and the speaker."""
+    monkeypatch.setattr(synthesizer, "speed", None)  # restored after the test
+    slow_down(monkeypatch, 0.11)
+    synthesizer.calibrate(auto=False, floor=1, margin=1.2)
+    assert synthesizer.speed is not None and synthesizer.speed.rate < 0.8
+    config = VoiceConfig()
+    for key, value in ({"tts.greeting": False, "activation.earcons": False} | overrides).items():
+        config = apply_override(config, key, value)
+    log = ChatLog()
+    log.start_chat(Chat.new("tiny"))
+    rec, speaker = Recorder(), ClockSpeaker()
+    assistant = VoiceAssistant(
+        config, engine, PromptConfig(sampling={"temperature": 0.0}), None, synthesizer,
+        make_detector(config.endpointing, MODEL_RATE), log, tmp_path / "chat.json", rec,
+        speaker=speaker,
+    )  # fmt: skip
+
+    def scenario(stop: threading.Event) -> None:
+        assistant.submit(Request(cmd="ask", text="Hello"))
+        rec.wait("turn_done", timeout=120)
+
+    serve(assistant, scenario)
+    assert "".join(rec.texts("answer")) == ANSWER
+    (timings,) = rec.timings
+    return timings, speaker
+
+
+def test_a_slow_tts_plays_the_answer_without_a_gap_after_the_predicted_buffer(
+    engine, synthesizer, tmp_path, monkeypatch
+) -> None:
+    t, speaker = ask_slowly(engine, synthesizer, tmp_path, monkeypatch)
+    assert t.underruns == 0
+    assert t.tts_rate is not None and t.tts_rate < 0.8
+    # The answer waited for exactly the frames the rule asks for at that speed and length,
+    # and the length it predicted was not short of what was played.
+    assert t.buffered_frames > 1
+    assert t.buffered_frames == frames_to_buffer(t.tts_rate / RATE_MARGIN, t.predicted_frames)
+    played_frames = speaker.played_samples // synthesizer.frame_samples
+    assert played_frames <= t.predicted_frames
+
+
+def test_without_the_playout_buffer_the_same_answer_stutters(
+    engine, synthesizer, tmp_path, monkeypatch
+) -> None:
+    t, _ = ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **{"tts.playout_buffer": False})
+    assert t.buffered_frames == 0
+    assert t.underruns > 0
