@@ -180,13 +180,8 @@ def test_a_machine_too_slow_for_any_count_gets_the_floor_and_is_told(
 ANSWER = "Hello! How can I help you today?"
 
 
-def ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **overrides):
-    """'Hello' asked as text of an assistant whose TTS runs at about 0.7x real time,
-    speaking into a clock-paced speaker; its timings and the speaker."""
-    monkeypatch.setattr(synthesizer, "speed", None)  # restored after the test
-    slow_down(monkeypatch, 0.11)
-    synthesizer.calibrate(auto=False, floor=1, margin=1.2)
-    assert synthesizer.speed is not None and synthesizer.speed.rate < 0.8
+def assistant_on_clock(engine, synthesizer, tmp_path, **overrides):
+    """An assistant without microphone, speaking into a clock-paced speaker."""
     config = VoiceConfig()
     for key, value in ({"tts.greeting": False, "activation.earcons": False} | overrides).items():
         config = apply_override(config, key, value)
@@ -198,12 +193,27 @@ def ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **overrides):
         make_detector(config.endpointing, MODEL_RATE), log, tmp_path / "chat.json", rec,
         speaker=speaker,
     )  # fmt: skip
+    return assistant, rec, speaker
 
+
+def ask(assistant, rec, questions: list[str]) -> None:
     def scenario(stop: threading.Event) -> None:
-        assistant.submit(Request(cmd="ask", text="Hello"))
-        rec.wait("turn_done", timeout=120)
+        for n, question in enumerate(questions, 1):
+            assistant.submit(Request(cmd="ask", text=question))
+            rec.wait("turn_done", timeout=120, count=n)
 
     serve(assistant, scenario)
+
+
+def ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **overrides):
+    """'Hello' asked as text of an assistant whose TTS runs at about 0.7x real time;
+    its timings and the speaker."""
+    monkeypatch.setattr(synthesizer, "speed", None)  # restored after the test
+    slow_down(monkeypatch, 0.11)
+    synthesizer.calibrate(auto=False, floor=2, margin=1.2)
+    assert synthesizer.speed is not None and synthesizer.speed.rate < 0.8
+    assistant, rec, speaker = assistant_on_clock(engine, synthesizer, tmp_path, **overrides)
+    ask(assistant, rec, ["Hello"])
     assert "".join(rec.texts("answer")) == ANSWER
     (timings,) = rec.timings
     return timings, speaker
@@ -229,3 +239,29 @@ def test_without_the_playout_buffer_the_same_answer_stutters(
     t, _ = ask_slowly(engine, synthesizer, tmp_path, monkeypatch, **{"tts.playout_buffer": False})
     assert t.buffered_frames == 0
     assert t.underruns > 0
+
+
+def test_answers_that_run_dry_teach_it_the_loops_pace_and_cost_codebooks(
+    voice_models, engine, tmp_path, monkeypatch
+) -> None:
+    """Timed alone at start the TTS keeps up with all its codebooks; in the answers the
+    loop adds 100 ms to every step (what the start-up measurement cannot see): the first
+    answer runs dry, and from then on fewer codebooks are kept and answers are buffered
+    for the pace that was seen."""
+    tts = fresh_tts(voice_models)
+    tts.warmup()
+    assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
+    step = VoiceAssistant._tts_step
+
+    def loaded(self, turn) -> None:
+        time.sleep(0.1)
+        step(self, turn)
+
+    monkeypatch.setattr(VoiceAssistant, "_tts_step", loaded)
+    assistant, rec, _ = assistant_on_clock(engine, tts, tmp_path)
+    ask(assistant, rec, ["Hello", "Hello"])
+    first, second = rec.timings
+    assert first.underruns > 0
+    (notice,) = [n for n in rec.texts("notice") if n.startswith("text to speech ran at")]
+    assert "now 2 of 4 codebooks" in notice and tts.lm.dep_q == 2
+    assert second.underruns == 0 and second.buffered_frames > 1

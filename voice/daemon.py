@@ -91,9 +91,8 @@ PREROLL_EXTRA_BLOCKS = 2
 # Words an answer still to be written is expected to have, before any was spoken; then the
 # mean of the last answers (only matters where speech is synthesized slower than it plays).
 ANSWER_WORDS_PRIOR = 25
-# TTS steps of an answer before their own pace counts in the playout decision (the first
-# ones, before the audio starts, skip most of the model and would look fast).
-LIVE_RATE_STEPS = 8
+# Audio frames of an answer before their own pace counts in the playout decision.
+LIVE_RATE_FRAMES = 4
 # Tokens prefilled per pass of the loop while listening: the microphone is drained between
 # chunks, so a long conversation's prefill never holds up the end of speech or a barge-in.
 PREFILL_CHUNK = 512
@@ -170,8 +169,9 @@ class _Turn:
     # the answer can play to its end without a gap, and again after a gap (`voice.playout`).
     waiting: list[np.ndarray] = field(default_factory=list)
     buffering: bool = True
-    tts_steps: int = 0
-    tts_started_at: float | None = None
+    audio_frames: int = 0  # synthesized so far
+    first_frame_at: float | None = None  # when the first was, and the last
+    last_frame_at: float | None = None
     underruns_base: int = 0  # the speaker's underrun count when the turn began
 
     def show(self, report: Callable[[], None]) -> None:
@@ -240,6 +240,8 @@ class VoiceAssistant:
         # Speculative starts: "started", "confirmed", "dropped" (the waste).
         self.speculations: Counter[str] = Counter()
         self._answer_words: deque[int] = deque([ANSWER_WORDS_PRIOR], maxlen=8)
+        speed = synthesizer.speed if synthesizer is not None else None
+        self._tts_rate_prior = speed.rate if speed is not None else float("inf")
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
         self.toolbox: Toolbox | None = None
@@ -816,11 +818,12 @@ class VoiceAssistant:
 
     def _tts_step(self, turn: _Turn) -> None:
         assert turn.speech is not None and self.speaker is not None
-        if turn.tts_started_at is None:
-            turn.tts_started_at = self.clock()
         frame = turn.speech.step()
-        turn.tts_steps += 1
         if frame is not None:
+            turn.audio_frames += 1
+            turn.last_frame_at = self.clock()
+            if turn.first_frame_at is None:
+                turn.first_frame_at = turn.last_frame_at
             (turn.held if turn.held is not None else turn.waiting).append(frame)
         if turn.held is None:
             self._release(turn)
@@ -854,16 +857,40 @@ class VoiceAssistant:
         return True
 
     def _tts_rate(self, turn: _Turn) -> float:
-        """Synthesis speed (audio seconds per second): as measured at start, or this
-        answer's own pace where slower (the engine's steps between frames, a busy
-        machine)."""
-        assert self.tts is not None
-        rate = self.tts.speed.rate if self.tts.speed is not None else float("inf")
-        if turn.tts_steps >= LIVE_RATE_STEPS and turn.tts_started_at is not None:
-            took = self.clock() - turn.tts_started_at
-            if took > 0:
-                rate = min(rate, turn.tts_steps * self.tts.frame_seconds / took)
-        return rate
+        """Synthesis speed (audio seconds per second): this answer's own pace once it has
+        a few frames (what the whole loop gives the TTS, not the TTS alone), else the
+        pace the last answers that ran short kept, else the start-up measurement."""
+        live = self._live_rate(turn)
+        return live if live is not None else self._tts_rate_prior
+
+    def _live_rate(self, turn: _Turn) -> float | None:
+        if turn.audio_frames <= LIVE_RATE_FRAMES or turn.first_frame_at is None:
+            return None
+        assert self.tts is not None and turn.last_frame_at is not None
+        took = turn.last_frame_at - turn.first_frame_at
+        return (turn.audio_frames - 1) * self.tts.frame_seconds / took if took > 0 else None
+
+    def _learn_tts_rate(self, turn: _Turn) -> None:
+        """An answer that ran dry mid-way shows the pace the whole loop gives the TTS:
+        the next answers are buffered for it, and where the codebooks were chosen for
+        this machine, fewer are kept until that pace has the margin again."""
+        if self.speaker is None or self.tts is None:
+            return
+        rate = self._live_rate(turn)
+        if rate is None or self.speaker.underruns == turn.underruns_base:
+            return
+        self._tts_rate_prior = rate
+        before = self.tts.speed
+        after = self.tts.adapt(rate)
+        if before is not None and after is not None:
+            # What the loop added to each frame is taken to stay: the frame measured with
+            # the codebooks kept, plus that.
+            added = max(0.0, self.tts.frame_seconds / rate - before.frame_seconds)
+            self._tts_rate_prior = self.tts.frame_seconds / (after.frame_seconds + added)
+            self.report.notice(
+                f"text to speech ran at {rate:.2f}x real time in the answers: "
+                f"now {after.describe()}"
+            )
 
     def _unwritten_frames(self, turn: _Turn) -> int:
         """Frames the part of the answer not written yet is expected to take."""
@@ -898,6 +925,7 @@ class VoiceAssistant:
             self.speaker.expecting = False
         if turn.answer.strip():
             self._answer_words.append(len(turn.answer.split()))
+        self._learn_tts_rate(turn)
         if turn.user is not None:
             self._record(turn, heard=None)
         elif turn.reply is not None:

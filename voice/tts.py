@@ -27,7 +27,14 @@ from moshi_mlx.utils.sampling import Sampler
 from llm.errors import ConfigError
 from voice.checkpoints import Checkpoint, fetch, keep_codebooks, load_checkpoint
 from voice.config import TtsSection
-from voice.tts_speed import StepTimes, TtsSpeed, choose_codebooks, frame_cost, line_through
+from voice.tts_speed import (
+    FrameCost,
+    StepTimes,
+    TtsSpeed,
+    choose_codebooks,
+    frame_cost,
+    line_through,
+)
 
 # Spoken to nobody at start-up, to time this machine's frames (long enough for the
 # measured frames after the text-only delay of every published model).
@@ -84,6 +91,8 @@ class Synthesizer:
         self.compile_depformer = compile_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.speed: TtsSpeed | None = None  # measured by `calibrate`
+        self.cost = FrameCost(0.0, 0.0)  # its line, from `calibrate`
+        self._floor, self._margin = 2, 1.0
         self.model = TTSModel(
             checkpoint.lm,
             checkpoint.mimi,
@@ -180,30 +189,50 @@ class Synthesizer:
         whose frame is synthesized `margin` times faster than it plays (never below
         `floor`), re-measuring after each cut: the line fitted to one session is only a
         first guess, the second cut uses the two measured points."""
+        self._floor, self._margin = floor, margin
         times = self.measure()
         measured = [(self.lm.dep_q, times.frame)]
-        cost = frame_cost(times)
+        self.cost = frame_cost(times)
         while auto:
-            k = choose_codebooks(cost, self.lm.dep_q, floor, margin, self.frame_seconds)
+            k = choose_codebooks(self.cost, self.lm.dep_q, floor, margin, self.frame_seconds)
             if k >= self.lm.dep_q:
                 break
-            keep_codebooks(self.lm, k)
-            if self.compile_depformer:  # its trace ran every slice it had
-                self.depformer = compiled_depformer(
-                    self.lm, self.audio_sampler, self.model.cfg_coef
-                )
-            times = self.measure()
+            times = self._cut(k)
             measured.append((k, times.frame))
+            self.cost = line_through(measured[-2], measured[-1])
             if self.frame_seconds / times.frame >= margin or len(measured) > 2:
                 break
-            cost = line_through(measured[-2], measured[-1])
+        return self._timed(times, auto)
+
+    def adapt(self, observed_rate: float) -> TtsSpeed | None:
+        """Answers ran at `observed_rate` times real time, everything the loop does
+        between frames included: where the codebooks were chosen for this machine, keep
+        fewer, so that this pace regains the margin (None: nothing to cut)."""
+        if self.speed is None or not self.speed.chosen:
+            return None
+        observed = self.frame_seconds / observed_rate
+        extra = max(0.0, observed - self.cost.frame(self.lm.dep_q))
+        loaded = FrameCost(self.cost.fixed + extra, self.cost.per_codebook)
+        k = choose_codebooks(loaded, self.lm.dep_q, self._floor, self._margin, self.frame_seconds)
+        if k >= self.lm.dep_q:
+            return None
+        return self._timed(self._cut(k), chosen=True)
+
+    def _cut(self, codebooks: int) -> StepTimes:
+        """Keep `codebooks` codebooks and time a frame with them."""
+        keep_codebooks(self.lm, codebooks)
+        if self.compile_depformer:  # its trace ran every slice it had
+            self.depformer = compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
+        return self.measure()
+
+    def _timed(self, times: StepTimes, chosen: bool) -> TtsSpeed:
         self.speed = TtsSpeed(
             codebooks=self.lm.dep_q,
             of=self.model_codebooks,
             frame_seconds=times.frame,
             audio_seconds=self.frame_seconds,
-            chosen=auto,
-            margin=margin,
+            chosen=chosen,
+            margin=self._margin,
         )
         return self.speed
 
