@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from llm.config import RemoteConfig, SamplingParams
+from llm.config import PromptConfig, RemoteConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.debug_log import DebugLog
 from llm.distributed import ShardedEngine, follow, load_sharded, world
@@ -49,6 +49,11 @@ class ChatEngine(Protocol):
         ...
 
     def reset(self) -> None: ...
+
+    def warmup(self, prompt: PromptConfig) -> bool:
+        """Compile what the first turns would, before they come; False where nothing is
+        compiled here (a remote or sharded engine)."""
+        ...
 
     def mark(self) -> object:
         """The cache's state now, for `rollback` (after a turn that is dropped unseen)."""

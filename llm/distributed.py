@@ -205,6 +205,11 @@ class ShardedEngine:
         _broadcast(self.group, _call("reset"))
         self.engine.reset()
 
+    def warmup(self, prompt: PromptConfig) -> bool:
+        """Not across ranks: every rank would have to run the same turns in step; the
+        first turns compile their kernels."""
+        return False
+
     def mark(self) -> object:
         """No rollback across ranks (each would need its own mark): after a dropped turn
         the next turn prefills again what the ranks' caches cannot reuse."""

@@ -297,7 +297,7 @@ class Engine:
             self.debug.write(prompt_tokens, generated, self.format.decode, self.model_id)
         yield TurnDone(finish, tuple(done), tuple(generated), stats)
 
-    def warmup(self, prompt: PromptConfig) -> None:
+    def warmup(self, prompt: PromptConfig) -> bool:
         """Run a throwaway conversation through the real path, then forget it.
 
         MLX compiles kernels at their first use, one per kind of work and shape: on an NVIDIA
@@ -325,6 +325,7 @@ class Engine:
             done = collect(self.stream(Conversation(history, prompt), sampling))
             history += done.messages
         self.reset()
+        return True
 
     def prefill(self, conversation: Conversation) -> int:
         """Prefill what is already certain of a turn whose last message is still growing

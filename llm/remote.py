@@ -151,6 +151,10 @@ class RemoteEngine:
     def reset(self) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
+    def warmup(self, prompt: PromptConfig) -> bool:
+        """Nothing is compiled here: the server warms up its own model."""
+        return False
+
     def mark(self) -> object:
         """Nothing to roll back: the remote server keeps its own cache."""
         return None

@@ -192,7 +192,11 @@ def create_app(
         if state["loaded"] != entry.model:
             # Drop the old model first, so two are never in memory at once.
             state["engine"], state["loaded"] = None, None
-            state["engine"], state["loaded"] = load(entry), entry.model
+            engine = load(entry)
+            # As at start-up: the first request to a model switched to does not pay its
+            # kernel compiles token by token.
+            engine.warmup(entry.prompt)
+            state["engine"], state["loaded"] = engine, entry.model
         return state["engine"]  # type: ignore[return-value]
 
     @asynccontextmanager

@@ -67,3 +67,16 @@ def test_tiny_streaming_stt_lm_steps() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "stepped"
+
+
+def test_the_internals_we_use_are_checked_and_a_missing_one_is_named(monkeypatch) -> None:
+    from moshi_mlx.models.lm import DepFormer
+
+    from voice import moshi_internals
+
+    moshi_internals.check_moshi()  # the installed moshi-mlx has them all
+    monkeypatch.delattr(DepFormer, "sample")
+    with pytest.raises(ImportError, match=r"DepFormer\.sample is gone.*moshi-mlx 0\.3\.x"):
+        moshi_internals.check_moshi()
+    with pytest.raises(ImportError, match=r"object\.step_idx is gone"):
+        moshi_internals.require(object(), "step_idx")

@@ -697,3 +697,27 @@ def test_offered_prompt_configs_are_named_by_path_file_name_and_stem(tmp_path: P
     offered = offered_prompt_configs([path, path], lambda p: load_prompt_config(Path(p)))
     assert set(offered) == {path, "dave.json", "dave"}
     assert offered["dave"].assistant_name == "Dave"
+
+
+def test_a_model_switched_to_is_warmed_up_before_it_answers(tiny: Engine) -> None:
+    warmed: list[str] = []
+
+    class Counted(Engine):
+        def warmup(self, prompt: PromptConfig) -> bool:
+            warmed.append(self.model_id)
+            return super().warmup(prompt)
+
+    def load(entry: ServedModel) -> Engine:
+        return Counted(tiny.model, tiny.tokenizer, entry.name)
+
+    app = create_app(
+        [ServedModel("a", "a-path", PromptConfig()), ServedModel("b", "b-path", PromptConfig())],
+        load=load,
+        preloaded=tiny,
+    )
+    with LiveServer(app, free_port()) as live:
+        body = {"messages": [{"role": "user", "content": HELLO.user}], "temperature": 0}
+        r = httpx.post(live.url + "/v1/chat/completions", json=body | {"model": "b"}, timeout=120)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == HELLO.final
+    assert warmed == ["b"]

@@ -225,10 +225,12 @@ def test_a_slow_tts_plays_the_answer_without_a_gap_after_the_predicted_buffer(
     t, speaker = ask_slowly(engine, synthesizer, tmp_path, monkeypatch)
     assert t.underruns == 0
     assert t.tts_rate is not None and t.tts_rate < 0.8
-    # The answer waited for exactly the frames the rule asks for at that speed and length,
-    # and the length it predicted was not short of what was played.
-    assert t.buffered_frames > 1
-    assert t.buffered_frames == frames_to_buffer(t.tts_rate / RATE_MARGIN, t.predicted_frames)
+    # The answer waited for the frames the rule asks for at that speed and length (one or
+    # two more where the speed estimate rose as the frame came: the answer's own pace
+    # replaces the start-up figure after a few frames), and the length it predicted was
+    # not short of what was played.
+    need = frames_to_buffer(t.tts_rate / RATE_MARGIN, t.predicted_frames)
+    assert 1 < need <= t.buffered_frames <= need + 2
     played_frames = speaker.played_samples // synthesizer.frame_samples
     assert played_frames <= t.predicted_frames
 

@@ -98,24 +98,6 @@ def quantize_lm(lm: models.Lm, bits: int, group_size: int = 64) -> None:
         nn.quantize(layer.gating, group_size, bits, class_predicate=fits)
 
 
-def keep_codebooks(lm: models.Lm, codebooks: int) -> None:
-    """Generate only the first `codebooks` audio codebooks (the coarsest; the rest are fed
-    as "zero", and Mimi decodes the ones it gets): fewer depformer steps per frame, coarser
-    audio. moshi-mlx stores `TTSModel(n_q=…)` but never applies it, and building the LM with
-    fewer depformer slices would break its weight mapping (the per-step weight schedule
-    splits shared tensors by the full slice count), so the loaded model is cut instead."""
-    have = lm.cfg.depformer.num_slices
-    if codebooks < 2:  # Mimi's decoder splits the first codebook from the others
-        raise ConfigError(f"tts.codebooks: {codebooks} is below 2")
-    if codebooks >= have:
-        return  # at most what the model has
-    lm.depformer.slices = lm.depformer.slices[:codebooks]
-    lm.cfg.depformer.num_slices = codebooks
-    schedule = lm.cfg.depformer.weights_per_step_schedule
-    if schedule is not None:
-        lm.cfg.depformer.weights_per_step_schedule = schedule[:codebooks]
-
-
 def load_checkpoint(ref: str, *, generating_audio: bool, quantize: int | None) -> Checkpoint:
     """Config, LM, Mimi and text tokenizer of a Kyutai STT or TTS checkpoint."""
     config_path = fetch(ref, "config.json")

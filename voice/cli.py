@@ -26,7 +26,6 @@ from llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
 from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
 from llm.distributed import is_follower
-from llm.engine import Engine
 from llm.errors import ConfigError
 from voice import ctl, service
 from voice.audio_io import MODEL_RATE, AudioError, list_devices
@@ -315,10 +314,10 @@ def voice_assistant(
 ) -> int:
     stt, tts = load_voice_models(config, console)
     prompt = spoken_prompt(setup.prompt, config.llm)
-    if isinstance(engine, Engine):  # a remote or sharded one has nothing to compile here
-        started = time.perf_counter()
-        with console.status("Warming up the model …"):
-            engine.warmup(prompt)
+    started = time.perf_counter()
+    with console.status("Warming up the model …"):
+        warmed = engine.warmup(prompt)
+    if warmed:
         console.print(f"[dim]Warmed up the model in {time.perf_counter() - started:.1f}s.[/]")
     detector = make_detector(config.endpointing, sample_rate=MODEL_RATE)
     scorer = None

@@ -139,8 +139,13 @@ class TurnTimings:
     predicted_frames: int = 0
     tts_rate: float | None = None
 
-    def as_log(self) -> dict[str, float | int | bool | None]:
-        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+    def as_log(self) -> dict[str, object]:
+        def rounded(k: str, v: object) -> object:
+            if not isinstance(v, float):
+                return v
+            return round(v, 3 if k == "tts_rate" else 1)
+
+        return {k: rounded(k, v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -853,7 +858,7 @@ class VoiceAssistant:
         if not turn.timings.buffered_frames:  # the answer's first start, not a re-buffer
             turn.timings.buffered_frames = len(turn.waiting)
             turn.timings.predicted_frames = total
-            turn.timings.tts_rate = round(rate, 3)
+            turn.timings.tts_rate = rate
         return True
 
     def _tts_rate(self, turn: _Turn) -> float:

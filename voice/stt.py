@@ -18,6 +18,7 @@ from moshi_mlx import models
 from moshi_mlx.utils.sampling import Sampler
 
 from voice.checkpoints import Checkpoint, load_checkpoint
+from voice.moshi_internals import StreamPosition
 
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
 # Text tokens that carry no text: 0 is the end-of-padding marker and 3 padding
@@ -138,8 +139,9 @@ class Transcriber:
         it had not been asked: a speculative start takes the words at a pause, and if the
         user speaks on, the same stream (its context, its pause predictions) hears the
         rest. The flush's steps are undone by putting back the position of every stream
-        in the model and the codec (`_StreamPosition`)."""
-        position = _StreamPosition.of(self)
+        in the model and the codec (`StreamPosition`)."""
+        assert self._gen is not None
+        position = StreamPosition.of(self._gen, self.lm, self.mimi)
         pieces, pending, pause, fed = list(self._pieces), self._pending, self.pause, self.frames_fed
         text = self._flush(silence_s)
         position.restore()
@@ -185,40 +187,3 @@ class Transcriber:
         if self.on_piece is not None:
             self.on_piece(piece)
         return piece
-
-
-# What moshi-mlx's streaming modules keep between steps besides KV caches: a convolution's
-# last input and whether its left padding was applied, SEANet's unmatched residual halves.
-# All are replaced (never written into) at each step, so keeping the references keeps them.
-_MODULE_STATE = ("_prev_xs", "_left_pad_applied", "_lhs", "_rhs")
-
-
-class _StreamPosition:
-    """Where a transcriber's streams stand (the LM's step and KV caches, Mimi's encoder
-    convolutions and transformer cache), to go back there after steps that must leave no
-    trace. moshi-mlx has no snapshot of its own; KV caches write each step's keys past
-    their offset and read only up to it, so putting the offsets back is enough (the
-    caches never wrap within an utterance's step budget). The peek test checks that what
-    follows a restore is exactly what a stream that never peeked computes (greedy: at a
-    temperature the flush's samples also moved the random state)."""
-
-    def __init__(self, saved: list[tuple[object, str, object]]) -> None:
-        self._saved = saved  # (owner, attribute, value)
-
-    @classmethod
-    def of(cls, stt: Transcriber) -> _StreamPosition:
-        assert stt._gen is not None
-        saved: list[tuple[object, str, object]] = [(stt._gen, "step_idx", stt._gen.step_idx)]
-        caches = [c.self_attn for c in (*stt.lm.transformer_cache, *stt.mimi.encoder_cache)]
-        for cache in caches:
-            saved += [
-                (cache, k, getattr(cache, k)) for k in ("offset", "_idx") if hasattr(cache, k)
-            ]
-        modules = [*stt.mimi.encoder.modules(), *stt.mimi.downsample.modules()]
-        for module in modules:
-            saved += [(module, k, getattr(module, k)) for k in _MODULE_STATE if hasattr(module, k)]
-        return cls(saved)
-
-    def restore(self) -> None:
-        for owner, name, value in self._saved:
-            setattr(owner, name, value)

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 from moshi_mlx import models
-from moshi_mlx.models.lm import DepFormer
 from moshi_mlx.models.tts import TTSModel
 from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
 
 from llm.errors import ConfigError
-from voice.checkpoints import Checkpoint, fetch, keep_codebooks, load_checkpoint
+from voice.checkpoints import Checkpoint, fetch, load_checkpoint
 from voice.config import TtsSection
+from voice.moshi_internals import SteppedLm, compiled_depformer, keep_codebooks
 from voice.tts_speed import (
     FrameCost,
     StepTimes,
@@ -320,7 +319,7 @@ class SpeechSession:
         self.last_decode_seconds = 0.0  # Mimi's share of the last step
         self._audio_from = max(starts, default=0) + 1
         stepped = (
-            _SteppedLm(lm, slices_needed, ids.zero, synth.depformer)
+            SteppedLm(lm, slices_needed, ids.zero, synth.depformer)
             if synth.skip_delay_depformer or synth.depformer is not None
             else lm
         )
@@ -434,104 +433,3 @@ class SpeechSession:
                     first.padding = max(0, self.synth.padding_between + len(first.tokens) - 1)
         self._started = True
         self.state.entries.extend(entries)
-
-
-class _SteppedLm:
-    """The LM as `LmGen` steps it, leaner in two ways moshi-mlx has no switch for:
-
-    - the depformer runs only as far as its tokens are kept: not at all in the text-only
-      delay at the start of a session (16 of the first ≈19 steps of Kyutai's TTS), as
-      Kyutai's own server does, and only its first codebook's pass on the steps after it
-      until the other codebooks' acoustic delay has elapsed (2 steps);
-    - the depformer's frame runs as one compiled function when given one (see
-      `compiled_depformer`).
-
-    The backbone half of `Lm._sample` is repeated here for that. Greedy, the tokens are the
-    same as moshi-mlx's own `_sample` (tested)."""
-
-    def __init__(
-        self,
-        lm: models.Lm,
-        slices_needed: Callable[[], int],
-        zero: int,
-        depformer: Callable[[mx.array, mx.array], mx.array] | None,
-    ) -> None:
-        self.lm, self.slices_needed, self.zero, self.cfg = lm, slices_needed, zero, lm.cfg
-        self.depformer = depformer
-
-    def _sample(
-        self,
-        text_token_ids: mx.array,
-        audio_token_ids: list[mx.array],
-        text_sampler: Sampler,
-        audio_sampler: Sampler,
-        ct: ConditionTensor | None = None,
-        cross_attention_src: mx.array | None = None,
-        cfg_coef: float = 1.0,
-        on_text_hook: Callable[[mx.array], None] | None = None,
-        on_audio_hook: Callable[[mx.array], None] | None = None,
-    ) -> tuple[mx.array, mx.array | None, mx.array]:
-        lm = self.lm
-        needed = self.slices_needed()
-        if needed == lm.dep_q and self.depformer is None:
-            return lm._sample(
-                text_token_ids, audio_token_ids, text_sampler, audio_sampler, ct,
-                cross_attention_src, cfg_coef, on_text_hook, on_audio_hook,
-            )  # fmt: skip
-        xs = lm.text_emb(text_token_ids)
-        for token_ids, emb in zip(audio_token_ids, lm.audio_embs, strict=False):
-            xs = xs + emb(token_ids).transpose(1, 0, 2)
-        if ct is not None:
-            xs = xs + mx.expand_dims(ct.tensor, axis=1)
-        if cfg_coef != 1:
-            xs = mx.tile(xs, (2, 1, 1))
-        out = lm.transformer(
-            xs, cache=lm.transformer_cache, cross_attention_src=cross_attention_src
-        )
-        out = lm.out_norm(out)
-        text_logits = lm.text_linear(out)
-        if cfg_coef != 1:
-            l1, l2 = text_logits.split(2, axis=0)
-            text_logits = cfg_coef * l1 - (cfg_coef - 1) * l2
-        text_token, _ = text_sampler(text_logits)
-        if on_text_hook is not None:
-            on_text_hook(text_token)
-        if needed == lm.dep_q:
-            assert self.depformer is not None
-            audio = self.depformer(out, text_token)
-        else:
-            batch = text_token.shape[0]
-            audio = mx.full((batch, lm.dep_q - needed, 1), self.zero, dtype=mx.int32)
-            if needed:
-                # moshi-mlx's own loop, over the first slices only (it reads nothing else
-                # of the depformer); twice a session, so not worth compiling.
-                first = SimpleNamespace(slices=lm.depformer.slices[:needed])
-                kept = DepFormer.sample(
-                    first,  # type: ignore[arg-type]
-                    out,
-                    audio_sampler,
-                    text_token,
-                    lm.depformer_cache,
-                    cfg_coef,
-                )
-                audio = mx.concatenate([kept.astype(mx.int32), audio], axis=1)
-        if on_audio_hook is not None:
-            on_audio_hook(audio)
-        return text_token, audio, out
-
-
-def compiled_depformer(
-    lm: models.Lm, sampler: Sampler, cfg_coef: float
-) -> Callable[[mx.array, mx.array], mx.array]:
-    """The depformer's frame (one pass per codebook, each a few transformer layers) as one
-    `mx.compile`d function. Its cache is reset at every frame, so the pass is a pure
-    function of the backbone's output, the text token and the random state; compiled, the
-    per-operation cost that bounds a frame on a GPU is paid once per fused kernel. Built
-    once per model: a new function would be traced again."""
-
-    def frame(main_out: mx.array, text_token: mx.array) -> mx.array:
-        return lm.depformer.sample(
-            main_out, sampler, text_token, lm.depformer_cache, cfg_coef=cfg_coef
-        )
-
-    return mx.compile(frame, inputs=mx.random.state, outputs=mx.random.state)

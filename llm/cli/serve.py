@@ -17,7 +17,6 @@ import uvicorn
 from llm.backends import load_engine
 from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
 from llm.config import load_profiles, load_prompt_config
-from llm.engine import Engine
 from llm.errors import ConfigError
 from llm.http_guard import server_config
 from llm.server import ServerLimits, create_app, offered_prompt_configs, served_from
@@ -117,12 +116,11 @@ def _main() -> int:
     engine = load_engine(
         first.model, lazy=first.prompt.lazy, remote=first.remote, debug=setup.debug
     )
-    if isinstance(engine, Engine):  # a remote or sharded one has nothing to compile here
-        # Before serving, so that the first client's request does not pay MLX's kernel
-        # compiles (minutes on a fresh NVIDIA machine). Here on the main thread: the
-        # compiled kernels serve every thread; the cache it leaves is emptied.
-        started = time.perf_counter()
-        engine.warmup(first.prompt)
+    # Before serving, so that the first client's request does not pay MLX's kernel
+    # compiles (minutes on a fresh NVIDIA machine). Here on the main thread: the compiled
+    # kernels serve every thread; the cache it leaves is emptied.
+    started = time.perf_counter()
+    if engine.warmup(first.prompt):
         print(f"Warmed up the model in {time.perf_counter() - started:.1f}s.", file=sys.stderr)
     key = args.api_key or os.environ.get(API_KEY_ENV)
     app = create_app(
