@@ -202,3 +202,4 @@ def test_every_config_flag_says_its_type_default_and_meaning() -> None:
     silence = actions["cfg__endpointing__silence_ms"]
     assert silence.metavar == "INT" and silence.help.endswith("(default: 700)")
     assert actions["cfg__endpointing__detector"].metavar == "{energy,silero}"
+    assert actions["cfg__tts__codebooks"].metavar == "auto|INT"  # a word or a number

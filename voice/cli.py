@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, NoneType, UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 from rich.console import Console
@@ -172,12 +172,17 @@ def metavar(field: FieldInfo) -> str:
     top = field.annotation
     union = get_origin(top) in (Union, UnionType)
     kinds = [k for k in (get_args(top) if union else (top,)) if k is not NoneType]
-    choices = [c for k in kinds if get_origin(k) is Literal for c in get_args(k)]
-    if choices:
-        return "{" + ",".join(str(c) for c in choices) + "}"
+    kinds = [get_args(k)[0] if get_origin(k) is Annotated else k for k in kinds]
+    choices = [str(c) for k in kinds if get_origin(k) is Literal for c in get_args(k)]
     names = {int: "INT", float: "NUMBER", str: "TEXT"}
-    words = [names.get(k, "LIST" if get_origin(k) is list else "VALUE") for k in kinds]
-    return "|".join(dict.fromkeys(words))
+    words = [
+        names.get(k, "LIST" if get_origin(k) is list else "VALUE")
+        for k in kinds
+        if get_origin(k) is not Literal
+    ]
+    if choices and not words:
+        return "{" + ",".join(choices) + "}"
+    return "|".join(dict.fromkeys([*choices, *words]))
 
 
 def flag_help(field: FieldInfo) -> str:
