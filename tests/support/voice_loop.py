@@ -118,6 +118,9 @@ class SpokenTexts:
         session.step = first_step
         return session
 
+    def adapt(self, observed_rate: float):
+        return self.tts.adapt(observed_rate)
+
     def spoken(self) -> list[str]:
         """Each session's words, white space folded."""
         return [" ".join(text.split()) for text in self.texts]
