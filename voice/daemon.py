@@ -91,8 +91,10 @@ PREROLL_EXTRA_BLOCKS = 2
 # Words an answer still to be written is expected to have, before any was spoken; then the
 # mean of the last answers (only matters where speech is synthesized slower than it plays).
 ANSWER_WORDS_PRIOR = 25
-# Audio frames of an answer before their own pace counts in the playout decision.
+# Audio frames of an answer before their own pace counts in the playout decision; once the
+# answer has run dry the start-up figure is known to be wrong, and two frames are enough.
 LIVE_RATE_FRAMES = 4
+LIVE_RATE_FRAMES_AFTER_GAP = 2
 # Tokens prefilled per pass of the loop while listening: the microphone is drained between
 # chunks, so a long conversation's prefill never holds up the end of speech or a barge-in.
 PREFILL_CHUNK = 512
@@ -174,10 +176,14 @@ class _Turn:
     # the answer can play to its end without a gap, and again after a gap (`voice.playout`).
     waiting: list[np.ndarray] = field(default_factory=list)
     buffering: bool = True
-    audio_frames: int = 0  # synthesized so far
-    first_frame_at: float | None = None  # when the first was, and the last
+    # The pace synthesis keeps: frames made since the answer started or went on after a
+    # tool (whose run is a pause, not slowness), when the first of them was, and the last.
+    audio_frames: int = 0
+    first_frame_at: float | None = None
     last_frame_at: float | None = None
+    at_tool_pause: bool = False  # between a tool call and its result: silence is expected
     underruns_base: int = 0  # the speaker's underrun count when the turn began
+    underruns_seen: int = 0  # and when the loop last looked
 
     def show(self, report: Callable[[], None]) -> None:
         if self.held is None:
@@ -666,7 +672,7 @@ class VoiceAssistant:
         )
         if self.speaker is not None:
             turn.played_base = self.speaker.played_samples
-            turn.underruns_base = self.speaker.underruns
+            turn.underruns_base = turn.underruns_seen = self.speaker.underruns
             self.speaker.first_sound_at = None
         self.turn = turn
         return turn
@@ -805,6 +811,9 @@ class VoiceAssistant:
             # A speculative turn goes no further: the tool would act before the user is
             # known to be done (the generator waits before running it).
             turn.at_tool = turn.held is not None
+            turn.at_tool_pause = True
+            if self.speaker is not None:
+                self.speaker.expecting = False  # the notice, then silence while it runs
             recipient = event.message.recipient
             turn.show(lambda: self.report.notice(f"→ {recipient}"))
             if self.toolbox is not None and self.toolbox.config.spoken_notices:
@@ -814,6 +823,9 @@ class VoiceAssistant:
         elif isinstance(event, ToolResult):
             first = (event.message.content.strip().splitlines() or [""])[0]
             self.report.notice(f"← {event.message.name}: {first[:80]}")
+            # The rest of the answer starts afresh: buffered for the pace, timed from here.
+            turn.at_tool_pause, turn.buffering = False, True
+            turn.audio_frames, turn.first_frame_at = 0, None
         elif isinstance(event, TurnDone):
             turn.done, turn.generated = event, True
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000
@@ -869,7 +881,9 @@ class VoiceAssistant:
         return live if live is not None else self._tts_rate_prior
 
     def _live_rate(self, turn: _Turn) -> float | None:
-        if turn.audio_frames <= LIVE_RATE_FRAMES or turn.first_frame_at is None:
+        ran_dry = self.speaker is not None and self.speaker.underruns > turn.underruns_base
+        enough = LIVE_RATE_FRAMES_AFTER_GAP if ran_dry else LIVE_RATE_FRAMES
+        if turn.audio_frames < enough or turn.first_frame_at is None:
             return None
         assert self.tts is not None and turn.last_frame_at is not None
         took = turn.last_frame_at - turn.first_frame_at
@@ -906,18 +920,20 @@ class VoiceAssistant:
         return turn.speech.frames_for_words(words)
 
     def _ran_dry(self, turn: _Turn) -> bool:
-        """The answer was playing and the speaker has nothing left, with more to come."""
-        return (
-            not turn.buffering
-            and turn.speech is not None
-            and not turn.speech.done
-            and self.speaker is not None
-            and self.speaker.pending_seconds() == 0
-        )
+        """The answer was playing and the speaker ran out, with more to come: it has
+        nothing left now, or it counted a gap since the last look (a step slower than a
+        frame lets it run dry and refills it before the loop looks again)."""
+        if turn.speech is None or self.speaker is None:
+            return False
+        new_gap = self.speaker.underruns > turn.underruns_seen
+        turn.underruns_seen = self.speaker.underruns
+        if turn.buffering or turn.speech.done:
+            return False
+        return new_gap or self.speaker.pending_seconds() == 0
 
     def _play(self, turn: _Turn, frame: np.ndarray) -> None:
         assert self.speaker is not None
-        self.speaker.expecting = True
+        self.speaker.expecting = not turn.at_tool_pause
         self.speaker.play(frame)
         if turn.timings.first_chunk_ms is None:
             turn.timings.first_chunk_ms = (self.clock() - turn.speech_end_at) * 1000
