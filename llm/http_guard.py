@@ -70,6 +70,14 @@ def guarded_h11(
                     self._timer.cancel()
                 self._timer = self.loop.call_later(body_timeout, self._body_too_slow)
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            # The connection is a WebSocket's from here on (its own protocol, with its
+            # pings): the header deadline, still running, would cut it.
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            super().handle_websocket_upgrade(event)
+
         def connection_lost(self, exc: Exception | None) -> None:
             if self._timer is not None:
                 self._timer.cancel()

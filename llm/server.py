@@ -72,6 +72,22 @@ class ServedModel:
     remote: RemoteConfig | None = None  # relay to this server instead of loading the model
 
 
+@dataclass
+class ModelSlot:
+    """The one model worker and the model on it, for routes added beside the HTTP API
+    (`app.state.models`): `engine()` runs on the worker thread and loads the default
+    model if another was switched to."""
+
+    worker: ModelWorker
+    default: ServedModel
+    engine_for: Callable[[ServedModel], ChatEngine]
+    api_key: str | None
+    limits: ServerLimits
+
+    def engine(self) -> ChatEngine:
+        return self.engine_for(self.default)
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -102,25 +118,49 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+# Paths anyone may read: the health check, and the browser page, which asks for the key.
+OPEN_PATHS = ("/health", "/", "/favicon.ico")
+OPEN_PREFIXES = ("/web/",)
+# Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol, as
+# OpenAI's own browser clients do ("openai-insecure-api-key.<key>").
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
 class ApiKey:
-    """The bearer key on every route but /health. Plain ASGI: a `BaseHTTPMiddleware` in
-    the chain would hide a client's disconnect from the request (its receive wrapper
-    cannot answer without waiting), and a queued request could no longer be cancelled."""
+    """The bearer key on every route but the open ones, WebSockets included. Plain ASGI:
+    a `BaseHTTPMiddleware` in the chain would hide a client's disconnect from the request
+    (its receive wrapper cannot answer without waiting), and a queued request could no
+    longer be cancelled."""
 
     def __init__(self, app: ASGIApp, key: str | None) -> None:
-        self.app, self.expected = app, f"Bearer {key}".encode() if key else None
+        self.app, self.key = app, key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    def _allowed(self, scope: Scope) -> bool:
+        if self.expected is None or scope["type"] not in ("http", "websocket"):
+            return True
+        path = scope["path"]
+        if scope["type"] == "http" and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
+            return True
+        headers = dict(scope["headers"])
+        if hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return True
+        offered = headers.get(b"sec-websocket-protocol", b"").decode("latin-1").split(",")
+        keys = [p.strip().removeprefix(KEY_SUBPROTOCOL) for p in offered]
+        wanted = (self.key or "").encode()
+        return scope["type"] == "websocket" and any(
+            hmac.compare_digest(k.encode("latin-1"), wanted) for k in keys if k
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is not None and scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                refused = ApiError(
-                    401,
-                    "invalid or missing API key",
-                    kind="authentication_error",
-                    code="invalid_api_key",
-                )
-                return await refused.response()(scope, receive, send)
+        if not self._allowed(scope):
+            if scope["type"] == "websocket":  # refused before the upgrade: an HTTP 403
+                return await send({"type": "websocket.close", "code": 1008})
+            refused = ApiError(
+                401, "invalid or missing API key", kind="authentication_error",
+                code="invalid_api_key",
+            )  # fmt: skip
+            return await refused.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -205,6 +245,7 @@ def create_app(
         worker.close()
 
     app = FastAPI(title="mlx-harmony", version="0.1.0", lifespan=lifespan)
+    app.state.models = ModelSlot(worker, default, engine_for, api_key, limits)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(ApiKey, key=api_key)  # outermost: nothing is read before the key
 

@@ -15,19 +15,22 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
 from llm.messages import Event
 
 _END = object()
+T = TypeVar("T")
 
 
 @dataclass
 class Job:
-    """Work for the model thread: `run(should_stop)` yields the engine's events."""
+    """Work for the model thread: `run(should_stop)` yields the engine's events (or,
+    for work beside the engine on the same thread, whatever its caller reads back)."""
 
-    run: Callable[[Callable[[], bool]], Iterator[Event]]
+    run: Callable[[Callable[[], bool]], Iterator[Event | Any]]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -76,6 +79,17 @@ class ModelWorker:
                 yield item
         finally:
             job.cancelled.set()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model thread, in turn with the queued jobs, and return its
+        result (speech models share the thread and the GPU with the chat model)."""
+
+        def run(_: Callable[[], bool]) -> Iterator[T]:
+            yield fn()
+
+        async for result in self.submit(Job(run)):
+            return result
+        raise RuntimeError("the model worker stopped before the call ran")
 
     def _loop(self) -> None:
         try:

@@ -17,15 +17,14 @@ import httpx
 import openai
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from llm.config import PromptConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.engine import Engine, collect
-from llm.http_guard import server_config
 from llm.messages import ChatMessage
 from llm.server import ServedModel, ServerLimits, create_app
+from tests.support.live_server import LiveServer, free_port
 from tests.support.tiny_models import (
     HARMONY_TURNS,
     TOOL_ARGS,
@@ -39,45 +38,6 @@ pytestmark = pytest.mark.slow
 HELLO, FRANCE = HARMONY_TURNS[0], HARMONY_TURNS[1]
 KEY = "sk-test"
 ENDLESS_BIAS = {"200002": -100, "200012": -100}  # forbid the stop tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app, port: int, limits: ServerLimits | None = None) -> None:
-        self.port = port
-        limits = limits or ServerLimits()
-        self.server = uvicorn.Server(
-            server_config(
-                app,
-                "127.0.0.1",
-                port,
-                limits.header_timeout_s,
-                limits.max_connections,
-                log_level="warning",
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def stream_post(server: LiveServer, body: dict):

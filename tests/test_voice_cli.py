@@ -486,3 +486,51 @@ def test_a_missing_portaudio_library_is_one_line_with_the_fix(monkeypatch) -> No
     assert str(e.value) == (
         "the PortAudio library is missing: sudo apt install libportaudio2 (Debian/Ubuntu)"
     )
+
+
+@pytest.mark.slow
+def test_voice_serve_offers_the_realtime_api_and_the_page(voice_config_file) -> None:
+    """`mlx-harmony-voice serve`: the HTTP server with the voice config's speech models,
+    answering over /v1/realtime in words and audio, and the browser page at /."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from tests.support.live_server import free_port
+
+    port, key = free_port(), "sk-serve"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [*VOICE, "serve", "--config", str(voice_config_file), "--port", str(port)]
+    run = Running([*command, "--api-key", key], env)
+    run.wait_for("Serving on http://")
+    url = f"http://127.0.0.1:{port}"
+
+    model = json.loads(voice_config_file.read_text())["llm"]["model"]
+
+    async def ask() -> tuple[object, list]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            refused = await conn.recv()  # a model this server does not serve, by name
+        async with client.realtime.connect(model=model) as conn:
+            events: list = []
+            async for event in conn:
+                events.append(event)
+                if event.type == "session.created":
+                    await conn.conversation.item.create(item={
+                        "type": "message", "role": "user",
+                        "content": [{"type": "input_text", "text": HEARD}],
+                    })  # fmt: skip
+                    await conn.response.create()
+                if event.type in ("response.done", "error"):
+                    break
+        return refused, events
+
+    refused, events = asyncio.run(ask())
+    assert refused.type == "error" and refused.error.code == "model_not_found"
+    words = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    assert words == ANSWER, [e.type for e in events]
+    assert any(e.type == "response.output_audio.delta" for e in events)
+    assert 'src="/web/app.js"' in httpx.get(url + "/").text
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0

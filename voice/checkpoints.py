@@ -134,4 +134,8 @@ def load_checkpoint(ref: str, *, generating_audio: bool, quantize: int | None) -
             f"{mimi_path}: not a Mimi codec for {codebooks} codebooks ({e})"
         ) from None
     tokenizer = SentencePieceProcessor(str(fetch(ref, names["tokenizer_name"])))  # type: ignore[call-arg]
+    # Read in now, as mlx_lm.load does: left lazy, the weights would load during the
+    # first frame, and would belong to this thread's streams (a server's model worker,
+    # another thread, could not run the model).
+    mx.eval(lm.parameters(), mimi.parameters())
     return Checkpoint(raw, lm, mimi, tokenizer)

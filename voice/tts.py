@@ -11,8 +11,9 @@ machine, script preparation and conditioning, `LmGen`, Mimi).
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -102,11 +103,7 @@ class Synthesizer:
         )
         self.text_sampler = Sampler(temp=self.model.temp)
         self.audio_sampler = Sampler(temp=self.model.temp)
-        self.depformer = (
-            compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
-            if compile_depformer
-            else None
-        )
+        self._depformers: dict[int, Callable] = {}  # compiled per thread: see `depformer`
         self.padding_between = padding_between
         self.sample_rate = int(self.mimi.sample_rate)
         self.frame_samples = int(self.mimi.sample_rate / self.mimi.frame_rate)
@@ -217,11 +214,24 @@ class Synthesizer:
             return None
         return self._timed(self._cut(k), chosen=True)
 
+    @property
+    def depformer(self) -> Callable | None:
+        """The compiled depformer frame for the calling thread. A compiled MLX function
+        keeps the streams of the thread that traced it, which no other thread has: a
+        server loads the voice on its main thread and speaks on its model worker's."""
+        if not self.compile_depformer:
+            return None
+        thread = threading.get_ident()
+        if thread not in self._depformers:
+            self._depformers[thread] = compiled_depformer(
+                self.lm, self.audio_sampler, self.model.cfg_coef
+            )
+        return self._depformers[thread]
+
     def _cut(self, codebooks: int) -> StepTimes:
         """Keep `codebooks` codebooks and time a frame with them."""
         keep_codebooks(self.lm, codebooks)
-        if self.compile_depformer:  # its trace ran every slice it had
-            self.depformer = compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
+        self._depformers.clear()  # each trace ran every slice it had
         return self.measure()
 
     def _timed(self, times: StepTimes, chosen: bool) -> TtsSpeed:
@@ -247,6 +257,9 @@ class Synthesizer:
         self.cross = None
         for key, value in attributes.tensor.items():
             self.cross = provider.conditioners[key].condition(value)
+        # Evaluated now: left lazy they would belong to this thread's streams, and another
+        # thread (a server's model worker) could not step the model with them.
+        mx.eval([t for t in (self.ct.tensor if self.ct else None, self.cross) if t is not None])
 
     def warmup(self) -> None:
         for _ in self.speak("ok"):

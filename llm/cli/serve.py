@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from llm.backends import load_engine
-from llm.cli.common import DEFAULT_MODEL, add_model_options, resolve, run_main
+from llm.cli.common import DEFAULT_MODEL, Setup, add_model_options, resolve, run_main
 from llm.config import load_profiles, load_prompt_config
 from llm.errors import ConfigError
 from llm.http_guard import server_config
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _main() -> int:
     args = build_parser().parse_args()
     setup = resolve(args, lambda w: print(f"warning: {w}", file=sys.stderr))
+    return serve(args, setup)
+
+
+def serve(
+    args: argparse.Namespace, setup: Setup, extend: Callable[[FastAPI], None] | None = None
+) -> int:
+    """Serve the parsed options; `extend` adds routes (and loads what they need) once the
+    chat model is up, before the first client is let in."""
     # The original tool's variable for a server's profiles, when the flag is absent.
     profiles_file = args.profiles or os.environ.get(PROFILES_ENV)
     profiles = load_profiles(Path(profiles_file)) if profiles_file else {}
@@ -131,6 +140,8 @@ def _main() -> int:
         prompt_configs=prompt_configs,
         debug=setup.debug,
     )
+    if extend is not None:
+        extend(app)
     config = server_config(
         app, args.host, args.port, limits.header_timeout_s, limits.max_connections,
         log_level="info",

@@ -1,0 +1,52 @@
+"""mlx-harmony-voice serve: the HTTP server (chat completions, models) with the voice
+added: the OpenAI Realtime API at /v1/realtime and the browser page at /, on the voice
+config's speech models and turn rules."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastapi import FastAPI
+from rich.console import Console
+
+from llm.cli.serve import build_parser as server_parser
+from llm.cli.serve import serve
+from voice.cli import llm_setup, load_voice_models, voice_config
+from voice.realtime.app import add_realtime
+from voice.realtime.protocol import RATE
+from voice.realtime.session import VoiceKit
+from voice.turn_scorer import load_turn_scorer
+from voice.web import add_page
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = server_parser()
+    p.prog, p.description = "mlx-harmony-voice serve", __doc__
+    p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
+    p.add_argument(
+        "--set",
+        metavar="SECTION.FIELD=VALUE",
+        action="append",
+        default=[],
+        help="override any voice config field, e.g. --set endpointing.silence_ms=500",
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True, highlight=False)
+    config, ignored = voice_config(args)
+    for name in ignored:
+        console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
+    setup = llm_setup(args, config, console)
+
+    def extend(app: FastAPI) -> None:
+        stt, tts = load_voice_models(config, console)
+        notice = lambda text: console.print(f"[yellow]warning:[/] {text}")  # noqa: E731
+        scorer = load_turn_scorer(config.endpointing, RATE, notice)
+        add_realtime(app, VoiceKit(config, stt, tts, scorer))
+        add_page(app)
+
+    return serve(args, setup, extend)
