@@ -534,3 +534,30 @@ def test_voice_serve_offers_the_realtime_api_and_the_page(voice_config_file) -> 
     assert 'src="/web/app.js"' in httpx.get(url + "/").text
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0
+
+
+@pytest.mark.slow
+def test_voice_wyoming_serves_home_assistant_until_sigterm(voice_config_file) -> None:
+    import asyncio
+
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe, Info
+
+    from tests.support.live_server import free_port
+
+    uri = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = Running([*VOICE, "wyoming", "--config", str(voice_config_file), "--uri", uri], env)
+    run.wait_for("Serving Wyoming on")
+
+    async def describe() -> Info:
+        async with AsyncTcpClient.from_uri(uri) as client:
+            await client.write_event(Describe().event())
+            event = await client.read_event()
+            assert event is not None
+            return Info.from_event(event)
+
+    info = asyncio.run(describe())
+    assert [v.name for p in info.tts for v in p.voices] == ["tiny-voice"]
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0

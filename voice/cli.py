@@ -383,6 +383,10 @@ def main() -> None:
         run_main(lambda: ctl.main(argv[1:]))
     elif argv[:1] == ["service"]:
         run_main(lambda: service.main(argv[1:]))
+    elif argv[:1] == ["wyoming"]:
+        from voice import wyoming_server  # the wyoming package, only when asked for
+
+        run_main(lambda: wyoming_server.main(argv[1:]))
     elif argv[:1] == ["serve"]:
         from voice import serve  # the HTTP server's imports, only when serving
 
