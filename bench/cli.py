@@ -169,6 +169,19 @@ def print_report(results: dict) -> None:
                 for v in cells
             )  # fmt: skip
             print(f"  {key.removesuffix('_ms'):<36}{text}")
+        if vs.get("realtime_after_speech_stopped_ms") is not None:
+            # Beside the daemon's first variant: from the end of speech to its first sound.
+            label = labels[0]
+            stopped, end = (
+                vs["realtime_after_speech_stopped_ms"],
+                vs["realtime_after_speech_end_ms"],
+            )
+            local = vs[f"{label}_first_audio_ms"]
+            print(
+                f"realtime API: first audio delta {stopped:.0f} ms after speech_stopped, "
+                f"{end:.0f} ms after the end of speech (daemon, {label}: first sound "
+                f"{local:.0f} ms after it; {end / local:.2f}x)"
+            )
     for r in results.get("kyutai", []):
         first = f", first audio {r['first_audio_s']:.2f}s" if r["first_audio_s"] else ""
         tts = ""
@@ -290,9 +303,22 @@ def voice_latency(
                 )
             ),
         )  # fmt: skip
+        realtime = []
+        if args.voice_realtime:
+            from bench import realtime as rt
+
+            clips = [vl.spoken(q) for q in vl.QUESTIONS]
+            setup = Setup(args.model, prompt, None)
+            realtime = rt.run(config, setup, engine, stt, tts, clips, args.voice_rounds)
     summary = vl.summarize(records)
     if tts.speed is not None:
         summary["tts"] = tts.speed.as_log()
+    if realtime:
+        for key in ("after_speech_stopped_ms", "after_speech_end_ms"):
+            summary[f"realtime_{key}"] = statistics.median(getattr(r, key) for r in realtime)
+        words = [r.first_word_ms for r in realtime if r.first_word_ms is not None]
+        summary["realtime_first_word_ms"] = statistics.median(words) if words else None
+        summary["realtime"] = [r.row() for r in realtime]
     return [r.row() for r in records], summary
 
 
@@ -341,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the turn detector: as configured, off (silence), or both")  # fmt: skip
     p.add_argument("--voice-one-chat", action="store_true",
                    help="a variant's rounds as one chat (else a new chat each)")  # fmt: skip
+    p.add_argument("--voice-realtime", action="store_true",
+                   help="also ask over /v1/realtime, in the same process")  # fmt: skip
     p.add_argument("--voice-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a voice config setting for --voice (repeatable)")  # fmt: skip
     p.add_argument("--skip", choices=("single", "multi", "listening"), action="append", default=[])

@@ -134,7 +134,7 @@ def run(
         folder = Path(tmp)
         if devices == "pulse":
             return _run_pulse(config, setup, engine, stt, tts, rounds, folder, variants, one_chat)
-        clips = [_speech(q) for q in QUESTIONS]
+        clips = [spoken(q) for q in QUESTIONS]
         records = []
         for variant in variants:
             cfg = _variant_config(config, variant)
@@ -264,7 +264,7 @@ def _rounds(
 QUESTIONS_SPOKEN = Path(__file__).parent / "data" / "questions"
 
 
-def _speech(text: str) -> np.ndarray:
+def spoken(text: str) -> np.ndarray:
     """`text` as spoken in `bench/data/questions` (espeak-ng, made once: the same speech on
     every machine), else by espeak-ng at 24 kHz, else two seconds of speech-like noise
     (syllable-paced bursts: what an energy detector and a random-weight STT need)."""

@@ -192,3 +192,18 @@ def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Pat
     assert len(text.split()) >= 12  # every token a word (up to a few split in two)
     assert set(text.split()) <= set(PLAIN_WORDS.split())
     assert speakable(text).split() == text.split()
+
+
+def test_the_voice_benchmark_asks_over_the_realtime_api_too(
+    gpt_oss_path: Path, voice_models: Path, tmp_path: Path
+) -> None:
+    """`--voice-realtime`: the same questions streamed over /v1/realtime in the same
+    process, timed from speech_stopped to the first audio delta beside the daemon."""
+    options = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-realtime")
+    run, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *options)
+    summary = results["voice_summary"]
+    (row,) = summary["realtime"]
+    assert row["status"] == "completed" and row["audio_ms"] > 0
+    assert summary["realtime_after_speech_stopped_ms"] == row["after_speech_stopped_ms"] > 0
+    assert 0 < row["after_speech_stopped_ms"] < row["after_speech_end_ms"]
+    assert "realtime API: first audio delta" in run.stdout

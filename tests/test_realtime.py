@@ -18,11 +18,11 @@ import openai
 import pytest
 import websockets
 
+from bench.live_server import LiveServer, free_port
 from llm.config import PromptConfig
 from llm.engine import Engine
 from llm.server import ServedModel, ServerLimits, create_app
 from tests.support.browser import Browser
-from tests.support.live_server import LiveServer, free_port
 from tests.support.tiny_models import HARMONY_TURNS, TOOL_ARGS, TOOL_FINAL, TOOL_USER, WEATHER_TOOL
 from tests.support.tiny_voice import HEARD
 from voice.config import VoiceConfig, apply_override

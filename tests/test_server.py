@@ -19,12 +19,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from bench.live_server import LiveServer, free_port
 from llm.config import PromptConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.engine import Engine, collect
 from llm.messages import ChatMessage
 from llm.server import ServedModel, ServerLimits, create_app
-from tests.support.live_server import LiveServer, free_port
 from tests.support.tiny_models import (
     HARMONY_TURNS,
     TOOL_ARGS,

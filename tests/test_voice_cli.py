@@ -497,7 +497,7 @@ def test_voice_serve_offers_the_realtime_api_and_the_page(voice_config_file) -> 
     import httpx
     import openai
 
-    from tests.support.live_server import free_port
+    from bench.live_server import free_port
 
     port, key = free_port(), "sk-serve"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -543,7 +543,7 @@ def test_voice_wyoming_serves_home_assistant_until_sigterm(voice_config_file) ->
     from wyoming.client import AsyncTcpClient
     from wyoming.info import Describe, Info
 
-    from tests.support.live_server import free_port
+    from bench.live_server import free_port
 
     uri = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

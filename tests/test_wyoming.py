@@ -22,9 +22,9 @@ from wyoming.handle import Handled, HandledChunk
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
+from bench.live_server import free_port
 from llm.config import PromptConfig
 from llm.engine import Engine
-from tests.support.live_server import free_port
 from tests.support.tiny_models import HARMONY_TURNS
 from tests.support.tiny_voice import HEARD
 from voice.config import VoiceConfig, apply_override

@@ -1,4 +1,4 @@
-"""The HTTP server on a loopback port, run in a thread for a test."""
+"""The HTTP server on a loopback port, run in a thread (tests, benchmarks)."""
 
 from __future__ import annotations
 
