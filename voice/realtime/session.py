@@ -152,6 +152,10 @@ class RealtimeSession:
             await self._dispatch(event)
         except p.EventError as e:
             await self._send(p.error_event(e.message, e.code, e.param, e.event_id or event_id))
+        except Exception as e:  # a fault of this server: said, logged, and the session goes on
+            log.exception("realtime event failed")
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            await self._send(p.error_event(why, "server_error", None, event_id, "server_error"))
 
     async def _dispatch(self, event: Any) -> None:
         match event:
