@@ -112,3 +112,39 @@ def test_semantic_vad_waits_on_a_word_that_cannot_end_a_sentence() -> None:
     )
     assert plain.silence_s == pytest.approx(0.4)  # the silence rule
     assert held.silence_s == pytest.approx(2.0)  # eagerness high: at most two seconds
+
+
+class SureScorer:
+    """A turn model that finds every pause final, once asked (as Smart Turn's worker
+    answers: a result for each request, collected later)."""
+
+    def __init__(self, probability: float) -> None:
+        self.p, self.asked, self.blocks = probability, [], 0
+
+    def start(self, blocks) -> None:
+        self.blocks = len(blocks)
+
+    def add(self, pcm) -> None:
+        self.blocks += 1
+
+    def request(self, heard_until: float) -> None:
+        self.asked.append(heard_until)
+
+    def results(self):
+        done, self.asked = [(at, self.p) for at in self.asked], []
+        return done
+
+
+@pytest.mark.parametrize(("probability", "ends_after_s"), [(0.9, 0.4), (0.01, 1.52)])
+def test_semantic_vad_ends_when_the_turn_model_says_so(probability, ends_after_s) -> None:
+    """With a turn model: past `min_wait_ms` (400 here) a likely end ends the turn at once,
+    an unlikely one waits for the longest pause (`max_wait_ms` with eagerness auto)."""
+    scorer = SureScorer(probability)
+    params = EndpointingSection(silence_ms=400, min_speech_ms=240, min_wait_ms=400,
+                                max_wait_ms=1500, end_threshold=0.5)  # fmt: skip
+    detection = TurnDetection(type="semantic_vad")
+    ear = Listener(params, BLOCK_MS, detection, energy_detector(0.01), scorer)  # type: ignore[arg-type]
+    events = ear.feed(blocks(("speech", 6), ("quiet", 30)), lambda: "is it")
+    (ended,) = [e for e in events if isinstance(e, Ended)]
+    assert ended.silence_s == pytest.approx(ends_after_s)
+    assert scorer.blocks > 6  # it heard the utterance
