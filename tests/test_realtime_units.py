@@ -148,3 +148,32 @@ def test_semantic_vad_ends_when_the_turn_model_says_so(probability, ends_after_s
     (ended,) = [e for e in events if isinstance(e, Ended)]
     assert ended.silence_s == pytest.approx(ends_after_s)
     assert scorer.blocks > 6  # it heard the utterance
+
+
+def test_a_session_update_it_cannot_serve_changes_nothing() -> None:
+    """A server without speech models: an update asking for audio is refused by field, and
+    the instructions sent with it are not half-applied."""
+    import asyncio
+
+    from voice.config import VoiceConfig
+    from voice.realtime.session import RealtimeSession, VoiceKit
+
+    sent: list[dict] = []
+
+    async def send(event: dict) -> None:
+        sent.append(event)
+
+    async def talk() -> None:
+        session = RealtimeSession(VoiceKit(VoiceConfig(), None, None), None, send)  # type: ignore[arg-type]
+        await session.handle('{"type": "session.update", "session": {"instructions": "Hi.",'
+                             ' "output_modalities": ["audio"]}}')  # fmt: skip
+        await session.handle('{"type": "session.update", "session": {"audio": {"input":'
+                             ' {"turn_detection": {"type": "server_vad"}}}}}')  # fmt: skip
+        assert session.settings["instructions"] is None
+        assert session.settings["output_modalities"] == ["text"]
+        assert session.settings["turn_detection"] is None
+
+    asyncio.run(talk())
+    assert [e["error"]["param"] for e in sent] == [
+        "session.output_modalities", "session.audio.input.turn_detection",
+    ]  # fmt: skip

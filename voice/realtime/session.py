@@ -194,16 +194,17 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ settings
     def _update(self, fields: p.SessionFields) -> None:
-        s, given = self.settings, fields.model_fields_set
+        """Apply a session.update whole, or (a value this server cannot serve) not at all."""
+        s, given = dict(self.settings), fields.model_fields_set
         for name in ("instructions", "output_modalities", "tool_choice", "max_output_tokens"):
             if name in given and getattr(fields, name) is not None:
                 s[name] = getattr(fields, name)
         if "tools" in given:
             s["tools"] = fields.tools or []
         if "audio" in s["output_modalities"] and self.kit.tts is None:
-            s["output_modalities"] = ["text"]
             raise p.EventError(
-                "this server speaks no audio (audio.use_tts is off): the session answers in text",
+                "session.output_modalities: this server speaks no audio (audio.use_tts is "
+                'off): ask for ["text"]',
                 "session.output_modalities",
             )
         audio = fields.audio
@@ -214,17 +215,19 @@ class RealtimeSession:
                 f"'{self.kit.voice}' (tts.voice in its voice config)",
                 "session.audio.output.voice",
             )
-        if (
-            audio is not None
-            and audio.input is not None
-            and "turn_detection" in (audio.input.model_fields_set)
-        ):
-            if audio.input.turn_detection is not None and self.kit.stt is None:
+        heard = audio.input if audio is not None else None
+        listening = heard is not None and "turn_detection" in heard.model_fields_set
+        if listening:
+            assert heard is not None
+            if heard.turn_detection is not None and self.kit.stt is None:
                 raise p.EventError(
-                    "this server hears no audio (audio.use_stt is off)",
+                    "session.audio.input.turn_detection: this server hears no audio "
+                    "(audio.use_stt is off)",
                     "session.audio.input.turn_detection",
                 )
-            s["turn_detection"] = audio.input.turn_detection
+            s["turn_detection"] = heard.turn_detection
+        self.settings = s
+        if listening:
             self._new_listener()
 
     def describe(self) -> dict[str, Any]:
