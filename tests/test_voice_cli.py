@@ -561,3 +561,17 @@ def test_voice_wyoming_serves_home_assistant_until_sigterm(voice_config_file) ->
     assert [v.name for p in info.tts for v in p.voices] == ["tiny-voice"]
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0
+
+
+@pytest.mark.heavy
+def test_help_ctl_and_service_do_not_load_the_models_code() -> None:
+    """`mlx-harmony-voice --help`, `ctl` and `service` answer without importing MLX's
+    language models, the speech models or the daemon (seconds of imports)."""
+    check = (
+        "import sys, voice.cli\n"
+        "heavy = {'mlx_lm', 'transformers', 'moshi_mlx', 'voice.daemon', 'llm.engine'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "[]"

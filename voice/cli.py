@@ -15,20 +15,16 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, NoneType, UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.text import Text
 
-from llm.backends import ChatEngine, load_engine
 from llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
-from llm.cli.chat import ChatSession, chat_log_path, repl
 from llm.cli.common import Setup, add_model_options, resolve, run_main
-from llm.distributed import is_follower
 from llm.errors import ConfigError
 from voice import ctl, service
-from voice.audio_io import MODEL_RATE, AudioError, list_devices
 from voice.config import (
     SECTIONS,
     VoiceConfig,
@@ -38,13 +34,15 @@ from voice.config import (
     spoken_prompt,
 )
 from voice.control import ControlServer, Loading, default_socket_path
-from voice.daemon import TurnTimings, VoiceAssistant
 from voice.logfile import log_to_file
-from voice.stt import Transcriber
-from voice.tts import Synthesizer, list_voices
-from voice.turn_scorer import load_turn_scorer
-from voice.typed_input import read_typed_lines
-from voice.vad import make_detector
+
+# The models, the audio and the daemon are imported where they are used: `--help`, `ctl`
+# and `service` do not wait seconds for MLX, mlx-lm and transformers to load.
+if TYPE_CHECKING:
+    from llm.backends import ChatEngine
+    from voice.daemon import TurnTimings
+    from voice.stt import Transcriber
+    from voice.tts import Synthesizer
 
 FLAG_SECTIONS = [s for s in SECTIONS if s != "llm"]  # the llm section uses the chat's flags
 
@@ -235,6 +233,9 @@ def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
 def load_voice_models(
     config: VoiceConfig, console: Console
 ) -> tuple[Transcriber | None, Synthesizer | None]:
+    from voice.stt import Transcriber
+    from voice.tts import Synthesizer
+
     stt = tts = None
     if config.audio.use_stt:
         with console.status(f"Loading speech to text {config.stt.model} …"):
@@ -264,16 +265,24 @@ def _main() -> int:
         log_to_file(args.log_file.expanduser())
     console = Console(highlight=False)
     if args.list_devices:
+        from voice.audio_io import list_devices
+
         print(list_devices())
         return 0
     config, ignored = voice_config(args)
     for name in ignored:
         console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
     if args.list_voices:
+        from voice.tts import list_voices
+
         print("\n".join(list_voices(config.tts.voice_repo)))
         return 0
     if not args.text:
         check_local_paths(config, str(args.config) if args.config else "voice settings")
+    from llm.backends import load_engine
+    from llm.cli.chat import chat_log_path
+    from llm.distributed import is_follower
+
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
     log_path = chat_log_path(log_path, setup.prompt.chats_dir)
@@ -317,6 +326,12 @@ def voice_assistant(
     console: Console,
     control: ControlServer | None,
 ) -> int:
+    from voice.audio_io import MODEL_RATE, AudioError
+    from voice.daemon import VoiceAssistant
+    from voice.turn_scorer import load_turn_scorer
+    from voice.typed_input import read_typed_lines
+    from voice.vad import make_detector
+
     stt, tts = load_voice_models(config, console)
     prompt = spoken_prompt(setup.prompt, config.llm)
     started = time.perf_counter()
@@ -369,6 +384,8 @@ def voice_assistant(
 def text_chat(
     engine: ChatEngine, setup: Setup, log_path: Path, console: Console, config: VoiceConfig
 ) -> int:
+    from llm.cli.chat import ChatSession, repl
+
     session = ChatSession(
         engine, setup, log_path, console, show_reasoning=config.display.show_reasoning
     )
