@@ -13,10 +13,7 @@ from typing import Protocol
 from llm.config import PromptConfig, RemoteConfig, SamplingParams
 from llm.conversation import Conversation
 from llm.debug_log import DebugLog
-from llm.distributed import ShardedEngine, follow, load_sharded, world
-from llm.engine import Engine
 from llm.messages import Event
-from llm.remote import RemoteEngine
 
 
 class ChatEngine(Protocol):
@@ -72,6 +69,12 @@ def load_engine(
     """The engine a command runs on. Under `mlx.launch`, every rank loads its shard; rank 0
     returns to run the command, the others serve rank 0 until it leaves, then exit.
     `debug` logs every prompt and response of a local model (a remote renders its own)."""
+    # Imported here: a command's --help, and the modules that only name the protocol, do
+    # not wait for mlx-lm and transformers to load.
+    from llm.distributed import ShardedEngine, follow, load_sharded, world
+    from llm.engine import Engine
+    from llm.remote import RemoteEngine
+
     if remote is not None:
         return RemoteEngine(remote, model)
     group = world()

@@ -19,17 +19,18 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.utils import sharded_load
 
 from llm.config import PromptConfig, SamplingParams
 from llm.conversation import Conversation
-from llm.engine import Engine, load_model
 from llm.errors import ConfigError, RuntimeFailure
 from llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
+
+if TYPE_CHECKING:
+    from llm.engine import Engine
 
 
 def world() -> mx.distributed.Group | None:
@@ -46,6 +47,10 @@ def is_follower() -> bool:
 
 
 def load_sharded(ref: str, group: mx.distributed.Group) -> Engine:
+    from mlx_lm.utils import sharded_load
+
+    from llm.engine import Engine, load_model
+
     load_model(ref, lazy=True)  # the same one-line errors as an unsharded load
     try:
         model, tokenizer = sharded_load(ref, tensor_group=group)
