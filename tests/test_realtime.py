@@ -330,9 +330,11 @@ def test_the_page_in_a_browser_hears_the_microphone_and_speaks_the_answer(server
         browser.wait_for("document.readyState === 'complete'", timeout=30)
         browser.evaluate(f"localStorage.setItem('mlx-harmony-key', '{KEY}')")
         browser.call("Page.navigate", url=server.url + "/?start=1")
-        browser.wait_for("window.harmony && harmony.answers.length > 0", timeout=120)
+        # The whole answer shown and half a second of it played (not all eleven seconds).
+        shown = f"document.getElementById('log').innerText.includes({FRANCE.final!r})"
+        browser.wait_for(f"window.harmony && harmony.playedMs > 500 && {shown}", timeout=120)
         page = browser.evaluate(
-            "({answers: harmony.answers, played: harmony.playedMs, errors: harmony.errors,"
+            "({played: harmony.playedMs, errors: harmony.errors,"
             " log: document.getElementById('log').innerText,"
             " timings: document.getElementById('timings').innerText})"
         )
@@ -340,7 +342,6 @@ def test_the_page_in_a_browser_hears_the_microphone_and_speaks_the_answer(server
     finally:
         browser.close()
     assert page["errors"] == []
-    assert page["answers"] == [FRANCE.final]
     assert HEARD in page["log"] and FRANCE.final in page["log"]
     assert page["played"] > 500  # the answer's audio went out through the page
     assert "first sound" in page["timings"]
