@@ -100,10 +100,12 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
     uses (no virtual_audio fixture: nothing of PulseAudio is needed). The pause heads
     off, speculative start off and on in one process, each reported as such; with
     `--voice-one-chat` each variant's second question is its conversation's second turn
-    (its prompt holds the first, still in the cache), not a new chat's first."""
+    (its prompt holds the first, still in the cache), not a new chat's first. With
+    `--voice-realtime` the same questions are then asked over /v1/realtime in the same
+    process, timed from speech_stopped and the end of speech to the first audio delta."""
     env_free = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-speculate",
                 "both", "--voice-set", "endpointing.semantic=off", "--voice-rounds", "2",
-                "--voice-one-chat")  # fmt: skip
+                "--voice-one-chat", "--voice-realtime")  # fmt: skip
     run, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *env_free)
     off, off_again, on, on_again = results["voice"]
     for row in (off, on):
@@ -118,6 +120,12 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
     assert summary["labels"] == ["with_prefill_speculate_0", "with_prefill_speculate_250"]
     assert summary["with_prefill_speculate_250_speculative_turns"] == 2
     assert "with_prefill_speculate_250" in run.stdout
+    realtime = summary["realtime"]
+    assert [r["status"] for r in realtime] == ["completed", "completed"]
+    for row in realtime:
+        assert row["audio_ms"] > 0
+        assert 0 < row["after_speech_stopped_ms"] < row["after_speech_end_ms"]
+    assert "realtime API: first audio delta" in run.stdout
 
 
 def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_word(
@@ -192,18 +200,3 @@ def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Pat
     assert len(text.split()) >= 12  # every token a word (up to a few split in two)
     assert set(text.split()) <= set(PLAIN_WORDS.split())
     assert speakable(text).split() == text.split()
-
-
-def test_the_voice_benchmark_asks_over_the_realtime_api_too(
-    gpt_oss_path: Path, voice_models: Path, tmp_path: Path
-) -> None:
-    """`--voice-realtime`: the same questions streamed over /v1/realtime in the same
-    process, timed from speech_stopped to the first audio delta beside the daemon."""
-    options = ("--voice-devices", "file", "--voice-prefill", "on", "--voice-realtime")
-    run, results, _ = run_voice_bench(gpt_oss_path, voice_models, tmp_path, *options)
-    summary = results["voice_summary"]
-    (row,) = summary["realtime"]
-    assert row["status"] == "completed" and row["audio_ms"] > 0
-    assert summary["realtime_after_speech_stopped_ms"] == row["after_speech_stopped_ms"] > 0
-    assert 0 < row["after_speech_stopped_ms"] < row["after_speech_end_ms"]
-    assert "realtime API: first audio delta" in run.stdout
