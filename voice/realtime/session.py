@@ -17,12 +17,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from llm.config import PromptConfig
+from llm.conversation import Conversation
 from llm.messages import ChatMessage, FunctionTool, MessageDone, TextDelta, TurnDone
 from llm.server import ModelSlot, ServerTools
 from llm.tool_loop import respond
@@ -115,6 +117,9 @@ class RealtimeSession:
         self._hearing: asyncio.Queue[tuple[ListenEvent | Commit, str]] = asyncio.Queue()
         self._hearing_task: asyncio.Task | None = None
         self._words = ""  # the utterance's transcript so far
+        # One clock reading per utterance: the prompt prefilled while listening and the
+        # answer's agree on any date placeholder.
+        self._now = datetime.now()
         self._utterance: str | None = None  # its item id, from speech_started on
         self.closed = False
 
@@ -322,7 +327,7 @@ class RealtimeSession:
             if stt is None:
                 continue
             if isinstance(ev, Started | Commit):
-                self._words = ""
+                self._words, self._now = "", datetime.now()
                 await worker.call(stt.start)
             if isinstance(ev, Dropped):
                 await worker.call(stt.stop)
@@ -340,10 +345,34 @@ class RealtimeSession:
                         content_index=0,
                         delta=piece,
                     )
+                    if isinstance(ev, Speech):
+                        await self._prefill()
             if isinstance(ev, Ended | Commit):
                 silence_s = ev.silence_s if isinstance(ev, Ended) else 0.0
                 words = await worker.call(lambda s=silence_s: stt.finish(s))
                 await self._heard(item_id, words)
+
+    async def _prefill(self) -> None:
+        """While the user speaks, feed the engine the conversation up to the words heard so
+        far (`Engine.prefill`, as the daemon does), so that at the end of the turn only the
+        last words are left to prefill. Not while an answer runs (the cache is its), nor
+        with the server's own tools (their declarations are made with the answer)."""
+        prompt, _ = self._prompt(None)
+        if (
+            not self.kit.config.llm.prefill_while_listening
+            or self.response is not None
+            or prompt.tools.enabled
+        ):
+            return
+        history = [*self.history(), ChatMessage("user", self._words)]
+        conversation = Conversation(history, prompt, now=self._now, tools=self._tools())
+        await self.slot.worker.call(lambda: self.slot.engine().prefill(conversation))
+
+    def _tools(self) -> list[FunctionTool]:
+        s = self.settings
+        if s["tool_choice"] == "none":
+            return []
+        return [FunctionTool(t.name, t.description, t.parameters) for t in s["tools"]]
 
     async def _heard(self, item_id: str, words: str) -> None:
         previous = self.entries[-1].item["id"] if self.entries else None
@@ -496,13 +525,8 @@ class RealtimeSession:
     async def _respond(self, response: Response, fields: p.ResponseFields | None) -> None:
         prompt, audio = self._prompt(fields)
         modalities = ["audio"] if audio else ["text"]
-        s = self.settings
-        tools = (
-            []
-            if s["tool_choice"] == "none"
-            else [FunctionTool(t.name, t.description, t.parameters) for t in s["tools"]]
-        )
-        history = self.history()
+        tools = self._tools()
+        history, now = self.history(), self._now
         skip = self.kit.config.llm.reasoning == "skip"
         server_side = ServerTools(prompt.tools)
         tts = self.kit.tts if audio else None
@@ -516,6 +540,7 @@ class RealtimeSession:
                     prompt,
                     server_side.open(),
                     should_stop=should_stop,
+                    now=now,
                     tools=tools,
                     assistant_prefix=FINAL_CHANNEL if skip and engine.harmony else "",
                 )
