@@ -99,6 +99,14 @@ async def until(conn, kind: str, seen: list | None = None):
     raise AssertionError(f"the connection closed before {kind}")
 
 
+async def ask_in_words(conn, text: str) -> None:
+    """A user message as text, and an answer asked for."""
+    await conn.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )
+    await conn.response.create()
+
+
 def of(events: list, kind: str) -> list:
     return [e for e in events if e.type == kind]
 
@@ -148,11 +156,7 @@ def test_text_in_text_out_with_modalities_text(server) -> None:
         async with client(server).realtime.connect(model="tiny") as conn:
             await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
             await until(conn, "session.updated")
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": FRANCE.user}],
-            })  # fmt: skip
-            await conn.response.create()
+            await ask_in_words(conn, FRANCE.user)
             seen: list = []
             await until(conn, "response.done", seen)
             return seen
@@ -169,11 +173,7 @@ def test_speech_during_the_answer_cancels_it_and_truncation_keeps_what_was_heard
 ) -> None:
     async def talk() -> tuple[list, list]:
         async with client(server).realtime.connect(model="tiny") as conn:
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": FRANCE.user}],
-            })  # fmt: skip
-            await conn.response.create()
+            await ask_in_words(conn, FRANCE.user)
             first: list = []
             await until(conn, "response.output_audio.delta", first)
             # The user speaks over the answer: the server hears it start, and cancels.
@@ -200,11 +200,7 @@ def test_speech_during_the_answer_cancels_it_and_truncation_keeps_what_was_heard
 def test_response_cancel_stops_the_answer(server) -> None:
     async def talk() -> list:
         async with client(server).realtime.connect(model="tiny") as conn:
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": FRANCE.user}],
-            })  # fmt: skip
-            await conn.response.create()
+            await ask_in_words(conn, FRANCE.user)
             seen: list = []
             await until(conn, "response.output_audio.delta", seen)
             await conn.response.cancel()
@@ -255,11 +251,7 @@ def test_a_function_tool_surfaces_as_a_function_call_item(server) -> None:
                 "type": "realtime", "output_modalities": ["text"],
                 "tools": [{"type": "function", **WEATHER_TOOL}],
             })  # fmt: skip
-            await conn.conversation.item.create(item={
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": TOOL_USER}],
-            })  # fmt: skip
-            await conn.response.create()
+            await ask_in_words(conn, TOOL_USER)
             first: list = []
             await until(conn, "response.done", first)
             (call,) = of(first, "response.function_call_arguments.done")
@@ -285,11 +277,7 @@ def test_one_voice_session_at_a_time_and_a_client_that_vanishes_frees_the_worker
             await until(first, "session.created")
             async with client(server).realtime.connect(model="tiny") as second:
                 refused = await until(second, "error")
-            await first.conversation.item.create(item={
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": FRANCE.user}],
-            })  # fmt: skip
-            await first.response.create()
+            await ask_in_words(first, FRANCE.user)
             await until(first, "response.output_audio.delta")
         # Gone mid-answer: the next session is let in, and the HTTP API is answered.
         async with client(server).realtime.connect(model="tiny") as third:

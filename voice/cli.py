@@ -125,15 +125,9 @@ class TerminalReporter:
         self._deferred = None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-harmony-voice", description=__doc__)
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """The voice config and its overrides, as every voice command takes them."""
     p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
-    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
-    p.add_argument(
-        "--list-voices", action="store_true", help="list the voices of tts.voice_repo and exit"
-    )
-    p.add_argument("--text", action="store_true", help="text chat on the same engine and config")
-    p.add_argument("--chat", type=Path, help="chat log to resume or create")
     p.add_argument(
         "--set",
         metavar="SECTION.FIELD=VALUE",
@@ -141,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="override any config field, e.g. --set endpointing.silence_ms=500",
     )
+
+
+def configured(args: argparse.Namespace, console: Console) -> tuple[VoiceConfig, Setup]:
+    """The voice config (ignored fields said as warnings) and the chat's model setup."""
+    config, ignored = voice_config(args)
+    for name in ignored:
+        console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
+    return config, llm_setup(args, config, console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-harmony-voice", description=__doc__)
+    add_config_options(p)
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument(
+        "--list-voices", action="store_true", help="list the voices of tts.voice_repo and exit"
+    )
+    p.add_argument("--text", action="store_true", help="text chat on the same engine and config")
+    p.add_argument("--chat", type=Path, help="chat log to resume or create")
     p.add_argument(
         "--control-socket",
         type=Path,

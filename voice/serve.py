@@ -5,14 +5,13 @@ config's speech models and turn rules."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fastapi import FastAPI
 from rich.console import Console
 
 from llm.cli.serve import build_parser as server_parser
 from llm.cli.serve import serve
-from voice.cli import llm_setup, load_voice_models, voice_config
+from voice.cli import add_config_options, configured, load_voice_models
 from voice.realtime.app import add_realtime
 from voice.realtime.protocol import RATE
 from voice.realtime.session import VoiceKit
@@ -23,24 +22,14 @@ from voice.web import add_page
 def build_parser() -> argparse.ArgumentParser:
     p = server_parser()
     p.prog, p.description = "mlx-harmony-voice serve", __doc__
-    p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
-    p.add_argument(
-        "--set",
-        metavar="SECTION.FIELD=VALUE",
-        action="append",
-        default=[],
-        help="override any voice config field, e.g. --set endpointing.silence_ms=500",
-    )
+    add_config_options(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, highlight=False)
-    config, ignored = voice_config(args)
-    for name in ignored:
-        console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
-    setup = llm_setup(args, config, console)
+    config, setup = configured(args, console)
 
     def extend(app: FastAPI) -> None:
         stt, tts = load_voice_models(config, console)

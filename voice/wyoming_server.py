@@ -15,7 +15,6 @@ import signal
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,7 @@ from llm.errors import ConfigError
 from llm.messages import ChatMessage, TextDelta, TurnDone
 from llm.tool_loop import respond
 from llm.worker import Job, ModelWorker
-from voice.cli import llm_setup, load_voice_models, voice_config
+from voice.cli import add_config_options, configured, load_voice_models
 from voice.config import VoiceConfig
 from voice.daemon import FINAL_CHANNEL
 from voice.speakable import SpeakableStream
@@ -274,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-harmony-voice wyoming", description=__doc__)
     p.add_argument("--uri", default="tcp://127.0.0.1:10300",
                    help="where to listen (default tcp://127.0.0.1:10300)")  # fmt: skip
-    p.add_argument("--config", type=Path, help="voice config JSON (see audio_configs/)")
-    p.add_argument("--set", metavar="SECTION.FIELD=VALUE", action="append", default=[],
-                   help="override any voice config field")  # fmt: skip
+    add_config_options(p)
     add_model_options(p)
     return p
 
@@ -300,10 +297,7 @@ async def serve(uri: str, service: Service, ready: Callable[[], None] | None = N
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, highlight=False)
-    config, ignored = voice_config(args)
-    for name in ignored:
-        console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
-    setup = llm_setup(args, config, console)
+    config, setup = configured(args, console)
     console.print(f"Loading {setup.model} …")
     engine = load_engine(setup.model, lazy=setup.prompt.lazy, remote=setup.remote)
     engine.warmup(setup.prompt)
