@@ -8,7 +8,7 @@ import base64
 import numpy as np
 import pytest
 
-from voice.config import EndpointingSection
+from voice.config import EndpointingSection, apply_override
 from voice.realtime.listening import Dropped, Ended, Listener, Speech, Started
 from voice.realtime.protocol import (
     RATE,
@@ -177,3 +177,69 @@ def test_a_session_update_it_cannot_serve_changes_nothing() -> None:
     assert [e["error"]["param"] for e in sent] == [
         "session.output_modalities", "session.audio.input.turn_detection",
     ]  # fmt: skip
+
+
+def test_a_transcription_that_fails_is_said_and_the_next_utterance_is_heard() -> None:
+    """The speech-to-text raising mid-utterance: the client gets
+    `conversation.item.input_audio_transcription.failed` for that item, and the session
+    hears the next utterance (the hearing task does not die with the first error)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from llm.worker import ModelWorker
+    from voice.config import VoiceConfig
+    from voice.realtime.listening import Ended, Started
+    from voice.realtime.session import RealtimeSession, VoiceKit
+
+    class Flaky:
+        """Fails on the first utterance's audio, hears "hello" in the second."""
+
+        active, utterances = False, 0
+
+        def start(self) -> None:
+            self.active, self.utterances = True, self.utterances + 1
+
+        def feed(self, pcm) -> str:
+            if self.utterances == 1:
+                raise RuntimeError("the model broke")
+            return "hello"
+
+        def finish(self, silence_s: float = 0.0) -> str:
+            self.active = False
+            return "hello"
+
+        def stop(self) -> None:
+            self.active = False
+
+    sent: list[dict] = []
+
+    async def send(event: dict) -> None:
+        sent.append(event)
+
+    worker = ModelWorker()
+    config = apply_override(VoiceConfig(), "llm.prefill_while_listening", False)
+    kit = VoiceKit(config, Flaky(), None)  # type: ignore[arg-type]
+    slot = SimpleNamespace(worker=worker)
+
+    async def talk() -> None:
+        session = RealtimeSession(kit, slot, send)  # type: ignore[arg-type]
+        session.settings["turn_detection"] = TurnDetection(create_response=False)
+        hearing = asyncio.create_task(session._hear())
+        audio = np.zeros(BLOCK, np.float32)
+        for item in ("item_1", "item_2"):
+            session._hearing.put_nowait((Started(0, audio), item))
+            session._hearing.put_nowait((Ended(80, 0.4), item))
+        while not any(e["type"].endswith("transcription.completed") for e in sent):
+            await asyncio.sleep(0.01)
+        hearing.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(talk(), timeout=30))
+    finally:
+        worker.close()
+    failed = [e for e in sent if e["type"].endswith("input_audio_transcription.failed")]
+    assert [(e["item_id"], e["error"]["message"]) for e in failed] == [
+        ("item_1", "the model broke")
+    ]
+    (done,) = [e for e in sent if e["type"].endswith("input_audio_transcription.completed")]
+    assert (done["item_id"], done["transcript"]) == ("item_2", "hello")

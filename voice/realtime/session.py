@@ -320,37 +320,55 @@ class RealtimeSession:
         self._hearing.put_nowait((Commit(pcm, item_id, event_id), item_id))
 
     async def _hear(self) -> None:
-        """Speech to text on the model thread, utterance by utterance, in order."""
-        stt, worker = self.kit.stt, self.slot.worker
+        """Speech to text on the model thread, utterance by utterance, in order. A failure
+        is said to the client (`conversation.item.input_audio_transcription.failed`) and
+        the next utterance is heard afresh."""
+        failed = None  # the rest of an utterance that failed is not heard
         while True:
             ev, item_id = await self._hearing.get()
-            if stt is None:
+            if item_id == failed:
                 continue
-            if isinstance(ev, Started | Commit):
-                self._words, self._now = "", datetime.now()
-                await worker.call(stt.start)
-            if isinstance(ev, Dropped):
-                await worker.call(stt.stop)
-                continue
-            pcm = ev.preroll if isinstance(ev, Started) else None
-            if isinstance(ev, Speech | Commit):
-                pcm = ev.pcm
-            if pcm is not None and len(pcm):
-                piece = await worker.call(lambda pcm=pcm: stt.feed(pcm))
-                if piece:
-                    self._words += piece
-                    await self.send(
-                        "conversation.item.input_audio_transcription.delta",
-                        item_id=item_id,
-                        content_index=0,
-                        delta=piece,
-                    )
-                    if isinstance(ev, Speech):
-                        await self._prefill()
-            if isinstance(ev, Ended | Commit):
-                silence_s = ev.silence_s if isinstance(ev, Ended) else 0.0
-                words = await worker.call(lambda s=silence_s: stt.finish(s))
-                await self._heard(item_id, words)
+            try:
+                await self._hear_one(ev, item_id)
+            except Exception as e:
+                failed = item_id
+                log.exception("realtime transcription failed")
+                if self.kit.stt is not None and self.kit.stt.active:
+                    await self.slot.worker.call(self.kit.stt.stop)
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                error = {"type": "server_error", "code": "transcription_failed", "message": why}
+                await self.send("conversation.item.input_audio_transcription.failed",
+                                item_id=item_id, content_index=0, error=error)  # fmt: skip
+
+    async def _hear_one(self, ev: ListenEvent | Commit, item_id: str) -> None:
+        stt, worker = self.kit.stt, self.slot.worker
+        if stt is None:
+            return
+        if isinstance(ev, Started | Commit):
+            self._words, self._now = "", datetime.now()
+            await worker.call(stt.start)
+        if isinstance(ev, Dropped):
+            await worker.call(stt.stop)
+            return
+        pcm = ev.preroll if isinstance(ev, Started) else None
+        if isinstance(ev, Speech | Commit):
+            pcm = ev.pcm
+        if pcm is not None and len(pcm):
+            piece = await worker.call(lambda: stt.feed(pcm))
+            if piece:
+                self._words += piece
+                await self.send(
+                    "conversation.item.input_audio_transcription.delta",
+                    item_id=item_id,
+                    content_index=0,
+                    delta=piece,
+                )
+                if isinstance(ev, Speech):
+                    await self._prefill()
+        if isinstance(ev, Ended | Commit):
+            silence_s = ev.silence_s if isinstance(ev, Ended) else 0.0
+            words = await worker.call(lambda: stt.finish(silence_s))
+            await self._heard(item_id, words)
 
     async def _prefill(self) -> None:
         """While the user speaks, feed the engine the conversation up to the words heard so
