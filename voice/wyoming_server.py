@@ -133,7 +133,6 @@ class Handler(AsyncEventHandler):
         self.converter = AudioChunkConverter(rate=RATE, width=WIDTH, channels=CHANNELS)
         self.transcribing = False
         self.streaming_transcript = False
-        self.words = ""
         self.speech: list[str] | None = None  # streamed text to speak (synthesize-start)
         self.jobs: list[Job] = []
 
@@ -162,7 +161,7 @@ class Handler(AsyncEventHandler):
         elif AudioStart.is_type(event.type) and s.stt is not None:
             if not self.transcribing:  # a second start begins the utterance again
                 await s.hearing.acquire()
-            self.transcribing, self.words = True, ""
+            self.transcribing = True
             await s.worker.call(s.stt.start)
             if self.streaming_transcript:
                 await self.write_event(TranscriptStart().event())
@@ -171,10 +170,8 @@ class Handler(AsyncEventHandler):
             chunk = self.converter.convert(AudioChunk.from_event(event))
             pcm = np.frombuffer(chunk.audio, dtype="<i2").astype(np.float32) / 32768.0
             piece = await s.worker.call(partial(s.stt.feed, pcm))
-            if piece:
-                self.words += piece
-                if self.streaming_transcript:
-                    await self.write_event(TranscriptChunk(text=piece).event())
+            if piece and self.streaming_transcript:
+                await self.write_event(TranscriptChunk(text=piece).event())
         elif AudioStop.is_type(event.type) and self.transcribing:
             assert s.stt is not None
             text = await s.worker.call(s.stt.finish)

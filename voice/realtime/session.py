@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from llm.config import PromptConfig
@@ -53,12 +51,6 @@ class VoiceKit:
     tts: Synthesizer | None
     scorer: TurnScorer | None = None
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def __post_init__(self) -> None:
-        # MLX streams belong to a thread: an array the loading thread left lazy (the
-        # random state after the warm-up's sampling) cannot be evaluated on the model
-        # worker's thread, where the sessions run the models. Evaluate it here.
-        mx.eval(mx.random.state)
 
     @property
     def voice(self) -> str:
@@ -112,7 +104,6 @@ class RealtimeSession:
         self.entries: list[Entry] = []
         self.listener: Listener | None = None
         self.buffer: list[np.ndarray] = []  # appended, not committed (client-committed mode)
-        self.heard_ms = 0  # all audio appended in the session, for the events' times
         self.response: Response | None = None
         self._hearing: asyncio.Queue[tuple[ListenEvent | Commit, str]] = asyncio.Queue()
         self._hearing_task: asyncio.Task | None = None
@@ -275,7 +266,6 @@ class RealtimeSession:
     async def _append(self, pcm: np.ndarray) -> None:
         if self.kit.stt is None:
             raise p.EventError("this server hears no audio (audio.use_stt is off)", "audio")
-        self.heard_ms += len(pcm) * 1000 // p.RATE
         if self.listener is None:
             self.buffer.append(pcm)
             return
@@ -632,7 +622,6 @@ class _Output:
         self.message: dict[str, Any] | None = None
         self.transcript = ""
         self.speech: SpeechSession | None = None
-        self.started = time.perf_counter()
 
     def shape(
         self,
