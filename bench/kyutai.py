@@ -47,6 +47,7 @@ class KyutaiRecord:
     codebooks: int | None = None  # TTS: audio codebooks generated
     skip_delay_depformer: bool | None = None  # TTS: depformer skipped in the text-only delay
     compile_depformer: bool | None = None  # TTS: the depformer's frame as one compiled call
+    batch_delay: bool | None = None  # TTS: the text-only delay's known steps batched
     # TTS, where a step's time goes: the backbone (up to its text token), the depformer
     # (up to the frame's audio tokens), Mimi's decode of the frame.
     backbone_ms_median: float | None = None
@@ -174,6 +175,7 @@ def bench_tts(
     codebooks: int | None = None,
     skip_delay_depformer: bool = True,
     compile_depformer: bool = True,
+    batch_delay: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
 ) -> KyutaiRecord:
     """The product's path: one streaming session, the answer's words pushed at once (a
@@ -184,6 +186,7 @@ def bench_tts(
         tts = Synthesizer(
             ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks,
             skip_delay_depformer=skip_delay_depformer, compile_depformer=compile_depformer,
+            batch_delay=batch_delay,
         )  # fmt: skip
         for _ in tts.speak(TEXT):  # a whole utterance first: kernels compile per shape
             pass
@@ -208,7 +211,7 @@ def bench_tts(
     return _summary(
         "tts-1.6b", quantize, times, first,
         codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
-        compile_depformer=compile_depformer, **parts.medians(),
+        compile_depformer=compile_depformer, batch_delay=tts.batch_delay, **parts.medians(),
     )  # fmt: skip
 
 
@@ -270,7 +273,7 @@ def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) 
     return _summary("stt-1b", quantize, times, None)
 
 
-LEVERS = "plain,skip,skip+compile"
+LEVERS = "plain,skip,skip+compile,skip+compile+batch"
 
 
 def bench_tts_levers(
@@ -278,10 +281,11 @@ def bench_tts_levers(
 ) -> list[KyutaiRecord]:
     """`bench_tts` for each codebook count (comma-separated) and each lever set: plain,
     skip (the depformer skipped where its tokens are dropped), compile (its frame compiled),
-    or both joined by `+`."""
+    batch (the text-only delay's known steps as one backbone call; needs skip), or several
+    joined by `+`."""
     sets = [set(v.split("+")) for v in levers.split(",")]
     return [
-        bench_tts(frames, quantize, int(k), "skip" in lever, "compile" in lever)
+        bench_tts(frames, quantize, int(k), "skip" in lever, "compile" in lever, "batch" in lever)
         for k in codebooks.split(",")
         for lever in sets
     ]

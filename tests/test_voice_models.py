@@ -215,9 +215,8 @@ def tts_folder(voice_models: Path) -> Path:
 
 
 def load_tts(folder: Path, **kwargs) -> Synthesizer:
-    return Synthesizer.load(
-        str(folder), "tiny-voice", str(folder / "voices"), temperature=0.0, **kwargs
-    )
+    kwargs.setdefault("temperature", 0.0)
+    return Synthesizer.load(str(folder), "tiny-voice", str(folder / "voices"), **kwargs)
 
 
 def test_skipping_the_depformer_in_the_text_only_delay_changes_nothing(tts_folder: Path) -> None:
@@ -265,6 +264,66 @@ def test_the_compiled_depformer_speaks_exactly_as_the_plain_one(tts_folder: Path
     assert np.array_equal(a, b)
     frames = len(b) // compiled.frame_samples
     assert frames > 10 and traced <= 2
+
+
+@pytest.fixture
+def long_delay_tts(tts_folder: Path, tmp_path: Path) -> Path:
+    """The tiny TTS with the published model's text-only delay (1.28 s: 16 steps)."""
+    folder = tmp_path / "tts"
+    shutil.copytree(tts_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["tts_config"]["audio_delay"] = 1.28
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _speak_counting(session, pieces: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Push the pieces one by one, stepping what each allows; the audio, and how many
+    model steps each `step()` call ran until the first audio."""
+    frames, calls = [], []
+    for piece in [*pieces, None]:
+        if piece is None:
+            session.close()
+        else:
+            session.push(piece)
+        while session.ready:
+            frame = session.step()
+            if not frames:
+                calls.append(session.last_steps)
+            if frame is not None:
+                frames.append(frame)
+    return np.concatenate(frames), calls
+
+
+def test_the_text_only_delay_runs_batched_and_speaks_exactly_as_stepped(
+    long_delay_tts: Path,
+) -> None:
+    """The delay's steps whose text is known run as few backbone calls, and the speech is
+    exactly what stepping one at a time gives (at a temperature, from the same seed: each
+    step's token is still drawn from its own logits, in order), whether the text comes at
+    once or word by word, and where the model's choice was guessed wrong."""
+    text = "The capital of France is Paris. It is also the largest city in the country."
+    pieces = ["The cap", "ital of", " France", " is Par", "is. It is also", " the",
+              " largest city in", " the country."]  # fmt: skip
+    stepped = load_tts(long_delay_tts, batch_delay=False, temperature=0.6)
+    batched = load_tts(long_delay_tts, temperature=0.6)
+    delay = batched.model.delay_steps
+    assert delay == 16
+    for chunks in ([text], pieces):
+        mx.random.seed(7)
+        want, one_by_one = _speak_counting(stepped.session(), chunks)
+        mx.random.seed(7)
+        got, calls = _speak_counting(batched.session(), chunks)
+        assert np.array_equal(got, want)
+        assert set(one_by_one) == {1}
+        assert sum(calls) == sum(one_by_one) > delay
+        assert len(calls) <= len(one_by_one) - delay // 2  # the delay in a few calls
+    # The whole text at once: the first call is cut short where the model did not start
+    # its next word when guessed (the steps after it run again), and the delay takes a
+    # few calls, not 16.
+    mx.random.seed(7)
+    _, calls = _speak_counting(batched.session(), [text])
+    assert 1 < calls[0] < delay and len(calls) <= 4
 
 
 def test_fewer_codebooks_are_generated_when_asked(tts_folder: Path) -> None:

@@ -20,6 +20,7 @@ from moshi_mlx import models
 from moshi_mlx.models.lm import DepFormer, LmConfig
 from moshi_mlx.models.mimi import Mimi
 from moshi_mlx.modules.conditioner import ConditionTensor
+from moshi_mlx.modules.transformer import TransformerLayer
 from moshi_mlx.utils.sampling import Sampler
 
 from llm.errors import ConfigError
@@ -32,6 +33,7 @@ _NEEDED = (
     (DepFormer, ("sample",)),
     (models.LmGen, ("step", "step_with_extra_heads", "last_audio_tokens")),
     (LmConfig, ("from_config_dict",)),
+    (TransformerLayer, ("_cross_attention_block",)),
 )
 
 
@@ -223,3 +225,73 @@ def compiled_depformer(
         )
 
     return mx.compile(frame, inputs=mx.random.state, outputs=mx.random.state)
+
+
+def backbone_text_logits(
+    lm: models.Lm,
+    text_ids: mx.array,
+    audio_ids: list[mx.array],
+    ct: ConditionTensor | None,
+    cross_attention_src: mx.array | None,
+    cfg_coef: float,
+) -> mx.array:
+    """The backbone over several steps at once, causally, appended to its KV caches: the
+    text logits of each (batch, steps, vocabulary). `text_ids` and each of `audio_ids` are
+    (batch, steps). moshi-mlx's `Transformer` steps one position at a time (its layers
+    pass no mask, so several positions would see each other's future); the layer is
+    repeated here with a causal mask, and its rotating KV caches, which only append
+    several positions correctly to a buffer holding exactly the positions written, are
+    trimmed to that first (`rewind_backbone` undoes steps that must not count)."""
+    xs = lm.text_emb(text_ids)
+    for token_ids, emb in zip(audio_ids, lm.audio_embs, strict=False):
+        xs = xs + emb(token_ids)
+    if ct is not None:
+        xs = xs + mx.expand_dims(ct.tensor, axis=1)
+    if cfg_coef != 1:
+        xs = mx.tile(xs, (2, 1, 1))
+    require(lm, "transformer", "out_norm", "text_linear")
+    for layer in lm.transformer.layers:
+        require(layer, "norm1", "self_attn", "layer_scale_1", "cross_attention")
+        require(layer, "norm2", "gating", "layer_scale_2")
+    start = backbone_offset(lm)
+    rewind_backbone(lm, start)
+    steps = xs.shape[1]
+    mask = mx.arange(start + steps)[None, :] <= (start + mx.arange(steps))[:, None]
+    for layer, cache in zip(lm.transformer.layers, lm.transformer_cache, strict=True):
+        n1 = layer.self_attn(layer.norm1(xs), cache=cache.self_attn, mask=mask)
+        xs = xs + layer.layer_scale_1(n1)
+        if layer.cross_attention is not None:
+            xs = layer._cross_attention_block(xs, cache, cross_attention_src)
+        xs = xs + layer.layer_scale_2(layer.gating(layer.norm2(xs)))
+    logits = lm.text_linear(lm.out_norm(xs))
+    if cfg_coef != 1:
+        l1, l2 = logits.split(2, axis=0)
+        logits = cfg_coef * l1 - (cfg_coef - 1) * l2
+    return logits
+
+
+def backbone_offset(lm: models.Lm) -> int:
+    """How many steps the backbone's KV caches hold."""
+    require(lm, "transformer_cache")
+    return lm.transformer_cache[0].self_attn.offset
+
+
+def backbone_room(lm: models.Lm) -> int:
+    """How many steps the backbone's KV caches can hold before they rotate or its
+    attention drops the oldest (`backbone_text_logits` must stay below that)."""
+    cache = lm.transformer_cache[0].self_attn
+    require(cache, "max_size")
+    return min(cache.max_size, lm.cfg.transformer.context)
+
+
+def rewind_backbone(lm: models.Lm, steps: int) -> None:
+    """Keep only the first `steps` positions of the backbone's KV caches (all of them
+    written since the session's reset, none rotated out)."""
+    for layer_cache in lm.transformer_cache:
+        cache = layer_cache.self_attn
+        require(cache, "keys", "values", "offset", "_idx")
+        if cache.keys is None:
+            continue
+        cache.keys = cache.keys[..., :steps, :]
+        cache.values = cache.values[..., :steps, :]
+        cache.offset = cache._idx = steps

@@ -10,6 +10,7 @@ machine, script preparation and conditioning, `LmGen`, Mimi).
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -26,7 +27,15 @@ from moshi_mlx.utils.sampling import Sampler
 from llm.errors import ConfigError
 from voice.checkpoints import Checkpoint, fetch, load_checkpoint
 from voice.config import TtsSection
-from voice.moshi_internals import SteppedLm, compiled_depformer, keep_codebooks
+from voice.moshi_internals import (
+    SteppedLm,
+    backbone_offset,
+    backbone_room,
+    backbone_text_logits,
+    compiled_depformer,
+    keep_codebooks,
+    rewind_backbone,
+)
 from voice.tts_speed import (
     FrameCost,
     StepTimes,
@@ -83,12 +92,15 @@ class Synthesizer:
         codebooks: int | None = None,
         skip_delay_depformer: bool = True,
         compile_depformer: bool = True,
+        batch_delay: bool = True,
     ) -> None:
         self.model_codebooks = checkpoint.lm.dep_q
         if codebooks is not None:
             keep_codebooks(checkpoint.lm, codebooks)
         self.skip_delay_depformer = skip_delay_depformer
         self.compile_depformer = compile_depformer
+        # Batching the text-only delay relies on its steps running no depformer.
+        self.batch_delay = batch_delay and skip_delay_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.speed: TtsSpeed | None = None  # measured by `calibrate`
         self.cost = FrameCost(0.0, 0.0)  # its line, from `calibrate`
@@ -158,8 +170,9 @@ class Synthesizer:
     def measure(self, frames: int = 8) -> StepTimes:
         """Time the steps of a session on `CALIBRATION_TEXT` until `frames` frames with
         every kept codebook are timed (the first such frame, which may compile the
-        depformer for a new codebook count, is not counted)."""
-        session = self.session()
+        depformer for a new codebook count, is not counted). The delay is stepped one
+        step at a time here: those steps time the backbone alone."""
+        session = self.session(batch=False)
         session.push(CALIBRATION_TEXT)
         session.close()
         times = StepTimes(self.lm.dep_q, [], [], [])
@@ -265,9 +278,10 @@ class Synthesizer:
         for _ in self.speak("ok"):
             pass
 
-    def session(self) -> SpeechSession:
-        """One answer's speech: push its text as it arrives, step frames out of it."""
-        return SpeechSession(self)
+    def session(self, batch: bool = True) -> SpeechSession:
+        """One answer's speech: push its text as it arrives, step frames out of it
+        (`batch`: the text-only delay's steps known ahead run as one, see `step`)."""
+        return SpeechSession(self, batch=batch and self.batch_delay)
 
     def speak(self, text: str) -> Iterator[np.ndarray]:
         """Frames of `frame_samples` float32 samples for `text`, generated on demand."""
@@ -289,9 +303,18 @@ class SpeechSession:
     plus the lookahead stream's), or once the text is closed: waiting for text never
     makes it end the speech early. Pushing the text word by word gives the same tokens
     as pushing it at once.
+
+    The first steps of a session only feed text (the audio is delayed behind it: 16 steps
+    of Kyutai's TTS 1.6B, 1.28 s), and their text is mostly forced by the script (a word's
+    tokens, its padding), so a run of them is known before the model runs. That run is
+    one batched backbone call, verified as speculative decoding is: each step's token is
+    still sampled from its own logits, in order, and where the model chose otherwise than
+    guessed (start the next word or wait: the only choice it has) the steps after it are
+    dropped. The tokens are the ones stepping gives; what is saved is the per-step cost a
+    GPU pays in kernel launches, most of the delay's steps before the first audio.
     """
 
-    def __init__(self, synth: Synthesizer) -> None:
+    def __init__(self, synth: Synthesizer, batch: bool = True) -> None:
         self.synth = synth
         model, lm = synth.model, synth.lm
         for cache in lm.transformer_cache:
@@ -306,6 +329,9 @@ class SpeechSession:
         self.first_audio_step: int | None = None
         self._pending = ""  # text after the last complete word
         self._started = False
+        self._batch = batch
+        self._guess = self.machine.token_ids.new_word  # the model's next free choice
+        self.last_steps = 0  # model steps the last `step()` ran
         ids = self.machine.token_ids
 
         def on_audio(audio_tokens: mx.array) -> None:
@@ -328,6 +354,8 @@ class SpeechSession:
             return max((q + 1 for q, at in enumerate(starts) if self.offset >= at), default=0)
 
         self._slices_needed = slices_needed
+        # The steps before the first codebook's delay has elapsed run no depformer.
+        self._text_only_until = min(starts, default=0) if synth.skip_delay_depformer else 0
         self.last_slices = 0  # depformer passes of the last step
         self.last_decode_seconds = 0.0  # Mimi's share of the last step
         self._audio_from = max(starts, default=0) + 1
@@ -364,9 +392,9 @@ class SpeechSession:
     @property
     def ready(self) -> bool:
         """A step can be taken now without running ahead of the text."""
-        if self.done:
-            return False
-        state = self.state
+        return not self.done and self._has_text(self.state)
+
+    def _has_text(self, state) -> bool:
         needed = 1 + self.machine.second_stream_ahead
         return (
             self.closed
@@ -383,9 +411,14 @@ class SpeechSession:
         return self.offset >= model.max_gen_length or (self.closed and not self._started)
 
     def step(self) -> np.ndarray | None:
-        """One model step; the 80 ms of audio it completed, if any."""
+        """One model step, or in the text-only delay every step whose text is known; the
+        80 ms of audio it completed, if any."""
+        plan = self._plan() if self._batch else []
+        if len(plan) > 1:
+            self._run(plan)
+            return None
         synth, ids = self.synth, self.machine.token_ids
-        self.last_slices = self._slices_needed()
+        self.last_slices, self.last_steps = self._slices_needed(), 1
         self.gen.step(self._inputs, ct=synth.ct, cross_attention_src=synth.cross)
         self.offset += 1
         frame = self.gen.last_audio_tokens()
@@ -398,6 +431,76 @@ class SpeechSession:
         pcm = np.clip(np.array(pcm[0, 0], dtype=np.float32), -1.0, 1.0)
         self.last_decode_seconds = time.perf_counter() - start
         return pcm
+
+    def _plan(self) -> list[tuple[int, int | None]]:
+        """The next text-only steps whose text input is known now, each as (the script's
+        output for it, the choice guessed for the model there or None where the script
+        forces it), on a copy of the state machine."""
+        pad = self.machine.token_ids.pad
+        until = min(self._text_only_until, backbone_room(self.synth.lm) - 1)
+        until = min(until, self.synth.model.max_gen_length)
+        if self.offset >= until:
+            return []
+        state, plan = copy.deepcopy(self.state), []
+        for step in range(self.offset, until):
+            if not self._has_text(state):
+                break
+            free = not state.queued and state.forced_padding <= 0 and state.remaining_padding > 0
+            guess = self._guess if free else pad
+            output, _ = self.machine.process(step, state, guess)
+            plan.append((output, guess if free else None))
+        return plan
+
+    def _run(self, plan: list[tuple[int, int | None]]) -> None:
+        """The planned steps as one backbone call; kept up to the first where the model's
+        sampled choice differs from the guess (that step counts: its input was right)."""
+        synth, gen, ids = self.synth, self.gen, self.machine.token_ids
+        lm, start = synth.lm, self.offset
+        assert backbone_offset(lm) == start == gen.step_idx
+        first = lm.cfg.text_out_vocab_size if start == 0 else int(gen.gen_sequence[0, 0, start - 1])
+        text = mx.array([[first] + [output for output, _ in plan[:-1]]], dtype=mx.int32)
+        # Every audio token of the text-only steps is "zero"; before any was generated
+        # the model is fed the padding token (as `LmGen` feeds them).
+        audio = [
+            mx.array(
+                [[ids.zero if s - 1 - d >= 0 else gen.audio_padding_token
+                  for s in range(start, start + len(plan))]], dtype=mx.int32
+            )
+            for d in gen.audio_delays
+        ]  # fmt: skip
+        logits = backbone_text_logits(lm, text, audio, synth.ct, synth.cross, gen.cfg_coef)
+        outputs = []
+        for k, (planned, guess) in enumerate(plan):
+            token, _ = synth.text_sampler(logits[:, k : k + 1])
+            sampled = int(token[0, 0].item())
+            output, _ = self.machine.process(start + k, self.state, sampled)
+            outputs.append(output)
+            if guess is None:
+                continue
+            choice = ids.new_word if sampled == ids.new_word else ids.pad
+            self._guess = choice
+            if choice != guess:
+                break
+            assert output == planned, "the script machine went otherwise than planned"
+        steps = len(outputs)
+        rewind_backbone(lm, start + steps)
+        self._record(start, outputs)
+        self.offset += steps
+        self.last_slices, self.last_steps = 0, steps
+
+    def _record(self, start: int, outputs: list[int]) -> None:
+        """Write text-only steps into `LmGen`'s sequence as its own step would: the text
+        tokens, and "zero" for every audio token they generated."""
+        gen, zero, end = self.gen, self.machine.token_ids.zero, start + len(outputs)
+        gen.gen_sequence[:, 0, start:end] = mx.array([outputs], dtype=mx.int32)
+        main = gen.main_codebooks
+        for q, delay in enumerate(gen.audio_delays[:main]):
+            lo, hi = max(start - delay, 0), end - delay
+            if hi > lo:
+                gen.gen_sequence[:, q + 1, lo:hi] = zero
+        if gen.gen_sequence.shape[1] > 1 + main:
+            gen.gen_sequence[:, 1 + main :, start:end] = zero
+        gen.step_idx = end
 
     def frames_left(self) -> int:
         """At most how many more audio frames the text pushed so far makes (the speech
