@@ -57,8 +57,10 @@ def test_words_pushed_as_they_come_sound_as_the_whole_text(synthesizer: Synthesi
     text = "The capital of France is Paris. It is also the largest city in the country."
     whole = np.concatenate(list(synthesizer.speak(text)))
     session = synthesizer.session()
+    session.push("The")
+    assert not session.ready  # no step before the first word, which nothing ends yet
     pieces, waited = [], 0
-    for piece in ["The cap", "ital of", " France", " is Par", "is. It is also", " the",
+    for piece in [" cap", "ital of", " France", " is Par", "is. It is also", " the",
                   " largest city in", " the country."]:  # fmt: skip
         session.push(piece)
         pieces.append(_drain(session))

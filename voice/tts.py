@@ -395,6 +395,11 @@ class SpeechSession:
         return not self.done and self._has_text(self.state)
 
     def _has_text(self, state) -> bool:
+        # Not before the first word, though the script's first steps are forced padding:
+        # stepped while the language model has yet to write its first token they would
+        # delay that token, and they batch with the first word's steps anyway.
+        if not self._started:
+            return self.closed
         needed = 1 + self.machine.second_stream_ahead
         return (
             self.closed
