@@ -17,10 +17,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from llm.cli.common import DEFAULT_MODEL, run_main
-from llm.config import SamplingParams, read_json
-from llm.engine import Engine
-from llm.errors import ConfigError
+from mlx_harmony.llm.cli.common import DEFAULT_MODEL, run_main
+from mlx_harmony.llm.config import SamplingParams, read_json
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.llm.errors import ConfigError
 
 QUESTIONS = Path(__file__).parent / "data" / "alpaca_eval_english.json"
 
@@ -199,9 +199,9 @@ def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
     """The engine, and the logit bias both sides run with (random weights never stop)."""
     if not model.startswith("random:"):
         return Engine.load(model), {}
-    from bench.harmony_tokenizer import STOP_IDS
-    from bench.shapes import GPT_OSS_20B, random_gpt_oss, scaled_down
-    from llm.vocab import ensure_vocab
+    from mlx_harmony.bench.harmony_tokenizer import STOP_IDS
+    from mlx_harmony.bench.shapes import GPT_OSS_20B, random_gpt_oss, scaled_down
+    from mlx_harmony.llm.vocab import ensure_vocab
 
     shapes = {"gpt-oss-20b": GPT_OSS_20B, "gpt-oss-small": scaled_down(GPT_OSS_20B)}
     name = model.removeprefix("random:")
@@ -255,7 +255,7 @@ def voice_sampling(
     """Greedy answers of `max_tokens`; on random weights, in plain words (what they write
     otherwise may be all symbols: nothing would be spoken)."""
     if model.startswith("random:"):
-        from bench.shapes import plain_words_bias
+        from mlx_harmony.bench.shapes import plain_words_bias
 
         bias = bias | plain_words_bias(engine)
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias=bias)
@@ -264,10 +264,10 @@ def voice_sampling(
 def voice_latency(
     args: argparse.Namespace, engine: Engine, bias: dict[int, float]
 ) -> tuple[list[dict], dict]:
-    from bench import voice_latency as vl
-    from llm.cli.common import Setup
-    from llm.config import PromptConfig
-    from voice.config import VoiceConfig, apply_override, load_voice_config
+    from mlx_harmony.bench import voice_latency as vl
+    from mlx_harmony.llm.cli.common import Setup
+    from mlx_harmony.llm.config import PromptConfig
+    from mlx_harmony.voice.config import VoiceConfig, apply_override, load_voice_config
 
     config = load_voice_config(args.voice_config)[0] if args.voice_config else VoiceConfig()
     for setting in args.voice_set:
@@ -276,7 +276,7 @@ def voice_latency(
     sampling = voice_sampling(args.model, engine, bias, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         if args.voice_random:
-            from bench.kyutai import random_voice_models
+            from mlx_harmony.bench.kyutai import random_voice_models
 
             # Random weights never write Harmony headers: the answer is forced onto the
             # final channel (what llm.reasoning "skip" does), or nothing would be spoken.
@@ -287,7 +287,7 @@ def voice_latency(
         else:
             from rich.console import Console
 
-            from voice.cli import load_voice_models
+            from mlx_harmony.voice.cli import load_voice_models
 
             stt, tts = load_voice_models(config, Console(stderr=True))
         prompt = PromptConfig(sampling=sampling)
@@ -305,7 +305,7 @@ def voice_latency(
         )  # fmt: skip
         realtime = []
         if args.voice_realtime:
-            from bench import realtime as rt
+            from mlx_harmony.bench import realtime as rt
 
             clips = [vl.spoken(q) for q in vl.QUESTIONS]
             setup = Setup(args.model, prompt, None)
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main() -> int:
-    from bench.engine import listening_prefill, multi_turn, single_turns
+    from mlx_harmony.bench.engine import listening_prefill, multi_turn, single_turns
 
     args = build_parser().parse_args()
     prompts = load_prompts(args.prompts, 10_000)
@@ -392,7 +392,7 @@ def _main() -> int:
         rows = multi_turn(engine, prompts, args.turns, args.max_tokens, args.filler, bias)
         results["multi_turn"] = [r.row() for r in rows]
     if args.kyutai:
-        from bench.kyutai import bench_stt, bench_tts_levers, bench_tts_moshi
+        from mlx_harmony.bench.kyutai import bench_stt, bench_tts_levers, bench_tts_moshi
 
         kyutai = []
         for q in [None, *(args.quantize or [])]:

@@ -1,6 +1,6 @@
 """Echo cancellation on a virtual room: how much of the assistant's own voice is left.
 
-    python -m bench.echo [--delay-ms 60] [--volume 0.7] [--seconds 12] [--json PATH]
+    python -m mlx_harmony.bench.echo [--delay-ms 60] [--volume 0.7] [--seconds 12] [--json PATH]
 
 A private PulseAudio server (see `bench.virtual_audio`) loops the speaker into the
 microphone with a room's delay; speech (espeak-ng) is played through the assistant's own
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.virtual_audio import VirtualAudio, missing_tools, read_wav
-from voice.audio_io import Microphone, Speaker
-from voice.config import EndpointingSection
-from voice.echo import EchoCanceller
-from voice.vad import rms
+from mlx_harmony.bench.virtual_audio import VirtualAudio, missing_tools, read_wav
+from mlx_harmony.voice.audio_io import Microphone, Speaker
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.echo import EchoCanceller
+from mlx_harmony.voice.vad import rms
 
 TEXT = (
     "The capital of France is Paris. It is also the largest city in the country, "

@@ -1,6 +1,6 @@
 """Which speech detector ends turns well in a noisy room: energy against Silero.
 
-    python -m bench.endpointing [--json PATH]
+    python -m mlx_harmony.bench.endpointing [--json PATH]
 
 Questions spoken by espeak-ng (several voices and speeds) are mixed with room noise at
 several levels — steady fan-like noise, and the babble of other speech far away — with
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.virtual_audio import read_wav
-from voice.audio_io import MODEL_RATE
-from voice.config import EndpointingSection
-from voice.vad import Endpointer, SpeechEnded, SpeechStarted, make_detector
+from mlx_harmony.bench.virtual_audio import read_wav
+from mlx_harmony.voice.audio_io import MODEL_RATE
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.vad import Endpointer, SpeechEnded, SpeechStarted, make_detector
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -14,10 +14,10 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.engine import Engine, collect
-from llm.messages import ChatMessage
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.engine import Engine, collect
+from mlx_harmony.llm.messages import ChatMessage
 
 
 @dataclass

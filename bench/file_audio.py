@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from voice.audio_io import MODEL_RATE, Microphone, Speaker, _Resampler
+from mlx_harmony.voice.audio_io import MODEL_RATE, Microphone, Speaker, _Resampler
 
 SPEAKER_PERIOD_S = 0.02
 

@@ -21,11 +21,11 @@ from mlx.utils import tree_map
 from moshi_mlx import models
 from moshi_mlx.models.mimi import Mimi, mimi_202407
 
-from llm.cli.common import run_main
-from voice.checkpoints import Checkpoint, quantize_lm
-from voice.config import TtsSection
-from voice.stt import FRAME, Transcriber
-from voice.tts import Synthesizer
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.voice.checkpoints import Checkpoint, quantize_lm
+from mlx_harmony.voice.config import TtsSection
+from mlx_harmony.voice.stt import FRAME, Transcriber
+from mlx_harmony.voice.tts import Synthesizer
 
 DATA = Path(__file__).parent / "data"
 FRAME_MS = 80.0
@@ -292,11 +292,11 @@ def bench_tts_levers(
 
 
 def main() -> None:
-    """`python -m bench.kyutai`: the Kyutai tables alone, without the chat engine's
+    """`python -m mlx_harmony.bench.kyutai`: the Kyutai tables alone, without the chat engine's
     dependencies (for a GPU machine that has only MLX and moshi-mlx)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.kyutai", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m mlx_harmony.bench.kyutai", description=main.__doc__)
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--codebooks", default="32,24,16,8")
     p.add_argument("--quantize", type=int, choices=[4, 8], action="append", default=[],

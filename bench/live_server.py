@@ -8,8 +8,8 @@ import time
 
 import uvicorn
 
-from llm.http_guard import server_config
-from llm.server import ServerLimits
+from mlx_harmony.llm.http_guard import server_config
+from mlx_harmony.llm.server import ServerLimits
 
 
 def free_port() -> int:

@@ -3,8 +3,9 @@ backend that compiles or plans per shape (MLX on CUDA: cuDNN attention graphs pe
 query and key lengths, kernels compiled at first use) shows it as chunks whose lengths or
 positions it has not met before taking far longer than ones it has.
 
-`python -m bench.prefill_shapes [--out prefill-shapes.json]`: two passes over the same chunk
-lengths, each in a fresh cache; the second pass meets some (length, position) pairs again.
+`python -m mlx_harmony.bench.prefill_shapes [--out prefill-shapes.json]`: two passes over the
+same chunk lengths, each in a fresh cache; the second pass meets some (length, position)
+pairs again.
 Run it with `MLX_CUDA_USE_CUDNN_SDPA=1` and `=0` to compare (each is read once a process).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from llm.cli.common import run_main
+from mlx_harmony.llm.cli.common import run_main
 
 # A prompt, words prefilled as they are said, answer tokens, chunks past the 128-token
 # sliding window: the lengths a spoken conversation feeds.
@@ -44,9 +45,11 @@ def time_chunks(model, lengths: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    from bench.cli import load_engine
+    from mlx_harmony.bench.cli import load_engine
 
-    p = argparse.ArgumentParser(prog="python -m bench.prefill_shapes", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_harmony.bench.prefill_shapes", description=__doc__
+    )
     p.add_argument("--model", default="random:gpt-oss-20b", help="as mlx-harmony-bench's")
     p.add_argument("--out", type=Path, default=Path("prefill-shapes.json"))
     args = p.parse_args()

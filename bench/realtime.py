@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import websockets
 
-from bench.live_server import LiveServer, free_port
-from llm.cli.common import Setup
-from llm.engine import Engine
-from llm.server import ServedModel, create_app
-from voice.config import VoiceConfig
-from voice.realtime.app import add_realtime
-from voice.realtime.session import VoiceKit
-from voice.stt import Transcriber
-from voice.tts import Synthesizer
+from mlx_harmony.bench.live_server import LiveServer, free_port
+from mlx_harmony.llm.cli.common import Setup
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.llm.server import ServedModel, create_app
+from mlx_harmony.voice.config import VoiceConfig
+from mlx_harmony.voice.realtime.app import add_realtime
+from mlx_harmony.voice.realtime.session import VoiceKit
+from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.tts import Synthesizer
 
 PIECE_S = 0.08
 TRAILING_S = 1.5  # quiet the client goes on sending after the question, as a microphone

@@ -16,8 +16,8 @@ import mlx.nn as nn
 from mlx_lm.models import gpt_oss
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from bench.harmony_tokenizer import STOP_IDS, VOCAB_SIZE, write_harmony_tokenizer
-from llm.engine import Engine
+from mlx_harmony.bench.harmony_tokenizer import STOP_IDS, VOCAB_SIZE, write_harmony_tokenizer
+from mlx_harmony.llm.engine import Engine
 
 GPT_OSS_20B = {
     "model_type": "gpt_oss",

@@ -1,6 +1,6 @@
 """End of turn, measured as eot-bench measures it: false cut-offs against waiting time.
 
-    python -m bench.turns [--eot-bench PATH] [--language en] [--limit N]
+    python -m mlx_harmony.bench.turns [--eot-bench PATH] [--language en] [--limit N]
                           [--model PATH] [--json PATH]
 
 Each turn is played causally through each detector: at every silence of at least 100 ms,
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from voice.config import EndpointingSection
-from voice.smart_turn import RATE
-from voice.turn_policy import Fusion, Policy, logit
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.smart_turn import RATE
+from mlx_harmony.voice.turn_policy import Fusion, Policy, logit
 
 GRID_S = 0.1  # eot-bench's inference interval
 MIN_SPAN_S = 0.1  # silences shorter than this are not decision points
@@ -280,7 +280,7 @@ def score(turns: list[Turn], detector: Callable[[Turn, list[float]], list[float]
 
 
 def smart_turn_detector(model) -> Callable[[Turn, list[float]], list[float]]:
-    from voice.smart_turn import last_seconds, log_mel
+    from mlx_harmony.voice.smart_turn import last_seconds, log_mel
 
     def detect(turn: Turn, times: list[float]) -> list[float]:
         feats = np.stack([log_mel(last_seconds(turn.audio[: int(t * RATE)])) for t in times])
@@ -414,7 +414,7 @@ def run(
 
     def acoustic() -> Scores:
         if "smart-turn" not in cache:
-            from voice.smart_turn import SmartTurn
+            from mlx_harmony.voice.smart_turn import SmartTurn
 
             cache["smart-turn"] = score(turns, smart_turn_detector(SmartTurn.load(threads=2)))
         return cache["smart-turn"]
@@ -470,9 +470,9 @@ def fused_scores(
 
 def text_detector(model: str, lag: float) -> Callable[[Turn, list[float]], list[float]]:
     """The chat model's probability that the user's message ends after the words heard."""
-    from llm.backends import load_engine
-    from llm.conversation import Conversation
-    from llm.messages import ChatMessage
+    from mlx_harmony.llm.backends import load_engine
+    from mlx_harmony.llm.conversation import Conversation
+    from mlx_harmony.llm.messages import ChatMessage
 
     engine = load_engine(model)
     memo: dict[str, float] = {}
@@ -491,7 +491,9 @@ def text_detector(model: str, lag: float) -> Callable[[Turn, list[float]], list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.turns", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mlx_harmony.bench.turns", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--eot-bench", type=Path, help="eot-bench-data parquet file or folder")
     ap.add_argument("--language", default="en", help="eot-bench rows of this language")
     ap.add_argument("--limit", type=int, help="only the first N turns")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.files import process_alive
+from mlx_harmony.llm.files import process_alive
 
 TOOLS = ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng", "sox")
 MIC_SOURCE = "module-virtual-source source_name=mic master=micsink.monitor"

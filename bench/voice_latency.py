@@ -26,18 +26,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bench.file_audio import ClockSpeaker, FileMicrophone
-from llm.chatlog import Chat, ChatLog
-from llm.cli.common import Setup
-from llm.engine import Engine
-from voice.audio_io import MODEL_RATE
-from voice.config import VoiceConfig, apply_override
-from voice.control import Reply, Request
-from voice.daemon import TurnTimings, VoiceAssistant
-from voice.stt import Transcriber
-from voice.tts import Synthesizer
-from voice.turn_scorer import load_turn_scorer
-from voice.vad import make_detector
+from mlx_harmony.bench.file_audio import ClockSpeaker, FileMicrophone
+from mlx_harmony.llm.chatlog import Chat, ChatLog
+from mlx_harmony.llm.cli.common import Setup
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.voice.audio_io import MODEL_RATE
+from mlx_harmony.voice.config import VoiceConfig, apply_override
+from mlx_harmony.voice.control import Reply, Request
+from mlx_harmony.voice.daemon import TurnTimings, VoiceAssistant
+from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.tts import Synthesizer
+from mlx_harmony.voice.turn_scorer import load_turn_scorer
+from mlx_harmony.voice.vad import make_detector
 
 # (prefill while listening, endpointing.speculate_ms or None for the config's, the turn
 # model on or off or None for the config's)
@@ -125,7 +125,7 @@ def run(
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
     noise; `auto` picks PulseAudio where its tools are installed. `one_chat`: a variant's
     rounds are one conversation (its prompt grows every turn) instead of a new chat each."""
-    from bench.virtual_audio import missing_tools
+    from mlx_harmony.bench.virtual_audio import missing_tools
 
     if devices == "auto":
         devices = "file" if missing_tools() else "pulse"
@@ -156,7 +156,7 @@ def _run_pulse(
     config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
     rounds: int, folder: Path, variants: tuple[Variant, ...], one_chat: bool,
 ) -> list[LatencyRecord]:  # fmt: skip
-    from bench.virtual_audio import VirtualAudio, missing_tools
+    from mlx_harmony.bench.virtual_audio import VirtualAudio, missing_tools
 
     if missing_tools():
         raise RuntimeError(f"--voice needs {', '.join(missing_tools())} (Linux, PulseAudio)")
@@ -268,7 +268,7 @@ def spoken(text: str) -> np.ndarray:
     """`text` as spoken in `bench/data/questions` (espeak-ng, made once: the same speech on
     every machine), else by espeak-ng at 24 kHz, else two seconds of speech-like noise
     (syllable-paced bursts: what an energy detector and a random-weight STT need)."""
-    from bench.virtual_audio import read_wav
+    from mlx_harmony.bench.virtual_audio import read_wav
 
     spoken = QUESTIONS_SPOKEN / (re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") + ".wav")
     if spoken.is_file():

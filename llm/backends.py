@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from llm.config import PromptConfig, RemoteConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.debug_log import DebugLog
-from llm.messages import Event
+from mlx_harmony.llm.config import PromptConfig, RemoteConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.debug_log import DebugLog
+from mlx_harmony.llm.messages import Event
 
 
 class ChatEngine(Protocol):
@@ -71,9 +71,9 @@ def load_engine(
     `debug` logs every prompt and response of a local model (a remote renders its own)."""
     # Imported here: a command's --help, and the modules that only name the protocol, do
     # not wait for mlx-lm and transformers to load.
-    from llm.distributed import ShardedEngine, follow, load_sharded, world
-    from llm.engine import Engine
-    from llm.remote import RemoteEngine
+    from mlx_harmony.llm.distributed import ShardedEngine, follow, load_sharded, world
+    from mlx_harmony.llm.engine import Engine
+    from mlx_harmony.llm.remote import RemoteEngine
 
     if remote is not None:
         return RemoteEngine(remote, model)

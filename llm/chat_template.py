@@ -12,9 +12,9 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from llm.config import PromptConfig
-from llm.errors import ConfigError
-from llm.messages import (
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import (
     BuiltinTool,
     Channel,
     ChatMessage,
@@ -23,7 +23,7 @@ from llm.messages import (
     TextDelta,
     Tool,
 )
-from llm.system_part import function_schemas, system_text
+from mlx_harmony.llm.system_part import function_schemas, system_text
 
 
 class ChatTemplateFormat:

@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from llm.config import read_json
-from llm.errors import ConfigError, error_line
-from llm.files import atomic_write_bytes, atomic_write_json
-from llm.messages import ChatMessage
+from mlx_harmony.llm.config import read_json
+from mlx_harmony.llm.errors import ConfigError, error_line
+from mlx_harmony.llm.files import atomic_write_bytes, atomic_write_json
+from mlx_harmony.llm.messages import ChatMessage
 
 SCHEMA_VERSION = 2
 

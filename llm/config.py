@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llm.errors import ConfigError, error_line
-from llm.tools.config import ToolsConfig
+from mlx_harmony.llm.errors import ConfigError, error_line
+from mlx_harmony.llm.tools.config import ToolsConfig
 
 # Fields of the original tool's prompt config that have no effect here.
 IGNORED_FIELDS = frozenset({"mlock", "logs_dir"})

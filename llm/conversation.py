@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from llm.config import PromptConfig
-from llm.messages import ChatMessage, Tool
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.messages import ChatMessage, Tool
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 TokenIds = Literal["in", "out", "both"]
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.errors import ConfigError, RuntimeFailure
-from llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
 
 if TYPE_CHECKING:
-    from llm.engine import Engine
+    from mlx_harmony.llm.engine import Engine
 
 
 def world() -> mx.distributed.Group | None:
@@ -49,7 +49,7 @@ def is_follower() -> bool:
 def load_sharded(ref: str, group: mx.distributed.Group) -> Engine:
     from mlx_lm.utils import sharded_load
 
-    from llm.engine import Engine, load_model
+    from mlx_harmony.llm.engine import Engine, load_model
 
     load_model(ref, lazy=True)  # the same one-line errors as an unsharded load
     try:

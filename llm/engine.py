@@ -20,13 +20,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from llm.chat_template import ChatTemplateFormat
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.debug_log import DebugLog
-from llm.errors import ConfigError, RuntimeFailure
-from llm.harmony import HarmonyFormat
-from llm.messages import (
+from mlx_harmony.llm.chat_template import ChatTemplateFormat
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.debug_log import DebugLog
+from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.harmony import HarmonyFormat
+from mlx_harmony.llm.messages import (
     ChatMessage,
     Event,
     FinishReason,
@@ -36,8 +36,8 @@ from llm.messages import (
     Tool,
     TurnDone,
 )
-from llm.prompt_cache import ConversationCache, common_prefix
-from llm.sampling import (
+from mlx_harmony.llm.prompt_cache import ConversationCache, common_prefix
+from mlx_harmony.llm.sampling import (
     Seeder,
     build_logits_processors,
     build_penalty_processors,

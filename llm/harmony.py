@@ -26,9 +26,16 @@ from openai_harmony import (
     ToolNamespaceConfig,
 )
 
-from llm.config import PromptConfig
-from llm.messages import BuiltinTool, ChatMessage, FunctionTool, MessageDone, TextDelta, Tool
-from llm.vocab import harmony_encoding
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.messages import (
+    BuiltinTool,
+    ChatMessage,
+    FunctionTool,
+    MessageDone,
+    TextDelta,
+    Tool,
+)
+from mlx_harmony.llm.vocab import harmony_encoding
 
 _ROLES = {r.value: r for r in Role}
 

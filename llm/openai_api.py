@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from llm.config import MAX_SEED, SamplingParams
-from llm.messages import ChatMessage, FinishReason, FunctionTool
+from mlx_harmony.llm.config import MAX_SEED, SamplingParams
+from mlx_harmony.llm.messages import ChatMessage, FinishReason, FunctionTool
 
 MAX_STOP_SEQUENCES = 4
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 
-from llm.config import PromptConfig, RemoteConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.errors import ConfigError, RuntimeFailure
-from llm.messages import (
+from mlx_harmony.llm.config import PromptConfig, RemoteConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.messages import (
     BuiltinTool,
     ChatMessage,
     Event,
@@ -37,7 +37,7 @@ from llm.messages import (
     TextDelta,
     TurnDone,
 )
-from llm.system_part import function_schemas, system_text
+from mlx_harmony.llm.system_part import function_schemas, system_text
 
 
 class RemoteError(RuntimeFailure):

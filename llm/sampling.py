@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
-from llm.config import SamplingParams
+from mlx_harmony.llm.config import SamplingParams
 
 
 def build_sampler(params: SamplingParams, special_tokens: Sequence[int] = ()) -> Sampler:

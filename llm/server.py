@@ -25,13 +25,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llm.backends import ChatEngine, load_engine
-from llm.config import PromptConfig, RemoteConfig
-from llm.conversation import Conversation
-from llm.debug_log import DebugLog
-from llm.errors import ConfigError, RuntimeFailure
-from llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
-from llm.openai_api import (
+from mlx_harmony.llm.backends import ChatEngine, load_engine
+from mlx_harmony.llm.config import PromptConfig, RemoteConfig
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.debug_log import DebugLog
+from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.openai_api import (
     ChatCompletionRequest,
     ErrorResponse,
     StopMatcher,
@@ -41,11 +41,11 @@ from llm.openai_api import (
     tool_call_of,
     usage,
 )
-from llm.tool_loop import respond
-from llm.tools.config import ToolsConfig
-from llm.tools.toolbox import Toolbox
-from llm.tools.tree import remove_tree
-from llm.worker import Job, ModelWorker
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.tools.config import ToolsConfig
+from mlx_harmony.llm.tools.toolbox import Toolbox
+from mlx_harmony.llm.tools.tree import remove_tree
+from mlx_harmony.llm.worker import Job, ModelWorker
 
 
 @dataclass

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from llm.config import PromptConfig
-from llm.messages import ChatMessage, FunctionTool
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.messages import ChatMessage, FunctionTool
 
 NO_PARAMETERS = {"type": "object", "properties": {}}
 

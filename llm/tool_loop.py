@@ -15,10 +15,10 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from llm.backends import ChatEngine
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.messages import (
+from mlx_harmony.llm.backends import ChatEngine
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.messages import (
     ChatMessage,
     Event,
     FinishReason,

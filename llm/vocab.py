@@ -17,8 +17,8 @@ from pathlib import Path
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
 
-from llm.errors import ConfigError
-from llm.files import atomic_write_bytes
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.files import atomic_write_bytes
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"

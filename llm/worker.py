@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from llm.messages import Event
+from mlx_harmony.llm.messages import Event
 
 _END = object()
 T = TypeVar("T")

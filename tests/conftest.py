@@ -50,7 +50,7 @@ def _cached(name: str, *args: str) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The product's own offline path: o200k_base unpacked from the bpe-openai wheel."""
-    from llm.vocab import ensure_vocab
+    from mlx_harmony.llm.vocab import ensure_vocab
 
     os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
@@ -91,7 +91,7 @@ def voice_models() -> Path:
 
 @pytest.fixture(scope="session")
 def transcriber(voice_models: Path):
-    from voice.stt import Transcriber
+    from mlx_harmony.voice.stt import Transcriber
 
     stt = Transcriber.load(str(voice_models / "stt"), max_seconds=16)
     stt.warmup()
@@ -101,7 +101,7 @@ def transcriber(voice_models: Path):
 @pytest.fixture(scope="session")
 def synthesizer(voice_models: Path):
     """Greedy, so that the same text gives the same speech (tests compare lengths)."""
-    from voice.tts import Synthesizer
+    from mlx_harmony.voice.tts import Synthesizer
 
     tts = Synthesizer.load(
         str(voice_models / "tts"), "tiny-voice", str(voice_models / "tts" / "voices"),
@@ -114,7 +114,7 @@ def synthesizer(voice_models: Path):
 @pytest.fixture(scope="session")
 def virtual_audio():
     """A private PulseAudio server with a virtual microphone and speaker (Linux)."""
-    from bench.virtual_audio import VirtualAudio, missing_tools
+    from mlx_harmony.bench.virtual_audio import VirtualAudio, missing_tools
 
     if sys.platform != "linux":
         pytest.skip("virtual audio devices are built with PulseAudio (Linux)")
@@ -128,7 +128,7 @@ def virtual_audio():
 
 @pytest.fixture(scope="session")
 def gpt_oss_engine(gpt_oss_path: Path):
-    from llm.engine import Engine
+    from mlx_harmony.llm.engine import Engine
 
     return Engine.load(str(gpt_oss_path))
 
@@ -142,7 +142,7 @@ def engine(gpt_oss_engine):
 
 @pytest.fixture(scope="session")
 def chatml_engine(chatml_path: Path):
-    from llm.engine import Engine
+    from mlx_harmony.llm.engine import Engine
 
     return Engine.load(str(chatml_path))
 
@@ -162,12 +162,12 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
     """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
     `speaks` False leave out the STT / TTS, `prompt` replaces the prompt config, and
     dotted keyword arguments override config fields."""
-    from llm.chatlog import Chat, ChatLog
-    from llm.config import PromptConfig
+    from mlx_harmony.llm.chatlog import Chat, ChatLog
+    from mlx_harmony.llm.config import PromptConfig
+    from mlx_harmony.voice.config import VoiceConfig, apply_override
+    from mlx_harmony.voice.daemon import VoiceAssistant
+    from mlx_harmony.voice.vad import make_detector
     from tests.support.voice_loop import Recorder
-    from voice.config import VoiceConfig, apply_override
-    from voice.daemon import VoiceAssistant
-    from voice.vad import make_detector
 
     def make(prompt=None, hears: bool = True, speaks: bool = True, turn_model=False, **overrides):
         config = VoiceConfig()
@@ -181,8 +181,8 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
         detector = make_detector(config.endpointing, 24_000)
         scorer = None
         if turn_model:  # the real Smart Turn, from pipecat's wheel
-            from voice.smart_turn import SmartTurn
-            from voice.turn_scorer import TurnScorer
+            from mlx_harmony.voice.smart_turn import SmartTurn
+            from mlx_harmony.voice.turn_scorer import TurnScorer
 
             scorer = TurnScorer(SmartTurn.load(), 24_000)
             scorer.warmup()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import load_prompts
-from llm.errors import ConfigError
+from mlx_harmony.bench.cli import load_prompts
+from mlx_harmony.llm.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
 
@@ -18,7 +18,8 @@ ROOT = Path(__file__).parent.parent
 def test_benchmark_smoke(gpt_oss_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--questions", "2",
+        [sys.executable, "-m", "mlx_harmony.bench.cli",
+         "--model", str(gpt_oss_path), "--questions", "2",
          "--max-tokens", "16", "--turns", "3", "--filler", "20", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -69,7 +70,8 @@ def run_voice_bench(
     }))  # fmt: skip
     out = tmp_path / "bench"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "--model", str(gpt_oss_path), "--skip", "single",
+        [sys.executable, "-m", "mlx_harmony.bench.cli",
+         "--model", str(gpt_oss_path), "--skip", "single",
          "--skip", "multi", "--skip", "listening", "--voice", "--voice-config", str(config),
          "--voice-rounds", "1", "--no-plot", "--out", str(out), *options],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -133,8 +135,8 @@ def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_wor
 ) -> None:
     import numpy as np
 
-    from bench.kyutai import ScriptedTranscript
-    from voice.stt import FRAME
+    from mlx_harmony.bench.kyutai import ScriptedTranscript
+    from mlx_harmony.voice.stt import FRAME
 
     scripted = ScriptedTranscript(transcriber, "What is the capital of France?", 2)
     scripted.start()
@@ -153,7 +155,7 @@ def test_a_scripted_transcript_runs_the_stt_and_reveals_the_question_word_by_wor
 
 
 def test_speculative_start_variants_by_name_or_milliseconds() -> None:
-    from bench.cli import speculate_variants
+    from mlx_harmony.bench.cli import speculate_variants
 
     assert speculate_variants("both", None) == (0, 250)
     assert speculate_variants("on", 160) == (160,)
@@ -168,7 +170,8 @@ def test_speculative_start_variants_by_name_or_milliseconds() -> None:
 def test_prefill_shapes_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "shapes.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.prefill_shapes", "--model", "random:gpt-oss-small",
+        [sys.executable, "-m", "mlx_harmony.bench.prefill_shapes",
+         "--model", "random:gpt-oss-small",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -184,13 +187,13 @@ def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Pat
     """What random weights write is mostly symbols and other scripts, which the voice
     loop's speech cleaning drops: a run once spoke not one sound. The benchmark's sampling
     keeps their answers to plain words, every one of them spoken."""
-    from bench.cli import load_engine, voice_sampling
-    from bench.shapes import PLAIN_WORDS
-    from llm.config import PromptConfig
-    from llm.conversation import Conversation
-    from llm.messages import ChatMessage, TextDelta
-    from voice.daemon import FINAL_CHANNEL
-    from voice.speakable import speakable
+    from mlx_harmony.bench.cli import load_engine, voice_sampling
+    from mlx_harmony.bench.shapes import PLAIN_WORDS
+    from mlx_harmony.llm.config import PromptConfig
+    from mlx_harmony.llm.conversation import Conversation
+    from mlx_harmony.llm.messages import ChatMessage, TextDelta
+    from mlx_harmony.voice.daemon import FINAL_CHANNEL
+    from mlx_harmony.voice.speakable import speakable
 
     engine, bias = load_engine("random:gpt-oss-small")
     sampling = voice_sampling("random:gpt-oss-small", engine, bias, 24)

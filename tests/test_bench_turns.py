@@ -1,4 +1,4 @@
-"""`python -m bench.turns`: eot-bench's measure of the turn detector, and its data."""
+"""`python -m mlx_harmony.bench.turns`: eot-bench's measure of the turn detector, and its data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.turns import (
+from mlx_harmony.bench.turns import (
     GRID_S,
     Scores,
     Turn,
@@ -21,8 +21,8 @@ from bench.turns import (
     silences,
     sweep,
 )
-from voice.smart_turn import RATE
-from voice.turn_policy import Fusion, Policy, ends_unfinished
+from mlx_harmony.voice.smart_turn import RATE
+from mlx_harmony.voice.turn_policy import Fusion, Policy, ends_unfinished
 
 ROOT = Path(__file__).parent.parent
 
@@ -138,7 +138,8 @@ def test_eot_bench_rows_are_scored_with_the_silence_rule_beside_the_detectors(
     tiny_eot_bench(data)
     out = tmp_path / "turns.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.turns", "--eot-bench", str(tmp_path), "--json", str(out)],
+        [sys.executable, "-m", "mlx_harmony.bench.turns",
+         "--eot-bench", str(tmp_path), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -163,7 +164,7 @@ def test_eot_bench_rows_without_its_columns_are_one_line(tmp_path: Path) -> None
     data = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": "x", "audio": b""}]), data)
     run = subprocess.run(
-        [sys.executable, "-m", "bench.turns", "--eot-bench", str(data)],
+        [sys.executable, "-m", "mlx_harmony.bench.turns", "--eot-bench", str(data)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 1
@@ -178,7 +179,7 @@ def test_scoring_is_every_tenth_of_a_second_into_a_pause() -> None:
         seen.append(times)
         return [0.5] * len(times)
 
-    from bench.turns import score
+    from mlx_harmony.bench.turns import score
 
     s = score([turn], detector)
     assert seen[0] == pytest.approx([0.6, 0.7, 0.8])

@@ -6,8 +6,8 @@ from collections import deque
 
 import pytest
 
-from llm.cli.chat import as_command
-from llm.cli.multiline import read_message
+from mlx_harmony.llm.cli.chat import as_command
+from mlx_harmony.llm.cli.multiline import read_message
 
 
 class Keyboard:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.chatlog import Chat, ChatLog, load_chat_log, save_chat_log
-from llm.errors import ConfigError
-from llm.messages import ChatMessage
+from mlx_harmony.llm.chatlog import Chat, ChatLog, load_chat_log, save_chat_log
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import ChatMessage
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -63,7 +63,7 @@ def test_hyperparameters_recorded_only_when_they_change() -> None:
 def test_migrate_command_keeps_a_backup_and_every_message(tmp_path: Path) -> None:
     log = tmp_path / "old.json"
     log.write_bytes((DATA / "chatlog-v1.json").read_bytes())
-    cmd = [sys.executable, "-m", "llm.cli.migrate", str(log)]
+    cmd = [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(log)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert "v1 → v2, 2 messages" in out.stdout
     backup = tmp_path / "old.json.v1.bak"
@@ -88,8 +88,8 @@ def test_bad_logs_fail_in_one_line(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from llm.chatlog import Chat, ChatLog, save_chat_log
-from llm.messages import ChatMessage
+from mlx_harmony.llm.chatlog import Chat, ChatLog, save_chat_log
+from mlx_harmony.llm.messages import ChatMessage
 path = sys.argv[1]
 log = ChatLog()
 chat = log.start_chat(Chat.new("m"))
@@ -212,8 +212,8 @@ def test_migrate_refuses_a_corrupt_log_in_one_line(tmp_path: Path, kind: str) ->
     path = tmp_path / "chat.json"
     path.write_bytes(content)
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.migrate", str(path)], capture_output=True, text=True,
-        cwd=ROOT,
+        [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(path)],
+        capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith(f"error: {path}: ") and expected in out.stderr
@@ -276,7 +276,7 @@ def test_broken_v2_logs_are_repaired_with_a_note_each_and_lose_no_message(
     assert repaired.metadata.updated_at.unix >= max(m.timestamp.unix for m in repaired.messages)
     # Repaired once, it reads clean; migrate rewrites it keeping the original.
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.migrate", str(path)],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(path)],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -285,7 +285,7 @@ def test_broken_v2_logs_are_repaired_with_a_note_each_and_lose_no_message(
 
 
 def test_timestamps_written_as_iso_strings_or_numbers_are_read() -> None:
-    from llm.chatlog import parse_chat_log
+    from mlx_harmony.llm.chatlog import parse_chat_log
 
     raw = json.loads((DATA / "chatlog-v2.json").read_text())
     chat = raw["chats"]["chat-001"]
@@ -300,7 +300,7 @@ def test_timestamps_written_as_iso_strings_or_numbers_are_read() -> None:
 
 
 def test_a_chat_name_is_found_in_the_chats_folder(tmp_path: Path) -> None:
-    from llm.cli.chat import chat_log_path
+    from mlx_harmony.llm.cli.chat import chat_log_path
 
     chats = tmp_path / "chats"
     chats.mkdir()
@@ -314,7 +314,7 @@ def test_a_chat_name_is_found_in_the_chats_folder(tmp_path: Path) -> None:
 
 HOLDER = """
 import sys
-from llm.chatlog import hold_chat_log
+from mlx_harmony.llm.chatlog import hold_chat_log
 hold_chat_log(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()
@@ -337,7 +337,7 @@ def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        for command in (["llm.cli.chat", "--chat"], ["llm.cli.migrate"]):
+        for command in (["mlx_harmony.llm.cli.chat", "--chat"], ["mlx_harmony.llm.cli.migrate"]):
             out = subprocess.run(
                 [sys.executable, "-m", *command, str(path)], cwd=ROOT, capture_output=True,
                 text=True, stdin=subprocess.DEVNULL, timeout=120,
@@ -352,8 +352,8 @@ def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path
         holder.kill()
         holder.wait()
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.migrate", str(path)], cwd=ROOT, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "already schema v2" in out.stdout, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]
@@ -363,7 +363,8 @@ def test_a_log_another_process_writes_is_refused_until_it_is_gone(tmp_path: Path
 def test_a_log_where_nothing_can_be_written_is_refused_before_loading(tmp_path: Path) -> None:
     (tmp_path / "file.json").write_text("{}")
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.chat", "--chat", str(tmp_path / "file.json" / "c.json")],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.chat",
+         "--chat", str(tmp_path / "file.json" / "c.json")],
         cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2
@@ -377,7 +378,7 @@ def test_migrate_to_where_nothing_can_be_written_is_one_line(tmp_path: Path) -> 
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "o.json"
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.migrate", str(src), "-o", str(target)],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(src), "-o", str(target)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2

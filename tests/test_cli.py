@@ -23,7 +23,7 @@ FRANCE = HARMONY_TURNS[1]
 
 def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llm.cli.generate", *args],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.generate", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -71,7 +71,8 @@ def test_the_original_tools_options_are_taken(gpt_oss_path: Path, tmp_path: Path
 def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Path) -> None:
     missing = tmp_path / "profiles.json"
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.serve"], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", "mlx_harmony.llm.cli.serve"],
+        capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "MLX_HARMONY_PROFILES_FILE": str(missing)}, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and out.stderr.strip() == f"error: {missing}: file not found"
@@ -81,7 +82,7 @@ def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Pat
 def test_migrate_in_place_is_the_default_spelled_out(tmp_path: Path) -> None:
     log = tmp_path / "old.json"
     log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
-    cmd = [sys.executable, "-m", "llm.cli.migrate", "--in-place", str(log)]
+    cmd = [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", "--in-place", str(log)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "v1 → v2, 2 messages" in out.stdout
     both = subprocess.run([*cmd, "-o", str(tmp_path / "x.json")], capture_output=True,
@@ -125,7 +126,7 @@ def spawn_chat(model: Path | None, log: Path, *extra: str) -> pexpect.spawn:
     named = ["--model", str(model)] if model is not None else []
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "llm.cli.chat", *named, "--chat", str(log), *extra],
+        ["-m", "mlx_harmony.llm.cli.chat", *named, "--chat", str(log), *extra],
         cwd=str(ROOT),
         encoding="utf-8",
         timeout=60,
@@ -370,7 +371,7 @@ def test_chat_reports_a_turn_it_cannot_generate_and_carries_on(
         json.dumps({"max_context_tokens": 256, "sampling": {"temperature": 0, "max_tokens": 100}})
     )
     cmd = [
-        sys.executable, "-m", "llm.cli.chat", "--model", str(gpt_oss_path),
+        sys.executable, "-m", "mlx_harmony.llm.cli.chat", "--model", str(gpt_oss_path),
         "--prompt-config", str(cfg), "--chat", str(tmp_path / "c.json"), "--no-markdown",
     ]  # fmt: skip
     too_long = " ".join(["word"] * 400)
@@ -406,7 +407,7 @@ def test_the_debug_log_holds_every_prompt_and_raw_response(
 
 
 def test_token_id_lists_are_read_as_lists() -> None:
-    from llm.cli.generate import build_parser
+    from mlx_harmony.llm.cli.generate import build_parser
 
     parse = build_parser().parse_args
     assert parse(["hi", "--xtc-special-tokens", "12"]).xtc_special_tokens == [12]
@@ -415,7 +416,7 @@ def test_token_id_lists_are_read_as_lists() -> None:
 
 @pytest.mark.heavy
 def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Path) -> None:
-    from llm.config import load_prompt_config
+    from mlx_harmony.llm.config import load_prompt_config
 
     text = tmp_path / "dialogue.txt"
     text.write_text(
@@ -424,7 +425,7 @@ def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Pa
     )
     config = tmp_path / "prompt.json"
     config.write_text(json.dumps({"assistant_name": "Dave", "temperature": 0.3}))
-    cmd = [sys.executable, "-m", "llm.cli.convert_dialogue", str(text)]
+    cmd = [sys.executable, "-m", "mlx_harmony.llm.cli.convert_dialogue", str(text)]
     out = subprocess.run(
         [*cmd, "--assistant-name", "Dave", "--prompt-config", str(config)],
         capture_output=True, text=True, cwd=ROOT,
@@ -453,7 +454,7 @@ def test_commands_set_mlx_cuda_defaults_and_keep_the_users(
     a value the user exported wins."""
     from importlib.metadata import version
 
-    from llm.cli.common import run_main
+    from mlx_harmony.llm.cli.common import run_main
 
     monkeypatch.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)
     monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from llm.cli.common import run_main
-from llm.debug_log import DebugLog
-from llm.errors import ConfigError
-from llm.messages import ChatMessage, GenerationStats, TurnDone, empty_turn_notice
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.llm.debug_log import DebugLog
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import ChatMessage, GenerationStats, TurnDone, empty_turn_notice
 
 
 def _done(finish: str, *messages: ChatMessage) -> TurnDone:

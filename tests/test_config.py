@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import ignored_fields, load_profiles, load_prompt_config
-from llm.errors import ConfigError
-from llm.harmony import HarmonyFormat
-from llm.messages import ChatMessage
+from mlx_harmony.llm.config import ignored_fields, load_profiles, load_prompt_config
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.harmony import HarmonyFormat
+from mlx_harmony.llm.messages import ChatMessage
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime(2026, 11, 25, 14, 30, tzinfo=timezone(timedelta(hours=1), "CET"))
@@ -135,7 +135,7 @@ def test_original_profiles_file_loads() -> None:
 
 
 def _resolve(tmp_path: Path, *argv: str):
-    from llm.cli.common import add_model_options, resolve
+    from mlx_harmony.llm.cli.common import add_model_options, resolve
 
     parser = __import__("argparse").ArgumentParser()
     add_model_options(parser)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.chatlog import load_chat_log
+from mlx_harmony.llm.chatlog import load_chat_log
 from tests.support.tiny_models import HARMONY_TURNS, PYTHON_FINALS, PYTHON_USER
 
 pytestmark = pytest.mark.slow  # every test starts two ranks that load the model

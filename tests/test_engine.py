@@ -6,11 +6,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import stream_generate
 
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.engine import Engine, collect
-from llm.errors import ConfigError, RuntimeFailure
-from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.engine import Engine, collect
+from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
 from tests.support.tiny_models import CHATML_TURNS, HARMONY_TURNS
 
 GREEDY = PromptConfig(sampling=SamplingParams(temperature=0, max_tokens=80))
@@ -332,7 +332,7 @@ def test_a_dropped_speculative_turn_is_rolled_back_to_what_was_prefilled(
     without the rollback the next turn would prefill everything again."""
     from datetime import datetime
 
-    monkeypatch.setattr("llm.prompt_cache.can_trim_prompt_cache", lambda cache: False)
+    monkeypatch.setattr("mlx_harmony.llm.prompt_cache.can_trim_prompt_cache", lambda cache: False)
     now = datetime(2026, 11, 25, 12, 0)
     heard = Conversation([ChatMessage("user", "What is the capital of")], GREEDY, now=now)
     prefilled = engine.prefill(heard)
@@ -385,7 +385,7 @@ def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
     prefilled as said, answer tokens, a chunk past the sliding window), then leaves no trace:
     the first real turn is a fresh engine's, nothing reused, the same tokens from the
     same seed."""
-    from llm.engine import load_model
+    from mlx_harmony.llm.engine import load_model
 
     seeded = PromptConfig(sampling=SamplingParams(temperature=1.5, seed=7, max_tokens=40))
     history = [ChatMessage("user", "Hello")]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.harmony import HarmonyFormat
-from llm.messages import MessageDone, TextDelta
+from mlx_harmony.llm.harmony import HarmonyFormat
+from mlx_harmony.llm.messages import MessageDone, TextDelta
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_tiny_streaming_stt_lm_steps() -> None:
 def test_the_internals_we_use_are_checked_and_a_missing_one_is_named(monkeypatch) -> None:
     from moshi_mlx.models.lm import DepFormer
 
-    from voice import moshi_internals
+    from mlx_harmony.voice import moshi_internals
 
     moshi_internals.check_moshi()  # the installed moshi-mlx has them all
     monkeypatch.delattr(DepFormer, "sample")

@@ -18,17 +18,17 @@ import openai
 import pytest
 import websockets
 
-from bench.live_server import LiveServer, free_port
-from llm.config import PromptConfig
-from llm.engine import Engine
-from llm.server import ServedModel, ServerLimits, create_app
+from mlx_harmony.bench.live_server import LiveServer, free_port
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.llm.server import ServedModel, ServerLimits, create_app
+from mlx_harmony.voice.config import VoiceConfig, apply_override
+from mlx_harmony.voice.realtime.app import add_realtime
+from mlx_harmony.voice.realtime.session import VoiceKit
+from mlx_harmony.voice.web import add_page
 from tests.support.browser import Browser
 from tests.support.tiny_models import HARMONY_TURNS, TOOL_ARGS, TOOL_FINAL, TOOL_USER, WEATHER_TOOL
 from tests.support.tiny_voice import HEARD
-from voice.config import VoiceConfig, apply_override
-from voice.realtime.app import add_realtime
-from voice.realtime.session import VoiceKit
-from voice.web import add_page
 
 KEY = "sk-voice"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

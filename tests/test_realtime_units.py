@@ -8,9 +8,9 @@ import base64
 import numpy as np
 import pytest
 
-from voice.config import EndpointingSection, apply_override
-from voice.realtime.listening import Dropped, Ended, Listener, Speech, Started
-from voice.realtime.protocol import (
+from mlx_harmony.voice.config import EndpointingSection, apply_override
+from mlx_harmony.voice.realtime.listening import Dropped, Ended, Listener, Speech, Started
+from mlx_harmony.voice.realtime.protocol import (
     RATE,
     EventError,
     TurnDetection,
@@ -18,7 +18,7 @@ from voice.realtime.protocol import (
     encode_pcm16,
     parse_event,
 )
-from voice.vad import energy_detector
+from mlx_harmony.voice.vad import energy_detector
 
 BLOCK_MS = 80
 BLOCK = RATE * BLOCK_MS // 1000
@@ -155,8 +155,8 @@ def test_a_session_update_it_cannot_serve_changes_nothing() -> None:
     the instructions sent with it are not half-applied."""
     import asyncio
 
-    from voice.config import VoiceConfig
-    from voice.realtime.session import RealtimeSession, VoiceKit
+    from mlx_harmony.voice.config import VoiceConfig
+    from mlx_harmony.voice.realtime.session import RealtimeSession, VoiceKit
 
     sent: list[dict] = []
 
@@ -186,10 +186,10 @@ def test_a_transcription_that_fails_is_said_and_the_next_utterance_is_heard() ->
     import asyncio
     from types import SimpleNamespace
 
-    from llm.worker import ModelWorker
-    from voice.config import VoiceConfig
-    from voice.realtime.listening import Ended, Started
-    from voice.realtime.session import RealtimeSession, VoiceKit
+    from mlx_harmony.llm.worker import ModelWorker
+    from mlx_harmony.voice.config import VoiceConfig
+    from mlx_harmony.voice.realtime.listening import Ended, Started
+    from mlx_harmony.voice.realtime.session import RealtimeSession, VoiceKit
 
     class Flaky:
         """Fails on the first utterance's audio, hears "hello" in the second."""

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llm.config import PromptConfig, RemoteConfig, load_profiles
-from llm.conversation import Conversation
-from llm.engine import Engine, collect
-from llm.errors import ConfigError
-from llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
-from llm.remote import RemoteEngine, RemoteError, to_openai_messages
-from llm.tool_loop import respond
+from mlx_harmony.llm.config import PromptConfig, RemoteConfig, load_profiles
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.engine import Engine, collect
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.remote import RemoteEngine, RemoteError, to_openai_messages
+from mlx_harmony.llm.tool_loop import respond
 from tests.support.tiny_models import HARMONY_TURNS, TOOL_FINAL, TOOL_USER
 from tests.test_tool_loop import WeatherTool
 
@@ -47,7 +47,8 @@ def remote_url(gpt_oss_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     profiles.write_text(json.dumps({"tiny": {"model": str(gpt_oss_path)}}))
     env = {**os.environ, "MLX_HARMONY_API_KEY": KEY}
     cmd = [
-        sys.executable, "-m", "llm.cli.serve", "--profiles", str(profiles), "--port", str(port),
+        sys.executable, "-m", "mlx_harmony.llm.cli.serve",
+        "--profiles", str(profiles), "--port", str(port),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -145,7 +146,8 @@ def test_chat_cli_with_a_remote_profile(remote_url: str, tmp_path: Path) -> None
     )
     assert load_profiles(profiles)["shared"].remote is not None
     cmd = [
-        sys.executable, "-m", "llm.cli.chat", "--profiles", str(profiles), "--profile", "shared",
+        sys.executable, "-m", "mlx_harmony.llm.cli.chat",
+        "--profiles", str(profiles), "--profile", "shared",
         "--temperature", "0", "--chat", str(tmp_path / "log.json"), "--no-markdown",
     ]  # fmt: skip
     env = {**os.environ, KEY_ENV: KEY}
@@ -161,7 +163,7 @@ def test_our_server_relays_to_a_remote(remote_url: str, monkeypatch) -> None:
     """mlx-harmony-server with a remote profile serves a model it does not load."""
     import openai
 
-    from llm.server import ServedModel, create_app
+    from mlx_harmony.llm.server import ServedModel, create_app
     from tests.test_server import LiveServer, free_port
 
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -326,7 +328,7 @@ def test_a_server_relaying_to_a_remote_that_is_down_answers_502() -> None:
     bad request field is a 400."""
     from fastapi.testclient import TestClient
 
-    from llm.server import ServedModel, create_app
+    from mlx_harmony.llm.server import ServedModel, create_app
 
     port = _free_port()
     remote = RemoteConfig(base_url=f"http://127.0.0.1:{port}/v1", retries=0, backoff_s=0)
@@ -342,7 +344,7 @@ def test_a_server_relaying_to_a_remote_that_is_down_answers_502() -> None:
 def test_the_remote_gets_the_same_system_part_as_a_chat_template_model() -> None:
     """Identity, instructions and a client's system message: one system message, as the
     chat-template path renders it (the remote path dropped the identity)."""
-    from llm.system_part import system_text
+    from mlx_harmony.llm.system_part import system_text
 
     prompt = PromptConfig(system_model_identity="You are Dave.", developer_instructions="Be brief.")
     history = [ChatMessage("system", "Answer in French."), ChatMessage("user", "hi")]
@@ -359,7 +361,8 @@ def test_a_remote_nobody_answers_ends_a_command_like_any_wrong_setting() -> None
     """Exit status 2, as for every other error a user can fix, not 1."""
     port = _free_port()
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.generate", "--remote", f"http://127.0.0.1:{port}/v1",
+        [sys.executable, "-m", "mlx_harmony.llm.cli.generate",
+         "--remote", f"http://127.0.0.1:{port}/v1",
          "--model", "m", "hi"],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -12,11 +12,11 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.engine import Engine, collect
-from llm.messages import ChatMessage
-from llm.sampling import build_logits_processors, build_sampler
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.engine import Engine, collect
+from mlx_harmony.llm.messages import ChatMessage
+from mlx_harmony.llm.sampling import build_logits_processors, build_sampler
 
 # Five tokens with probabilities 0.5, 0.25, 0.15, 0.07, 0.03.
 PROBS = mx.array([[0.5, 0.25, 0.15, 0.07, 0.03]])
@@ -170,8 +170,8 @@ def test_presence_and_frequency_penalties_count_the_answer_only() -> None:
     occurrence (frequency); the prompt's token handed to generate_step is not counted."""
     import mlx.core as mx
 
-    from llm.config import SamplingParams
-    from llm.sampling import build_penalty_processors
+    from mlx_harmony.llm.config import SamplingParams
+    from mlx_harmony.llm.sampling import build_penalty_processors
 
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
     logits = mx.zeros((1, 8))

@@ -19,12 +19,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from bench.live_server import LiveServer, free_port
-from llm.config import PromptConfig, SamplingParams
-from llm.conversation import Conversation
-from llm.engine import Engine, collect
-from llm.messages import ChatMessage
-from llm.server import ServedModel, ServerLimits, create_app
+from mlx_harmony.bench.live_server import LiveServer, free_port
+from mlx_harmony.llm.config import PromptConfig, SamplingParams
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.engine import Engine, collect
+from mlx_harmony.llm.messages import ChatMessage
+from mlx_harmony.llm.server import ServedModel, ServerLimits, create_app
 from tests.support.tiny_models import (
     HARMONY_TURNS,
     TOOL_ARGS,
@@ -361,7 +361,7 @@ def test_connections_that_send_headers_but_no_body_cannot_take_the_server(tiny: 
 @pytest.mark.heavy
 def test_negative_limits_are_refused_at_start() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "llm.cli.serve", "--max-prompt-tokens", "-5"],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.serve", "--max-prompt-tokens", "-5"],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2
@@ -426,7 +426,8 @@ def start_server_command(model: Path, *extra: str) -> tuple[subprocess.Popen, in
     """`mlx-harmony-server` in a process of its own; returns it once /health answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llm.cli.serve", "--model", str(model), "--port", str(port),
+        [sys.executable, "-m", "mlx_harmony.llm.cli.serve",
+         "--model", str(model), "--port", str(port),
          "--api-key", KEY, *extra],
         cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
@@ -517,7 +518,8 @@ def test_a_port_in_use_is_said_before_anything_loads() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "llm.cli.serve", "--model", "/no/such/model", "--port",
+            [sys.executable, "-m", "mlx_harmony.llm.cli.serve",
+             "--model", "/no/such/model", "--port",
              str(port)],
             cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -649,8 +651,8 @@ def test_a_request_names_a_profile_and_a_prompt_config_the_server_offers(tiny: E
 
 
 def test_offered_prompt_configs_are_named_by_path_file_name_and_stem(tmp_path: Path) -> None:
-    from llm.config import load_prompt_config
-    from llm.server import offered_prompt_configs
+    from mlx_harmony.llm.config import load_prompt_config
+    from mlx_harmony.llm.server import offered_prompt_configs
 
     (tmp_path / "dave.json").write_text(json.dumps({"assistant_name": "Dave"}))
     path = str(tmp_path / "dave.json")

@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from llm.tools import http_fetch
-from llm.tools.browser import Browser, BrowserLimits
-from llm.tools.browser_backends import BrowserError, FolderBackend, HttpBackend
+from mlx_harmony.llm.tools import http_fetch
+from mlx_harmony.llm.tools.browser import Browser, BrowserLimits
+from mlx_harmony.llm.tools.browser_backends import BrowserError, FolderBackend, HttpBackend
 
 PARIS = """<!doctype html><html><head><title>Paris - Facts</title>
 <style>body {color: red}</style><script>var secret = 1;</script></head>

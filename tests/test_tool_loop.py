@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from llm.chatlog import load_chat_log
-from llm.config import PromptConfig
-from llm.engine import Engine
-from llm.messages import (
+from mlx_harmony.llm.chatlog import load_chat_log
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.llm.messages import (
     ChatMessage,
     FunctionTool,
     TextDelta,
@@ -29,9 +29,9 @@ from llm.messages import (
     ToolWaiting,
     TurnDone,
 )
-from llm.tool_loop import respond
-from llm.tools.config import ToolsConfig
-from llm.tools.toolbox import Toolbox
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.tools.config import ToolsConfig
+from mlx_harmony.llm.tools.toolbox import Toolbox
 from tests.support.tiny_models import (
     PYTHON_CODE,
     PYTHON_FINALS,
@@ -231,7 +231,7 @@ def test_python_tool_in_the_chat_cli(gpt_oss_python_path: Path, tmp_path: Path) 
     (workspace / "note.txt").write_text("hello")
     log = tmp_path / "chat.json"
     cmd = [
-        sys.executable, "-m", "llm.cli.chat", "--model", str(gpt_oss_python_path),
+        sys.executable, "-m", "mlx_harmony.llm.cli.chat", "--model", str(gpt_oss_python_path),
         "--temperature", "0", "--tools", "python", "--workspace", str(workspace),
         "--chat", str(log), "--no-markdown",
     ]  # fmt: skip
@@ -257,7 +257,7 @@ def test_the_server_runs_built_in_tools_itself(python_engine: Engine, tmp_path: 
     answer and the reasoning, no tool_calls of its own to run."""
     import openai
 
-    from llm.server import ServedModel, create_app
+    from mlx_harmony.llm.server import ServedModel, create_app
     from tests.test_server import LiveServer, free_port
 
     (tmp_path / "note.txt").write_text("hello")

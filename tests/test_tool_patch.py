@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.tools.apply_patch import PatchError, apply_patch, patch_text
+from mlx_harmony.llm.tools.apply_patch import PatchError, apply_patch, patch_text
 
 
 def _ws(tmp_path: Path) -> Path:
@@ -258,7 +258,7 @@ def test_a_symlink_swapped_in_while_patching_never_leads_a_write_outside(tmp_pat
 def test_a_failure_while_writing_puts_back_what_was_changed_or_says_what_was_not(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from llm.tools import apply_patch as module
+    from mlx_harmony.llm.tools import apply_patch as module
 
     ws = _ws(tmp_path)
     real_write = module.Workspace.write

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from llm.errors import ConfigError
-from llm.tools.python_sandbox import (
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.tools.python_sandbox import (
     NO_OUTPUT,
     PythonSandbox,
     SandboxLimits,
     python_roots,
     sandbox_exec_profile,
 )
-from llm.tools.tree import remove_tree
+from mlx_harmony.llm.tools.tree import remove_tree
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the confinement under test is bubblewrap's"
@@ -451,7 +451,7 @@ def test_a_flood_of_output_is_cut_in_the_sandbox(tmp_path: Path) -> None:
 
 @pytest.mark.heavy
 def test_without_confinement_the_tool_refuses_unless_told(tmp_path: Path, monkeypatch) -> None:
-    from llm.tools import python_sandbox
+    from mlx_harmony.llm.tools import python_sandbox
 
     monkeypatch.setattr(python_sandbox, "_bwrap_works", lambda: False)
     with pytest.raises(ConfigError) as err:
@@ -478,7 +478,7 @@ def test_the_macos_profile_denies_network_exec_and_writes_outside(tmp_path: Path
 UNPRIVILEGED = """
 import json, sys
 from pathlib import Path
-from llm.tools.python_sandbox import PythonSandbox, SandboxLimits
+from mlx_harmony.llm.tools.python_sandbox import PythonSandbox, SandboxLimits
 codes = json.load(sys.stdin)
 box = PythonSandbox(Path(sys.argv[1]), SandboxLimits(timeout_s=20))
 results = {}
@@ -506,7 +506,9 @@ def test_an_unprivileged_assistant_is_confined_the_same_way(tmp_path: Path) -> N
 
     home = Path(tempfile.mkdtemp(prefix="mlx-harmony-unprivileged-"))
     try:
-        shutil.copytree(Path(__file__).parent.parent / "llm", home / "llm")
+        repo = Path(__file__).parent.parent
+        shutil.copytree(repo / "llm", home / "mlx_harmony" / "llm")
+        shutil.copy(repo / "mlx_harmony" / "__init__.py", home / "mlx_harmony")
         (home / "ws").mkdir()
         secret = home / "secret.txt"
         secret.write_text("the user's secret\n")
@@ -564,7 +566,7 @@ def test_calls_work_while_the_assistant_holds_many_descriptors(sandbox: PythonSa
 @pytest.mark.heavy
 def test_a_sandbox_that_cannot_start_is_an_answer_not_a_crash(tmp_path: Path, monkeypatch) -> None:
     """E.g. root's user namespace refused (user.max_user_namespaces = 0)."""
-    from llm.tools import python_sandbox
+    from mlx_harmony.llm.tools import python_sandbox
 
     def refused(*_: object, **__: object) -> None:
         raise OSError("could not create a user namespace for the python tool")

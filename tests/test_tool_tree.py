@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.tools.tree import TreeChanged, chown_tree, remove_tree, walk
+from mlx_harmony.llm.tools.tree import TreeChanged, chown_tree, remove_tree, walk
 
 DEPTH = 1500  # deeper than Python's recursion limit, and than PATH_MAX allows to name
 
@@ -54,8 +54,8 @@ def test_a_deep_tree_is_given_away_without_following_links(tmp_path: Path) -> No
 
 
 def test_the_servers_request_workspace_is_removed_however_deep(tmp_path: Path) -> None:
-    from llm.server import ServerTools
-    from llm.tools.config import ToolsConfig
+    from mlx_harmony.llm.server import ServerTools
+    from mlx_harmony.llm.tools.config import ToolsConfig
 
     tools = ServerTools(ToolsConfig(apply_patch=True))
     box = tools.open()

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from llm.vocab import VOCAB_FILE, VOCAB_SHA256
+from mlx_harmony.llm.vocab import VOCAB_FILE, VOCAB_SHA256
 
 ROOT = Path(__file__).parent.parent
 
 
 def _run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    code = "from llm.vocab import harmony_encoding; print(harmony_encoding().encode('hi'))"
+    code = (
+        "from mlx_harmony.llm.vocab import harmony_encoding; print(harmony_encoding().encode('hi'))"
+    )
     full = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
     return subprocess.run(
         [sys.executable, "-c", code],

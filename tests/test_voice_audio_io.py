@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import voice.audio_io as audio_io
-from voice.audio_io import Microphone, rescan
+import mlx_harmony.voice.audio_io as audio_io
+from mlx_harmony.voice.audio_io import Microphone, rescan
 
 ROOT = Path(__file__).parent.parent
 
@@ -54,14 +54,14 @@ def test_rescan_waits_for_a_closing_stream_and_never_terminates_under_it(monkeyp
 @pytest.mark.heavy
 def test_a_killed_runs_sound_server_is_stopped_at_the_next_start(tmp_path) -> None:
     """A test run killed with -9 cannot stop its PulseAudio server: the next start does."""
-    from bench.virtual_audio import OWNER_FILE, clean_up_abandoned, missing_tools
+    from mlx_harmony.bench.virtual_audio import OWNER_FILE, clean_up_abandoned, missing_tools
 
     if sys.platform != "linux" or missing_tools():
         pytest.skip("virtual audio devices are built with PulseAudio (Linux)")
     started = tmp_path / "runtime"
     code = (
         "import pathlib, sys, time\n"
-        "from bench.virtual_audio import VirtualAudio\n"
+        "from mlx_harmony.bench.virtual_audio import VirtualAudio\n"
         "va = VirtualAudio.start()\n"
         f"pathlib.Path({str(started)!r}).write_text(str(va.runtime))\n"
         "time.sleep(600)\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.virtual_audio import non_silent_seconds, read_wav, sox_stat, wait_recorded
+from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav, sox_stat, wait_recorded
 from tests.support.tiny_voice import HEARD
 
 ROOT = Path(__file__).parent.parent
@@ -108,7 +108,7 @@ def voice_config_file(tmp_path: Path, voice_models: Path, gpt_oss_path: Path) ->
     return path
 
 
-VOICE = [sys.executable, "-m", "voice.cli"]
+VOICE = [sys.executable, "-m", "mlx_harmony.voice.cli"]
 
 
 def ask_aloud(virtual_audio, env, config: Path, log: Path, folder: Path) -> Running:
@@ -260,7 +260,7 @@ def test_an_assistant_killed_mid_turn_keeps_a_whole_log_and_frees_it(
     assert messages[0]["content"] == "What is the capital of France?"
     assert ANSWER in [m["content"] for m in messages], run.lines  # what it said, if not
     migrated = subprocess.run(
-        [sys.executable, "-m", "llm.cli.migrate", str(log)],
+        [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", str(log)],
         env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert migrated.returncode == 0 and "already schema v2" in migrated.stdout
@@ -326,7 +326,7 @@ def test_list_devices(voice_env) -> None:
 
 # ---------------------------------------------------------------------- hotmic
 
-HOTMIC = [sys.executable, "-m", "voice.hotmic", "--seconds", "2.5"]
+HOTMIC = [sys.executable, "-m", "mlx_harmony.voice.hotmic", "--seconds", "2.5"]
 
 
 def test_hotmic_says_working_when_the_microphone_hears_speech(
@@ -402,7 +402,7 @@ def test_hotmic_as_service_runs_the_check_under_the_service_manager(voice_env, t
     assert out.stdout.splitlines()[-1].startswith("silent: ")
     call = (tmp_path / "calls.txt").read_text()
     assert call.startswith("--user --wait --pipe --quiet --collect --unit=mlx-harmony-check-")
-    assert call.rstrip().endswith("-m voice.hotmic --seconds 2.5 --quiet")
+    assert call.rstrip().endswith("-m mlx_harmony.voice.hotmic --seconds 2.5 --quiet")
 
 
 def test_hotmic_says_no_device(voice_env) -> None:
@@ -428,7 +428,7 @@ def test_hotmic_without_any_sound_server_says_no_device(tmp_path) -> None:
 
 
 def test_speaker_plays_what_it_is_given(virtual_audio, tmp_path) -> None:
-    from voice.audio_io import Speaker
+    from mlx_harmony.voice.audio_io import Speaker
 
     speaker = Speaker("pulse")
     speaker.open()
@@ -460,7 +460,7 @@ def test_speaker_plays_what_it_is_given(virtual_audio, tmp_path) -> None:
     ],
 )
 def test_device_errors_are_one_line(virtual_audio, spec, message) -> None:
-    from voice.audio_io import AudioError, resolve_device
+    from mlx_harmony.voice.audio_io import AudioError, resolve_device
 
     with pytest.raises(AudioError, match=message):
         resolve_device(spec, "input")
@@ -469,7 +469,7 @@ def test_device_errors_are_one_line(virtual_audio, spec, message) -> None:
 def test_a_missing_portaudio_library_is_one_line_with_the_fix(monkeypatch) -> None:
     import builtins
 
-    from voice.audio_io import AudioError, sounddevice
+    from mlx_harmony.voice.audio_io import AudioError, sounddevice
 
     real_import = builtins.__import__
 
@@ -497,7 +497,7 @@ def test_voice_serve_offers_the_realtime_api_and_the_page(voice_config_file) -> 
     import httpx
     import openai
 
-    from bench.live_server import free_port
+    from mlx_harmony.bench.live_server import free_port
 
     port, key = free_port(), "sk-serve"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -543,7 +543,7 @@ def test_voice_wyoming_serves_home_assistant_until_sigterm(voice_config_file) ->
     from wyoming.client import AsyncTcpClient
     from wyoming.info import Describe, Info
 
-    from bench.live_server import free_port
+    from mlx_harmony.bench.live_server import free_port
 
     uri = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -568,8 +568,9 @@ def test_help_ctl_and_service_do_not_load_the_models_code() -> None:
     """`mlx-harmony-voice --help`, `ctl` and `service` answer without importing MLX's
     language models, the speech models or the daemon (seconds of imports)."""
     check = (
-        "import sys, voice.cli\n"
-        "heavy = {'mlx_lm', 'transformers', 'moshi_mlx', 'voice.daemon', 'llm.engine'}\n"
+        "import sys, mlx_harmony.voice.cli\n"
+        "heavy = {'mlx_lm', 'transformers', 'moshi_mlx', 'mlx_harmony.voice.daemon',\n"
+        "         'mlx_harmony.llm.engine'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,

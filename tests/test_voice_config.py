@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.errors import ConfigError
-from voice.cli import FLAG_SECTIONS, build_parser, voice_config
-from voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.cli import FLAG_SECTIONS, build_parser, voice_config
+from mlx_harmony.voice.config import SECTIONS, VoiceConfig, apply_override, load_voice_config
 
 ROOT = Path(__file__).parent.parent
 SEED = ROOT.parent / "shared" / "data" / "seed-configs" / "moshi-config.example.json"
@@ -140,7 +140,7 @@ def test_the_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "voice.json"
     path.write_text(json.dumps({"barge_in": {"enabled": "maybe"}}))
     out = subprocess.run(
-        [sys.executable, "-m", "voice.cli", "--config", str(path)],
+        [sys.executable, "-m", "mlx_harmony.voice.cli", "--config", str(path)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2
@@ -153,8 +153,8 @@ def test_the_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
 def test_voice_mode_speaks_plainly_and_thinks_briefly_unless_told_otherwise(
     tmp_path: Path,
 ) -> None:
-    from llm.config import PromptConfig, load_prompt_config
-    from voice.config import LlmSection, spoken_prompt
+    from mlx_harmony.llm.config import PromptConfig, load_prompt_config
+    from mlx_harmony.voice.config import LlmSection, spoken_prompt
 
     plain = spoken_prompt(PromptConfig(developer_instructions="Be kind."), LlmSection())
     assert plain.developer_instructions.startswith("Be kind.\n\nYou are speaking with the user")
@@ -179,7 +179,7 @@ def test_the_original_config_with_its_models_missing_is_one_line_before_anything
     path = tmp_path / "moshi-config.json"
     path.write_text(SEED.read_text())
     out = subprocess.run(
-        [sys.executable, "-m", "voice.cli", "--config", str(path), "--no-control"],
+        [sys.executable, "-m", "mlx_harmony.voice.cli", "--config", str(path), "--no-control"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr

@@ -16,13 +16,20 @@ from typing import Any
 
 import pytest
 
-from bench.virtual_audio import non_silent_seconds, read_wav
-from llm.config import PromptConfig
-from llm.errors import ConfigError
+from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.control import (
+    ControlServer,
+    Loading,
+    NotRunning,
+    Reply,
+    Request,
+    send_request,
+)
+from mlx_harmony.voice.typed_input import typed_request
 from tests.support.tiny_voice import HEARD
 from tests.support.voice_loop import SpokenTexts, serve
-from voice.control import ControlServer, Loading, NotRunning, Reply, Request, send_request
-from voice.typed_input import typed_request
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
 NOBODY = 65534

@@ -17,14 +17,14 @@ import time
 
 import pytest
 
-from bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
-from llm.chatlog import Chat, ChatLog
-from llm.config import PromptConfig
+from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
+from mlx_harmony.llm.chatlog import Chat, ChatLog
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.voice.config import VoiceConfig, apply_override
+from mlx_harmony.voice.daemon import VoiceAssistant
+from mlx_harmony.voice.vad import make_detector
 from tests.support.tiny_voice import HEARD
 from tests.support.voice_loop import Recorder, SpokenTexts, serve
-from voice.config import VoiceConfig, apply_override
-from voice.daemon import VoiceAssistant
-from voice.vad import make_detector
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
 SILENCE_MS = 400
@@ -192,9 +192,9 @@ def test_a_tool_call_is_announced_not_read_aloud(
     """The tiny tool model, asked aloud, checks the workspace with python: the assistant
     says a short notice while the tool runs and then the answer from its result; the
     result itself is never spoken, and the chat log keeps the call and the result."""
-    from llm.engine import Engine
+    from mlx_harmony.llm.engine import Engine
+    from mlx_harmony.voice.stt import Transcriber
     from tests.support.tiny_models import PYTHON_CODE, PYTHON_FINALS, PYTHON_USER
-    from voice.stt import Transcriber
 
     workspace = tmp_path / "ws"
     workspace.mkdir()
@@ -278,7 +278,7 @@ def test_its_own_voice_through_the_room_does_not_interrupt_it_but_the_user_does(
     assert not first.interrupted, rec.events
     assert rec.timings[1].interrupted
     assert rec.texts("heard")[:2] == [HEARD, HEARD]
-    # Of the echo of its first answer (python -m bench.echo measures it on its own).
+    # Of the echo of its first answer (python -m mlx_harmony.bench.echo measures it on its own).
     assert echo_db[0] is not None and echo_db[0] > 15, echo_db
 
 

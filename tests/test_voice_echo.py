@@ -8,8 +8,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from voice.audio_io import MODEL_RATE, Block
-from voice.echo import EchoCanceller
+from mlx_harmony.voice.audio_io import MODEL_RATE, Block
+from mlx_harmony.voice.echo import EchoCanceller
 
 BLOCK = 1920  # 80 ms microphone blocks
 PLAYED = 480  # 20 ms speaker callbacks

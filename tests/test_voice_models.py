@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llm.errors import ConfigError
-from voice.stt import FRAME, Transcriber
-from voice.tts import Synthesizer
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.stt import FRAME, Transcriber
+from mlx_harmony.voice.tts import Synthesizer
 
 
 def test_speech_is_synthesized_frame_by_frame_on_demand(synthesizer: Synthesizer) -> None:

@@ -14,17 +14,16 @@ import time
 import numpy as np
 import pytest
 
-from bench.file_audio import ClockSpeaker
-from llm.chatlog import Chat, ChatLog
-from llm.config import PromptConfig
-from tests.support.voice_loop import Recorder, serve
-from voice.audio_io import MODEL_RATE, Speaker
-from voice.config import VoiceConfig, apply_override
-from voice.control import Request
-from voice.daemon import VoiceAssistant
-from voice.playout import RATE_MARGIN, frames_to_buffer
-from voice.tts import SpeechSession, Synthesizer
-from voice.tts_speed import (
+from mlx_harmony.bench.file_audio import ClockSpeaker
+from mlx_harmony.llm.chatlog import Chat, ChatLog
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
+from mlx_harmony.voice.config import VoiceConfig, apply_override
+from mlx_harmony.voice.control import Request
+from mlx_harmony.voice.daemon import VoiceAssistant
+from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
+from mlx_harmony.voice.tts import SpeechSession, Synthesizer
+from mlx_harmony.voice.tts_speed import (
     FrameCost,
     StepTimes,
     TtsSpeed,
@@ -32,7 +31,8 @@ from voice.tts_speed import (
     frame_cost,
     line_through,
 )
-from voice.vad import make_detector
+from mlx_harmony.voice.vad import make_detector
+from tests.support.voice_loop import Recorder, serve
 
 FRAME_S = 0.08
 
@@ -278,8 +278,8 @@ def test_a_tool_that_takes_its_time_is_a_pause_not_a_gap(
     """While a tool runs the answer stops on purpose (its notice said so): that silence
     is not counted as a gap, and the pace of the answer's speech is timed without it, so
     the next answer is not buffered as if the TTS were slow."""
-    from llm.engine import Engine
-    from llm.tools.toolbox import Toolbox
+    from mlx_harmony.llm.engine import Engine
+    from mlx_harmony.llm.tools.toolbox import Toolbox
     from tests.support.tiny_models import PYTHON_FINALS, PYTHON_USER
 
     run = Toolbox.run

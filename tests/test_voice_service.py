@@ -19,12 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from voice.control import ControlServer
-from voice.service import launchd_plist, status, systemd_unit
+from mlx_harmony.voice.control import ControlServer
+from mlx_harmony.voice.service import launchd_plist, status, systemd_unit
 
 ROOT = Path(__file__).parent.parent
-SERVICE = [sys.executable, "-m", "voice.cli", "service"]
-ARGV = ["/opt/my python/bin/python3", "-m", "voice.cli", "--config", "/home/u/100% me.json"]
+SERVICE = [sys.executable, "-m", "mlx_harmony.voice.cli", "service"]
+ARGV = [
+    "/opt/my python/bin/python3",
+    "-m",
+    "mlx_harmony.voice.cli",
+    "--config",
+    "/home/u/100% me.json",
+]
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "$SYSTEMCTL_CALLS"
 case "$*" in
@@ -123,7 +129,8 @@ def test_install_status_logs_and_uninstall(home: dict[str, str], tmp_path: Path)
     assert out.returncode == 0, out.stderr
     assert f"systemd user unit installed and started: {unit}" in out.stdout
     assert exec_start(unit.read_text()) == [
-        sys.executable, "-m", "voice.cli", "--config", str(config), "--log-file", str(log),
+        sys.executable, "-m", "mlx_harmony.voice.cli",
+        "--config", str(config), "--log-file", str(log),
     ]  # fmt: skip
     assert "RestartSteps=" in unit.read_text()  # the (fake) systemd is 255
     assert calls(home) == [
@@ -205,7 +212,7 @@ def test_status_of_a_running_assistant_comes_from_its_socket(
 
 
 def test_the_log_file_is_stamped_and_rotated(monkeypatch, tmp_path: Path) -> None:
-    from voice import logfile
+    from mlx_harmony.voice import logfile
 
     monkeypatch.setattr(logfile, "MAX_BYTES", 2_000)
     path = tmp_path / "logs" / "voice.log"

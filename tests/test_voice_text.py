@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from voice.config import EndpointingSection
-from voice.speakable import SpeakableStream, speakable
-from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, energy_detector
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.speakable import SpeakableStream, speakable
+from mlx_harmony.voice.vad import (
+    Endpointer,
+    SpeechDropped,
+    SpeechEnded,
+    SpeechStarted,
+    energy_detector,
+)
 
 BLOCK_MS = 80
 
@@ -130,7 +136,7 @@ def speech_and_noise(folder):
 def test_silero_detector_hears_speech_but_not_silence_or_noise(tmp_path) -> None:
     import numpy as np
 
-    from voice.silero import SileroDetector
+    from mlx_harmony.voice.silero import SileroDetector
 
     speech, noise = speech_and_noise(tmp_path)
 
@@ -152,8 +158,8 @@ def test_the_default_detector_takes_speech_that_is_near_and_not_noise_or_far_spe
     energy detector calls it speech), and speech far away (a TV) is too quiet to count."""
     import numpy as np
 
-    from voice.config import EndpointingSection
-    from voice.vad import make_detector
+    from mlx_harmony.voice.config import EndpointingSection
+    from mlx_harmony.voice.vad import make_detector
 
     speech, noise = speech_and_noise(tmp_path)
     params = EndpointingSection()

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.errors import ConfigError
-from voice import smart_turn
-from voice.config import EndpointingSection
-from voice.smart_turn import RATE, SmartTurn, log_mel, model_path
-from voice.turn_scorer import TurnScorer, load_turn_scorer
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice import smart_turn
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.smart_turn import RATE, SmartTurn, log_mel, model_path
+from mlx_harmony.voice.turn_scorer import TurnScorer, load_turn_scorer
 
 DATA = Path(__file__).parent / "data"
 

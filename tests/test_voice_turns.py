@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from llm.errors import ConfigError
-from voice.config import VoiceConfig, apply_override, parse_voice_config
-from voice.turns import (
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.config import VoiceConfig, apply_override, parse_voice_config
+from mlx_harmony.voice.turns import (
     AnswerFinished,
     AnswerStarted,
     Ask,

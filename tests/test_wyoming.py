@@ -22,13 +22,13 @@ from wyoming.handle import Handled, HandledChunk
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from bench.live_server import free_port
-from llm.config import PromptConfig
-from llm.engine import Engine
+from mlx_harmony.bench.live_server import free_port
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.engine import Engine
+from mlx_harmony.voice.config import VoiceConfig, apply_override
+from mlx_harmony.voice.wyoming_server import Service, serve
 from tests.support.tiny_models import HARMONY_TURNS
 from tests.support.tiny_voice import HEARD
-from voice.config import VoiceConfig, apply_override
-from voice.wyoming_server import Service, serve
 
 FRANCE = HARMONY_TURNS[1]
 

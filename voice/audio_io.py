@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 MODEL_RATE = 24_000
 SILENCE_RMS = 1e-4

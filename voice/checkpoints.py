@@ -21,7 +21,7 @@ from moshi_mlx.modules import SeanetConfig, TransformerConfig
 from safetensors import safe_open
 from sentencepiece import SentencePieceProcessor
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 # An mlx-harmony addition, absent from the published repos (which all use the one Mimi):
 # a folder may describe a smaller codec, which is how the tests run faster than real time.

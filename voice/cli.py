@@ -21,11 +21,11 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.text import Text
 
-from llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
-from llm.cli.common import Setup, add_model_options, resolve, run_main
-from llm.errors import ConfigError
-from voice import ctl, service
-from voice.config import (
+from mlx_harmony.llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
+from mlx_harmony.llm.cli.common import Setup, add_model_options, resolve, run_main
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice import ctl, service
+from mlx_harmony.voice.config import (
     SECTIONS,
     VoiceConfig,
     apply_override,
@@ -33,16 +33,16 @@ from voice.config import (
     load_voice_config,
     spoken_prompt,
 )
-from voice.control import ControlServer, Loading, default_socket_path
-from voice.logfile import log_to_file
+from mlx_harmony.voice.control import ControlServer, Loading, default_socket_path
+from mlx_harmony.voice.logfile import log_to_file
 
 # The models, the audio and the daemon are imported where they are used: `--help`, `ctl`
 # and `service` do not wait seconds for MLX, mlx-lm and transformers to load.
 if TYPE_CHECKING:
-    from llm.backends import ChatEngine
-    from voice.daemon import TurnTimings
-    from voice.stt import Transcriber
-    from voice.tts import Synthesizer
+    from mlx_harmony.llm.backends import ChatEngine
+    from mlx_harmony.voice.daemon import TurnTimings
+    from mlx_harmony.voice.stt import Transcriber
+    from mlx_harmony.voice.tts import Synthesizer
 
 FLAG_SECTIONS = [s for s in SECTIONS if s != "llm"]  # the llm section uses the chat's flags
 
@@ -246,8 +246,8 @@ def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
 def load_voice_models(
     config: VoiceConfig, console: Console
 ) -> tuple[Transcriber | None, Synthesizer | None]:
-    from voice.stt import Transcriber
-    from voice.tts import Synthesizer
+    from mlx_harmony.voice.stt import Transcriber
+    from mlx_harmony.voice.tts import Synthesizer
 
     stt = tts = None
     if config.audio.use_stt:
@@ -278,7 +278,7 @@ def _main() -> int:
         log_to_file(args.log_file.expanduser())
     console = Console(highlight=False)
     if args.list_devices:
-        from voice.audio_io import list_devices
+        from mlx_harmony.voice.audio_io import list_devices
 
         print(list_devices())
         return 0
@@ -286,15 +286,15 @@ def _main() -> int:
     for name in ignored:
         console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
     if args.list_voices:
-        from voice.tts import list_voices
+        from mlx_harmony.voice.tts import list_voices
 
         print("\n".join(list_voices(config.tts.voice_repo)))
         return 0
     if not args.text:
         check_local_paths(config, str(args.config) if args.config else "voice settings")
-    from llm.backends import load_engine
-    from llm.cli.chat import chat_log_path
-    from llm.distributed import is_follower
+    from mlx_harmony.llm.backends import load_engine
+    from mlx_harmony.llm.cli.chat import chat_log_path
+    from mlx_harmony.llm.distributed import is_follower
 
     setup = llm_setup(args, config, console)
     log_path = args.chat or (Path(config.llm.chat_log) if config.llm.chat_log else None)
@@ -339,11 +339,11 @@ def voice_assistant(
     console: Console,
     control: ControlServer | None,
 ) -> int:
-    from voice.audio_io import MODEL_RATE, AudioError
-    from voice.daemon import VoiceAssistant
-    from voice.turn_scorer import load_turn_scorer
-    from voice.typed_input import read_typed_lines
-    from voice.vad import make_detector
+    from mlx_harmony.voice.audio_io import MODEL_RATE, AudioError
+    from mlx_harmony.voice.daemon import VoiceAssistant
+    from mlx_harmony.voice.turn_scorer import load_turn_scorer
+    from mlx_harmony.voice.typed_input import read_typed_lines
+    from mlx_harmony.voice.vad import make_detector
 
     stt, tts = load_voice_models(config, console)
     prompt = spoken_prompt(setup.prompt, config.llm)
@@ -397,7 +397,7 @@ def voice_assistant(
 def text_chat(
     engine: ChatEngine, setup: Setup, log_path: Path, console: Console, config: VoiceConfig
 ) -> int:
-    from llm.cli.chat import ChatSession, repl
+    from mlx_harmony.llm.cli.chat import ChatSession, repl
 
     session = ChatSession(
         engine, setup, log_path, console, show_reasoning=config.display.show_reasoning
@@ -414,11 +414,11 @@ def main() -> None:
     elif argv[:1] == ["service"]:
         run_main(lambda: service.main(argv[1:]))
     elif argv[:1] == ["wyoming"]:
-        from voice import wyoming_server  # the wyoming package, only when asked for
+        from mlx_harmony.voice import wyoming_server  # the wyoming package, only when asked for
 
         run_main(lambda: wyoming_server.main(argv[1:]))
     elif argv[:1] == ["serve"]:
-        from voice import serve  # the HTTP server's imports, only when serving
+        from mlx_harmony.voice import serve  # the HTTP server's imports, only when serving
 
         run_main(lambda: serve.main(argv[1:]))
     else:

@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llm.config import PromptConfig, read_json
-from llm.errors import ConfigError, error_line, first_error
-from voice.turn_policy import HOLD_WORDS
+from mlx_harmony.llm.config import PromptConfig, read_json
+from mlx_harmony.llm.errors import ConfigError, error_line, first_error
+from mlx_harmony.voice.turn_policy import HOLD_WORDS
 
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
 DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"

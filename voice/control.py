@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from llm.errors import ConfigError, first_error
+from mlx_harmony.llm.errors import ConfigError, first_error
 
 Command = Literal["status", "mute", "unmute", "stop", "listen", "new-chat", "say", "ask"]
 # A request line longer than this is refused (a typed question fits many times over).

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
 
-from voice.control import Command, default_socket_path, send_request, validate_request
+from mlx_harmony.voice.control import Command, default_socket_path, send_request, validate_request
 
 
 def build_parser() -> argparse.ArgumentParser:

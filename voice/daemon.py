@@ -26,27 +26,27 @@ from typing import Protocol
 
 import numpy as np
 
-from llm.backends import ChatEngine
-from llm.chatlog import Chat, ChatLog, save_chat_log
-from llm.config import PromptConfig
-from llm.conversation import Conversation
-from llm.errors import ConfigError, HarmonyError
-from llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
-from llm.tool_loop import respond
-from llm.tools.toolbox import Toolbox, conversation_workspace
-from voice import turns
-from voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
-from voice.config import VoiceConfig
-from voice.control import Reply, Request
-from voice.earcons import Earcons
-from voice.echo import EchoCanceller
-from voice.echo import available as echo_available
-from voice.playout import RATE_MARGIN, frames_to_buffer
-from voice.speakable import SpeakableStream
-from voice.stt import Transcriber
-from voice.tts import SpeechSession, Synthesizer
-from voice.turn_scorer import TurnScorer
-from voice.turns import (
+from mlx_harmony.llm.backends import ChatEngine
+from mlx_harmony.llm.chatlog import Chat, ChatLog, save_chat_log
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.errors import ConfigError, HarmonyError
+from mlx_harmony.llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.tools.toolbox import Toolbox, conversation_workspace
+from mlx_harmony.voice import turns
+from mlx_harmony.voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
+from mlx_harmony.voice.config import VoiceConfig
+from mlx_harmony.voice.control import Reply, Request
+from mlx_harmony.voice.earcons import Earcons
+from mlx_harmony.voice.echo import EchoCanceller
+from mlx_harmony.voice.echo import available as echo_available
+from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
+from mlx_harmony.voice.speakable import SpeakableStream
+from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.tts import SpeechSession, Synthesizer
+from mlx_harmony.voice.turn_scorer import TurnScorer
+from mlx_harmony.voice.turns import (
     AnswerFinished,
     AnswerStarted,
     Ask,
@@ -80,7 +80,7 @@ from voice.turns import (
     Words,
     free,
 )  # fmt: skip
-from voice.vad import Detector
+from mlx_harmony.voice.vad import Detector
 
 # The Harmony header that opens a reply on the final channel (llm.reasoning: "skip").
 FINAL_CHANNEL = "<|channel|>final<|message|>"

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from voice.audio_io import MODEL_RATE
+from mlx_harmony.voice.audio_io import MODEL_RATE
 
 NOTE_S = 0.07
 FADE_S = 0.01

@@ -15,7 +15,7 @@ import importlib.util
 
 import numpy as np
 
-from voice.audio_io import MODEL_RATE, Block, Speaker
+from mlx_harmony.voice.audio_io import MODEL_RATE, Block, Speaker
 
 AEC_RATE = 48_000
 FRAME = AEC_RATE // 100

@@ -23,10 +23,17 @@ from typing import Literal
 
 import numpy as np
 
-from llm.cli.common import run_main
-from voice.audio_io import MODEL_RATE, AudioError, Microphone, Speaker, permission_hint, sounddevice
-from voice.config import TtsSection, VoiceConfig, load_voice_config
-from voice.vad import rms
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.voice.audio_io import (
+    MODEL_RATE,
+    AudioError,
+    Microphone,
+    Speaker,
+    permission_hint,
+    sounddevice,
+)
+from mlx_harmony.voice.config import TtsSection, VoiceConfig, load_voice_config
+from mlx_harmony.voice.vad import rms
 
 Verdict = Literal["working", "silent", "no device"]
 # A level above this anywhere in the check means the microphone delivers sound. Room noise
@@ -106,7 +113,7 @@ def speaker_check(device: str | int | None, tts: TtsSection | None) -> Result:
     try:
         sound = [tone()]
         if tts is not None:
-            from voice.tts import Synthesizer
+            from mlx_harmony.voice.tts import Synthesizer
 
             sound += list(Synthesizer.from_config(tts).speak(SPOKEN_LINE))
         samples = sum(len(s) for s in sound)
@@ -129,9 +136,9 @@ def speaker_check(device: str | int | None, tts: TtsSection | None) -> Result:
 
 
 def as_service(args: list[str], seconds: float) -> int:
-    from voice.service import manager
+    from mlx_harmony.voice.service import manager
 
-    argv = [sys.executable, "-m", "voice.hotmic", *args, "--quiet"]
+    argv = [sys.executable, "-m", "mlx_harmony.voice.hotmic", *args, "--quiet"]
     print("Checking as the background service would …", flush=True)
     code, output = manager().run_once(argv, timeout=seconds + 120)
     print(output, end="")

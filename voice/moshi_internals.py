@@ -23,7 +23,7 @@ from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.modules.transformer import TransformerLayer
 from moshi_mlx.utils.sampling import Sampler
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 TESTED = "0.3"  # moshi-mlx 0.3.x
 

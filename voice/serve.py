@@ -9,14 +9,14 @@ import argparse
 from fastapi import FastAPI
 from rich.console import Console
 
-from llm.cli.serve import build_parser as server_parser
-from llm.cli.serve import serve
-from voice.cli import add_config_options, configured, load_voice_models
-from voice.realtime.app import add_realtime
-from voice.realtime.protocol import RATE
-from voice.realtime.session import VoiceKit
-from voice.turn_scorer import load_turn_scorer
-from voice.web import add_page
+from mlx_harmony.llm.cli.serve import build_parser as server_parser
+from mlx_harmony.llm.cli.serve import serve
+from mlx_harmony.voice.cli import add_config_options, configured, load_voice_models
+from mlx_harmony.voice.realtime.app import add_realtime
+from mlx_harmony.voice.realtime.protocol import RATE
+from mlx_harmony.voice.realtime.session import VoiceKit
+from mlx_harmony.voice.turn_scorer import load_turn_scorer
+from mlx_harmony.voice.web import add_page
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm.errors import ConfigError
-from llm.files import atomic_write_bytes
-from voice.config import load_voice_config
-from voice.control import NotRunning, default_socket_path, send_request
-from voice.ctl import describe_status
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.files import atomic_write_bytes
+from mlx_harmony.voice.config import load_voice_config
+from mlx_harmony.voice.control import NotRunning, default_socket_path, send_request
+from mlx_harmony.voice.ctl import describe_status
 
 UNIT = "mlx-harmony-voice.service"
 LABEL = "org.mlx-harmony.voice"
@@ -61,7 +61,7 @@ def default_config_path() -> Path:
 
 def command_line(config: Path | None) -> list[str]:
     """The service's command: this Python, this program, the config, the log file."""
-    argv = [sys.executable, "-m", "voice.cli"]
+    argv = [sys.executable, "-m", "mlx_harmony.voice.cli"]
     if config is not None:
         argv += ["--config", str(config)]
     return [*argv, "--log-file", str(log_path())]

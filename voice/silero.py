@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 RATE = 16_000
 WINDOW = 512  # samples per decision at 16 kHz (32 ms)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.errors import ConfigError
+from mlx_harmony.llm.errors import ConfigError
 
 RATE = 16_000
 SECONDS = 8

@@ -17,8 +17,8 @@ import numpy as np
 from moshi_mlx import models
 from moshi_mlx.utils.sampling import Sampler
 
-from voice.checkpoints import Checkpoint, load_checkpoint
-from voice.moshi_internals import StreamPosition
+from mlx_harmony.voice.checkpoints import Checkpoint, load_checkpoint
+from mlx_harmony.voice.moshi_internals import StreamPosition
 
 FRAME = 1_920  # one Mimi frame: 80 ms at 24 kHz
 # Text tokens that carry no text: 0 is the end-of-padding marker and 3 padding

@@ -24,10 +24,10 @@ from moshi_mlx.models.tts import TTSModel
 from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
 
-from llm.errors import ConfigError
-from voice.checkpoints import Checkpoint, fetch, load_checkpoint
-from voice.config import TtsSection
-from voice.moshi_internals import (
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.checkpoints import Checkpoint, fetch, load_checkpoint
+from mlx_harmony.voice.config import TtsSection
+from mlx_harmony.voice.moshi_internals import (
     SteppedLm,
     backbone_offset,
     backbone_room,
@@ -36,7 +36,7 @@ from voice.moshi_internals import (
     keep_codebooks,
     rewind_backbone,
 )
-from voice.tts_speed import (
+from mlx_harmony.voice.tts_speed import (
     FrameCost,
     StepTimes,
     TtsSpeed,

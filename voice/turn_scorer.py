@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.errors import ConfigError
-from voice.config import EndpointingSection
-from voice.smart_turn import RATE, SECONDS, SmartTurn
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.smart_turn import RATE, SECONDS, SmartTurn
 
 _model: SmartTurn | None = None  # in the worker process
 # Numerical libraries start a thread per core at import, which then spin between calls:

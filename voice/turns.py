@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 from typing import Literal
 
-from voice.config import VoiceConfig
-from voice.turn_policy import Fusion, Policy
-from voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, VadEvent
+from mlx_harmony.voice.config import VoiceConfig
+from mlx_harmony.voice.turn_policy import Fusion, Policy
+from mlx_harmony.voice.vad import Endpointer, SpeechDropped, SpeechEnded, SpeechStarted, VadEvent
 
 Activation = Literal["always", "wake_phrase", "push_to_talk"]
 # Weight of the newest pause probability in its running average.

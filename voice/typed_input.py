@@ -7,8 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import TextIO
 
-from llm.errors import ConfigError
-from voice.control import Reply, Request, validate_request
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice.control import Reply, Request, validate_request
 
 COMMANDS = {
     "mute": "stop hearing the microphone",

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from voice.config import EndpointingSection
+from mlx_harmony.voice.config import EndpointingSection
 
 Detector = Callable[[np.ndarray], bool]
 
@@ -96,12 +96,12 @@ def energy_detector(threshold: float) -> Detector:
 
 def make_detector(params: EndpointingSection, sample_rate: int) -> Detector:
     if params.detector == "silero":
-        from voice.silero import SileroDetector
+        from mlx_harmony.voice.silero import SileroDetector
 
         silero = SileroDetector.load(sample_rate, params.speech_threshold)
         loud = energy_detector(params.energy_threshold)
         # Silero hears speech at any level, so a TV far away is "speech" too: it decides
         # only on blocks loud enough to be someone talking to the microphone (measured
-        # in `python -m bench.endpointing`). It runs on every block to keep its state.
+        # in `python -m mlx_harmony.bench.endpointing`). It runs on every block to keep its state.
         return lambda block: silero(block) and loud(block)
     return energy_detector(params.energy_threshold)

@@ -44,19 +44,19 @@ from wyoming.tts import (
     SynthesizeStopped,
 )
 
-from llm.backends import ChatEngine, load_engine
-from llm.cli.common import add_model_options
-from llm.config import PromptConfig
-from llm.errors import ConfigError
-from llm.messages import ChatMessage, TextDelta, TurnDone
-from llm.tool_loop import respond
-from llm.worker import Job, ModelWorker
-from voice.cli import add_config_options, configured, load_voice_models
-from voice.config import VoiceConfig
-from voice.daemon import FINAL_CHANNEL
-from voice.speakable import SpeakableStream
-from voice.stt import Transcriber
-from voice.tts import Synthesizer
+from mlx_harmony.llm.backends import ChatEngine, load_engine
+from mlx_harmony.llm.cli.common import add_model_options
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import ChatMessage, TextDelta, TurnDone
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.worker import Job, ModelWorker
+from mlx_harmony.voice.cli import add_config_options, configured, load_voice_models
+from mlx_harmony.voice.config import VoiceConfig
+from mlx_harmony.voice.daemon import FINAL_CHANNEL
+from mlx_harmony.voice.speakable import SpeakableStream
+from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.tts import Synthesizer
 
 RATE, WIDTH, CHANNELS = 24_000, 2, 1  # what the Kyutai models hear and speak
 KYUTAI = Attribution(name="Kyutai", url="https://kyutai.org")

@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
-from llm.backends import ChatEngine, load_engine
-from llm.chatlog import (
+from mlx_harmony.llm.backends import ChatEngine, load_engine
+from mlx_harmony.llm.chatlog import (
     Chat,
     ChatLog,
     hold_chat_log,
@@ -31,15 +31,22 @@ from llm.chatlog import (
     release_chat_log,
     save_chat_log,
 )
-from llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
-from llm.cli.multiline import read_message
-from llm.config import SamplingParams
-from llm.distributed import is_follower
-from llm.errors import ConfigError, HarmonyError, first_error
-from llm.messages import ChatMessage, TextDelta, ToolCall, ToolResult, TurnDone, empty_turn_notice
-from llm.remote import RemoteEngine
-from llm.tool_loop import respond
-from llm.tools.toolbox import Toolbox, conversation_workspace
+from mlx_harmony.llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
+from mlx_harmony.llm.cli.multiline import read_message
+from mlx_harmony.llm.config import SamplingParams
+from mlx_harmony.llm.distributed import is_follower
+from mlx_harmony.llm.errors import ConfigError, HarmonyError, first_error
+from mlx_harmony.llm.messages import (
+    ChatMessage,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    TurnDone,
+    empty_turn_notice,
+)
+from mlx_harmony.llm.remote import RemoteEngine
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.tools.toolbox import Toolbox, conversation_workspace
 
 HELP = {
     "help": "this list",

@@ -11,8 +11,8 @@ from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
-from llm import mlx_env
-from llm.config import (
+from mlx_harmony.llm import mlx_env
+from mlx_harmony.llm.config import (
     PromptConfig,
     RemoteConfig,
     SamplingParams,
@@ -20,10 +20,10 @@ from llm.config import (
     load_profiles,
     load_prompt_config,
 )
-from llm.debug_log import DebugLog
-from llm.debug_log import default_path as default_debug_path
-from llm.errors import ConfigError, HarmonyError, first_error
-from llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
+from mlx_harmony.llm.debug_log import DebugLog
+from mlx_harmony.llm.debug_log import default_path as default_debug_path
+from mlx_harmony.llm.errors import ConfigError, HarmonyError, first_error
+from mlx_harmony.llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
 
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
 

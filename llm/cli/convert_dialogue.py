@@ -25,10 +25,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llm.cli.common import run_main
-from llm.config import ExampleMessage, read_json
-from llm.errors import ConfigError
-from llm.files import atomic_write_json
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.llm.config import ExampleMessage, read_json
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.files import atomic_write_json
 
 
 def parse_dialogues(

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime
 
-from llm.backends import load_engine
-from llm.cli.common import add_model_options, resolve, run_main
-from llm.errors import ConfigError
-from llm.messages import (
+from mlx_harmony.llm.backends import load_engine
+from mlx_harmony.llm.cli.common import add_model_options, resolve, run_main
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.messages import (
     ChatMessage,
     Event,
     TextDelta,
@@ -19,8 +19,8 @@ from llm.messages import (
     TurnDone,
     empty_turn_notice,
 )
-from llm.tool_loop import respond
-from llm.tools.toolbox import Toolbox, conversation_workspace
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.tools.toolbox import Toolbox, conversation_workspace
 
 
 def build_parser() -> argparse.ArgumentParser:

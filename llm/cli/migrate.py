@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llm.chatlog import (
+from mlx_harmony.llm.chatlog import (
     SCHEMA_VERSION,
     hold_chat_log,
     keep_backup,
     load_chat_log,
     save_chat_log,
 )
-from llm.cli.common import run_main
-from llm.errors import ConfigError
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.llm.errors import ConfigError
 
 
 def _main() -> int:

@@ -15,12 +15,12 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from llm.backends import load_engine
-from llm.cli.common import DEFAULT_MODEL, Setup, add_model_options, resolve, run_main
-from llm.config import load_profiles, load_prompt_config
-from llm.errors import ConfigError
-from llm.http_guard import server_config
-from llm.server import ServerLimits, create_app, offered_prompt_configs, served_from
+from mlx_harmony.llm.backends import load_engine
+from mlx_harmony.llm.cli.common import DEFAULT_MODEL, Setup, add_model_options, resolve, run_main
+from mlx_harmony.llm.config import load_profiles, load_prompt_config
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.http_guard import server_config
+from mlx_harmony.llm.server import ServerLimits, create_app, offered_prompt_configs, served_from
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
 PROFILES_ENV = "MLX_HARMONY_PROFILES_FILE"

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from llm.tools.browser_backends import BrowserBackend, BrowserError
-from llm.tools.browser_pages import Page, results_page
+from mlx_harmony.llm.tools.browser_backends import BrowserBackend, BrowserError
+from mlx_harmony.llm.tools.browser_pages import Page, results_page
 
 # The system message's browser description (openai-harmony's own), naming our source.
 DESCRIPTION = (

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote_plus
 
-from llm.tools.apply_patch import PatchError, Workspace
-from llm.tools.browser_pages import Page, SearchHit, html_page, text_page
-from llm.tools.http_fetch import FetchError, Response, fetch
+from mlx_harmony.llm.tools.apply_patch import PatchError, Workspace
+from mlx_harmony.llm.tools.browser_pages import Page, SearchHit, html_page, text_page
+from mlx_harmony.llm.tools.http_fetch import FetchError, Response, fetch
 
 
 class BrowserError(Exception):

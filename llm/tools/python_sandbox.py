@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llm.errors import ConfigError
-from llm.tools.tree import TreeChanged, chown_tree, walk
+from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.tools.tree import TreeChanged, chown_tree, walk
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 SETTINGS_ENV = "MLX_HARMONY_SANDBOX"  # as in sandbox_child

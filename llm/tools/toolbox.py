@@ -14,12 +14,12 @@ from pathlib import Path
 
 from openai_harmony import ToolNamespaceConfig
 
-from llm.messages import BuiltinTool, ChatMessage, FunctionTool, Tool, tool_answer
-from llm.tools import apply_patch
-from llm.tools.browser import Browser, BrowserLimits
-from llm.tools.browser_backends import BrowserBackend, FolderBackend, HttpBackend
-from llm.tools.config import BrowserToolConfig, ToolsConfig
-from llm.tools.python_sandbox import PythonSandbox, SandboxLimits, description
+from mlx_harmony.llm.messages import BuiltinTool, ChatMessage, FunctionTool, Tool, tool_answer
+from mlx_harmony.llm.tools import apply_patch
+from mlx_harmony.llm.tools.browser import Browser, BrowserLimits
+from mlx_harmony.llm.tools.browser_backends import BrowserBackend, FolderBackend, HttpBackend
+from mlx_harmony.llm.tools.config import BrowserToolConfig, ToolsConfig
+from mlx_harmony.llm.tools.python_sandbox import PythonSandbox, SandboxLimits, description
 
 APPLY_PATCH = "functions.apply_patch"
 

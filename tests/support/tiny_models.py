@@ -31,7 +31,7 @@ from openai_harmony import (
     load_harmony_encoding,
 )
 
-from bench.harmony_tokenizer import VOCAB_SIZE, write_harmony_tokenizer
+from mlx_harmony.bench.harmony_tokenizer import VOCAB_SIZE, write_harmony_tokenizer
 
 STOP_IDS = [200002, 199999, 200012]
 
@@ -201,7 +201,7 @@ PYTHON_FINALS = {True: "Yes, there is a note.", False: "No, there is no note."}
 
 def _python_namespace(variant: int) -> ToolNamespaceConfig:
     """The product's own python description (under two timeouts), or openai-harmony's."""
-    from llm.tools.python_sandbox import SandboxLimits, description
+    from mlx_harmony.llm.tools.python_sandbox import SandboxLimits, description
 
     if variant % 3 == 2:
         return ToolNamespaceConfig.python()

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from voice.daemon import TurnTimings, VoiceAssistant
+from mlx_harmony.voice.daemon import TurnTimings, VoiceAssistant
 
 
 class Recorder:

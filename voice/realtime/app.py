@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from llm.server import ModelSlot
-from voice.realtime import protocol as p
-from voice.realtime.session import RealtimeSession, VoiceKit
+from mlx_harmony.llm.server import ModelSlot
+from mlx_harmony.voice.realtime import protocol as p
+from mlx_harmony.voice.realtime.session import RealtimeSession, VoiceKit
 
 # WebSocket close codes: the session ended because another holds the speech models, or
 # the client asked for a model this server does not serve.

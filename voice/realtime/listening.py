@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from voice.config import EndpointingSection
-from voice.realtime.protocol import RATE, TurnDetection
-from voice.turn_policy import Fusion, Policy, ends_unfinished
-from voice.turn_scorer import TurnScorer
-from voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
+from mlx_harmony.voice.config import EndpointingSection
+from mlx_harmony.voice.realtime.protocol import RATE, TurnDetection
+from mlx_harmony.voice.turn_policy import Fusion, Policy, ends_unfinished
+from mlx_harmony.voice.turn_scorer import TurnScorer
+from mlx_harmony.voice.vad import Detector, Endpointer, SpeechDropped, SpeechEnded, SpeechStarted
 
 # The longest pause semantic_vad waits for, by eagerness (OpenAI's: 8 s, 4 s, 2 s).
 MAX_WAIT_S = {"low": 8.0, "medium": 4.0, "high": 2.0}

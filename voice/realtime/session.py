@@ -21,21 +21,28 @@ from typing import Any
 
 import numpy as np
 
-from llm.config import PromptConfig
-from llm.conversation import Conversation
-from llm.messages import ChatMessage, FunctionTool, MessageDone, TextDelta, TurnDone
-from llm.server import ModelSlot, ServerTools
-from llm.tool_loop import respond
-from llm.worker import Job
-from voice.config import VoiceConfig
-from voice.daemon import FINAL_CHANNEL
-from voice.realtime import protocol as p
-from voice.realtime.listening import Dropped, Ended, Listener, ListenEvent, Speech, Started
-from voice.speakable import SpeakableStream
-from voice.stt import Transcriber
-from voice.tts import SpeechSession, Synthesizer
-from voice.turn_scorer import TurnScorer
-from voice.vad import make_detector
+from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.conversation import Conversation
+from mlx_harmony.llm.messages import ChatMessage, FunctionTool, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.server import ModelSlot, ServerTools
+from mlx_harmony.llm.tool_loop import respond
+from mlx_harmony.llm.worker import Job
+from mlx_harmony.voice.config import VoiceConfig
+from mlx_harmony.voice.daemon import FINAL_CHANNEL
+from mlx_harmony.voice.realtime import protocol as p
+from mlx_harmony.voice.realtime.listening import (
+    Dropped,
+    Ended,
+    Listener,
+    ListenEvent,
+    Speech,
+    Started,
+)
+from mlx_harmony.voice.speakable import SpeakableStream
+from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.tts import SpeechSession, Synthesizer
+from mlx_harmony.voice.turn_scorer import TurnScorer
+from mlx_harmony.voice.vad import make_detector
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger(__name__)
