@@ -429,7 +429,7 @@ class Engine:
 
     @staticmethod
     def _track(event: Event, clock: _Clock, done: list[ChatMessage]) -> Event:
-        if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
+        if isinstance(event, TextDelta) and event.kind == "answer":
             clock.first_final = clock.first_final or time.perf_counter()
         elif isinstance(event, MessageDone):
             done.append(event.message)

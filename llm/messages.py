@@ -8,6 +8,13 @@ from typing import Any, Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Channel = Literal["analysis", "commentary", "final"]
+# What a piece of generated text is, whatever the format that carried it: the answer (the
+# only text spoken), reasoning, a preamble (words to the user before a tool call) or the
+# arguments of a tool call.
+TextKind = Literal["answer", "reasoning", "preamble", "tool_arguments"]
+_KIND_OF_CHANNEL: dict[str, TextKind] = {
+    "final": "answer", "analysis": "reasoning", "commentary": "preamble",
+}  # fmt: skip
 FinishReason = Literal["stop", "length", "tool_call", "cancelled"]
 
 
@@ -74,11 +81,16 @@ Tool = FunctionTool | BuiltinTool
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New text of the message being generated. Consumers speak only `final` deltas."""
+    """New text of the message being generated. Consumers act on its `kind`; the channel
+    and recipient are the format's (Harmony's) own words for it."""
 
     channel: Channel
     text: str
     recipient: str | None = None
+
+    @property
+    def kind(self) -> TextKind:
+        return "tool_arguments" if self.recipient else _KIND_OF_CHANNEL[self.channel]
 
 
 @dataclass(frozen=True)

@@ -262,11 +262,8 @@ class _Turn:
                     break
                 for event in self._events(json.loads(data)):
                     first = first or time.perf_counter()
-                    if (
-                        isinstance(event, TextDelta)
-                        and event.channel == "final"
-                        and first_final is None
-                    ):
+                    answer = isinstance(event, TextDelta) and event.kind == "answer"
+                    if answer and first_final is None:
                         first_final = time.perf_counter()
                     yield event
                 if self.should_stop is not None and self.should_stop():

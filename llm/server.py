@@ -493,7 +493,7 @@ async def _complete(
     calls: list[dict[str, Any]] = []
     done: TurnDone | None = None
     async for event in events:
-        if isinstance(event, TextDelta) and event.channel == "final" and not event.recipient:
+        if isinstance(event, TextDelta) and event.kind == "answer":
             stop.feed(event.text)
             if stop.hit:
                 job.cancelled.set()
@@ -545,15 +545,14 @@ async def _sse(
     try:
         yield chunk(cid, model, {"role": "assistant", "content": ""})
         async for event in events:
-            if isinstance(event, TextDelta) and not event.recipient:
-                if event.channel == "final":
-                    text = stop.feed(event.text)
-                    if stop.hit:
-                        job.cancelled.set()
-                    if text:
-                        yield chunk(cid, model, {"content": text})
-                elif event.channel == "analysis":
-                    yield chunk(cid, model, {"reasoning_content": event.text})
+            if isinstance(event, TextDelta) and event.kind == "answer":
+                text = stop.feed(event.text)
+                if stop.hit:
+                    job.cancelled.set()
+                if text:
+                    yield chunk(cid, model, {"content": text})
+            elif isinstance(event, TextDelta) and event.kind == "reasoning":
+                yield chunk(cid, model, {"reasoning_content": event.text})
             elif isinstance(event, MessageDone) and (
                 call := _client_call(event.message, server_side)
             ):

@@ -86,12 +86,7 @@ def respond(
             if isinstance(event, TurnDone):
                 done = event
                 continue
-            if (
-                first_final is None
-                and isinstance(event, TextDelta)
-                and event.channel == "final"
-                and not event.recipient
-            ):
+            if first_final is None and isinstance(event, TextDelta) and event.kind == "answer":
                 first_final = time.perf_counter() - start
             yield event
         assert done is not None

@@ -68,3 +68,25 @@ def test_well_formed_output_is_unchanged(harmony: HarmonyFormat) -> None:
         "<|message|>Paris.<|return|>",
     )
     assert done == [("analysis", "Simple."), ("final", "Paris.")]
+
+
+def test_each_piece_of_text_says_what_it_is(harmony: HarmonyFormat) -> None:
+    """Consumers act on a delta's kind, never on Harmony's channels: reasoning, a preamble
+    to the user, a tool call's arguments, the answer."""
+
+    def kinds(completion: str) -> list[str]:
+        decoder = harmony.decoder()
+        events = []
+        for token in harmony.encoding.encode(completion, allowed_special="all"):
+            events += decoder.feed(token)
+        events += decoder.finish()
+        seen = [e.kind for e in events if isinstance(e, TextDelta)]
+        return [k for i, k in enumerate(seen) if i == 0 or seen[i - 1] != k]
+
+    assert kinds(
+        "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+        "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant"
+        "<|channel|>commentary to=functions.weather <|constrain|>json<|message|>"
+        '{"city": "Paris"}<|call|>'
+    ) == ["reasoning", "preamble", "tool_arguments"]
+    assert kinds("<|channel|>final<|message|>Sunny.<|return|>") == ["answer"]

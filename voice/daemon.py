@@ -797,7 +797,7 @@ class VoiceAssistant:
             if turn.timings.first_token_ms is None:
                 turn.timings.first_token_ms = (now - turn.speech_end_at) * 1000
             text = event.text
-            if event.channel == "final" and not event.recipient:
+            if event.kind == "answer":
                 if turn.timings.first_final_ms is None:
                     turn.timings.first_final_ms = (now - turn.speech_end_at) * 1000
                 turn.answer += text
@@ -805,7 +805,7 @@ class VoiceAssistant:
                 if turn.reply is not None:
                     turn.reply.event(event="answer", text=text)
                 self._say(turn, turn.text.push(text))
-            elif event.channel == "analysis" and not event.recipient:
+            elif event.kind == "reasoning":
                 turn.show(lambda: self.report.reasoning(text))
         elif isinstance(event, ToolCall):
             # A speculative turn goes no further: the tool would act before the user is

@@ -254,7 +254,7 @@ class Handler(AsyncEventHandler):
         await self.write_event(HandledStart(context=context).event())
         answer, done = "", None
         async for ev in s.worker.submit(job):
-            if isinstance(ev, TextDelta) and ev.channel == "final" and not ev.recipient:
+            if isinstance(ev, TextDelta) and ev.kind == "answer":
                 answer += ev.text
                 await self.write_event(HandledChunk(text=ev.text).event())
             elif isinstance(ev, TurnDone):

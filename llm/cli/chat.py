@@ -413,9 +413,9 @@ class ChatSession:
                             live.stop()
                             live, answer = None, ""
                         self._print_tool(event)
-                    elif isinstance(event, TextDelta) and event.recipient:
-                        continue  # the call's arguments: shown whole by its ToolCall
-                    elif isinstance(event, TextDelta) and event.channel == "final":
+                    elif isinstance(event, TextDelta) and event.kind == "tool_arguments":
+                        continue  # shown whole by its ToolCall
+                    elif isinstance(event, TextDelta) and event.kind == "answer":
                         if thinking and not answer and not self.markdown:
                             self.console.print()
                         before, answer = answer, answer + event.text
@@ -517,7 +517,7 @@ class ChatSession:
 
 
 def _is_thinking(event: object) -> bool:
-    return isinstance(event, TextDelta) and event.channel != "final" and not event.recipient
+    return isinstance(event, TextDelta) and event.kind in ("reasoning", "preamble")
 
 
 def _toggle(arg: str, current: bool) -> bool:

@@ -70,7 +70,7 @@ def _print_turn(events: Iterator[Event], args: argparse.Namespace) -> None:
             arrow = "→" if isinstance(event, ToolCall) else "←"
             sys.stderr.write(f"\n{arrow} {who}\n{event.message.content.rstrip()}\n")
         elif isinstance(event, TextDelta):
-            if event.channel == "final" and not event.recipient:
+            if event.kind == "answer":
                 if reasoning_open:  # on a terminal both streams share the screen
                     sys.stderr.write("\n")
                     reasoning_open = False

@@ -576,7 +576,7 @@ class RealtimeSession:
                     await out.audio(ev.pcm)
                 elif isinstance(ev, SpeechSession):
                     out.speech = ev
-                elif isinstance(ev, TextDelta) and ev.channel == "final" and not ev.recipient:
+                elif isinstance(ev, TextDelta) and ev.kind == "answer":
                     await out.text(ev.text)
                 elif isinstance(ev, MessageDone) and not server_side.handles(ev.message.recipient):
                     if (ev.message.recipient or "").startswith("functions."):
@@ -609,7 +609,7 @@ def _with_speech(
             speech.close()
         else:
             yield ev
-            final = isinstance(ev, TextDelta) and ev.channel == "final" and not ev.recipient
+            final = isinstance(ev, TextDelta) and ev.kind == "answer"
             if final and (words := text.push(ev.text)):
                 speech.push(words)
         while speech.ready and not should_stop():
