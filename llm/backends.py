@@ -13,7 +13,7 @@ from typing import Protocol
 from mlx_harmony.llm.config import PromptConfig, RemoteConfig, SamplingParams
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.debug_log import DebugLog
-from mlx_harmony.llm.messages import Event
+from mlx_harmony.llm.messages import Event, ReplyStart
 
 
 class ChatEngine(Protocol):
@@ -27,7 +27,7 @@ class ChatEngine(Protocol):
         conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        assistant_prefix: str = "",
+        start: ReplyStart | None = None,
     ) -> Iterator[Event]: ...
 
     def prefill(self, conversation: Conversation) -> int: ...

@@ -15,11 +15,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.llm.messages import (
+    AnswerNow,
     BuiltinTool,
     Channel,
     ChatMessage,
     FunctionTool,
     MessageDone,
+    ReplyStart,
     TextDelta,
     Tool,
 )
@@ -70,6 +72,15 @@ class ChatTemplateFormat:
 
     def decoder(self) -> ChatTemplateDecoder:
         return ChatTemplateDecoder(self.tokenizer, self.stop_tokens, self._think)
+
+    def reply_start(self, start: ReplyStart) -> list[int]:
+        """The answer's first words. A template has no header to force: whether its model
+        thinks first is the template's to say (some open the think block in the prompt),
+        and it writes calls in its model's own syntax, unknown here, so a call is left to
+        the model."""
+        if not isinstance(start, AnswerNow):
+            return []
+        return self.tokenizer.encode(start.begin, add_special_tokens=False)
 
 
 class ChatTemplateDecoder:

@@ -27,7 +27,17 @@ import numpy as np
 from mlx_harmony.llm.config import PromptConfig, SamplingParams
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
-from mlx_harmony.llm.messages import BuiltinTool, ChatMessage, Event, FunctionTool, Tool, TurnDone
+from mlx_harmony.llm.messages import (
+    AnswerNow,
+    BuiltinTool,
+    CallFunction,
+    ChatMessage,
+    Event,
+    FunctionTool,
+    ReplyStart,
+    Tool,
+    TurnDone,
+)
 
 if TYPE_CHECKING:
     from mlx_harmony.llm.engine import Engine
@@ -84,6 +94,19 @@ def _decode_tools(raw: list[dict[str, Any]]) -> list[Tool]:
         else:
             out.append(FunctionTool(**t))
     return out
+
+
+def _start_to_json(start: ReplyStart | None) -> dict[str, Any] | None:
+    if start is None:
+        return None
+    return {"kind": type(start).__name__, **asdict(start)}
+
+
+def _start_from_json(data: dict[str, Any] | None) -> ReplyStart | None:
+    if data is None:
+        return None
+    kinds = {"AnswerNow": AnswerNow, "CallFunction": CallFunction}
+    return kinds[data.pop("kind")](**data)
 
 
 def _call(op: str, **args: Any) -> bytes:
@@ -155,7 +178,7 @@ class ShardedEngine:
         conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        assistant_prefix: str = "",
+        start: ReplyStart | None = None,
     ) -> Iterator[Event]:
         sampling = sampling or conversation.prompt.sampling
         if sampling.seed is None:  # every rank must draw the same random numbers
@@ -168,11 +191,11 @@ class ShardedEngine:
                 "stream",
                 **_turn(conversation),
                 sampling=sampling.model_dump(mode="json"),
-                prefix=assistant_prefix,
+                start=_start_to_json(start),
             ),
         )
         stop = _SharedStop(self.group, should_stop)
-        inner = self.engine.stream(conversation, sampling, stop, assistant_prefix)
+        inner = self.engine.stream(conversation, sampling, stop, start)
         finished = False
         try:
             for event in inner:
@@ -252,7 +275,9 @@ def follow(engine: Engine, group: mx.distributed.Group) -> None:
             else:
                 sampling = SamplingParams.model_validate(call["sampling"])
                 stop = _SharedStop(group, None)
-                for event in engine.stream(conversation, sampling, stop, call["prefix"]):
+                for event in engine.stream(
+                    conversation, sampling, stop, _start_from_json(call["start"])
+                ):
                     if isinstance(event, TurnDone):
                         check_same_tokens(group, event.tokens)
         except DistributedError:

@@ -32,6 +32,7 @@ from mlx_harmony.llm.messages import (
     FinishReason,
     GenerationStats,
     MessageDone,
+    ReplyStart,
     TextDelta,
     Tool,
     TurnDone,
@@ -174,13 +175,6 @@ class Engine:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"cannot render the conversation: {first}") from e
 
-    def _encode_prefix(self, text: str) -> list[int]:
-        if not text:
-            return []
-        if not isinstance(self.format, HarmonyFormat):
-            raise ConfigError("a forced assistant prefix needs a Harmony (GPT-OSS) model")
-        return self.format.encoding.encode(text, allowed_special="all")
-
     @property
     def vocab_size(self) -> int:
         args = getattr(self.model, "args", None)
@@ -191,15 +185,15 @@ class Engine:
         conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        assistant_prefix: str = "",
+        start: ReplyStart | None = None,
     ) -> Iterator[Event]:
         """Generate the assistant's turn after the conversation, yielding events as tokens
         arrive; `sampling` replaces the prompt config's own.
 
         `should_stop` is polled after every token; returning True ends the turn with
         finish_reason "cancelled" (Ctrl-C in the chat, barge-in in voice mode).
-        `assistant_prefix` (Harmony only) is text the reply is forced to begin with, such
-        as a header that addresses a tool call to one function.
+        `start` forces how the reply begins (the answer at once, or a call), rendered by
+        the model's format.
         """
         history, prompt, now, tools = (
             conversation.history, conversation.prompt, conversation.now, conversation.tools
@@ -212,7 +206,7 @@ class Engine:
         if bad:
             raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary")
         prompt_tokens = self.render(history, prompt, sampling.max_tokens, now, tools)
-        forced = self._encode_prefix(assistant_prefix)
+        forced = self.format.reply_start(start) if start is not None else []
         prompt_tokens += forced
         if prompt_tokens and (top := max(prompt_tokens)) >= self.vocab_size:
             # The repetition penalty scatters into the logits at these ids; MLX does not

@@ -28,10 +28,13 @@ from openai_harmony import (
 
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.messages import (
+    AnswerNow,
     BuiltinTool,
+    CallFunction,
     ChatMessage,
     FunctionTool,
     MessageDone,
+    ReplyStart,
     TextDelta,
     Tool,
 )
@@ -149,6 +152,18 @@ class HarmonyFormat:
 
     def decoder(self) -> HarmonyDecoder:
         return HarmonyDecoder(self.encoding)
+
+    def reply_start(self, start: ReplyStart) -> list[int]:
+        """The tokens that make the reply start as asked: the final channel's header, or a
+        commentary header addressed to the function (and its JSON constraint)."""
+        match start:
+            case AnswerNow(begin=begin):
+                header = f"<|channel|>final<|message|>{begin}"
+            case CallFunction(name=None):
+                header = "<|channel|>commentary to=functions."  # the model picks which
+            case CallFunction(name=name):
+                header = f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+        return self.encoding.encode(header, allowed_special="all")
 
 
 class HarmonyDecoder:

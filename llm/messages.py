@@ -94,6 +94,25 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class AnswerNow:
+    """The reply is the answer, begun at once (no reasoning first), with `begin` as its
+    first words."""
+
+    begin: str = ""
+
+
+@dataclass(frozen=True)
+class CallFunction:
+    """The reply is a call of the function `name` (of any of the turn's when None)."""
+
+    name: str | None = None
+
+
+# Where a reply is forced to start; each format renders it in its own tokens.
+ReplyStart = AnswerNow | CallFunction
+
+
+@dataclass(frozen=True)
 class MessageDone:
     message: ChatMessage
 

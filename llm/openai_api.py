@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mlx_harmony.llm.config import MAX_SEED, SamplingParams
-from mlx_harmony.llm.messages import ChatMessage, FinishReason, FunctionTool
+from mlx_harmony.llm.messages import CallFunction, ChatMessage, FinishReason, FunctionTool
 
 MAX_STOP_SEQUENCES = 4
 
@@ -221,19 +221,19 @@ class ChatCompletionRequest(BaseModel):
             updates["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         return base.model_copy(update=updates)
 
-    def forced_call_prefix(self) -> str:
-        """The Harmony header that makes the reply a call, when `tool_choice` demands one."""
+    def forced_call(self) -> CallFunction | None:
+        """The call the reply must be, when `tool_choice` demands one."""
         if not self.tools or self.tool_choice in (None, "none", "auto"):
-            return ""
+            return None
         if self.tool_choice == "required":
             if len(self.tools) > 1:  # the model still picks which function
-                return "<|channel|>commentary to=functions."
+                return CallFunction()
             name = self.tools[0].function.name
         else:
             name = self.tool_choice.function.get("name", "")  # type: ignore[union-attr]
         if name not in {t.function.name for t in self.tools}:
             raise ValueError(f"tool_choice: no function named {name!r} in tools")
-        return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+        return CallFunction(name)
 
     def function_tools(self) -> list[FunctionTool]:
         if not self.tools or self.tool_choice == "none":

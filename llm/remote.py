@@ -27,13 +27,16 @@ from mlx_harmony.llm.config import PromptConfig, RemoteConfig, SamplingParams
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
 from mlx_harmony.llm.messages import (
+    AnswerNow,
     BuiltinTool,
+    CallFunction,
     ChatMessage,
     Event,
     FinishReason,
     FunctionTool,
     GenerationStats,
     MessageDone,
+    ReplyStart,
     TextDelta,
     TurnDone,
 )
@@ -183,7 +186,7 @@ class RemoteEngine:
         conversation: Conversation,
         sampling: SamplingParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        assistant_prefix: str = "",
+        start: ReplyStart | None = None,
     ) -> Iterator[Event]:
         history, prompt, now, tools = (
             conversation.history, conversation.prompt, conversation.now, conversation.tools
@@ -194,13 +197,19 @@ class RemoteEngine:
                 f"tools {', '.join(builtin)}: with a remote backend, built-in tools run on the "
                 "remote server; enable them there"
             )
-        if assistant_prefix:
-            raise ConfigError("a forced assistant prefix needs a local Harmony model")
+        if isinstance(start, AnswerNow) and start.begin:
+            raise ConfigError("an answer's first words cannot be forced on a remote server")
         sampling = sampling or prompt.sampling
         functions = [t for t in tools if isinstance(t, FunctionTool)]
         body = _request_body(
             self.model_id, to_openai_messages(history, prompt, now), prompt, sampling, functions
         )
+        # A server reasons as it is set up to (AnswerNow asks nothing of it); a call is
+        # forced the API's way.
+        if isinstance(start, CallFunction) and functions:
+            body["tool_choice"] = (
+                {"type": "function", "function": {"name": start.name}} if start.name else "required"
+            )
         yield from _Turn(self, body, should_stop).run()
 
     # ------------------------------------------------------------------ transport

@@ -343,7 +343,7 @@ def create_app(
             raise ApiError(400, str(e).splitlines()[0]) from None
         history, tools = body.conversation(), body.function_tools()
         try:
-            forced = body.forced_call_prefix()
+            forced = body.forced_call()
         except ValueError as e:
             raise ApiError(400, str(e), "tool_choice") from None
 
@@ -353,7 +353,6 @@ def create_app(
 
         def run(should_stop: Callable[[], bool]) -> Iterator[Event]:
             engine = engine_for(entry)
-            prefix = forced if engine.harmony else ""  # templates cannot be forced here
             size = engine.prompt_size(Conversation(history, prompt, tools=tools))
             if size is not None and size > limits.max_prompt_tokens:
                 raise ConfigError(
@@ -369,7 +368,7 @@ def create_app(
                     sampling=sampling,
                     should_stop=should_stop,
                     tools=tools,
-                    assistant_prefix=prefix,
+                    start=forced,
                 )
             finally:
                 server_side.close()

@@ -23,6 +23,7 @@ from mlx_harmony.llm.messages import (
     Event,
     FinishReason,
     GenerationStats,
+    ReplyStart,
     TextDelta,
     Tool,
     ToolCall,
@@ -64,7 +65,7 @@ def respond(
     should_stop: Callable[[], bool] | None = None,
     now: datetime | None = None,
     tools: Sequence[Tool] = (),
-    assistant_prefix: str = "",
+    start: ReplyStart | None = None,
 ) -> Iterator[Event]:
     """Yield the turn's events, with ToolCall/ToolResult around every tool run; the last
     event is one TurnDone whose messages hold every call, result and answer in order."""
@@ -81,7 +82,7 @@ def respond(
             Conversation(history, prompt, now=now, tools=declared),
             sampling=sampling,
             should_stop=should_stop,
-            assistant_prefix=assistant_prefix if not turns else "",
+            start=start if not turns else None,
         ):
             if isinstance(event, TurnDone):
                 done = event

@@ -191,14 +191,13 @@ def test_random_weights_answer_the_voice_benchmark_in_plain_words(vocab_dir: Pat
     from mlx_harmony.bench.shapes import PLAIN_WORDS
     from mlx_harmony.llm.config import PromptConfig
     from mlx_harmony.llm.conversation import Conversation
-    from mlx_harmony.llm.messages import ChatMessage, TextDelta
-    from mlx_harmony.voice.daemon import FINAL_CHANNEL
+    from mlx_harmony.llm.messages import AnswerNow, ChatMessage, TextDelta
     from mlx_harmony.voice.speakable import speakable
 
     engine, bias = load_engine("random:gpt-oss-small")
     sampling = voice_sampling("random:gpt-oss-small", engine, bias, 24)
     question = Conversation([ChatMessage("user", "What time is it?")], PromptConfig())
-    events = engine.stream(question, sampling, assistant_prefix=FINAL_CHANNEL)
+    events = engine.stream(question, sampling, start=AnswerNow())
     text = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "final")
     assert len(text.split()) >= 12  # every token a word (up to a few split in two)
     assert set(text.split()) <= set(PLAIN_WORDS.split())

@@ -10,7 +10,14 @@ from mlx_harmony.llm.config import PromptConfig, SamplingParams
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.engine import Engine, collect
 from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
-from mlx_harmony.llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.messages import (
+    AnswerNow,
+    CallFunction,
+    ChatMessage,
+    MessageDone,
+    TextDelta,
+    TurnDone,
+)
 from tests.support.tiny_models import CHATML_TURNS, HARMONY_TURNS
 
 GREEDY = PromptConfig(sampling=SamplingParams(temperature=0, max_tokens=80))
@@ -242,25 +249,30 @@ def test_missing_model_folder_is_one_line_error(tmp_path) -> None:
         Engine.load(str(tmp_path / "empty"))
 
 
-def test_forced_prefix_needs_harmony(chatml_engine: Engine) -> None:
-    with pytest.raises(ConfigError, match="Harmony"):
-        collect(
-            chatml_engine.stream(
-                Conversation([ChatMessage("user", "Hello")], GREEDY),
-                assistant_prefix="<|channel|>final",
-            )
-        )
+def test_an_answer_is_started_in_each_formats_own_tokens(
+    engine: Engine, chatml_engine: Engine
+) -> None:
+    """AnswerNow("The") is the final channel's header in Harmony, plain text in a chat
+    template: either way the answer, and nothing else, begins with it."""
+    question = [ChatMessage("user", "What is the capital of France?")]
+    for model in (engine, chatml_engine):
+        reply = collect(model.stream(Conversation(question, GREEDY), start=AnswerNow("The")))
+        assert [m.channel for m in reply.messages] == ["final"]
+        assert reply.messages[0].content.startswith("The")
+    # A call cannot be forced in a template's syntax: the model is left to answer.
+    said = collect(chatml_engine.stream(Conversation(question, GREEDY), start=CallFunction("f")))
+    assert said.messages and not said.messages[0].recipient
 
 
 def test_closing_the_stream_before_any_token_keeps_the_cache_exact(engine: Engine) -> None:
     history = [ChatMessage("user", "What is the capital of France?")]
-    prefix = "<|channel|>final<|message|>The"
-    stream = engine.stream(Conversation(history, GREEDY), assistant_prefix=prefix)
+    prefix = AnswerNow("The")
+    stream = engine.stream(Conversation(history, GREEDY), start=prefix)
     assert isinstance(next(stream), TextDelta)  # from the forced prefix, before any step
     stream.close()
-    again = collect(engine.stream(Conversation(history, GREEDY), assistant_prefix=prefix))
+    again = collect(engine.stream(Conversation(history, GREEDY), start=prefix))
     fresh = Engine(engine.model, engine.tokenizer, "fresh")
-    expected = collect(fresh.stream(Conversation(history, GREEDY), assistant_prefix=prefix))
+    expected = collect(fresh.stream(Conversation(history, GREEDY), start=prefix))
     assert again.tokens == expected.tokens
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mlx_harmony.llm.config import PromptConfig, read_json
 from mlx_harmony.llm.errors import ConfigError, error_line, first_error
+from mlx_harmony.llm.messages import AnswerNow
 from mlx_harmony.voice.turn_policy import HOLD_WORDS
 
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
@@ -52,6 +53,10 @@ class LlmSection(_Section):
     reasoning: Literal["auto", "skip"] = Field(
         "auto", description="skip: answer at once on the final channel, with no reasoning"
     )
+
+    def reply_start(self) -> AnswerNow | None:
+        """How an answer is made to start: at once where reasoning is skipped."""
+        return AnswerNow() if self.reasoning == "skip" else None
 
 
 class SttSection(_Section):

@@ -82,8 +82,6 @@ from mlx_harmony.voice.turns import (
 )  # fmt: skip
 from mlx_harmony.voice.vad import Detector
 
-# The Harmony header that opens a reply on the final channel (llm.reasoning: "skip").
-FINAL_CHANNEL = "<|channel|>final<|message|>"
 # Speech to have queued on the speaker before text generation gets a turn again.
 AHEAD_SECONDS = 0.3
 # Blocks kept from before the detector fired, so the first syllable reaches the STT.
@@ -694,7 +692,6 @@ class VoiceAssistant:
             turn.held, turn.mark = [], mark
             timings.speculative = True
             self.speculations["started"] += 1
-        skip = self.cfg.llm.reasoning == "skip" and self.engine.harmony
         turn.events = respond(
             self.engine,
             history,
@@ -702,7 +699,7 @@ class VoiceAssistant:
             self.toolbox,
             should_stop=lambda: turn.cancelled,
             now=self._utterance_now,
-            assistant_prefix=FINAL_CHANNEL if skip else "",
+            start=self.cfg.llm.reply_start(),
         )
 
     def _confirm_turn(self, by: str) -> None:

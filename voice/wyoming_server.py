@@ -53,7 +53,6 @@ from mlx_harmony.llm.tool_loop import respond
 from mlx_harmony.llm.worker import Job, ModelWorker
 from mlx_harmony.voice.cli import add_config_options, configured, load_voice_models
 from mlx_harmony.voice.config import VoiceConfig
-from mlx_harmony.voice.daemon import FINAL_CHANNEL
 from mlx_harmony.voice.speakable import SpeakableStream
 from mlx_harmony.voice.stt import Transcriber
 from mlx_harmony.voice.tts import Synthesizer
@@ -242,11 +241,10 @@ class Handler(AsyncEventHandler):
         s = self.service
         history = s.history(conversation)
         user = ChatMessage("user", text)
-        skip = s.config.llm.reasoning == "skip" and s.engine.harmony
 
         def run(should_stop: Callable[[], bool]) -> Iterator[Any]:
             yield from respond(s.engine, [*history, user], s.prompt, should_stop=should_stop,
-                               assistant_prefix=FINAL_CHANNEL if skip else "")  # fmt: skip
+                               start=s.config.llm.reply_start())  # fmt: skip
 
         job = Job(run)
         self.jobs.append(job)

@@ -28,7 +28,6 @@ from mlx_harmony.llm.server import ModelSlot, ServerTools
 from mlx_harmony.llm.tool_loop import respond
 from mlx_harmony.llm.worker import Job
 from mlx_harmony.voice.config import VoiceConfig
-from mlx_harmony.voice.daemon import FINAL_CHANNEL
 from mlx_harmony.voice.realtime import protocol as p
 from mlx_harmony.voice.realtime.listening import (
     Dropped,
@@ -542,7 +541,6 @@ class RealtimeSession:
         modalities = ["audio"] if audio else ["text"]
         tools = self._tools()
         history, now = self.history(), self._now
-        skip = self.kit.config.llm.reasoning == "skip"
         server_side = ServerTools(prompt.tools)
         tts = self.kit.tts if audio else None
 
@@ -557,7 +555,7 @@ class RealtimeSession:
                     should_stop=should_stop,
                     now=now,
                     tools=tools,
-                    assistant_prefix=FINAL_CHANNEL if skip and engine.harmony else "",
+                    start=self.kit.config.llm.reply_start(),
                 )
                 yield from _with_speech(events, tts, should_stop)
             finally:
