@@ -204,7 +204,9 @@ class Engine:
             sampling = sampling.model_copy(update={"top_k": 0})
         bad = [t for t in sampling.logit_bias if not 0 <= t < self.vocab_size]
         if bad:
-            raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary")
+            raise ConfigError(
+                f"logit_bias: token id {bad[0]} is outside the vocabulary", field="logit_bias"
+            )
         prompt_tokens = self.render(history, prompt, sampling.max_tokens, now, tools)
         forced = self.format.reply_start(start) if start is not None else []
         prompt_tokens += forced

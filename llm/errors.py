@@ -15,7 +15,12 @@ class HarmonyError(Exception):
 
 class ConfigError(HarmonyError):
     """Bad or missing user input: a config, a chat log, a model path, a vocabulary, a
-    request field."""
+    request field. `field` names the request or config field at fault, where one is (the
+    HTTP server's `param`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class RuntimeFailure(HarmonyError):

@@ -424,9 +424,8 @@ async def _started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
     except RuntimeFailure as e:  # the backend behind this server (a remote one) failed
         # First: an unreachable remote is the server's configuration, not the request's.
         raise ApiError(502, str(e), kind="upstream_error", code="upstream_failed") from None
-    except ConfigError as e:
-        field = str(e).split(":")[0]
-        param = field if field in ChatCompletionRequest.model_fields else "messages"
+    except ConfigError as e:  # the conversation, unless the error names a request field
+        param = e.field if e.field in ChatCompletionRequest.model_fields else "messages"
         raise ApiError(400, str(e), param) from None
 
     async def chained() -> AsyncIterator[Any]:

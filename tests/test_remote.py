@@ -21,7 +21,13 @@ from mlx_harmony.llm.config import PromptConfig, RemoteConfig, load_profiles
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.engine import Engine, collect
 from mlx_harmony.llm.errors import ConfigError
-from mlx_harmony.llm.messages import ChatMessage, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.messages import (
+    CallFunction,
+    ChatMessage,
+    MessageDone,
+    TextDelta,
+    TurnDone,
+)
 from mlx_harmony.llm.remote import RemoteEngine, RemoteError, to_openai_messages
 from mlx_harmony.llm.tool_loop import respond
 from tests.support.tiny_models import HARMONY_TURNS, TOOL_FINAL, TOOL_USER
@@ -100,6 +106,20 @@ def test_tool_calls_round_trip_through_the_remote(remote: RemoteEngine) -> None:
     done = events[-1]
     assert isinstance(done, TurnDone) and done.finish_reason == "stop"
     assert done.messages[-1].content == TOOL_FINAL
+
+
+def test_a_forced_call_reaches_the_remote_as_its_tool_choice(remote: RemoteEngine) -> None:
+    """ "Hello" alone never makes the tiny model call; CallFunction, sent as the API's
+    tool_choice, does (the server forces the call's header)."""
+    hello = Conversation(
+        [ChatMessage("user", HARMONY_TURNS[0].user)],
+        PromptConfig(sampling={"temperature": 0.0, "max_tokens": 30}),
+        tools=WeatherTool().declarations,
+    )
+    assert collect(remote.stream(hello)).finish_reason == "stop"
+    forced = collect(remote.stream(hello, start=CallFunction("get_weather")))
+    assert forced.finish_reason == "tool_call"
+    assert {m.recipient for m in forced.messages} == {"functions.get_weather"}
 
 
 def test_history_goes_back_as_openai_messages() -> None:
