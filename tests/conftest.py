@@ -20,6 +20,7 @@ from tests.support.tiny_models import content_key
 
 ROOT = Path(__file__).parent.parent
 CACHE = Path(os.environ.get("MLX_HARMONY_TEST_CACHE", Path.home() / ".cache" / "mlx-harmony-tests"))
+BUILD_TIMEOUT_S = 1800  # a fixture's training, on a slow machine with a cold cache
 
 
 def _built_once(folder: Path, marker: str, command: Callable[[Path], list[str]]) -> Path:
@@ -33,7 +34,7 @@ def _built_once(folder: Path, marker: str, command: Callable[[Path], list[str]])
             if not (folder / marker).is_file():
                 tmp = folder.with_name(folder.name + ".partial")
                 shutil.rmtree(tmp, ignore_errors=True)
-                subprocess.run(command(tmp), check=True, cwd=ROOT)
+                subprocess.run(command(tmp), check=True, cwd=ROOT, timeout=BUILD_TIMEOUT_S)
                 shutil.rmtree(folder, ignore_errors=True)
                 tmp.rename(folder)
     return folder

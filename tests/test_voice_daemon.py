@@ -125,7 +125,7 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
     serve(assistant, scenario)
     stopped_at = rec.wait("notice", "(interrupted)", timeout=0)
     assert stopped_at - moments["barge"] < 1.5, "barge-in is noticed within a short window"
-    assert len(rec.timings) == 2, (rec.texts("heard"), rec.texts("notice"), rec.timings)
+    assert len(rec.timings) == 2, rec.story()
     first, second = rec.timings
     assert first.interrupted and not second.interrupted
     assert rec.texts("heard") == [HEARD, HEARD]  # the new utterance became the next turn

@@ -50,6 +50,13 @@ class Recorder:
     def texts(self, kind: str) -> list[str]:
         return [t for _, k, t in self.events if k == kind]
 
+    def story(self) -> list[str]:
+        """What happened, in order, for a failing test's message (partial transcripts and
+        answer deltas left out)."""
+        start = self.events[0][0] if self.events else 0.0
+        return [f"{(at - start) * 1000:.0f} ms {kind}: {text}"
+                for at, kind, text in self.events if kind not in ("partial", "answer")]  # fmt: skip
+
     def wait(
         self, kind: str, text: str | None = None, count: int = 1, timeout: float = 60
     ) -> float:
