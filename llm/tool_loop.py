@@ -71,7 +71,7 @@ def respond(
     event is one TurnDone whose messages hold every call, result and answer in order."""
     history = list(history)
     declared = [*(toolbox.declarations if toolbox else []), *tools]
-    start = time.perf_counter()
+    began = time.perf_counter()
     first_final: float | None = None
     turns: list[TurnDone] = []
     messages: list[ChatMessage] = []
@@ -88,7 +88,7 @@ def respond(
                 done = event
                 continue
             if first_final is None and isinstance(event, TextDelta) and event.kind == "answer":
-                first_final = time.perf_counter() - start
+                first_final = time.perf_counter() - began
             yield event
         assert done is not None
         turns.append(done)
@@ -102,14 +102,14 @@ def respond(
             and toolbox.handles(call.recipient)
         )
         if not runs_here:
-            yield _summary(done.finish_reason, turns, messages, start, first_final)
+            yield _summary(done.finish_reason, turns, messages, began, first_final)
             return
         assert call is not None and toolbox is not None
         if calls >= toolbox.max_steps:
             # The model keeps calling: refuse, and let it answer. A call after that refusal
             # ends the turn, as a length limit would.
             if calls > toolbox.max_steps:
-                yield _summary("length", turns, messages, start, first_final)
+                yield _summary("length", turns, messages, began, first_final)
                 return
             refusal = LIMIT_REACHED.format(n=calls)
             result = tool_answer(call, refusal)
@@ -117,7 +117,7 @@ def respond(
             yield ToolCall(call)
             ran = yield from _run_tool(toolbox, call, should_stop)
             if ran is None:  # stopped while the tool ran: no result to show the model
-                yield _summary("cancelled", turns, messages, start, first_final)
+                yield _summary("cancelled", turns, messages, began, first_final)
                 return
             result = ran
         calls += 1
@@ -125,7 +125,7 @@ def respond(
         messages.append(result)
         history.append(result)
         if should_stop is not None and should_stop():
-            yield _summary("cancelled", turns, messages, start, first_final)
+            yield _summary("cancelled", turns, messages, began, first_final)
             return
 
 
