@@ -419,6 +419,32 @@ def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_
     assert [m["role"] for m in messages].count("user") == 1
 
 
+def test_stopping_during_a_pause_drops_the_speculative_answer_unsaved(
+    make_assistant, virtual_audio, tmp_path
+) -> None:
+    """The assistant stopped while a speculative answer waits for the end of the turn: the
+    question was not known to be finished, so nothing of that turn is saved or reported."""
+    assistant, rec, log_path = make_assistant(
+        **{"endpointing.semantic": "off", "endpointing.silence_ms": 5000,
+           "endpointing.speculate_ms": 160}
+    )  # fmt: skip
+    question = virtual_audio.say("What is the capital", tmp_path)
+
+    def scenario(stop: threading.Event) -> None:
+        virtual_audio.play_into_mic(question).wait()
+        deadline = time.monotonic() + 60
+        while assistant.speculations["started"] < 1:  # the pause started an answer
+            assert time.monotonic() < deadline, "no speculative answer started"
+            time.sleep(0.01)
+
+    serve(assistant, scenario)
+    assert assistant.speculations["started"] == 1 and assistant.speculations["dropped"] == 1
+    assert rec.timings == [] and rec.texts("heard") == []
+    log = json.loads(log_path.read_text()) if log_path.exists() else {"chats": {}}
+    saved = [m for chat in log["chats"].values() for m in chat["messages"]]
+    assert not [m for m in saved if m["role"] == "user"], saved
+
+
 def test_the_turn_model_ends_a_finished_question_before_the_silence_would(
     make_assistant, virtual_audio, tmp_path
 ) -> None:

@@ -952,9 +952,14 @@ class VoiceAssistant:
         self._handle(AnswerFinished())
 
     def _interrupt(self, save: bool) -> None:
-        """Stop speaking and generating now; keep in the history what the user heard."""
+        """Stop speaking and generating now; keep in the history what the user heard. A
+        speculative answer not yet confirmed is dropped instead: the user was not known to
+        be done, and nothing of it was played (the assistant stopping mid-pause)."""
         turn = self.turn
         assert turn is not None
+        if turn.held is not None:
+            self._drop_turn()
+            return
         played = 0
         if self.speaker is not None:
             played = self.speaker.played_samples - turn.played_base
