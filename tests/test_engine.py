@@ -257,7 +257,7 @@ def test_an_answer_is_started_in_each_formats_own_tokens(
     question = [ChatMessage("user", "What is the capital of France?")]
     for model in (engine, chatml_engine):
         reply = collect(model.stream(Conversation(question, GREEDY), start=AnswerNow("The")))
-        assert [m.channel for m in reply.messages] == ["final"]
+        assert {m.channel for m in reply.messages} == {"final"}  # no reasoning first
         assert reply.messages[0].content.startswith("The")
     # A call cannot be forced in a template's syntax: the model is left to answer.
     said = collect(chatml_engine.stream(Conversation(question, GREEDY), start=CallFunction("f")))

@@ -107,7 +107,9 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
 ) -> None:
     assistant, rec, log_path = make_assistant(**{"barge_in.enabled": True})
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-    interruption = virtual_audio.say("Stop, stop, wait a moment please.", tmp_path)
+    # One breath: with a comma's pause in it, a quick answer to its first half can start
+    # before the rest, which then barges into that answer too (a third turn).
+    interruption = virtual_audio.say("Stop wait a moment please.", tmp_path)
     moments: dict[str, float] = {}
 
     def scenario(stop: threading.Event) -> None:
