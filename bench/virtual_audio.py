@@ -34,6 +34,9 @@ PREFIX = "pulse-"
 OWNER_FILE = "owner.pid"  # the process that started the server, in its runtime folder
 
 
+SERVER_EXIT_S = 10.0  # how long an abandoned server may take to exit once told to
+
+
 def clean_up_abandoned() -> list[Path]:
     """Stop the servers of earlier runs that were killed before they could (their
     owner is gone), and remove their folders; return the folders removed."""
@@ -52,9 +55,21 @@ def clean_up_abandoned() -> list[Path]:
         if server is not None and process_alive(server):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(server, signal.SIGTERM)  # its players end with their connection
+            # It removes its own files as it exits: the folder is only gone once it has.
+            deadline = time.monotonic() + SERVER_EXIT_S
+            while process_alive(server) and _running(server) and time.monotonic() < deadline:
+                time.sleep(0.02)
         shutil.rmtree(runtime, ignore_errors=True)
         removed.append(runtime)
     return removed
+
+
+def _running(pid: int) -> bool:
+    """Not a zombie (one that exited, waiting for its parent to read its status)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
 
 
 def missing_tools() -> list[str]:
