@@ -151,6 +151,8 @@ def print_report(results: dict) -> None:
         )
     vs = results.get("voice_summary")
     if vs:
+        from mlx_harmony.bench.voice_latency import STAGES
+
         labels = vs["labels"]
         width = max(14, *(len(label) + 2 for label in labels))
         if vs.get("tts"):
@@ -158,10 +160,8 @@ def print_report(results: dict) -> None:
             codebooks = f"{t['codebooks']} of {t['of']} codebooks"
             print(f"text to speech: {codebooks}, {t['rate']:.2f}x real time")
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
-        for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
-                    "first_chunk_ms", "first_audio_ms", "speculative_turns",
-                    "speculations_dropped", "ended_by_detector", "turn_model_ms",
-                    "underruns"):  # fmt: skip
+        counts = ("speculative_turns", "speculations_dropped", "ended_by_detector", "underruns")
+        for key in (*STAGES, *counts):
             cells = [vs[f"{label}_{key}"] for label in labels]
             text = "".join(
                 f"{'-':>{width}}" if v is None

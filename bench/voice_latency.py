@@ -49,6 +49,13 @@ QUESTIONS = [
 ]
 
 
+# The stages summarized (medians), in the order they happen.
+STAGES = (
+    "head_start_ms", "endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
+    "first_chunk_ms", "first_audio_ms", "turn_model_ms",
+)  # fmt: skip
+
+
 @dataclass
 class LatencyRecord:
     prefill_while_listening: bool
@@ -64,6 +71,7 @@ class LatencyRecord:
     # Started before the end was confirmed (speculative start): its stages overlap the
     # endpointing wait, so only first_audio_ms is the whole.
     speculative: bool = False
+    head_start_ms: float | None = None  # speech end → transcript taken early (speculative)
     speculations_dropped: int = 0  # answers started during this question, then dropped
     speculate_ms: int = 0  # endpointing.speculate_ms in effect (0: off)
     turn_model: bool = False  # the turn detector was on
@@ -82,7 +90,7 @@ class LatencyRecord:
             prefill, turn, t.endpoint_ms, t.transcript_ms - t.endpoint_ms,
             gap(t.transcript_ms, t.first_token_ms), gap(t.first_token_ms, t.first_final_ms),
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
-            t.prompt_tokens, t.speculative, dropped, ended_by=t.ended_by,
+            t.prompt_tokens, t.speculative, t.head_start_ms, dropped, ended_by=t.ended_by,
             underruns=t.underruns, buffered_frames=t.buffered_frames,
         )  # fmt: skip
 
@@ -308,8 +316,7 @@ def summarize(records: list[LatencyRecord]) -> dict:
             + (("_detector" if detector else "_silence") if both else "")
         )
         out["labels"].append(label)
-        for key in ("endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
-                    "first_chunk_ms", "first_audio_ms", "turn_model_ms"):  # fmt: skip
+        for key in STAGES:
             values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
             out[f"{label}_{key}"] = statistics.median(values) if values else None
         out[f"{label}_speculative_turns"] = sum(r.speculative for r in rows)

@@ -425,7 +425,8 @@ def test_a_speculative_start_is_held_until_the_silence_confirms_the_end() -> Non
     ]
     assert talk.state.phase == "hearing" and not free(talk.state)
     out = talk.blocks("..")
-    assert not of(out, ConfirmTurn) and len(of(out, Feed)) == 2  # the STT hears on
+    # The STT takes these silent blocks only if the user speaks on (the answer runs now).
+    assert not of(out, ConfirmTurn) and of(out, Feed) == [Feed(later=True)] * 2
     out = talk.blocks(".")
     assert of(out, ConfirmTurn) and not of(out, FinishHearing) and not of(out, StartTurn)
     assert of(out, DropHearing)  # its transcript was taken: the stream just ends
@@ -438,7 +439,7 @@ def test_speech_after_a_speculative_start_drops_it_and_the_same_stream_hears_on(
     talk.blocks("..")
     talk.send(Transcript("what is"))
     out = talk.blocks("s")
-    assert of(out, DropTurn) and of(out, Feed)
+    assert of(out, DropTurn) and of(out, Feed) == [Feed(later=False)]
     assert not of(out, StartHearing) and not of(out, DropHearing)  # one utterance, one stream
     assert talk.state.phase == "hearing"
     assert ShowWords("what is the time") in talk.send(Words("what is the time"))
@@ -466,6 +467,16 @@ def test_muting_drops_a_speculative_turn() -> None:
     talk.send(Transcript("what time is it"))
     out = talk.send(Mute(True))
     assert of(out, DropTurn) and talk.state.phase == "idle"
+
+
+def test_with_pause_heads_the_stt_hears_the_pause_after_an_early_start() -> None:
+    """A semantic STT's feed is the pause prediction that may confirm the turn: its
+    silent blocks are never left for later."""
+    talk = Talk(rules(pauses=True, **SPECULATING, **{"endpointing.silence_ms": 2000}))
+    heard_with_pauses(talk, "ssssss..", 0.1)
+    talk.send(Transcript("what time is it"))
+    assert talk.state.speculating
+    assert of(heard_with_pauses(talk, ".", 0.1), Feed) == [Feed(later=False)]
 
 
 def test_speculation_as_configured() -> None:

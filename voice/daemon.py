@@ -116,6 +116,7 @@ class TurnTimings:
     """Milliseconds from the end of the user's speech (the last speech block's arrival)."""
 
     endpoint_ms: float = 0.0  # endpointing noticed the end (includes the silence wait)
+    head_start_ms: float | None = None  # the transcript was taken early (speculative start)
     transcript_ms: float = 0.0  # STT flushed: transcript complete
     first_token_ms: float | None = None
     first_final_ms: float | None = None
@@ -238,6 +239,7 @@ class VoiceAssistant:
         self.turn: _Turn | None = None
         self.state = ""
         self._block: Block | None = None  # the microphone block being handled
+        self._unfed: list[np.ndarray] = []  # blocks the STT takes later (`turns.Feed`)
         self._timings = TurnTimings()  # the utterance being transcribed
         self._pending_reply: Reply | None = None  # who asked the question being started
         self._prefilling: Iterator[int] | None = None  # the words heard so far, being fed
@@ -416,14 +418,19 @@ class VoiceAssistant:
             case StartHearing(blocks):
                 preroll = list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :]
                 return self._start_hearing(preroll)
-            case Feed():
+            case Feed(later):
                 assert self.stt is not None and self._block is not None
                 if not (self.stt.active and self.stt.room > 0):
                     return []
                 heard: list[turns.Event] = []
                 if self.scorer is not None:
                     self.scorer.add(self._block.pcm)
-                if self.stt.feed(self._block.pcm):
+                if later:
+                    self._unfed.append(self._block.pcm)
+                    return []
+                pieces = [self.stt.feed(pcm) for pcm in [*self._unfed, self._block.pcm]]
+                self._unfed.clear()
+                if any(pieces):
                     heard.append(Words(self.stt.text))
                 if self.stt.pause is not None:
                     heard.append(Pause(self.stt.pause))
@@ -443,6 +450,7 @@ class VoiceAssistant:
                 return [Transcript(self._finish_hearing(silence_ms / 1000, peek=True))]
             case DropHearing():
                 assert self.stt is not None
+                self._unfed.clear()
                 if self.stt.active:
                     self.stt.stop()
             case StartTurn(text, at, typed, speculative):
@@ -590,6 +598,7 @@ class VoiceAssistant:
     def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
         assert self.stt is not None
         self.stt.start()
+        self._unfed.clear()
         self._stt_frames_at_start = self.stt.frames_fed
         # One clock reading per utterance, so that the prompt rendered while listening
         # and the one rendered at the end agree on any time placeholder.
@@ -652,6 +661,7 @@ class VoiceAssistant:
         transcribed = self.clock()
         self._timings = TurnTimings(
             endpoint_ms=(endpointed - speech_end) * 1000,
+            head_start_ms=(endpointed - speech_end) * 1000 if peek else None,
             transcript_ms=(transcribed - speech_end) * 1000,
             stt_frames_while_speaking=frames_while_speaking,
         )
@@ -715,10 +725,10 @@ class VoiceAssistant:
         turn.held, turn.held_reports, turn.at_tool = None, [], False
         for report in reports:
             report()
-        if self.speaker is not None:
+        if self.speaker is not None and turn.speech is not None:
             self.speaker.first_sound_at = None  # an earcon may have played since the start
-        turn.waiting += held
-        self._release(turn)
+            turn.waiting += held
+            self._release(turn)
 
     def _drop_turn(self) -> None:
         """The user went on speaking: the speculative turn ends unseen and unheard, and the

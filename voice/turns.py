@@ -327,7 +327,13 @@ class StartHearing:
 
 @dataclass(frozen=True)
 class Feed:
-    """Give this block to the STT."""
+    """Give this block to the STT. `later`: it may wait — a silent block while an answer
+    started early waits to be confirmed; the loop's time goes to that answer instead. If
+    the user speaks on, the STT hears the waiting blocks first; if the turn is confirmed,
+    nobody needs them. Never with a semantic STT, whose pause predictions are the feed's
+    output."""
+
+    later: bool = False
 
 
 @dataclass(frozen=True)
@@ -516,7 +522,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return state
     if state.ending:
         return state
-    out(Feed())
+    out(Feed(later=state.speculating and not block.speech and not rules.semantic))
     speculated = False
     if state.speculating:
         state = _while_speculating(state, block, event, now, out)
