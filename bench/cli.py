@@ -160,7 +160,10 @@ def print_report(results: dict) -> None:
             codebooks = f"{t['codebooks']} of {t['of']} codebooks"
             print(f"text to speech: {codebooks}, {t['rate']:.2f}x real time")
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
-        counts = ("speculative_turns", "speculations_dropped", "ended_by_detector", "underruns")
+        counts = (
+            "speculative_turns", "speculations_dropped", "ended_by_detector", "underruns",
+            "text_gaps",
+        )  # fmt: skip
         for key in (*STAGES, *counts):
             cells = [vs[f"{label}_{key}"] for label in labels]
             text = "".join(

@@ -79,6 +79,7 @@ class LatencyRecord:
     # The turn model's median turnaround over the variant (request → result on the loop).
     turn_model_ms: float | None = None
     underruns: int = 0  # the speaker ran dry mid-answer (a gap in the speech)
+    text_gaps: int = 0  # of them: the voice waited for the language model's next word
     buffered_frames: int = 0  # TTS frames held back before the answer started playing
 
     @classmethod
@@ -91,7 +92,7 @@ class LatencyRecord:
             gap(t.transcript_ms, t.first_token_ms), gap(t.first_token_ms, t.first_final_ms),
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
             t.prompt_tokens, t.speculative, t.head_start_ms, dropped, ended_by=t.ended_by,
-            underruns=t.underruns, buffered_frames=t.buffered_frames,
+            underruns=t.underruns, text_gaps=t.text_gaps, buffered_frames=t.buffered_frames,
         )  # fmt: skip
 
     def row(self) -> dict:
@@ -323,4 +324,5 @@ def summarize(records: list[LatencyRecord]) -> dict:
         out[f"{label}_speculations_dropped"] = sum(r.speculations_dropped for r in rows)
         out[f"{label}_ended_by_detector"] = sum(r.ended_by == "turn detector" for r in rows)
         out[f"{label}_underruns"] = sum(r.underruns for r in rows)
+        out[f"{label}_text_gaps"] = sum(r.text_gaps for r in rows)
     return out

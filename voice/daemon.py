@@ -133,6 +133,9 @@ class TurnTimings:
     speculative: bool = False
     ended_by: str = ""  # what decided the user was done (`voice.turns.EndedBy`)
     underruns: int = 0  # the speaker ran dry mid-answer: gaps in the speech
+    # Of those: gaps while the TTS had spoken every word written so far, waiting for the
+    # language model's next one (not the synthesis's slowness).
+    text_gaps: int = 0
     # The playout buffer: frames held back before the answer's first one played (1: none),
     # the answer's length in frames as predicted then, and the synthesis speed (times
     # real time) the decision used (`voice.playout`).
@@ -183,6 +186,8 @@ class _Turn:
     at_tool_pause: bool = False  # between a tool call and its result: silence is expected
     underruns_base: int = 0  # the speaker's underrun count when the turn began
     underruns_seen: int = 0  # and when the loop last looked
+    # Since the loop last looked: the speech wanted its next frame and had no word to say.
+    starved: bool = False
 
     def show(self, report: Callable[[], None]) -> None:
         if self.held is None:
@@ -727,6 +732,8 @@ class VoiceAssistant:
             report()
         if self.speaker is not None and turn.speech is not None:
             self.speaker.first_sound_at = None  # an earcon may have played since the start
+            # Synthesis stood still while the frames were held: its pace counts from here.
+            turn.audio_frames, turn.first_frame_at = 0, None
             turn.waiting += held
             self._release(turn)
 
@@ -766,6 +773,8 @@ class VoiceAssistant:
         # it can be, unless it is held: held audio stays within AHEAD_SECONDS until the
         # turn is confirmed.
         fill = turn.held is None and (turn.generated or turn.buffering)
+        if not speech_ready and ahead < AHEAD_SECONDS and not turn.generated:
+            turn.starved = True
         if speech_ready and (ahead < AHEAD_SECONDS or fill):
             self._tts_step(turn)
         elif not turn.generated and not turn.at_tool:
@@ -903,9 +912,14 @@ class VoiceAssistant:
         if self.speaker is None or self.tts is None:
             return
         rate = self._live_rate(turn)
-        if rate is None or self.speaker.underruns == turn.underruns_base:
+        gaps = self.speaker.underruns - turn.underruns_base
+        if rate is None or gaps == 0:
             return
         self._tts_rate_prior = rate
+        if turn.timings.text_gaps >= gaps:
+            # The speech waited for words, not for synthesis: the next answers are buffered
+            # for that pace, but fewer codebooks would cost quality and gain nothing.
+            return
         before = self.tts.speed
         after = self.tts.adapt(rate)
         if before is not None and after is not None:
@@ -934,6 +948,9 @@ class VoiceAssistant:
             return False
         new_gap = self.speaker.underruns > turn.underruns_seen
         turn.underruns_seen = self.speaker.underruns
+        if new_gap and turn.starved:
+            turn.timings.text_gaps += 1
+        turn.starved = False
         if turn.buffering or turn.speech.done:
             return False
         return new_gap or self.speaker.pending_seconds() == 0

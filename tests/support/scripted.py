@@ -20,6 +20,7 @@ from mlx_harmony.llm.messages import (
     TurnDone,
 )
 from mlx_harmony.voice.audio_io import MODEL_RATE, Block
+from mlx_harmony.voice.tts_speed import TtsSpeed
 
 BLOCK_MS = 80
 SPEECH_LEVEL = 0.1  # far above the energy detector's 0.01
@@ -120,14 +121,16 @@ class ScriptedTranscriber:
 
 
 class ScriptedEngine:
-    """Answers every question with `answer`, one word per event; records marks and
-    rollbacks (a speculative answer dropped)."""
+    """Answers every question with `answer`, one word per event, each taking `word_s` of
+    the clock's time; records marks and rollbacks (a speculative answer dropped)."""
 
     harmony = False
     model_id = "scripted"
 
-    def __init__(self, answer: str = "Paris is the capital.") -> None:
-        self.answer = answer
+    def __init__(
+        self, answer: str = "Paris is the capital.", clock: Clock | None = None, word_s: float = 0.0
+    ) -> None:
+        self.answer, self.clock, self.word_s = answer, clock, word_s
         self.asked: list[str] = []
         self.rollbacks = 0
 
@@ -136,6 +139,8 @@ class ScriptedEngine:
         for word in self.answer.split(" "):
             if should_stop is not None and should_stop():
                 break
+            if self.clock is not None:
+                self.clock.now += self.word_s
             yield TextDelta("final", word + " ")
         stats = GenerationStats(0, 0, 0, 0.0, 0.0, 0.0, 0.0)
         yield TurnDone("stop", (ChatMessage("assistant", self.answer, "final"),), (), stats)
@@ -164,10 +169,140 @@ class ScriptedEngine:
         self.rollbacks += 1
 
 
-def run_until(step: Callable[[], None], done: Callable[[], bool], limit: int = 10_000) -> None:
-    """Drive the loop until `done` (a count of passes, not time, bounds it)."""
+class ScriptedSpeech:
+    """One answer's speech: `frames_per_word` frames a word, each step taking the
+    synthesizer's `step_s` of the clock; like Kyutai's, it reads one word ahead, so it is
+    ready only with the next word in hand (or the text closed)."""
+
+    def __init__(self, tts: ScriptedSynthesizer) -> None:
+        self.tts = tts
+        self.words: list[str] = []
+        self.pending = ""
+        self.closed = False
+        self.frames = 0
+
+    def push(self, text: str) -> None:
+        *complete, self.pending = (self.pending + text).split(" ")
+        self.words += [w for w in complete if w]
+
+    def close(self) -> None:
+        self.words += self.pending.split()
+        self.pending, self.closed = "", True
+
+    @property
+    def done(self) -> bool:
+        return self.closed and self.frames >= len(self.words) * self.tts.frames_per_word
+
+    @property
+    def ready(self) -> bool:
+        word = self.frames // self.tts.frames_per_word
+        return not self.done and (self.closed or word + 1 < len(self.words))
+
+    def step(self) -> np.ndarray:
+        self.tts.clock.now += self.tts.step_s
+        self.frames += 1
+        return np.full(self.tts.frame_samples, 0.1, dtype=np.float32)
+
+    def frames_left(self) -> int:
+        return len(self.words) * self.tts.frames_per_word - self.frames
+
+    def frames_for_words(self, words: int) -> int:
+        return words * self.tts.frames_per_word
+
+    def heard(self, frames_played: int) -> str:
+        return " ".join(self.words[: frames_played // self.tts.frames_per_word])
+
+
+class ScriptedSynthesizer:
+    """A TTS whose frames take `step_s` of the clock each; `adapted` records the paces it
+    was told to cut codebooks for."""
+
+    frame_seconds = 0.08
+    frame_samples = MODEL_RATE * 80 // 1000
+
+    def __init__(self, clock: Clock, step_s: float, frames_per_word: int = 1) -> None:
+        self.clock, self.step_s, self.frames_per_word = clock, step_s, frames_per_word
+        self.speed = TtsSpeed(8, 32, step_s, self.frame_seconds, chosen=True, margin=1.2)
+        self.adapted: list[float] = []
+
+    def session(self) -> ScriptedSpeech:
+        return ScriptedSpeech(self)
+
+    def adapt(self, observed_rate: float) -> TtsSpeed | None:
+        self.adapted.append(observed_rate)
+        return None
+
+
+class ScriptedSpeaker:
+    """Plays what it is given in real time on the test's clock; running dry while an
+    answer is expected is a gap (counted when anyone next looks)."""
+
+    latency = 0.0
+    rate = MODEL_RATE
+    lost = False
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.expecting = False
+        self.first_sound_at: float | None = None
+        self._until = 0.0  # when what was queued has played
+        self._queued = 0  # samples queued since the start
+        self._gaps = 0
+        self._sounding = False
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def _look(self) -> None:
+        if self._sounding and self.clock.now >= self._until:
+            self._sounding = False
+            if self.expecting:
+                self._gaps += 1
+
+    @property
+    def underruns(self) -> int:
+        self._look()
+        return self._gaps
+
+    def play(self, pcm: np.ndarray) -> None:
+        self._look()
+        if not self._sounding:
+            self._sounding, self._until = True, self.clock.now
+            if self.first_sound_at is None:
+                self.first_sound_at = self.clock.now
+        self._until += len(pcm) / self.rate
+        self._queued += len(pcm)
+
+    def pending_seconds(self) -> float:
+        self._look()
+        return max(0.0, self._until - self.clock.now) if self._sounding else 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.pending_seconds() > 0
+
+    @property
+    def played_samples(self) -> int:
+        return self._queued - round(self.pending_seconds() * self.rate)
+
+    def clear(self) -> None:
+        self.expecting, self._sounding, self._until = False, False, self.clock.now
+
+
+def run_until(
+    step: Callable[[], None],
+    done: Callable[[], bool],
+    clock: Clock | None = None,
+    tick: float = 0.005,
+    limit: int = 20_000,
+) -> None:
+    """Drive the loop until `done` (a count of passes, not time, bounds it); with a
+    clock, each pass also takes `tick` of it (the loop's own time: a speaker plays on)."""
     for _ in range(limit):
         if done():
             return
         step()
+        if clock is not None:
+            clock.now += tick
     raise AssertionError("the loop never got there")
