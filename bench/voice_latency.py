@@ -27,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 
 from mlx_harmony.bench.file_audio import ClockSpeaker, FileMicrophone
-from mlx_harmony.llm.chatlog import Chat, ChatLog
 from mlx_harmony.llm.cli.common import Setup
 from mlx_harmony.llm.engine import Engine
+from mlx_harmony.llm.session import Session
 from mlx_harmony.voice.audio_io import MODEL_RATE
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Reply, Request
@@ -206,14 +206,13 @@ def _assistant(
     cfg: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
     folder: Path, **devices: Any,
 ) -> tuple[VoiceAssistant, _Collector]:  # fmt: skip
-    log = ChatLog()
-    log.start_chat(Chat.new(setup.model))
-    engine.reset()
+    session = Session(engine, setup.prompt, folder / "log.json", setup.model)
+    session.new_chat()
     collector = _Collector()
     scorer = load_turn_scorer(cfg.endpointing, MODEL_RATE, print)
     assistant = VoiceAssistant(
-        cfg, engine, setup.prompt, stt, tts, make_detector(cfg.endpointing, MODEL_RATE), log,
-        folder / "log.json", collector, turn_scorer=scorer, **devices,
+        cfg, engine, setup.prompt, stt, tts, make_detector(cfg.endpointing, MODEL_RATE),
+        session, collector, turn_scorer=scorer, **devices,
     )  # fmt: skip
     collector.speculations = assistant.speculations
     return assistant, collector

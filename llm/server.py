@@ -30,7 +30,7 @@ from mlx_harmony.llm.config import PromptConfig, RemoteConfig
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.debug_log import DebugLog
 from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
-from mlx_harmony.llm.messages import ChatMessage, Event, MessageDone, TextDelta, TurnDone
+from mlx_harmony.llm.messages import Event, MessageDone, TextDelta, TurnDone
 from mlx_harmony.llm.openai_api import (
     ChatCompletionRequest,
     ErrorResponse,
@@ -72,19 +72,58 @@ class ServedModel:
     remote: RemoteConfig | None = None  # relay to this server instead of loading the model
 
 
-@dataclass
 class ModelSlot:
-    """The one model worker and the model on it, for routes added beside the HTTP API
-    (`app.state.models`): `engine()` runs on the worker thread and loads the default
-    model if another was switched to."""
+    """The one model worker and the model loaded on it: one model in memory at a time,
+    switched on the worker thread when a request names another. Routes added beside the
+    HTTP API reach it as `app.state.models`; the app's lifespan starts and stops the
+    worker."""
 
-    worker: ModelWorker
-    default: ServedModel
-    engine_for: Callable[[ServedModel], ChatEngine]
-    api_key: str | None
-    limits: ServerLimits
+    def __init__(
+        self,
+        default: ServedModel,
+        load: Callable[[ServedModel], ChatEngine],
+        api_key: str | None,
+        limits: ServerLimits,
+        preloaded: ChatEngine | None = None,
+    ) -> None:
+        self.default, self.api_key, self.limits = default, api_key, limits
+        self._load = load
+        self._engine = preloaded
+        self.loaded: str | None = default.model if preloaded is not None else None
+        self._worker: ModelWorker | None = None
+
+    def start(self) -> None:
+        self._worker = ModelWorker()
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    @property
+    def worker(self) -> ModelWorker:
+        if self._worker is None:
+            raise RuntimeError("the model worker runs while the app is served (its lifespan)")
+        return self._worker
+
+    @property
+    def pending(self) -> int:
+        return self._worker.pending if self._worker is not None else 0
+
+    def engine_for(self, entry: ServedModel) -> ChatEngine:
+        """Runs on the worker thread: load (or switch to) the model a request named."""
+        if self.loaded != entry.model or self._engine is None:
+            # Drop the old model first, so two are never in memory at once.
+            self._engine, self.loaded = None, None
+            engine = self._load(entry)
+            # As at start-up: the first request to a model switched to does not pay its
+            # kernel compiles token by token.
+            engine.warmup(entry.prompt)
+            self._engine, self.loaded = engine, entry.model
+        return self._engine
 
     def engine(self) -> ChatEngine:
+        """The default model's engine (on the worker thread)."""
         return self.engine_for(self.default)
 
 
@@ -218,34 +257,21 @@ def create_app(
     prompt_configs = prompt_configs or {}
     by_name = {s.name: s for s in served}
     default = served[0]
-    worker = ModelWorker()
     load = load or (
         lambda s: load_engine(s.model, lazy=s.prompt.lazy, remote=s.remote, debug=debug)
     )
-    state: dict[str, ChatEngine | str | None] = {
-        "engine": preloaded,
-        "loaded": default.model if preloaded else None,
-    }
-
-    def engine_for(entry: ServedModel) -> ChatEngine:
-        """Runs on the worker thread: load (or switch to) the model the request named."""
-        if state["loaded"] != entry.model:
-            # Drop the old model first, so two are never in memory at once.
-            state["engine"], state["loaded"] = None, None
-            engine = load(entry)
-            # As at start-up: the first request to a model switched to does not pay its
-            # kernel compiles token by token.
-            engine.warmup(entry.prompt)
-            state["engine"], state["loaded"] = engine, entry.model
-        return state["engine"]  # type: ignore[return-value]
+    slot = ModelSlot(default, load, api_key, limits, preloaded)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        worker.close()
+        slot.start()
+        try:
+            yield
+        finally:
+            slot.stop()
 
     app = FastAPI(title="mlx-harmony", version="0.1.0", lifespan=lifespan)
-    app.state.models = ModelSlot(worker, default, engine_for, api_key, limits)
+    app.state.models = slot
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(ApiKey, key=api_key)  # outermost: nothing is read before the key
 
@@ -273,7 +299,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "loaded_model": state["loaded"], "queued": worker.pending}
+        return {"status": "ok", "loaded_model": slot.loaded, "queued": slot.pending}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -284,7 +310,7 @@ def create_app(
                 "created": 0,
                 "owned_by": "mlx-harmony",
                 "root": s.model,
-                "loaded": s.model == state["loaded"],
+                "loaded": s.model == slot.loaded,
             }
             for s in served
         ]
@@ -352,7 +378,7 @@ def create_app(
         server_side = ServerTools(prompt.tools)
 
         def run(should_stop: Callable[[], bool]) -> Iterator[Event]:
-            engine = engine_for(entry)
+            engine = slot.engine_for(entry)
             size = engine.prompt_size(Conversation(history, prompt, tools=tools))
             if size is not None and size > limits.max_prompt_tokens:
                 raise ConfigError(
@@ -379,7 +405,7 @@ def create_app(
         # queue (it is then skipped) or before its first event.
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
-            events = await _started(worker.submit(job))
+            events = await _started(slot.worker.submit(job))
         except BaseException:
             watcher.cancel()
             raise
@@ -474,8 +500,68 @@ class ServerTools:
             remove_tree(Path(self._tmp))  # however deep the code made it
 
 
-def _client_call(msg: ChatMessage, server_side: Callable[[str | None], bool]) -> dict | None:
-    return None if server_side(msg.recipient) else tool_call_of(msg)
+@dataclass(frozen=True)
+class _Answer:
+    text: str  # cut at the first stop sequence
+
+
+@dataclass(frozen=True)
+class _Reasoning:
+    text: str
+
+
+@dataclass(frozen=True)
+class _ReasoningDone:
+    """A reasoning message is complete."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    index: int
+    call: dict[str, Any]  # a tool call the client runs, in the API's shape
+
+
+@dataclass(frozen=True)
+class _Finish:
+    done: TurnDone
+    reason: str  # the API's finish_reason
+
+
+_Piece = _Answer | _Reasoning | _ReasoningDone | _Call | _Finish
+
+
+async def _interpret(
+    events: AsyncIterator[Any],
+    job: Job,
+    body: ChatCompletionRequest,
+    server_side: Callable[[str | None], bool],
+) -> AsyncIterator[_Piece]:
+    """What a turn's events mean to an OpenAI client, worked out once for the JSON and the
+    streamed rendering: the answer cut at the first stop sequence (the job cancelled there),
+    the reasoning, the calls the client runs (not those the server's own tools answer), the
+    end."""
+    stop = StopMatcher(body.stop)  # type: ignore[arg-type]
+    calls = 0
+    async for event in events:
+        match event:
+            case TextDelta(kind="answer"):
+                text = stop.feed(event.text)
+                if stop.hit:
+                    job.cancelled.set()
+                if text:
+                    yield _Answer(text)
+            case TextDelta(kind="reasoning"):
+                yield _Reasoning(event.text)
+            case MessageDone(message=msg) if msg.role == "assistant":
+                if msg.channel == "analysis":
+                    yield _ReasoningDone()
+                elif not server_side(msg.recipient) and (call := tool_call_of(msg)):
+                    yield _Call(calls, call)
+                    calls += 1
+            case TurnDone():
+                if rest := stop.flush():
+                    yield _Answer(rest)
+                yield _Finish(event, finish_reason(event.finish_reason, calls > 0))
 
 
 async def _complete(
@@ -486,25 +572,26 @@ async def _complete(
     body: ChatCompletionRequest,
     server_side: Callable[[str | None], bool],
 ) -> dict[str, Any]:
-    stop = StopMatcher(body.stop)  # type: ignore[arg-type]
+    answer: list[str] = []
     reasoning: list[str] = []
+    thinking: list[str] = []  # the reasoning message being written
     calls: list[dict[str, Any]] = []
-    done: TurnDone | None = None
-    async for event in events:
-        if isinstance(event, TextDelta) and event.kind == "answer":
-            stop.feed(event.text)
-            if stop.hit:
-                job.cancelled.set()
-        elif isinstance(event, MessageDone) and event.message.role == "assistant":
-            if event.message.channel == "analysis":
-                reasoning.append(event.message.content)
-            elif (call := _client_call(event.message, server_side)) is not None:
+    finish: _Finish | None = None
+    async for piece in _interpret(events, job, body, server_side):
+        match piece:
+            case _Answer(text):
+                answer.append(text)
+            case _Reasoning(text):
+                thinking.append(text)
+            case _ReasoningDone():
+                reasoning.append("".join(thinking))
+                thinking = []
+            case _Call(_, call):
                 calls.append(call)
-        elif isinstance(event, TurnDone):
-            done = event
-    assert done is not None
-    stop.flush()
-    message: dict[str, Any] = {"role": "assistant", "content": stop.text or None}
+            case _Finish():
+                finish = piece
+    assert finish is not None
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(answer) or None}
     if reasoning:
         message["reasoning_content"] = "\n\n".join(reasoning)
     if calls:
@@ -514,14 +601,8 @@ async def _complete(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason(done.finish_reason, bool(calls)),
-            }
-        ],
-        "usage": _usage(done),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish.reason}],
+        "usage": _usage(finish.done),
     }
 
 
@@ -538,38 +619,28 @@ async def _sse(
     body: ChatCompletionRequest,
     server_side: Callable[[str | None], bool],
 ) -> AsyncIterator[str]:
-    stop = StopMatcher(body.stop)  # type: ignore[arg-type]
-    calls = 0
     try:
         yield chunk(cid, model, {"role": "assistant", "content": ""})
-        async for event in events:
-            if isinstance(event, TextDelta) and event.kind == "answer":
-                text = stop.feed(event.text)
-                if stop.hit:
-                    job.cancelled.set()
-                if text:
+        async for piece in _interpret(events, job, body, server_side):
+            match piece:
+                case _Answer(text):
                     yield chunk(cid, model, {"content": text})
-            elif isinstance(event, TextDelta) and event.kind == "reasoning":
-                yield chunk(cid, model, {"reasoning_content": event.text})
-            elif isinstance(event, MessageDone) and (
-                call := _client_call(event.message, server_side)
-            ):
-                yield chunk(cid, model, {"tool_calls": [{"index": calls, **call}]})
-                calls += 1
-            elif isinstance(event, TurnDone):
-                if rest := stop.flush():
-                    yield chunk(cid, model, {"content": rest})
-                yield chunk(cid, model, {}, finish_reason(event.finish_reason, calls > 0))
-                if body.stream_options and body.stream_options.include_usage:
-                    usage_chunk = {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": int(time.time()),
-                        "model": model,
-                        "choices": [],
-                        "usage": _usage(event),
-                    }
-                    yield f"data: {json.dumps(usage_chunk)}\n\n"
+                case _Reasoning(text):
+                    yield chunk(cid, model, {"reasoning_content": text})
+                case _Call(index, call):
+                    yield chunk(cid, model, {"tool_calls": [{"index": index, **call}]})
+                case _Finish(done, reason):
+                    yield chunk(cid, model, {}, reason)
+                    if body.stream_options and body.stream_options.include_usage:
+                        usage_chunk = {
+                            "id": cid,
+                            "object": "chat.completion.chunk",
+                            "created": int(time.time()),
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(done),
+                        }
+                        yield f"data: {json.dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are sent: report the failure inside the stream
         err = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}

@@ -163,8 +163,8 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
     """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
     `speaks` False leave out the STT / TTS, `prompt` replaces the prompt config, and
     dotted keyword arguments override config fields."""
-    from mlx_harmony.llm.chatlog import Chat, ChatLog
     from mlx_harmony.llm.config import PromptConfig
+    from mlx_harmony.llm.session import Session
     from mlx_harmony.voice.config import VoiceConfig, apply_override
     from mlx_harmony.voice.daemon import VoiceAssistant
     from mlx_harmony.voice.vad import make_detector
@@ -174,11 +174,11 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
         config = VoiceConfig()
         for key, value in (VOICE_TEST_SETTINGS | overrides).items():
             config = apply_override(config, key, value)
-        log = ChatLog()
-        log.start_chat(Chat.new("tiny"))
         recorder = Recorder()
         path = tmp_path / "voice-chat.json"
         prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
+        session = Session(engine, prompt, path, "tiny")
+        session.new_chat()
         detector = make_detector(config.endpointing, 24_000)
         scorer = None
         if turn_model:  # the real Smart Turn, from pipecat's wheel
@@ -189,7 +189,7 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
             scorer.warmup()
         assistant = VoiceAssistant(
             config, engine, prompt, transcriber if hears else None,
-            synthesizer if speaks else None, detector, log, path, recorder,
+            synthesizer if speaks else None, detector, session, recorder,
             turn_scorer=scorer,
         )  # fmt: skip
         return assistant, recorder, path

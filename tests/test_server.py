@@ -683,3 +683,36 @@ def test_a_model_switched_to_is_warmed_up_before_it_answers(tiny: Engine) -> Non
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == HELLO.final
     assert warmed == ["b"]
+
+
+def test_the_model_worker_lives_as_long_as_the_app_is_served() -> None:
+    """Creating the app starts nothing; its lifespan starts the one model worker and
+    stops it (a model switched to is loaded on it, once, and said by /health)."""
+    from fastapi.testclient import TestClient
+
+    from tests.support.scripted import ScriptedEngine
+
+    loads: list[str] = []
+
+    def load(entry: ServedModel) -> ScriptedEngine:
+        loads.append(entry.model)
+        return ScriptedEngine("Hi.")
+
+    app = create_app([ServedModel("tiny", "tiny-path", PromptConfig())], load=load)
+    slot = app.state.models
+    with pytest.raises(RuntimeError, match="lifespan"):
+        slot.worker  # noqa: B018
+    with TestClient(app) as client:
+        assert client.get("/health").json()["loaded_model"] is None
+        for _ in range(2):
+            r = client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hey"}]}
+            )
+            assert r.json()["choices"][0]["message"]["content"] == "Hi."
+        assert (
+            loads == ["tiny-path"] and client.get("/health").json()["loaded_model"] == "tiny-path"
+        )
+        worker = slot.worker
+    assert not worker._thread.is_alive()
+    with pytest.raises(RuntimeError, match="lifespan"):
+        slot.worker  # noqa: B018

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
-from mlx_harmony.llm.chatlog import Chat, ChatLog
 from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.session import Session
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.daemon import VoiceAssistant
 from mlx_harmony.voice.vad import make_detector
@@ -214,13 +214,13 @@ def test_a_tool_call_is_announced_not_read_aloud(
     prompt = PromptConfig(
         sampling={"temperature": 0.0}, tools={"python": True, "workspace": str(workspace)}
     )
-    log = ChatLog()
-    log.start_chat(Chat.new("tiny"))
     rec, spoken = Recorder(), SpokenTexts(synthesizer)
     engine = Engine.load(str(gpt_oss_python_path))
+    session = Session(engine, prompt, tmp_path / "chat.json", "tiny")
+    session.new_chat()
     assistant = VoiceAssistant(
         config, engine, prompt, stt, spoken, make_detector(config.endpointing, 24_000),
-        log, tmp_path / "chat.json", rec,
+        session, rec,
     )  # fmt: skip
     question = virtual_audio.say("Is there a note?", tmp_path, lead_silence=0.3)
 
@@ -236,7 +236,7 @@ def test_a_tool_call_is_announced_not_read_aloud(
     assert "→ python" in rec.texts("notice") and "← python: True" in rec.texts("notice")
     assert "".join(rec.texts("answer")) == PYTHON_FINALS[True]
     assert PYTHON_CODE not in "".join(rec.texts("reasoning"))  # the call is not reasoning
-    messages = log.active().messages
+    messages = session.chat.messages
     assert [(m.role, m.recipient, m.name) for m in messages] == [
         ("user", None, None),
         ("assistant", None, None),

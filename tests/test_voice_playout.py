@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mlx_harmony.bench.file_audio import ClockSpeaker
-from mlx_harmony.llm.chatlog import Chat, ChatLog
 from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.session import Session
 from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Request
@@ -185,13 +185,13 @@ def assistant_on_clock(engine, synthesizer, tmp_path, prompt=None, **overrides):
     config = VoiceConfig()
     for key, value in ({"tts.greeting": False, "activation.earcons": False} | overrides).items():
         config = apply_override(config, key, value)
-    log = ChatLog()
-    log.start_chat(Chat.new("tiny"))
+    prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
+    session = Session(engine, prompt, tmp_path / "chat.json", "tiny")
+    session.new_chat()
     rec, speaker = Recorder(), ClockSpeaker()
     assistant = VoiceAssistant(
-        config, engine, prompt or PromptConfig(sampling={"temperature": 0.0}), None, synthesizer,
-        make_detector(config.endpointing, MODEL_RATE), log, tmp_path / "chat.json", rec,
-        speaker=speaker,
+        config, engine, prompt, None, synthesizer, make_detector(config.endpointing, MODEL_RATE),
+        session, rec, speaker=speaker,
     )  # fmt: skip
     return assistant, rec, speaker
 

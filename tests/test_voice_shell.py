@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mlx_harmony.llm.chatlog import Chat, ChatLog
 from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.llm.session import Session
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Request
 from mlx_harmony.voice.daemon import VoiceAssistant
@@ -68,11 +68,11 @@ def assistant(
     engine, rec = ScriptedEngine(answer, clock, word_s), Recorder()
     tts = ScriptedSynthesizer(clock, tts_step_s) if tts_step_s is not None else None
     speaker = ScriptedSpeaker(clock) if tts is not None else None
-    log = ChatLog()
-    log.start_chat(Chat.new("scripted"))
+    session = Session(engine, PromptConfig(), tmp_path / "chat.json", "scripted")
+    session.new_chat()
     voice = VoiceAssistant(
         config, engine, PromptConfig(), stt, tts, make_detector(config.endpointing, 24_000),
-        log, tmp_path / "chat.json", rec, clock=clock, mic=mic, speaker=speaker,
+        session, rec, clock=clock, mic=mic, speaker=speaker,
     )  # fmt: skip
     voice.open()
     return Shell(voice, clock, mic, stt, engine, rec, tts, speaker)

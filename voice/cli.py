@@ -21,8 +21,8 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.text import Text
 
-from mlx_harmony.llm.chatlog import Chat, ChatLog, hold_chat_log, keep_backup, load_chat_log
-from mlx_harmony.llm.cli.common import Setup, add_model_options, resolve, run_main
+from mlx_harmony.llm.chatlog import hold_chat_log
+from mlx_harmony.llm.cli.common import Setup, add_model_options, resolve, run_main, show_opened
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.voice import ctl, service
 from mlx_harmony.voice.config import (
@@ -40,6 +40,8 @@ from mlx_harmony.voice.logfile import log_to_file
 # and `service` do not wait seconds for MLX, mlx-lm and transformers to load.
 if TYPE_CHECKING:
     from mlx_harmony.llm.backends import ChatEngine
+    from mlx_harmony.llm.config import PromptConfig
+    from mlx_harmony.llm.session import Session
     from mlx_harmony.voice.daemon import TurnTimings
     from mlx_harmony.voice.stt import Transcriber
     from mlx_harmony.voice.tts import Synthesizer
@@ -229,18 +231,18 @@ def llm_setup(args: argparse.Namespace, config: VoiceConfig, console: Console) -
     return resolve(args, lambda w: console.print(f"[yellow]warning:[/] {w}"))
 
 
-def open_log(path: Path, setup: Setup, console: Console) -> ChatLog:
-    if path.exists():
-        log, version = load_chat_log(path)
-        for note in log.repairs:
-            console.print(f"[yellow]repaired:[/] {path}: {note}")
-        backup = keep_backup(path, version, repaired=bool(log.repairs))
-        if backup:
-            console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
-        return log
-    log = ChatLog()
-    log.start_chat(Chat.new(setup.model, str(setup.prompt_path) if setup.prompt_path else None))
-    return log
+def open_session(
+    engine: ChatEngine, prompt: PromptConfig, setup: Setup, log_path: Path, console: Console
+) -> Session:
+    """The chat log at `log_path` resumed (what reading it found, said), or a new one."""
+    from mlx_harmony.llm.session import Session
+
+    prompt_path = str(setup.prompt_path) if setup.prompt_path else None
+    session = Session(engine, prompt, log_path, setup.model, prompt_path)
+    opened = session.resume_or_start()
+    if opened is not None:
+        show_opened(opened, console)
+    return session
 
 
 def load_voice_models(
@@ -364,7 +366,7 @@ def voice_assistant(
     )
     assistant = VoiceAssistant(
         config, engine, prompt, stt, tts, detector,
-        open_log(log_path, setup, console), log_path, reporter, turn_scorer=scorer,
+        open_session(engine, prompt, setup, log_path, console), reporter, turn_scorer=scorer,
     )  # fmt: skip
     try:
         assistant.open()

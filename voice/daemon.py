@@ -21,19 +21,17 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from mlx_harmony.llm.backends import ChatEngine
-from mlx_harmony.llm.chatlog import Chat, ChatLog, save_chat_log
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.errors import ConfigError, HarmonyError
 from mlx_harmony.llm.messages import ChatMessage, Event, TextDelta, ToolCall, ToolResult, TurnDone
+from mlx_harmony.llm.session import Session
 from mlx_harmony.llm.tool_loop import respond
-from mlx_harmony.llm.tools.toolbox import Toolbox, conversation_workspace
 from mlx_harmony.voice import turns
 from mlx_harmony.voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
 from mlx_harmony.voice.config import VoiceConfig
@@ -209,8 +207,7 @@ class VoiceAssistant:
         transcriber: Transcriber | None,
         synthesizer: Synthesizer | None,
         detector: Detector,
-        log: ChatLog,
-        log_path: Path,
+        session: Session,
         reporter: Reporter,
         clock: Callable[[], float] = time.perf_counter,
         mic: Microphone | None = None,
@@ -219,7 +216,7 @@ class VoiceAssistant:
     ) -> None:
         self.cfg, self.engine, self.prompt = config, engine, prompt
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
-        self.log, self.log_path, self.report, self.clock = log, log_path, reporter, clock
+        self.session, self.report, self.clock = session, reporter, clock
         audio = config.audio
         if transcriber is not None:
             self.mic = mic or Microphone(audio.input_device, audio.block_ms)
@@ -260,8 +257,7 @@ class VoiceAssistant:
         self._tts_rate_prior = speed.rate if speed is not None else float("inf")
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
-        self.toolbox: Toolbox | None = None
-        self._new_toolbox()
+        self._chat_id = session.chat.chat_id  # for the control socket's thread
 
     def _echo_canceller(self) -> EchoCanceller | None:
         mode = self.cfg.audio.echo_cancellation
@@ -285,7 +281,10 @@ class VoiceAssistant:
         if self.mic is not None:
             self.report.notice(self.rules.end_of_turn())
         self._set_state(self.conv.idle_status(self.clock()))
-        self._greet(record=not self.log.active().messages)
+        greeting = self.session.greeting()
+        if greeting is not None and not self.session.chat.messages:
+            self.session.chat.append(ChatMessage("assistant", greeting, "final"))
+        self._greet(greeting)
 
     def close(self) -> None:
         if self.turn is not None:
@@ -296,8 +295,7 @@ class VoiceAssistant:
         self.echo = None
         if self.scorer is not None:
             self.scorer.close()
-        if self.toolbox is not None:
-            self.toolbox.close()
+        self.session.close()
         self.save()
         leftovers = [*self._waiting, *self._drain_commands()]
         self._waiting.clear()
@@ -323,15 +321,13 @@ class VoiceAssistant:
         """Write the log; a failure is said and the conversation goes on in memory (the
         next turn's save tries again). A new log with no message at all is not written:
         an assistant that could not even open its devices leaves no file behind."""
-        empty = not any(c.messages for c in self.log.chats.values())
-        if empty and not self.log_path.exists():
+        session = self.session
+        if session.empty and not session.log_path.exists():
             return
-        try:
-            save_chat_log(self.log_path, self.log)
-        except OSError as e:
+        why = session.save()
+        if why is not None:
             self.report.notice(
-                f"Could not save {self.log_path} ({e.strerror or e}); the conversation is "
-                "kept in memory."
+                f"Could not save {session.log_path} ({why}); the conversation is kept in memory."
             )
 
     def serve(self, stop: threading.Event) -> None:
@@ -493,7 +489,7 @@ class VoiceAssistant:
             "echo_cancellation": self.echo is not None,
             "barge_in": self.rules.barge_in,
             "end_of_turn": self.rules.end_of_turn().removeprefix("end of turn: "),
-            "chat_log": str(self.log_path),
+            "chat_log": str(self.session.log_path),
             "chat_id": self._chat_id,
             "turns": self.turns,
             "waiting": len(self._waiting),
@@ -560,32 +556,16 @@ class VoiceAssistant:
         self._handle(Ask(request.text))
 
     def _new_chat(self) -> None:
-        active = self.log.active()
-        meta = active.metadata
-        self.log.start_chat(Chat.new(meta.last_model_path, meta.last_prompt_config_path))
-        self.engine.reset()
-        self._new_toolbox()
-        self._greet(record=True)
+        greeting = self.session.new_chat()
+        self._chat_id = self.session.chat.chat_id
+        self._greet(greeting)
         self.save()
 
-    def _new_toolbox(self) -> None:
-        """The active chat's tools: a workspace, python process and browser of its own."""
-        if self.toolbox is not None:
-            self.toolbox.close()
-            self.toolbox = None
-        self._chat_id = self.log.active().chat_id
-        tools = self.prompt.tools
-        if tools.enabled:
-            self.toolbox = Toolbox(tools, conversation_workspace(tools, self._chat_id))
-
-    def _greet(self, record: bool) -> None:
-        """The prompt config's greeting, spoken at start (if so configured) and opening
-        each new chat's history, as in the text chat."""
-        greeting = self.prompt.expand(self.prompt.assistant_greeting)
-        if not greeting:
+    def _greet(self, greeting: str | None) -> None:
+        """The prompt config's greeting, shown, and spoken if so configured (at start, and
+        opening each new chat, as in the text chat)."""
+        if greeting is None:
             return
-        if record:
-            self.log.active().append(ChatMessage("assistant", greeting, "final"))
         self.report.answer(greeting)
         self.report.answer_done()
         if self.tts is not None and self.cfg.tts.greeting:
@@ -617,8 +597,9 @@ class VoiceAssistant:
         """While the user speaks, prefill the conversation up to the words already heard,
         so that at the end of speech only the last words are left to prefill. Fed a chunk
         per pass of the loop (`_prefill_step`); newer words replace an unfinished feed."""
-        history = [*self.log.active().history(), ChatMessage("user", text)]
-        tools = self.toolbox.declarations if self.toolbox else []
+        history = [*self.session.chat.history(), ChatMessage("user", text)]
+        toolbox = self.session.toolbox
+        tools = toolbox.declarations if toolbox else []
         self._prefilling = self.engine.prefill_steps(
             Conversation(history, self.prompt, now=self._utterance_now, tools=tools),
             step=PREFILL_CHUNK,
@@ -637,8 +618,9 @@ class VoiceAssistant:
             self._text_to_score = text
             return []
         self._text_to_score = None
-        history = [*self.log.active().history(), ChatMessage("user", text)]
-        tools = self.toolbox.declarations if self.toolbox else []
+        history = [*self.session.chat.history(), ChatMessage("user", text)]
+        toolbox = self.session.toolbox
+        tools = toolbox.declarations if toolbox else []
         conversation = Conversation(history, self.prompt, now=self._utterance_now, tools=tools)
         try:
             p = self.engine.end_of_turn_probability(conversation)
@@ -699,7 +681,7 @@ class VoiceAssistant:
         speculative: bool = False,
     ) -> None:
         user = ChatMessage("user", text)
-        history = [*self.log.active().history(), user]
+        history = [*self.session.chat.history(), user]
         self._prefilling = None  # the turn's own prefill feeds whatever is left
         mark = self.engine.mark() if speculative else None
         turn = self._new_turn(user, speech_end, timings, reply)
@@ -711,7 +693,7 @@ class VoiceAssistant:
             self.engine,
             history,
             self.prompt,
-            self.toolbox,
+            self.session.toolbox,
             should_stop=lambda: turn.cancelled,
             now=self._utterance_now,
             start=self.cfg.llm.reply_start(),
@@ -832,9 +814,10 @@ class VoiceAssistant:
                 self.speaker.expecting = False  # the notice, then silence while it runs
             recipient = event.message.recipient
             turn.show(lambda: self.report.notice(f"→ {recipient}"))
-            if self.toolbox is not None and self.toolbox.config.spoken_notices:
+            toolbox = self.session.toolbox
+            if toolbox is not None and toolbox.config.spoken_notices:
                 # Said while the tool runs; the result itself is for the model, not the ear.
-                notice = self.toolbox.notice(event.message.recipient)
+                notice = toolbox.notice(event.message.recipient)
                 self._say(turn, turn.text.flush() + turn.text.push(notice + " "))
         elif isinstance(event, ToolResult):
             first = (event.message.content.strip().splitlines() or [""])[0]
@@ -1023,19 +1006,18 @@ class VoiceAssistant:
             turn.timings.underruns = self.speaker.underruns - turn.underruns_base
         turn.timings.prompt_tokens = turn.done.stats.prompt_tokens
         turn.timings.cached_tokens = turn.done.stats.cached_tokens
-        chat = self.log.active()
-        chat.append(turn.user)
-        hyper = self.prompt.sampling.model_dump()
         finals = [m for m in turn.done.messages if m.channel == "final"]
-        for msg in turn.done.messages:
-            if msg.channel != "final":
-                chat.append(msg)
         if heard is not None:
             # Interrupted: the model's words the user never heard are not part of the talk.
             final = ChatMessage("assistant", f"{heard} …".strip(), "final")
         else:
             final = finals[-1] if finals else ChatMessage("assistant", turn.answer, "final")
-        chat.append(final, hyper, extra={"voice_timings": turn.timings.as_log()})
+        others = [m for m in turn.done.messages if m.channel != "final"]
+        self.session.record(
+            [turn.user, *others, final],
+            self.prompt.sampling.model_dump(),
+            extra={"voice_timings": turn.timings.as_log()},
+        )
         self.save()
         self.turns += 1
         if turn.reply is not None:

@@ -22,16 +22,15 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from mlx_harmony.llm.backends import ChatEngine, load_engine
-from mlx_harmony.llm.chatlog import (
-    Chat,
-    ChatLog,
-    hold_chat_log,
-    keep_backup,
-    load_chat_log,
-    release_chat_log,
-    save_chat_log,
+from mlx_harmony.llm.chatlog import Chat, hold_chat_log, load_chat_log, release_chat_log
+from mlx_harmony.llm.cli.common import (
+    Setup,
+    add_model_options,
+    apply_overrides,
+    resolve,
+    run_main,
+    show_opened,
 )
-from mlx_harmony.llm.cli.common import Setup, add_model_options, apply_overrides, resolve, run_main
 from mlx_harmony.llm.cli.multiline import read_message
 from mlx_harmony.llm.config import SamplingParams
 from mlx_harmony.llm.distributed import is_follower
@@ -45,8 +44,8 @@ from mlx_harmony.llm.messages import (
     empty_turn_notice,
 )
 from mlx_harmony.llm.remote import RemoteEngine
+from mlx_harmony.llm.session import Session
 from mlx_harmony.llm.tool_loop import respond
-from mlx_harmony.llm.tools.toolbox import Toolbox, conversation_workspace
 
 HELP = {
     "help": "this list",
@@ -125,10 +124,9 @@ class ChatSession:
         self.engine, self.setup, self.console = engine, setup, console
         # The command line's sampling flags, applied over a resumed log's settings.
         self.flags = flags or (lambda sampling: sampling)
-        self.log_path = log_path
         self.show_reasoning, self.markdown = show_reasoning, markdown
-        self.log = ChatLog()
-        self.toolbox: Toolbox | None = None
+        prompt_path = str(setup.prompt_path) if setup.prompt_path else None
+        self.session = Session(engine, setup.prompt, log_path, setup.model, prompt_path)
         if log_path.exists():
             self._open(log_path)
         else:
@@ -136,19 +134,15 @@ class ChatSession:
 
     @property
     def chat(self) -> Chat:
-        return self.log.active()
+        return self.session.chat
+
+    @property
+    def log_path(self) -> Path:
+        return self.session.log_path
 
     # --------------------------------------------------------------- log handling
     def _open(self, path: Path) -> None:
-        log, version = load_chat_log(path)
-        for note in log.repairs:
-            self.console.print(f"[yellow]repaired:[/] {path}: {note}")
-        backup = keep_backup(path, version, repaired=bool(log.repairs))
-        if backup:
-            self.console.print(f"[dim]v{version} log: kept the original as {backup}[/]")
-        self.log, self.log_path = log, path
-        self.engine.reset()
-        self._new_toolbox()
+        show_opened(self.session.open(path), self.console)
         meta = self.chat.metadata
         self._restore_settings(meta.last_hyperparameters, path)
         for what, before, now in (
@@ -201,40 +195,24 @@ class ChatSession:
             self.console.print(Text(f"  {who}: {text}", style="dim"))
 
     def _new_chat(self) -> None:
-        prompt_path = str(self.setup.prompt_path) if self.setup.prompt_path else None
-        self.log.start_chat(Chat.new(self.setup.model, prompt_path))
-        self.engine.reset()
-        self._new_toolbox()
-        greeting = self.setup.prompt.expand(self.setup.prompt.assistant_greeting)
-        if greeting:
-            self.chat.append(ChatMessage("assistant", greeting, "final"))
+        greeting = self.session.new_chat()
+        if greeting is not None:
             self._print_answer(greeting)
 
-    def _new_toolbox(self) -> None:
-        """Tools of this chat: its own workspace folder, python process and browser pages."""
-        self.close()
-        tools = self.setup.prompt.tools
-        if tools.enabled:
-            self.toolbox = Toolbox(tools, conversation_workspace(tools, self.chat.chat_id))
-
     def close(self) -> None:
-        if self.toolbox is not None:
-            self.toolbox.close()
-            self.toolbox = None
+        self.session.close()
 
     def save(self) -> bool:
         """Write the log; if that fails (its folder gone, the disk full), say so and keep
         the conversation in memory: `\\save PATH` can still put it somewhere."""
-        try:
-            save_chat_log(self.log_path, self.log)
-        except OSError as e:
+        why = self.session.save()
+        if why is not None:
             self.console.print(
-                f"[yellow]Could not save {self.log_path} ({e.strerror or e}); the conversation "
+                f"[yellow]Could not save {self.log_path} ({why}); the conversation "
                 "is kept in memory: \\save PATH saves it elsewhere.[/]",
                 highlight=False,
             )
-            return False
-        return True
+        return why is None
 
     # --------------------------------------------------------------- commands
     def command(self, line: str) -> bool:
@@ -282,7 +260,7 @@ class ChatSession:
         hold_chat_log(path)
         if path.absolute() != self.log_path.absolute():
             release_chat_log(self.log_path)
-        self.log_path = path
+        self.session.log_path = path
 
     def _cmd_reset(self, _: str) -> None:
         self._new_chat()
@@ -290,7 +268,7 @@ class ChatSession:
         self.console.print("[dim]New chat.[/]")
 
     def _cmd_chats(self, arg: str) -> None:
-        log = self.log
+        log = self.session.log
         order = [c for c in log.chat_order if c in log.chats]
         order += [c for c in log.chats if c not in order]
         if not arg:
@@ -307,9 +285,7 @@ class ChatSession:
             chosen = arg
         else:
             raise ConfigError(f"no chat {arg!r} in this log (\\chats lists them)")
-        log.active_chat_id = chosen
-        self.engine.reset()
-        self._new_toolbox()
+        self.session.continue_chat(chosen)
         self.save()
         n = len(self.chat.messages)
         self.console.print(f"[dim]Continuing {chosen} ({n} messages).[/]")
@@ -400,7 +376,11 @@ class ChatSession:
         with Interrupt() as stopped:
             try:
                 events = respond(
-                    self.engine, self.chat.history(), prompt, self.toolbox, should_stop=stopped
+                    self.engine,
+                    self.chat.history(),
+                    prompt,
+                    self.session.toolbox,
+                    should_stop=stopped,
                 )
                 for event in events:
                     if isinstance(event, ToolCall | ToolResult | TextDelta) and (
@@ -448,8 +428,7 @@ class ChatSession:
         if done is None:
             return
         hyper = prompt.sampling.model_dump(exclude_defaults=False)
-        for msg in done.messages:
-            self.chat.append(msg, hyper if msg.channel == "final" else None)
+        self.session.record(done.messages, hyper)
         cut = prompt.truncate_response
         if cut is not None and not self.markdown and len(answer) > cut:
             more = f"[{len(answer) - cut} more characters in the log]"

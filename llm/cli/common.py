@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -24,6 +24,11 @@ from mlx_harmony.llm.debug_log import DebugLog
 from mlx_harmony.llm.debug_log import default_path as default_debug_path
 from mlx_harmony.llm.errors import ConfigError, HarmonyError, first_error
 from mlx_harmony.llm.tools.config import BrowserToolConfig, PythonToolConfig, ToolsConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mlx_harmony.llm.session import Opened
 
 DEFAULT_MODEL = "mlx-community/gpt-oss-20b-MXFP4-Q8"
 
@@ -239,3 +244,11 @@ def run_main(body: Callable[[], int | None]) -> None:
         sys.stdout.flush()
         print(file=sys.stderr)
         sys.exit(130)
+
+
+def show_opened(opened: Opened, console: Console) -> None:
+    """What reading a log found: its repairs, and where an old or repaired log was kept."""
+    for note in opened.repairs:
+        console.print(f"[yellow]repaired:[/] {opened.path}: {note}")
+    if opened.backup:
+        console.print(f"[dim]v{opened.version} log: kept the original as {opened.backup}[/]")

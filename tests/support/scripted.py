@@ -133,15 +133,16 @@ class ScriptedEngine:
         self.answer, self.clock, self.word_s = answer, clock, word_s
         self.asked: list[str] = []
         self.rollbacks = 0
+        self.resets = 0
 
     def stream(self, conversation, sampling=None, should_stop=None, start=None) -> Iterator[Event]:
         self.asked.append(conversation.history[-1].content)
-        for word in self.answer.split(" "):
+        for n, word in enumerate(self.answer.split(" ")):
             if should_stop is not None and should_stop():
                 break
             if self.clock is not None:
                 self.clock.now += self.word_s
-            yield TextDelta("final", word + " ")
+            yield TextDelta("final", f" {word}" if n else word)
         stats = GenerationStats(0, 0, 0, 0.0, 0.0, 0.0, 0.0)
         yield TurnDone("stop", (ChatMessage("assistant", self.answer, "final"),), (), stats)
 
@@ -157,7 +158,8 @@ class ScriptedEngine:
     def end_of_turn_probability(self, conversation) -> float | None:
         return None
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        self.resets += 1
 
     def warmup(self, prompt) -> bool:
         return False
