@@ -30,6 +30,7 @@ from mlx_harmony.llm.config import PromptConfig, RemoteConfig
 from mlx_harmony.llm.conversation import Conversation
 from mlx_harmony.llm.debug_log import DebugLog
 from mlx_harmony.llm.errors import ConfigError, RuntimeFailure
+from mlx_harmony.llm.limits import ServerLimits
 from mlx_harmony.llm.messages import Event, MessageDone, TextDelta, TurnDone
 from mlx_harmony.llm.openai_api import (
     ChatCompletionRequest,
@@ -46,20 +47,6 @@ from mlx_harmony.llm.tools.config import ToolsConfig
 from mlx_harmony.llm.tools.toolbox import Toolbox
 from mlx_harmony.llm.tools.tree import remove_tree
 from mlx_harmony.llm.worker import Job, ModelWorker
-
-
-@dataclass
-class ServerLimits:
-    max_body_bytes: int = 1_000_000
-    max_messages: int = 512
-    max_tokens: int = 16_384
-    # A long prompt costs prefill time before anything else can run (1 MB ≈ 76 s on a
-    # laptop): above this a request is refused before it is prefilled.
-    max_prompt_tokens: int = 32_768
-    # Connections that have not sent their request headers within this time are closed,
-    # and at most this many connections are open at once (idle keep-alives included).
-    header_timeout_s: float = 10.0
-    max_connections: int = 256
 
 
 @dataclass

@@ -13,15 +13,12 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.text import Text
 
-from mlx_harmony.llm.backends import ChatEngine, load_engine
 from mlx_harmony.llm.chatlog import Chat, hold_chat_log, load_chat_log, release_chat_log
 from mlx_harmony.llm.cli.common import (
     Setup,
@@ -33,7 +30,6 @@ from mlx_harmony.llm.cli.common import (
 )
 from mlx_harmony.llm.cli.multiline import read_message
 from mlx_harmony.llm.config import SamplingParams
-from mlx_harmony.llm.distributed import is_follower
 from mlx_harmony.llm.errors import ConfigError, HarmonyError, first_error
 from mlx_harmony.llm.messages import (
     ChatMessage,
@@ -43,9 +39,15 @@ from mlx_harmony.llm.messages import (
     TurnDone,
     empty_turn_notice,
 )
-from mlx_harmony.llm.remote import RemoteEngine
 from mlx_harmony.llm.session import Session
 from mlx_harmony.llm.tool_loop import respond
+
+if TYPE_CHECKING:
+    # Loaded when used: `--help` does not wait for them (httpx, MLX, rich's markdown).
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    from mlx_harmony.llm.backends import ChatEngine
 
 HELP = {
     "help": "this list",
@@ -344,6 +346,8 @@ class ChatSession:
     def _cmd_show(self, _: str) -> None:
         p = self.setup.prompt
         kind = "Harmony" if self.engine.harmony else "chat template"
+        from mlx_harmony.llm.remote import RemoteEngine
+
         if isinstance(self.engine, RemoteEngine):
             kind = f"remote {self.engine.config.base_url}"
         self.console.print(f"model: {self.setup.model} ({kind})")
@@ -367,6 +371,9 @@ class ChatSession:
         self.generate()
 
     def generate(self) -> None:
+        from rich.live import Live
+        from rich.markdown import Markdown
+
         prompt = self.setup.prompt
         thinking = ""
         answer = ""
@@ -442,6 +449,8 @@ class ChatSession:
         self.save()
 
     def _thinking_view(self, thinking: str) -> Markdown:
+        from rich.markdown import Markdown
+
         """The thinking as markdown (dim), cut at `truncate_thinking` characters."""
         limit = self.setup.prompt.truncate_thinking
         shown = thinking if limit is None or len(thinking) <= limit else thinking[:limit] + " …"
@@ -490,6 +499,8 @@ class ChatSession:
     def _print_answer(self, text: str) -> None:
         view = self._answer_view(text)
         if self.markdown:
+            from rich.markdown import Markdown
+
             self.console.print(Markdown(view))
         else:
             self.console.print(view, markup=False, highlight=False)
@@ -549,6 +560,9 @@ def _main() -> int:
 
     def warn(text: str) -> None:
         console.print(f"[yellow]warning:[/] {text}")
+
+    from mlx_harmony.llm.backends import load_engine
+    from mlx_harmony.llm.distributed import is_follower
 
     resume_choices(args, warn)
     setup = resolve(args, warn)

@@ -11,16 +11,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-from fastapi import FastAPI
-
-from mlx_harmony.llm.backends import load_engine
 from mlx_harmony.llm.cli.common import DEFAULT_MODEL, Setup, add_model_options, resolve, run_main
 from mlx_harmony.llm.config import load_profiles, load_prompt_config
 from mlx_harmony.llm.errors import ConfigError
-from mlx_harmony.llm.http_guard import server_config
-from mlx_harmony.llm.server import ServerLimits, create_app, offered_prompt_configs, served_from
+from mlx_harmony.llm.limits import ServerLimits
+
+if TYPE_CHECKING:
+    # Loaded when serving: `--help` does not wait for the web framework or MLX.
+    import uvicorn
+    from fastapi import FastAPI
 
 API_KEY_ENV = "MLX_HARMONY_API_KEY"
 PROFILES_ENV = "MLX_HARMONY_PROFILES_FILE"
@@ -98,6 +99,10 @@ def serve(
 ) -> int:
     """Serve the parsed options; `extend` adds routes (and loads what they need) once the
     chat model is up, before the first client is let in."""
+    from mlx_harmony.llm.backends import load_engine
+    from mlx_harmony.llm.http_guard import server_config
+    from mlx_harmony.llm.server import create_app, offered_prompt_configs, served_from
+
     # The original tool's variable for a server's profiles, when the flag is absent.
     profiles_file = args.profiles or os.environ.get(PROFILES_ENV)
     profiles = load_profiles(Path(profiles_file)) if profiles_file else {}
@@ -150,19 +155,25 @@ def serve(
     # the handler it found: by then the work is done, so both end in a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: None)
     with contextlib.suppress(KeyboardInterrupt):
-        _Server(config).run(sockets=[listener])
+        _announcing_server(config).run(sockets=[listener])
     return 0
 
 
-class _Server(uvicorn.Server):
-    """uvicorn says where it listens only when it made the socket itself."""
+def _announcing_server(config: uvicorn.Config) -> uvicorn.Server:
+    """A uvicorn server that says where it listens (uvicorn does only for a socket it made
+    itself)."""
+    import uvicorn
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started and sockets:
-            host, port = sockets[0].getsockname()[:2]
-            where = f"[{host}]" if ":" in host else host
-            print(f"Serving on http://{where}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and sockets:
+                host, port = sockets[0].getsockname()[:2]
+                where = f"[{host}]" if ":" in host else host
+                print(f"Serving on http://{where}:{port} (Ctrl-C stops)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+
+    return Server(config)
 
 
 def bind(host: str, port: int) -> socket.socket:
