@@ -243,7 +243,6 @@ class VoiceAssistant:
         self._block: Block | None = None  # the microphone block being handled
         self._unfed: list[np.ndarray] = []  # blocks the STT takes later (`turns.Feed`)
         self._timings = TurnTimings()  # the utterance being transcribed
-        self._pending_reply: Reply | None = None  # who asked the question being started
         self._prefilling: Iterator[int] | None = None  # the words heard so far, being fed
         self._text_to_score: str | None = None  # a text signal asked while the feed ran
         self._stt_frames_at_start = 0
@@ -419,17 +418,17 @@ class VoiceAssistant:
             case StartHearing(blocks):
                 preroll = list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :]
                 return self._start_hearing(preroll)
-            case Feed(later):
-                assert self.stt is not None and self._block is not None
+            case Feed(audio, later):
+                assert self.stt is not None and isinstance(audio, np.ndarray)
                 if not (self.stt.active and self.stt.room > 0):
                     return []
                 heard: list[turns.Event] = []
                 if self.scorer is not None:
-                    self.scorer.add(self._block.pcm)
+                    self.scorer.add(audio)
                 if later:
-                    self._unfed.append(self._block.pcm)
+                    self._unfed.append(audio)
                     return []
-                pieces = [self.stt.feed(pcm) for pcm in [*self._unfed, self._block.pcm]]
+                pieces = [self.stt.feed(pcm) for pcm in [*self._unfed, audio]]
                 self._unfed.clear()
                 if any(pieces):
                     heard.append(Words(self.stt.text))
@@ -438,9 +437,9 @@ class VoiceAssistant:
                 return heard
             case Prefill(text):
                 self._prefill(text)
-            case ScoreEnd():
-                assert self.scorer is not None and self._block is not None
-                self.scorer.request(self._block.at)
+            case ScoreEnd(at):
+                assert self.scorer is not None
+                self.scorer.request(at)
             case ScoreText(text):
                 return self._score_text(text)
             case FinishHearing(silence_ms, by):
@@ -454,12 +453,12 @@ class VoiceAssistant:
                 self._unfed.clear()
                 if self.stt.active:
                     self.stt.stop()
-            case StartTurn(text, at, typed, speculative):
+            case StartTurn(text, at, typed, speculative, reply):
                 timings = TurnTimings(typed=True) if typed else self._timings
-                reply, self._pending_reply = self._pending_reply, None
                 if not typed and not speculative:
                     self.report.heard(text)
-                self._start_turn(text, at, timings, reply if typed else None, speculative)
+                assert reply is None or isinstance(reply, Reply)
+                self._start_turn(text, at, timings, reply, speculative)
             case ConfirmTurn(by):
                 self._confirm_turn(by)
             case DropTurn():
@@ -552,8 +551,7 @@ class VoiceAssistant:
             return
         self.report.heard(request.text)
         self._utterance_now = datetime.now()
-        self._pending_reply = reply
-        self._handle(Ask(request.text))
+        self._handle(Ask(request.text, reply))
 
     def _new_chat(self) -> None:
         greeting = self.session.new_chat()
@@ -578,7 +576,7 @@ class VoiceAssistant:
         self.preroll.append(block)
         self._block = block
         speech = self.detector(block.pcm)
-        self._handle(turns.Block(block.at, speech))
+        self._handle(turns.Block(block.at, speech, block.pcm))
 
     def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
         assert self.stt is not None

@@ -215,10 +215,12 @@ def free(state: State) -> bool:
 # ---------------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class Block:
-    """One microphone block and the detector's decision on it."""
+    """One microphone block and the detector's decision on it; `audio` (its samples) is
+    handed on to the STT in `Feed`, never looked at here."""
 
     at: float
     speech: bool
+    audio: object = None
 
 
 @dataclass(frozen=True)
@@ -261,9 +263,11 @@ class Transcript:
 
 @dataclass(frozen=True)
 class Ask:
-    """A typed or control-socket question (offered only when `free`)."""
+    """A typed or control-socket question (offered only when `free`); `reply` (whoever
+    waits for the answer) travels with it to its `StartTurn`."""
 
     text: str
+    reply: object = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,7 @@ class Feed:
     nobody needs them. Never with a semantic STT, whose pause predictions are the feed's
     output."""
 
+    audio: object = None  # the block's samples
     later: bool = False
 
 
@@ -348,8 +353,10 @@ class Prefill:
 
 @dataclass(frozen=True)
 class ScoreEnd:
-    """Score the utterance heard so far with the turn model (answered by an `EndScore`,
-    later: it runs off the loop)."""
+    """Score the utterance heard until `at` with the turn model (answered by an
+    `EndScore`, later: it runs off the loop)."""
+
+    at: float
 
 
 @dataclass(frozen=True)
@@ -387,6 +394,7 @@ class StartTurn:
     speech_end_at: float  # the user's last speech; the turn's timings count from here
     typed: bool = False
     speculative: bool = False  # generate and synthesize, but play nothing until confirmed
+    reply: object = None  # who asked (a typed question's `Ask.reply`)
 
 
 @dataclass(frozen=True)
@@ -444,9 +452,9 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
                 state = _detect_end(replace(state, text_p=probability), now, out)
         case Transcript(text):
             state = _transcript(state, text, now, out)
-        case Ask(text):
+        case Ask(text, reply):
             if free(state):
-                out(StartTurn(text, now, typed=True), Status("thinking"))
+                out(StartTurn(text, now, typed=True, reply=reply), Status("thinking"))
                 state = replace(state, phase="answering", barge=0)
         case AnswerStarted():
             state = replace(state, phase="answering", barge=0)
@@ -522,7 +530,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         return state
     if state.ending:
         return state
-    out(Feed(later=state.speculating and not block.speech and not rules.semantic))
+    out(Feed(block.audio, later=state.speculating and not block.speech and not rules.semantic))
     speculated = False
     if state.speculating:
         state = _while_speculating(state, block, event, now, out)
@@ -538,7 +546,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
     scoring = rules.policy is not None and event is None and not block.speech
     if scoring and state.phase == "hearing" and not state.ending:
         if rules.fusion.acoustic_weight:
-            out(ScoreEnd())  # for the next block: the model runs off the loop
+            out(ScoreEnd(block.at))  # for the next block: the model runs off the loop
         if not speculated:  # else its transcript comes first: the next block decides
             state = _detect_end(state, now, out)
     return state
@@ -575,7 +583,7 @@ def _while_interrupting(state: State, block: Block, out: _Out) -> State:
         state = replace(state, last_speech_at=block.at)
     if state.ending:
         return state  # its transcript is on its way
-    out(Feed())
+    out(Feed(block.audio))
     if isinstance(event, SpeechEnded):
         out(FinishHearing(event.silence_ms))
         return replace(state, ending=True)
