@@ -581,6 +581,21 @@ def test_the_answer_ending_under_the_users_words_hands_them_to_a_turn() -> None:
     assert of(out, StartTurn)[0].text == "mm and another one"
 
 
+def test_the_answer_ending_once_the_words_over_it_were_done_waits_for_their_transcript() -> None:
+    """The speech over the answer ended (its transcript asked), then the answer ended too:
+    the utterance's end stays decided — no second end is asked of a finished stream — and
+    its transcript is the next turn."""
+    talk = Talk(rules(echo_cancelled=True))
+    answering(talk)
+    talk.blocks("sss")
+    assert of(talk.blocks("." * 5), FinishHearing)
+    talk.send(AnswerFinished())
+    assert talk.state.phase == "hearing" and talk.state.ending
+    assert not of(talk.blocks("." * 6), FinishHearing)
+    out = talk.send(Transcript("and what about Spain"))
+    assert of(out, StartTurn)[0].text == "and what about Spain"
+
+
 def test_muting_while_speech_is_heard_over_the_answer_drops_it() -> None:
     talk = Talk(rules(echo_cancelled=True))
     answering(talk)

@@ -26,6 +26,12 @@ Activation = Literal["always", "wake_phrase", "push_to_talk"]
 # Weight of the newest pause probability in its running average.
 PAUSE_SMOOTHING = 0.3
 Phase = Literal["idle", "hearing", "answering", "down"]
+# Where the utterance being heard stands (also speech heard over the answer): open;
+# ending (its end decided, the transcript on its way); early (the transcript taken at a
+# pause, the STT's stream going on); early_answer (and an answer to it started, held
+# unplayed until the end is confirmed). Speech that resumes drops an early start, and the
+# stream hears on.
+Ear = Literal["open", "ending", "early", "early_answer"]
 # What decided that the user was done (in each turn's timings and the log).
 EndedBy = Literal["silence", "turn detector", "predicted pause", "key"]
 
@@ -169,14 +175,11 @@ class State:
     open_until: float = 0.0
     addressed: bool = False  # the utterance being heard is meant for the assistant
     prefilled_words: int = 0
-    ending: bool = False  # the utterance's end was decided: its transcript is on its way
     pause_ema: float = 0.0  # the STT's smoothed pause probability, this utterance
     pause_steps: int = 0
-    # Speculative start: the STT's transcript was taken early (`speculating`, its stream
-    # going on); the transcript is `held`, and an answer to it was started and is held
-    # unplayed (`spec_turn`). Speech that resumes drops both, and the stream hears on.
-    speculating: bool = False
-    spec_turn: bool = False
+    # Where the utterance being heard (or the speech over the answer) stands (`Ear`). Taken
+    # early, its transcript is `held`.
+    ear: Ear = "open"
     held: str = ""
     # The turn detector's signals for the pause under way (None: not yet scored), and the
     # transcript they are about.
@@ -190,6 +193,18 @@ class State:
     @classmethod
     def start(cls, rules: Rules) -> State:
         return cls(rules, vad=rules.endpointer)
+
+    @property
+    def ending(self) -> bool:
+        return self.ear == "ending"
+
+    @property
+    def speculating(self) -> bool:
+        return self.ear in ("early", "early_answer")
+
+    @property
+    def spec_turn(self) -> bool:
+        return self.ear == "early_answer"
 
     @property
     def endpointer(self) -> Endpointer:
@@ -511,7 +526,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         )
         if rules.backchannels:  # its words will tell an interruption from an "mm-hmm"
             out(StartHearing(barge))
-            return replace(state, interrupting=True, ending=False, words="")
+            return replace(state, interrupting=True, ear="open", words="")
         out(Notice("(interrupted)"), CancelTurn())
         # Talking over the answer is talking to the assistant: no wake phrase, no key.
         return _begin_hearing(state, barge, addressed=True, out=out)
@@ -536,7 +551,7 @@ def _block(state: State, block: Block, now: float, out: _Out) -> State:
         state = _while_speculating(state, block, event, now, out)
     elif isinstance(event, SpeechEnded):
         out(FinishHearing(event.silence_ms))
-        return replace(state, ending=True)
+        return replace(state, ear="ending")
     elif isinstance(event, SpeechDropped):
         out(DropHearing(), Status(state.idle_status(now)), ShowWords(""))
         return replace(state, phase="idle")
@@ -568,7 +583,7 @@ def _detect_end(state: State, now: float, out: _Out) -> State:
         if state.speculating:
             return _confirm(replace(state, vad=vad.reset()), now, out, "turn detector")
         out(FinishHearing(vad.silent_blocks * vad.block_ms, "turn detector"))
-        return replace(state, ending=True, vad=vad.reset())
+        return replace(state, ear="ending", vad=vad.reset())
     early = rules.fused_speculate
     if early and fused is not None and fused >= early and not state.speculating:
         return _speculate(state, out)
@@ -586,7 +601,7 @@ def _while_interrupting(state: State, block: Block, out: _Out) -> State:
     out(Feed(block.audio))
     if isinstance(event, SpeechEnded):
         out(FinishHearing(event.silence_ms))
-        return replace(state, ending=True)
+        return replace(state, ear="ending")
     if isinstance(event, SpeechDropped):
         out(DropHearing())
         return replace(state, interrupting=False)
@@ -597,16 +612,16 @@ def _end_interrupting(state: State, out: _Out) -> State:
     if not state.interrupting:
         return state
     out(DropHearing())
-    return replace(state, interrupting=False, ending=False)
+    return replace(state, interrupting=False, ear="open")
 
 
 def _hear_interruption(state: State, out: _Out) -> State:
-    """The speech over the answer is a turn of its own: hearing goes on from here."""
+    """The speech over the answer is a turn of its own: hearing goes on from here (its
+    end, if already decided, stays decided: its transcript is on its way)."""
     out(Status("hearing"))
     return replace(
         state, phase="hearing", interrupting=False, addressed=True, prefilled_words=0,
-        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="",
-        acoustic=None, text_p=None, words="",
+        pause_ema=0.0, pause_steps=0, held="", acoustic=None, text_p=None, words="",
     )  # fmt: skip
 
 
@@ -628,7 +643,7 @@ def _speculate(state: State, out: _Out) -> State:
     """Take the transcript now (it comes back as a `Transcript` while `speculating`)."""
     vad = state.endpointer
     out(PeekHearing(vad.silent_blocks * vad.block_ms))
-    return replace(state, speculating=True)
+    return replace(state, ear="early")
 
 
 def _while_speculating(
@@ -651,21 +666,21 @@ def _while_speculating(
 def _drop_speculation(state: State, out: _Out) -> State:
     if state.spec_turn:
         out(DropTurn())
-    return replace(state, speculating=False, spec_turn=False, held="")
+    return replace(state, ear="open", held="")
 
 
 def _confirm(state: State, now: float, out: _Out, by: EndedBy = "silence") -> State:
-    held = state.held
+    held, answered = state.held, state.spec_turn
     out(DropHearing())  # its transcript was taken
-    state = replace(state, speculating=False, held="")
-    if not state.spec_turn:  # nothing was started: the transcript's usual path
+    state = replace(state, ear="open", held="")
+    if not answered:  # nothing was started: the transcript's usual path
         return _transcript(state, held, now, out)
     if state.rules.earcons:
         out(Earcon("done"))
     # "thinking" before the held answer comes out: the shell says "speaking" with its
     # first frame.
     out(ShowWords(""), Status("thinking"), ConfirmTurn(by))
-    return replace(state, phase="answering", barge=0, open_until=0.0, spec_turn=False)
+    return replace(state, phase="answering", barge=0, open_until=0.0)
 
 
 def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> State:
@@ -673,9 +688,8 @@ def _begin_hearing(state: State, blocks: int, addressed: bool, out: _Out) -> Sta
         out(Earcon("listening"))
     out(StartHearing(blocks), Status("hearing"))
     return replace(
-        state, phase="hearing", addressed=addressed, prefilled_words=0, ending=False,
-        pause_ema=0.0, pause_steps=0, speculating=False, spec_turn=False, held="",
-        acoustic=None, text_p=None, words="",
+        state, phase="hearing", addressed=addressed, prefilled_words=0, ear="open",
+        pause_ema=0.0, pause_steps=0, held="", acoustic=None, text_p=None, words="",
     )  # fmt: skip
 
 
@@ -700,7 +714,7 @@ def _pause(state: State, probability: float, now: float, out: _Out) -> State:
         if state.speculating:
             return _confirm(replace(state, vad=vad.reset()), now, out, "predicted pause")
         out(FinishHearing(vad.silent_blocks * vad.block_ms, "predicted pause"))
-        return replace(state, ending=True, vad=vad.reset())
+        return replace(state, ear="ending", vad=vad.reset())
     if rules.pause_speculate and ema > rules.pause_speculate and not state.speculating:
         return _speculate(state, out)
     return state
@@ -756,11 +770,11 @@ def _new_words(state: State, text: str, out: _Out) -> State:
 
 def _transcript(state: State, text: str, now: float, out: _Out) -> State:
     if state.interrupting:
-        state = replace(state, ending=False)
+        state = replace(state, ear="open")
         if not is_interruption(text, state.rules):
             return replace(state, interrupting=False)  # only "mm-hmm": nothing to do
         out(Notice("(interrupted)"), CancelTurn())
-        state = replace(_hear_interruption(state, out), ending=False)
+        state = _hear_interruption(state, out)
     if state.phase != "hearing":
         return state
     if state.speculating:
@@ -770,9 +784,9 @@ def _transcript(state: State, text: str, now: float, out: _Out) -> State:
         state = _new_words(state, question or text, out)
         if question is not None:
             out(StartTurn(question, state.last_speech_at or now, speculative=True))
-        return replace(state, held=text, spec_turn=question is not None)
+        return replace(state, held=text, ear="early_answer" if question is not None else "early")
     rules = state.rules
-    state = replace(state, phase="idle", ending=False)
+    state = replace(state, phase="idle", ear="open")
     out(ShowWords(""))
     question = _question(state, text)
     if question is not None:
@@ -824,7 +838,7 @@ def _talk_key(state: State, now: float, out: _Out) -> State:
             return _confirm(state, now, out, "key")
         vad = state.endpointer
         out(FinishHearing(vad.silent_blocks * vad.block_ms, "key"))
-        return replace(state, vad=vad.reset(), ending=True)
+        return replace(state, vad=vad.reset(), ear="ending")
     if state.phase == "answering":
         out(Notice("(interrupted)"), CancelTurn())
         state = _after_answer(state, now, out)
