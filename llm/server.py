@@ -498,8 +498,11 @@ class _Reasoning:
 
 
 @dataclass(frozen=True)
-class _ReasoningDone:
-    """A reasoning message is complete."""
+class _ReasoningMessage:
+    """A whole message on the reasoning channel (a call the server's own tools run is one
+    too: its code is part of how the answer was reached)."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -514,7 +517,7 @@ class _Finish:
     reason: str  # the API's finish_reason
 
 
-_Piece = _Answer | _Reasoning | _ReasoningDone | _Call | _Finish
+_Piece = _Answer | _Reasoning | _ReasoningMessage | _Call | _Finish
 
 
 async def _interpret(
@@ -541,7 +544,7 @@ async def _interpret(
                 yield _Reasoning(event.text)
             case MessageDone(message=msg) if msg.role == "assistant":
                 if msg.channel == "analysis":
-                    yield _ReasoningDone()
+                    yield _ReasoningMessage(msg.content)
                 elif not server_side(msg.recipient) and (call := tool_call_of(msg)):
                     yield _Call(calls, call)
                     calls += 1
@@ -561,18 +564,14 @@ async def _complete(
 ) -> dict[str, Any]:
     answer: list[str] = []
     reasoning: list[str] = []
-    thinking: list[str] = []  # the reasoning message being written
     calls: list[dict[str, Any]] = []
     finish: _Finish | None = None
     async for piece in _interpret(events, job, body, server_side):
         match piece:
             case _Answer(text):
                 answer.append(text)
-            case _Reasoning(text):
-                thinking.append(text)
-            case _ReasoningDone():
-                reasoning.append("".join(thinking))
-                thinking = []
+            case _ReasoningMessage(text):
+                reasoning.append(text)
             case _Call(_, call):
                 calls.append(call)
             case _Finish():
