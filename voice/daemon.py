@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -39,9 +39,11 @@ from mlx_harmony.voice.control import Reply, Request
 from mlx_harmony.voice.earcons import Earcons
 from mlx_harmony.voice.echo import EchoCanceller
 from mlx_harmony.voice.echo import available as echo_available
+from mlx_harmony.voice.hearing import Hearing
 from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
 from mlx_harmony.voice.speakable import SpeakableStream
 from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.timings import TurnTimings
 from mlx_harmony.voice.tts import SpeechSession, Synthesizer
 from mlx_harmony.voice.turn_scorer import TurnScorer
 from mlx_harmony.voice.turns import (
@@ -60,7 +62,6 @@ from mlx_harmony.voice.turns import (
     FinishHearing,
     Mute,
     Notice,
-    Pause,
     PeekHearing,
     Prefill,
     Rules,
@@ -73,9 +74,7 @@ from mlx_harmony.voice.turns import (
     Status,
     Stop,
     TalkKey,
-    TextScore,
     Transcript,
-    Words,
     free,
 )  # fmt: skip
 from mlx_harmony.voice.vad import Detector
@@ -91,9 +90,6 @@ ANSWER_WORDS_PRIOR = 25
 # answer has run dry the start-up figure is known to be wrong, and two frames are enough.
 LIVE_RATE_FRAMES = 4
 LIVE_RATE_FRAMES_AFTER_GAP = 2
-# Tokens prefilled per pass of the loop while listening: the microphone is drained between
-# chunks, so a long conversation's prefill never holds up the end of speech or a barge-in.
-PREFILL_CHUNK = 512
 
 
 class Reporter(Protocol):
@@ -107,47 +103,6 @@ class Reporter(Protocol):
     def answer_done(self) -> None: ...
     def notice(self, text: str) -> None: ...
     def turn_done(self, timings: TurnTimings) -> None: ...
-
-
-@dataclass
-class TurnTimings:
-    """Milliseconds from the end of the user's speech (the last speech block's arrival)."""
-
-    endpoint_ms: float = 0.0  # endpointing noticed the end (includes the silence wait)
-    head_start_ms: float | None = None  # the transcript was taken early (speculative start)
-    transcript_ms: float = 0.0  # STT flushed: transcript complete
-    first_token_ms: float | None = None
-    first_final_ms: float | None = None
-    first_chunk_ms: float | None = None  # the answer's first audio frame went to the speaker
-    generation_ms: float | None = None  # the engine finished the answer
-    first_audio_ms: float | None = None  # first audible sample played by the device
-    stt_frames_while_speaking: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of prompt_tokens: reused or prefilled while the user spoke
-    interrupted: bool = False
-    typed: bool = False  # the question came as text: times count from its arrival
-    # Started before the end was confirmed (endpointing.speculate_ms): the transcript and
-    # the first tokens and frames may come before `endpoint_ms`.
-    speculative: bool = False
-    ended_by: str = ""  # what decided the user was done (`voice.turns.EndedBy`)
-    underruns: int = 0  # the speaker ran dry mid-answer: gaps in the speech
-    # Of those: gaps while the TTS had spoken every word written so far, waiting for the
-    # language model's next one (not the synthesis's slowness).
-    text_gaps: int = 0
-    # The playout buffer: frames held back before the answer's first one played (1: none),
-    # the answer's length in frames as predicted then, and the synthesis speed (times
-    # real time) the decision used (`voice.playout`).
-    buffered_frames: int = 0
-    predicted_frames: int = 0
-    tts_rate: float | None = None
-
-    def as_log(self) -> dict[str, object]:
-        def rounded(k: str, v: object) -> object:
-            if not isinstance(v, float):
-                return v
-            return round(v, 3 if k == "tts_rate" else 1)
-
-        return {k: rounded(k, v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -241,11 +196,9 @@ class VoiceAssistant:
         self.turn: _Turn | None = None
         self.state = ""
         self._block: Block | None = None  # the microphone block being handled
-        self._unfed: list[np.ndarray] = []  # blocks the STT takes later (`turns.Feed`)
-        self._timings = TurnTimings()  # the utterance being transcribed
-        self._prefilling: Iterator[int] | None = None  # the words heard so far, being fed
-        self._text_to_score: str | None = None  # a text signal asked while the feed ran
-        self._stt_frames_at_start = 0
+        self.hearing = (
+            Hearing(transcriber, engine, self.scorer, clock) if transcriber is not None else None
+        )
         self._devices_down = False
         self._utterance_now = datetime.now()
         self.turns = 0
@@ -355,11 +308,12 @@ class VoiceAssistant:
         if self.turn is not None:
             self._advance()
             return
-        if self._prefilling is not None:
-            self._prefill_step()
-        if self._prefilling is None and self._text_to_score is not None:
-            for event in self._score_text(self._text_to_score):
-                self._handle(event)
+        hearing = self.hearing
+        if hearing is not None:
+            hearing.prefill_step()
+            if not hearing.prefilling and hearing.text_to_score is not None:
+                for event in self._score_text(hearing.text_to_score):
+                    self._handle(event)
         if self._waiting and free(self.conv):
             self._start_waiting()
 
@@ -416,27 +370,18 @@ class VoiceAssistant:
             case ShowWords(text):
                 self.report.partial(text)
             case StartHearing(blocks):
+                assert self.hearing is not None
+                # One clock reading per utterance, so that the prompt rendered while
+                # listening and the one rendered at the end agree on any time placeholder.
+                self._utterance_now = datetime.now()
                 preroll = list(self.preroll)[-(blocks + PREROLL_EXTRA_BLOCKS) :]
-                return self._start_hearing(preroll)
+                return self.hearing.start([b.pcm for b in preroll])
             case Feed(audio, later):
-                assert self.stt is not None and isinstance(audio, np.ndarray)
-                if not (self.stt.active and self.stt.room > 0):
-                    return []
-                heard: list[turns.Event] = []
-                if self.scorer is not None:
-                    self.scorer.add(audio)
-                if later:
-                    self._unfed.append(audio)
-                    return []
-                pieces = [self.stt.feed(pcm) for pcm in [*self._unfed, audio]]
-                self._unfed.clear()
-                if any(pieces):
-                    heard.append(Words(self.stt.text))
-                if self.stt.pause is not None:
-                    heard.append(Pause(self.stt.pause))
-                return heard
+                assert self.hearing is not None and isinstance(audio, np.ndarray)
+                return self.hearing.feed(audio, later)
             case Prefill(text):
-                self._prefill(text)
+                assert self.hearing is not None
+                self.hearing.prefill(self._asking(text))
             case ScoreEnd(at):
                 assert self.scorer is not None
                 self.scorer.request(at)
@@ -444,17 +389,17 @@ class VoiceAssistant:
                 return self._score_text(text)
             case FinishHearing(silence_ms, by):
                 text = self._finish_hearing(silence_ms / 1000)
-                self._timings.ended_by = by
+                assert self.hearing is not None
+                self.hearing.timings.ended_by = by
                 return [Transcript(text)]
             case PeekHearing(silence_ms):
                 return [Transcript(self._finish_hearing(silence_ms / 1000, peek=True))]
             case DropHearing():
-                assert self.stt is not None
-                self._unfed.clear()
-                if self.stt.active:
-                    self.stt.stop()
+                assert self.hearing is not None
+                self.hearing.drop()
             case StartTurn(text, at, typed, speculative, reply):
-                timings = TurnTimings(typed=True) if typed else self._timings
+                assert typed or self.hearing is not None
+                timings = TurnTimings(typed=True) if typed else self.hearing.timings
                 if not typed and not speculative:
                     self.report.heard(text)
                 assert reply is None or isinstance(reply, Reply)
@@ -578,79 +523,21 @@ class VoiceAssistant:
         speech = self.detector(block.pcm)
         self._handle(turns.Block(block.at, speech, block.pcm))
 
-    def _start_hearing(self, blocks: list[Block]) -> list[turns.Event]:
-        assert self.stt is not None
-        self.stt.start()
-        self._unfed.clear()
-        self._stt_frames_at_start = self.stt.frames_fed
-        # One clock reading per utterance, so that the prompt rendered while listening
-        # and the one rendered at the end agree on any time placeholder.
-        self._utterance_now = datetime.now()
-        if self.scorer is not None:
-            self.scorer.start([b.pcm for b in blocks])
-        new = [self.stt.feed(b.pcm) for b in blocks]
-        return [Words(self.stt.text)] if any(new) else []
-
-    def _prefill(self, text: str) -> None:
-        """While the user speaks, prefill the conversation up to the words already heard,
-        so that at the end of speech only the last words are left to prefill. Fed a chunk
-        per pass of the loop (`_prefill_step`); newer words replace an unfinished feed."""
+    def _asking(self, text: str) -> Conversation:
+        """The conversation as it would be asked with `text` as the user's message."""
         history = [*self.session.chat.history(), ChatMessage("user", text)]
         toolbox = self.session.toolbox
         tools = toolbox.declarations if toolbox else []
-        self._prefilling = self.engine.prefill_steps(
-            Conversation(history, self.prompt, now=self._utterance_now, tools=tools),
-            step=PREFILL_CHUNK,
-        )
-        self._prefill_step()
+        return Conversation(history, self.prompt, now=self._utterance_now, tools=tools)
 
     def _score_text(self, text: str) -> list[turns.Event]:
-        """The chat model's end-of-message probability after `text`, once the prefill has
-        caught up (only the last words are then left to run through the model): now, or
-        when the feed under way ends (`step`). Never while a turn runs: the engine's cache
-        is then the turn's."""
-        if self.turn is not None:
-            self._text_to_score = None
-            return []
-        if self._prefilling is not None:
-            self._text_to_score = text
-            return []
-        self._text_to_score = None
-        history = [*self.session.chat.history(), ChatMessage("user", text)]
-        toolbox = self.session.toolbox
-        tools = toolbox.declarations if toolbox else []
-        conversation = Conversation(history, self.prompt, now=self._utterance_now, tools=tools)
-        try:
-            p = self.engine.end_of_turn_probability(conversation)
-        except HarmonyError:
-            return []
-        return [] if p is None else [TextScore(p, text)]
-
-    def _prefill_step(self) -> None:
-        assert self._prefilling is not None
-        try:
-            next(self._prefilling)
-        except StopIteration:
-            self._prefilling = None
-        except HarmonyError:
-            # A rendering problem is reported by the real turn; here it only means no
-            # head start.
-            self._prefilling = None
+        assert self.hearing is not None
+        return self.hearing.score_text(text, self._asking(text), busy=self.turn is not None)
 
     def _finish_hearing(self, silence_s: float, peek: bool = False) -> str:
-        assert self.stt is not None and self._block is not None
-        frames_while_speaking = self.stt.frames_fed - self._stt_frames_at_start
+        assert self.hearing is not None and self._block is not None
         speech_end = self.conv.last_speech_at or self._block.at
-        endpointed = self.clock()
-        text = self.stt.peek(silence_s) if peek else self.stt.finish(silence_s)
-        transcribed = self.clock()
-        self._timings = TurnTimings(
-            endpoint_ms=(endpointed - speech_end) * 1000,
-            head_start_ms=(endpointed - speech_end) * 1000 if peek else None,
-            transcript_ms=(transcribed - speech_end) * 1000,
-            stt_frames_while_speaking=frames_while_speaking,
-        )
-        return text
+        return self.hearing.finish(silence_s, speech_end, peek)
 
     # ------------------------------------------------------------------ answering
     def _new_turn(self, user: ChatMessage | None, at: float, timings: TurnTimings,
@@ -680,7 +567,8 @@ class VoiceAssistant:
     ) -> None:
         user = ChatMessage("user", text)
         history = [*self.session.chat.history(), user]
-        self._prefilling = None  # the turn's own prefill feeds whatever is left
+        if self.hearing is not None:
+            self.hearing.stop_prefill()  # the turn's own prefill feeds whatever is left
         mark = self.engine.mark() if speculative else None
         turn = self._new_turn(user, speech_end, timings, reply)
         if speculative:
