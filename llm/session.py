@@ -73,8 +73,13 @@ class Session:
         config's greeting (returned; None without one)."""
         self.log.start_chat(Chat.new(self.model, self.prompt_path))
         self._chat_changed()
+        return self.greet()
+
+    def greet(self) -> str | None:
+        """The prompt config's greeting (None without one), opening the active chat where
+        it holds no message yet (a new chat, or a resumed log's empty one)."""
         greeting = self.greeting()
-        if greeting is not None:
+        if greeting is not None and not self.chat.messages:
             self.chat.append(ChatMessage("assistant", greeting, "final"))
         return greeting
 

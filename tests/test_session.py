@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_harmony.llm.chatlog import load_chat_log
+from mlx_harmony.llm.chatlog import Chat, load_chat_log
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.llm.messages import ChatMessage
@@ -96,3 +96,10 @@ def test_a_save_that_fails_says_why_and_keeps_the_conversation(tmp_path) -> None
     why = session.save()
     assert why  # the reason, as the operating system gives it
     assert session.chat.messages[-1].content == "hi"
+
+
+def test_a_resumed_chat_without_messages_is_opened_by_the_greeting_once(tmp_path) -> None:
+    session = Session(ScriptedEngine(), GREETING, tmp_path / "chat.json", "m")
+    session.log.start_chat(Chat.new("m"))
+    assert session.greet() == "Hello, I am Ada." and session.greet() == "Hello, I am Ada."
+    assert [m.content for m in session.chat.messages] == ["Hello, I am Ada."]

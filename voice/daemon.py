@@ -233,10 +233,7 @@ class VoiceAssistant:
         if self.mic is not None:
             self.report.notice(self.rules.end_of_turn())
         self._set_state(self.conv.idle_status(self.clock()))
-        greeting = self.session.greeting()
-        if greeting is not None and not self.session.chat.messages:
-            self.session.chat.append(ChatMessage("assistant", greeting, "final"))
-        self._greet(greeting)
+        self._greet(self.session.greet())
 
     def close(self) -> None:
         if self.turn is not None:
