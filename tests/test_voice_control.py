@@ -354,8 +354,8 @@ def test_say_speaks_without_touching_the_chat_and_new_chat_starts_one(
     control, ask = controlled(assistant, tmp_path)
     recording = tmp_path / "speaker.wav"
     seen: dict[str, Any] = {}
-    spoken = SpokenTexts(assistant.tts)
-    assistant.tts = spoken
+    assert assistant.voice is not None
+    spoken = assistant.voice.tts = SpokenTexts(assistant.voice.tts)
 
     def scenario(stop: threading.Event) -> None:
         recorder = virtual_audio.record_speaker(recording)

@@ -33,7 +33,8 @@ BLOCK_MS = 80
 
 def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_path) -> None:
     assistant, rec, log_path = make_assistant()
-    spoken = assistant.tts = SpokenTexts(assistant.tts)
+    assert assistant.voice is not None
+    spoken = assistant.voice.tts = SpokenTexts(assistant.voice.tts)
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
     feeds: list[float] = []
     real_feed = assistant.stt.feed

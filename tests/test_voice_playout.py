@@ -22,6 +22,7 @@ from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Request
 from mlx_harmony.voice.daemon import VoiceAssistant
 from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
+from mlx_harmony.voice.speaking import SpokenAnswer
 from mlx_harmony.voice.tts import SpeechSession, Synthesizer
 from mlx_harmony.voice.tts_speed import (
     FrameCost,
@@ -253,13 +254,13 @@ def test_answers_that_run_dry_teach_it_the_loops_pace_and_cost_codebooks(
     tts = fresh_tts(voice_models)
     tts.warmup()
     assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
-    step = VoiceAssistant._tts_step
+    step = SpokenAnswer.step
 
-    def loaded(self, turn) -> None:
+    def loaded(self) -> None:
         time.sleep(0.1)
-        step(self, turn)
+        step(self)
 
-    monkeypatch.setattr(VoiceAssistant, "_tts_step", loaded)
+    monkeypatch.setattr(SpokenAnswer, "step", loaded)
     assistant, rec, _ = assistant_on_clock(engine, tts, tmp_path)
     ask(assistant, rec, ["Hello", "Hello"])
     first, second = rec.timings

@@ -178,7 +178,10 @@ def pace_learned(tmp_path, speculate_ms: int) -> float:
     )  # fmt: skip
     hear(sh.voice, sh.mic, "ssssss..")
     if speculate_ms:
-        run_until(sh.voice.step, lambda: bool(sh.voice.turn and sh.voice.turn.held))
+        run_until(
+            sh.voice.step,
+            lambda: bool(sh.voice.turn and sh.voice.turn.speech and sh.voice.turn.speech.held),
+        )
     hear(sh.voice, sh.mic, "...")  # the fifth silent block ends the turn
     run_until(sh.voice.step, lambda: bool(sh.rec.timings), sh.clock)
     (t,) = sh.rec.timings

@@ -14,7 +14,6 @@ only as typed or control-socket text; without TTS answers are only shown and ret
 from __future__ import annotations
 
 import queue
-import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -33,18 +32,17 @@ from mlx_harmony.llm.messages import ChatMessage, Event, TextDelta, ToolCall, To
 from mlx_harmony.llm.session import Session
 from mlx_harmony.llm.tool_loop import respond
 from mlx_harmony.voice import turns
-from mlx_harmony.voice.audio_io import MODEL_RATE, AudioError, Block, Microphone, Speaker, rescan
+from mlx_harmony.voice.audio_io import AudioError, Block, Microphone, Speaker, rescan
 from mlx_harmony.voice.config import VoiceConfig
 from mlx_harmony.voice.control import Reply, Request
 from mlx_harmony.voice.earcons import Earcons
 from mlx_harmony.voice.echo import EchoCanceller
 from mlx_harmony.voice.echo import available as echo_available
 from mlx_harmony.voice.hearing import Hearing
-from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
-from mlx_harmony.voice.speakable import SpeakableStream
+from mlx_harmony.voice.speaking import SpokenAnswer, Voice
 from mlx_harmony.voice.stt import Transcriber
 from mlx_harmony.voice.timings import TurnTimings
-from mlx_harmony.voice.tts import SpeechSession, Synthesizer
+from mlx_harmony.voice.tts import Synthesizer
 from mlx_harmony.voice.turn_scorer import TurnScorer
 from mlx_harmony.voice.turns import (
     AnswerFinished,
@@ -79,17 +77,8 @@ from mlx_harmony.voice.turns import (
 )  # fmt: skip
 from mlx_harmony.voice.vad import Detector
 
-# Speech to have queued on the speaker before text generation gets a turn again.
-AHEAD_SECONDS = 0.3
 # Blocks kept from before the detector fired, so the first syllable reaches the STT.
 PREROLL_EXTRA_BLOCKS = 2
-# Words an answer still to be written is expected to have, before any was spoken; then the
-# mean of the last answers (only matters where speech is synthesized slower than it plays).
-ANSWER_WORDS_PRIOR = 25
-# Audio frames of an answer before their own pace counts in the playout decision; once the
-# answer has run dry the start-up figure is known to be wrong, and two frames are enough.
-LIVE_RATE_FRAMES = 4
-LIVE_RATE_FRAMES_AFTER_GAP = 2
 
 
 class Reporter(Protocol):
@@ -110,43 +99,28 @@ class _Turn:
     """An answer being generated and spoken, or (without `user`) a text only spoken."""
 
     events: Iterator[Event]
-    speech: SpeechSession | None  # one TTS session for the whole answer (None: no TTS)
+    speech: SpokenAnswer | None  # the answer's voice (None: no TTS)
     speech_end_at: float
     timings: TurnTimings
     user: ChatMessage | None
     reply: Reply | None = None  # who asked, when not the microphone
     generated: bool = False  # the engine has nothing more to say
-    text: SpeakableStream = field(default_factory=SpeakableStream)
     done: TurnDone | None = None
     cancelled: bool = False
     answer: str = ""
-    played_base: int = 0  # the speaker's played-sample count when the turn began
-    # A speculative turn, until confirmed: frames and what would be shown are held, and a
-    # tool call waits (it may act on the world); `mark` is the engine's cache before it.
-    held: list[np.ndarray] | None = None
+    # A speculative turn, until confirmed: its frames (in `speech`) and what would be
+    # shown are held, and a tool call waits (it may act on the world); `mark` is the
+    # engine's cache before it.
+    held: bool = False
     held_reports: list[Callable[[], None]] = field(default_factory=list)
     at_tool: bool = False
     mark: object = None
-    # Frames synthesized but not yet given to the speaker: the playout buffer, filled until
-    # the answer can play to its end without a gap, and again after a gap (`voice.playout`).
-    waiting: list[np.ndarray] = field(default_factory=list)
-    buffering: bool = True
-    # The pace synthesis keeps: frames made since the answer started or went on after a
-    # tool (whose run is a pause, not slowness), when the first of them was, and the last.
-    audio_frames: int = 0
-    first_frame_at: float | None = None
-    last_frame_at: float | None = None
-    at_tool_pause: bool = False  # between a tool call and its result: silence is expected
-    underruns_base: int = 0  # the speaker's underrun count when the turn began
-    underruns_seen: int = 0  # and when the loop last looked
-    # Since the loop last looked: the speech wanted its next frame and had no word to say.
-    starved: bool = False
 
     def show(self, report: Callable[[], None]) -> None:
-        if self.held is None:
-            report()
-        else:
+        if self.held:
             self.held_reports.append(report)
+        else:
+            report()
 
 
 class VoiceAssistant:
@@ -204,9 +178,11 @@ class VoiceAssistant:
         self.turns = 0
         # Speculative starts: "started", "confirmed", "dropped" (the waste).
         self.speculations: Counter[str] = Counter()
-        self._answer_words: deque[int] = deque([ANSWER_WORDS_PRIOR], maxlen=8)
-        speed = synthesizer.speed if synthesizer is not None else None
-        self._tts_rate_prior = speed.rate if speed is not None else float("inf")
+        self.voice = (
+            Voice(synthesizer, self.speaker, clock, config.tts.playout_buffer, reporter.notice)
+            if synthesizer is not None and self.speaker is not None
+            else None
+        )
         self._commands: queue.Queue[tuple[Request, Reply | None]] = queue.Queue()
         self._waiting: deque[tuple[Request, Reply | None]] = deque()  # asks and says
         self._chat_id = session.chat.chat_id  # for the control socket's thread
@@ -538,21 +514,14 @@ class VoiceAssistant:
 
     # ------------------------------------------------------------------ answering
     def _new_turn(self, user: ChatMessage | None, at: float, timings: TurnTimings,
-                  reply: Reply | None) -> _Turn:  # fmt: skip
-        turn = _Turn(
-            events=iter(()),
-            speech=self.tts.session() if self.tts is not None else None,
-            speech_end_at=at,
-            timings=timings,
-            user=user,
-            reply=reply,
-        )
-        if self.speaker is not None:
-            turn.played_base = self.speaker.played_samples
-            turn.underruns_base = turn.underruns_seen = self.speaker.underruns
-            self.speaker.first_sound_at = None
-        self.turn = turn
-        return turn
+                  reply: Reply | None, held: bool = False) -> _Turn:  # fmt: skip
+        voice = self.voice
+        speech = voice.answer(timings, at, held, self._playing) if voice is not None else None
+        self.turn = _Turn(iter(()), speech, at, timings, user, reply, held=held)
+        return self.turn
+
+    def _playing(self) -> None:
+        self._set_state("speaking")
 
     def _start_turn(
         self,
@@ -567,9 +536,9 @@ class VoiceAssistant:
         if self.hearing is not None:
             self.hearing.stop_prefill()  # the turn's own prefill feeds whatever is left
         mark = self.engine.mark() if speculative else None
-        turn = self._new_turn(user, speech_end, timings, reply)
+        turn = self._new_turn(user, speech_end, timings, reply, held=speculative)
         if speculative:
-            turn.held, turn.mark = [], mark
+            turn.mark = mark
             timings.speculative = True
             self.speculations["started"] += 1
         turn.events = respond(
@@ -586,27 +555,23 @@ class VoiceAssistant:
         """The speculative turn's question was the user's whole turn: from now on it is an
         ordinary answer, and what was held comes out at once."""
         turn = self.turn
-        assert turn is not None and turn.held is not None and turn.user is not None
+        assert turn is not None and turn.held and turn.user is not None
         self.speculations["confirmed"] += 1
         turn.timings.endpoint_ms = (self.clock() - turn.speech_end_at) * 1000
         turn.timings.ended_by = by
         self.report.heard(turn.user.content)
-        held, reports = turn.held, turn.held_reports
-        turn.held, turn.held_reports, turn.at_tool = None, [], False
+        reports = turn.held_reports
+        turn.held, turn.held_reports, turn.at_tool = False, [], False
         for report in reports:
             report()
-        if self.speaker is not None and turn.speech is not None:
-            self.speaker.first_sound_at = None  # an earcon may have played since the start
-            # Synthesis stood still while the frames were held: its pace counts from here.
-            turn.audio_frames, turn.first_frame_at = 0, None
-            turn.waiting += held
-            self._release(turn)
+        if turn.speech is not None:
+            turn.speech.confirm()
 
     def _drop_turn(self) -> None:
         """The user went on speaking: the speculative turn ends unseen and unheard, and the
         engine's cache goes back to before it."""
         turn = self.turn
-        assert turn is not None and turn.held is not None
+        assert turn is not None and turn.held
         self.speculations["dropped"] += 1
         turn.cancelled = True
         close = getattr(turn.events, "close", None)
@@ -619,47 +584,24 @@ class VoiceAssistant:
         """Speak a text as the assistant's voice; it is not part of the conversation."""
         turn = self._new_turn(None, self.clock(), TurnTimings(), reply)
         turn.generated = True
-        self._say(turn, turn.text.push(text) + turn.text.flush())
-        self._close_speech(turn)
+        assert turn.speech is not None  # `say` is refused without a voice
+        turn.speech.say(text)
+        turn.speech.finish()
 
     def _advance(self) -> None:
         turn = self.turn
         assert turn is not None
-        speech_ready = turn.speech is not None and turn.speech.ready
-        frame_s = self.tts.frame_seconds if self.tts is not None else 0.0
-        if turn.held is not None:
-            ahead = len(turn.held) * frame_s
-        else:
-            ahead = len(turn.waiting) * frame_s
-            ahead += self.speaker.pending_seconds() if self.speaker is not None else 0.0
-            if self._ran_dry(turn):
-                turn.buffering = True  # a gap: hold back again until the rest can play
-        # A finished answer, or one filling its playout buffer, is synthesized as fast as
-        # it can be, unless it is held: held audio stays within AHEAD_SECONDS until the
-        # turn is confirmed.
-        fill = turn.held is None and (turn.generated or turn.buffering)
-        if not speech_ready and ahead < AHEAD_SECONDS and not turn.generated:
-            turn.starved = True
-        if speech_ready and (ahead < AHEAD_SECONDS or fill):
-            self._tts_step(turn)
+        speech = turn.speech
+        if speech is not None and speech.wants_step():
+            speech.step()
         elif not turn.generated and not turn.at_tool:
             self._engine_step(turn)
-        elif turn.held is not None:
+        elif turn.held:
             time.sleep(0.005)  # held until the end of the turn is confirmed or dropped
-        elif self.speaker is not None and self.speaker.busy:
+        elif speech is not None and speech.playing:
             time.sleep(0.01)
         else:
             self._finish_turn()
-
-    @staticmethod
-    def _say(turn: _Turn, words: str) -> None:
-        if turn.speech is not None and words:
-            turn.speech.push(words)
-
-    @staticmethod
-    def _close_speech(turn: _Turn) -> None:
-        if turn.speech is not None:
-            turn.speech.close()
 
     def _engine_step(self, turn: _Turn) -> None:
         try:
@@ -674,6 +616,7 @@ class VoiceAssistant:
             self._handle(AnswerFinished())
             return
         now = self.clock()
+        speech = turn.speech
         if isinstance(event, TextDelta):
             if turn.timings.first_token_ms is None:
                 turn.timings.first_token_ms = (now - turn.speech_end_at) * 1000
@@ -685,158 +628,40 @@ class VoiceAssistant:
                 turn.show(lambda: self.report.answer(text))
                 if turn.reply is not None:
                     turn.reply.event(event="answer", text=text)
-                self._say(turn, turn.text.push(text))
+                if speech is not None:
+                    speech.write(text)
             elif event.kind == "reasoning":
                 turn.show(lambda: self.report.reasoning(text))
         elif isinstance(event, ToolCall):
             # A speculative turn goes no further: the tool would act before the user is
             # known to be done (the generator waits before running it).
-            turn.at_tool = turn.held is not None
-            turn.at_tool_pause = True
-            if self.speaker is not None:
-                self.speaker.expecting = False  # the notice, then silence while it runs
+            turn.at_tool = turn.held
             recipient = event.message.recipient
             turn.show(lambda: self.report.notice(f"→ {recipient}"))
-            toolbox = self.session.toolbox
-            if toolbox is not None and toolbox.config.spoken_notices:
-                # Said while the tool runs; the result itself is for the model, not the ear.
-                notice = toolbox.notice(event.message.recipient)
-                self._say(turn, turn.text.flush() + turn.text.push(notice + " "))
+            if speech is not None:
+                speech.tool_call()  # the notice, then silence while it runs
+                toolbox = self.session.toolbox
+                if toolbox is not None and toolbox.config.spoken_notices:
+                    # Said while the tool runs; the result itself is for the model.
+                    speech.say(toolbox.notice(recipient) + " ")
         elif isinstance(event, ToolResult):
             first = (event.message.content.strip().splitlines() or [""])[0]
             self.report.notice(f"← {event.message.name}: {first[:80]}")
-            # The rest of the answer starts afresh: buffered for the pace, timed from here.
-            turn.at_tool_pause, turn.buffering = False, True
-            turn.audio_frames, turn.first_frame_at = 0, None
+            if speech is not None:
+                speech.tool_result()
         elif isinstance(event, TurnDone):
             turn.done, turn.generated = event, True
             turn.timings.generation_ms = (now - turn.speech_end_at) * 1000
             turn.show(self.report.answer_done)
-            self._say(turn, turn.text.flush())
-            self._close_speech(turn)
-
-    def _tts_step(self, turn: _Turn) -> None:
-        assert turn.speech is not None and self.speaker is not None
-        frame = turn.speech.step()
-        if frame is not None:
-            turn.audio_frames += 1
-            turn.last_frame_at = self.clock()
-            if turn.first_frame_at is None:
-                turn.first_frame_at = turn.last_frame_at
-            (turn.held if turn.held is not None else turn.waiting).append(frame)
-        if turn.held is None:
-            self._release(turn)
-
-    def _release(self, turn: _Turn) -> None:
-        """Give the speaker what the playout buffer may let go of now."""
-        assert turn.speech is not None and self.speaker is not None
-        if turn.buffering and turn.waiting and self._can_play_through(turn):
-            turn.buffering = False
-        if not turn.buffering:
-            for frame in turn.waiting:
-                self._play(turn, frame)
-            turn.waiting.clear()
-        if turn.speech.done and not turn.waiting:
-            self.speaker.expecting = False  # what runs dry from here on is the end
-
-    def _can_play_through(self, turn: _Turn) -> bool:
-        """Whether the frames in hand cover what the rest of the answer will fall behind
-        by, at the speed synthesis runs here (`voice.playout`)."""
-        assert turn.speech is not None and self.tts is not None
-        if turn.speech.done or not self.cfg.tts.playout_buffer:
-            return True
-        rate = self._tts_rate(turn)
-        total = len(turn.waiting) + turn.speech.frames_left() + self._unwritten_frames(turn)
-        if len(turn.waiting) < frames_to_buffer(rate / RATE_MARGIN, total):
-            return False
-        if not turn.timings.buffered_frames:  # the answer's first start, not a re-buffer
-            turn.timings.buffered_frames = len(turn.waiting)
-            turn.timings.predicted_frames = total
-            turn.timings.tts_rate = rate
-        return True
-
-    def _tts_rate(self, turn: _Turn) -> float:
-        """Synthesis speed (audio seconds per second): this answer's own pace once it has
-        a few frames (what the whole loop gives the TTS, not the TTS alone), else the
-        pace the last answers that ran short kept, else the start-up measurement."""
-        live = self._live_rate(turn)
-        return live if live is not None else self._tts_rate_prior
-
-    def _live_rate(self, turn: _Turn) -> float | None:
-        ran_dry = self.speaker is not None and self.speaker.underruns > turn.underruns_base
-        enough = LIVE_RATE_FRAMES_AFTER_GAP if ran_dry else LIVE_RATE_FRAMES
-        if turn.audio_frames < enough or turn.first_frame_at is None:
-            return None
-        assert self.tts is not None and turn.last_frame_at is not None
-        took = turn.last_frame_at - turn.first_frame_at
-        return (turn.audio_frames - 1) * self.tts.frame_seconds / took if took > 0 else None
-
-    def _learn_tts_rate(self, turn: _Turn) -> None:
-        """An answer that ran dry mid-way shows the pace the whole loop gives the TTS:
-        the next answers are buffered for it, and where the codebooks were chosen for
-        this machine, fewer are kept until that pace has the margin again."""
-        if self.speaker is None or self.tts is None:
-            return
-        rate = self._live_rate(turn)
-        gaps = self.speaker.underruns - turn.underruns_base
-        if rate is None or gaps == 0:
-            return
-        self._tts_rate_prior = rate
-        if turn.timings.text_gaps >= gaps:
-            # The speech waited for words, not for synthesis: the next answers are buffered
-            # for that pace, but fewer codebooks would cost quality and gain nothing.
-            return
-        before = self.tts.speed
-        after = self.tts.adapt(rate)
-        if before is not None and after is not None:
-            # What the loop added to each frame is taken to stay: the frame measured with
-            # the codebooks kept, plus that.
-            added = max(0.0, self.tts.frame_seconds / rate - before.frame_seconds)
-            self._tts_rate_prior = self.tts.frame_seconds / (after.frame_seconds + added)
-            self.report.notice(
-                f"text to speech ran at {rate:.2f}x real time in the answers: "
-                f"now {after.describe()}"
-            )
-
-    def _unwritten_frames(self, turn: _Turn) -> int:
-        """Frames the part of the answer not written yet is expected to take."""
-        assert turn.speech is not None
-        if turn.generated:
-            return 0
-        words = max(0, round(statistics.mean(self._answer_words)) - len(turn.answer.split()))
-        return turn.speech.frames_for_words(words)
-
-    def _ran_dry(self, turn: _Turn) -> bool:
-        """The answer was playing and the speaker ran out, with more to come: it has
-        nothing left now, or it counted a gap since the last look (a step slower than a
-        frame lets it run dry and refills it before the loop looks again)."""
-        if turn.speech is None or self.speaker is None:
-            return False
-        new_gap = self.speaker.underruns > turn.underruns_seen
-        turn.underruns_seen = self.speaker.underruns
-        if new_gap and turn.starved:
-            turn.timings.text_gaps += 1
-        turn.starved = False
-        if turn.buffering or turn.speech.done:
-            return False
-        return new_gap or self.speaker.pending_seconds() == 0
-
-    def _play(self, turn: _Turn, frame: np.ndarray) -> None:
-        assert self.speaker is not None
-        self.speaker.expecting = not turn.at_tool_pause
-        self.speaker.play(frame)
-        if turn.timings.first_chunk_ms is None:
-            turn.timings.first_chunk_ms = (self.clock() - turn.speech_end_at) * 1000
-            self._set_state("speaking")
+            if speech is not None:
+                speech.finish()
 
     def _finish_turn(self) -> None:
         turn = self.turn
         assert turn is not None
-        if self.speaker is not None:
+        if turn.speech is not None and self.voice is not None:
             self.speaker.expecting = False
-        if turn.answer.strip():
-            self._answer_words.append(len(turn.answer.split()))
-        self._learn_tts_rate(turn)
+            self.voice.learn(turn.speech)
         if turn.user is not None:
             self._record(turn, heard=None)
         elif turn.reply is not None:
@@ -850,14 +675,11 @@ class VoiceAssistant:
         be done, and nothing of it was played (the assistant stopping mid-pause)."""
         turn = self.turn
         assert turn is not None
-        if turn.held is not None:
+        if turn.held:
             self._drop_turn()
             return
-        played = 0
-        if self.speaker is not None:
-            played = self.speaker.played_samples - turn.played_base
-            played = played * MODEL_RATE // self.speaker.rate  # the session counts at model rate
-            self.speaker.clear()
+        # Without a voice every word was shown, so all of it was "heard".
+        heard = turn.speech.stop() if turn.speech is not None else turn.answer
         turn.cancelled = True
         while not turn.generated:  # the engine stops after its current token
             try:
@@ -867,12 +689,6 @@ class VoiceAssistant:
             if isinstance(event, TurnDone):
                 turn.done, turn.generated = event, True
         turn.timings.interrupted = True
-        # Without a speaker every word was shown, so all of it was "heard".
-        heard = (
-            turn.speech.heard(played // self.tts.frame_samples)
-            if turn.speech is not None and self.tts is not None
-            else turn.answer
-        )
         if turn.user is not None and save and turn.done is not None:
             self._record(turn, heard=heard)
         elif turn.reply is not None:
@@ -881,12 +697,8 @@ class VoiceAssistant:
 
     def _record(self, turn: _Turn, heard: str | None) -> None:
         assert turn.done is not None and turn.user is not None
-        if self.speaker is not None and self.speaker.first_sound_at is not None:
-            turn.timings.first_audio_ms = (
-                self.speaker.first_sound_at + self.speaker.latency - turn.speech_end_at
-            ) * 1000
-        if self.speaker is not None:
-            turn.timings.underruns = self.speaker.underruns - turn.underruns_base
+        if turn.speech is not None:
+            turn.speech.account()
         turn.timings.prompt_tokens = turn.done.stats.prompt_tokens
         turn.timings.cached_tokens = turn.done.stats.cached_tokens
         finals = [m for m in turn.done.messages if m.channel == "final"]

@@ -1,0 +1,95 @@
+"""One answer's speech (`voice.speaking`) on a scripted TTS and speaker: held frames,
+the playout buffer, what was heard when cut off, the pace learned."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_harmony.voice.speaking import AHEAD_SECONDS, SpokenAnswer, Voice
+from mlx_harmony.voice.timings import TurnTimings
+from tests.support.scripted import Clock, ScriptedSpeaker, ScriptedSynthesizer
+
+WORDS = "one two three four five six seven eight nine ten"
+
+
+def voice(step_s: float, playout_buffer: bool = True) -> tuple[Voice, Clock, list[str]]:
+    clock = Clock()
+    notices: list[str] = []
+    tts = ScriptedSynthesizer(clock, step_s)
+    v = Voice(tts, ScriptedSpeaker(clock), clock, playout_buffer, notices.append)  # type: ignore[arg-type]
+    return v, clock, notices
+
+
+def speak(answer: SpokenAnswer, clock: Clock, tick: float = 0.005) -> None:
+    """What the daemon does while the answer is written: TTS steps when wanted, time passing."""
+    for _ in range(10_000):
+        if answer.speech.done and not answer.waiting and not answer.playing:
+            return
+        if answer.wants_step():
+            answer.step()
+        clock.now += tick
+    raise AssertionError("the answer never finished")
+
+
+def test_a_held_answer_makes_a_few_frames_and_plays_nothing_until_confirmed() -> None:
+    v, clock, _ = voice(step_s=0.01)
+    started = []
+    answer = v.answer(TurnTimings(), clock(), held=True, playing=lambda: started.append(1))
+    answer.write(WORDS)
+    for _ in range(50):
+        if answer.wants_step():
+            answer.step()
+    assert answer.held is not None
+    assert 0 < len(answer.held) * v.tts.frame_seconds <= AHEAD_SECONDS + v.tts.frame_seconds
+    assert started == [] and not answer.playing
+    held = len(answer.held)
+    answer.confirm()
+    assert started == [1] and answer.held is None
+    assert v.speaker.pending_seconds() == pytest.approx(held * v.tts.frame_seconds)
+
+
+def test_slow_synthesis_is_buffered_until_the_rest_can_play_without_a_gap() -> None:
+    """Frames take 1.5 times their length to make: the answer waits for enough of them, then
+    plays to its end without running dry; without the buffer it runs dry."""
+    for buffered in (True, False):
+        v, clock, _ = voice(step_s=0.12, playout_buffer=buffered)
+        v.rate_prior = v.tts.frame_seconds / 0.12
+        timings = TurnTimings()
+        answer = v.answer(timings, clock(), held=False, playing=lambda: None)
+        answer.write(WORDS)
+        answer.finish()
+        speak(answer, clock)
+        answer.account()
+        if buffered:
+            assert timings.underruns == 0 and timings.buffered_frames > 1
+        else:
+            assert timings.underruns > 0
+
+
+def test_an_answer_cut_off_keeps_the_words_played() -> None:
+    v, clock, _ = voice(step_s=0.001)
+    answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    answer.write(WORDS)
+    answer.finish()
+    while answer.wants_step():
+        answer.step()
+    clock.now += 3 * v.tts.frame_seconds  # three frames, one word each, have played
+    assert answer.stop() == "one two three"
+    assert not answer.playing
+
+
+def test_the_pace_of_an_answer_that_ran_dry_is_learned_and_a_tools_pause_is_not() -> None:
+    v, clock, notices = voice(step_s=0.1, playout_buffer=False)
+    answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    answer.write("one two three ")
+    answer.tool_call()
+    clock.now += 5.0  # the tool runs: silence is expected, not a gap
+    answer.tool_result()
+    answer.write("four five six seven eight")
+    answer.finish()
+    speak(answer, clock)
+    v.learn(answer)
+    assert v.rate_prior < 1  # 0.08 s of audio each 0.1 s, not diluted by the tool's 5 s
+    assert v.rate_prior > 0.6
+    assert v.tts.adapted == [v.rate_prior] and notices == []  # adapt chose nothing new
+    assert v.answer_words[-1] == 8
