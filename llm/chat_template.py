@@ -36,6 +36,7 @@ class ChatTemplateFormat:
         self.stop_tokens = frozenset(tokenizer.eos_token_ids)
         self.structure_tokens = self.stop_tokens
         self.call_tokens: frozenset[int] = frozenset()  # one way to end a turn: end of text
+        self.newline_tokens = tuple(tokenizer.encode("\n", add_special_tokens=False))
         think = tokenizer.has_thinking and len(tokenizer.think_start_tokens) == 1
         self._think = (tokenizer.think_start_id, tokenizer.think_end_id) if think else None
 

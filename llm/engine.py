@@ -17,8 +17,13 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import load as mlx_lm_load
-from mlx_lm.utils import maybe_set_recommended_wired_limit
+from mlx_lm.utils import (
+    DEFAULT_ALLOW_PATTERNS,
+    load_tokenizer,
+    maybe_set_recommended_wired_limit,
+    snapshot_download,
+)
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_harmony.llm.chat_template import ChatTemplateFormat
 from mlx_harmony.llm.config import PromptConfig, SamplingParams
@@ -45,19 +50,45 @@ from mlx_harmony.llm.sampling import (
     build_sampler,
 )
 
+# mlx-lm's tokenizer, or how to load it when first asked for.
+TokenizerSource = TokenizerWrapper | Callable[[], TokenizerWrapper]
 
-def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerWrapper, dict[str, Any]]:
-    """Load a model from a local folder or a Hugging Face repo id, through mlx-lm."""
+
+def load_model(ref: str, *, lazy: bool = False) -> tuple[Any, TokenizerSource]:
+    """Load a model from a local folder or a Hugging Face repo id, through mlx-lm.
+
+    A GPT-OSS model's tokenizer is not loaded here but when first asked for (only the
+    benchmark's plain mlx-lm peer does): openai-harmony's encoding renders and reads its
+    tokens, and mlx-lm's load of its 27 MB tokenizer.json (parsed three times) took seconds
+    of every start, on a CPU as long as the rest of the load."""
     local = Path(ref).expanduser()
     looks_local = ref.startswith(("/", ".", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
         what = "does not exist" if not local.exists() else "has no config.json"
         raise ConfigError(f"model {ref}: folder {what}")
     try:
-        return mlx_lm_load(str(local) if looks_local else ref, lazy=lazy, return_config=True)
+        # What mlx-lm's `load` fetches: the weights and every tokenizer file, for later.
+        path = (
+            local
+            if looks_local
+            else Path(snapshot_download(ref, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        )
+        model, config = mlx_lm_load_model(path, lazy)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model {ref}: cannot load ({first})") from e
+        raise _cannot_load(ref, e) from e
+
+    def tokenizer() -> TokenizerWrapper:
+        try:
+            return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except (OSError, ValueError) as e:
+            raise _cannot_load(ref, e) from e
+
+    return model, tokenizer if getattr(model, "model_type", None) == "gpt_oss" else tokenizer()
+
+
+def _cannot_load(ref: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(f"model {ref}: cannot load ({first})")
 
 
 # Tokens per prefill chunk (mlx-lm's default prefill_step_size).
@@ -89,23 +120,29 @@ class _Clock:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: TokenizerWrapper, model_id: str) -> None:
+    def __init__(self, model: Any, tokenizer: TokenizerSource, model_id: str) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.model_id = model_id
         harmony = getattr(model, "model_type", None) == "gpt_oss"
-        self.format = HarmonyFormat() if harmony else ChatTemplateFormat(tokenizer)
+        self.format = HarmonyFormat() if harmony else ChatTemplateFormat(self.tokenizer)
         self._cache = ConversationCache(model)
         self._seeder = Seeder()
         self.debug: DebugLog | None = None
         # XTC never cuts these (as the original tool did): the tokens that end a message or
         # a turn, and the newline that shapes the answer.
-        newline = tokenizer.encode("\n", add_special_tokens=False)
-        self.xtc_protected = sorted({*self.format.structure_tokens, *newline})
+        self.xtc_protected = sorted({*self.format.structure_tokens, *self.format.newline_tokens})
+
+    @property
+    def tokenizer(self) -> TokenizerWrapper:
+        """mlx-lm's tokenizer (a GPT-OSS model's is loaded on first use: `load_model`)."""
+        if not isinstance(self._tokenizer, TokenizerWrapper):
+            self._tokenizer = self._tokenizer()
+        return self._tokenizer
 
     @classmethod
     def load(cls, ref: str, *, lazy: bool = False) -> Engine:
-        model, tokenizer, _ = load_model(ref, lazy=lazy)
+        model, tokenizer = load_model(ref, lazy=lazy)
         # On Apple silicon, keep the model's memory wired as mlx-lm does while it
         # generates (`wired_limit`); set once for the process here, since the engine lives
         # as long as the command does (a no-op where the device recommends no size).

@@ -135,6 +135,7 @@ class HarmonyFormat:
         )
         # The stop token that hands the turn to a tool (the others end the answer).
         self.call_tokens = frozenset(self.encoding.encode("<|call|>", allowed_special="all"))
+        self.newline_tokens = tuple(self.encoding.encode("\n"))
 
     def decode(self, ids: list[int]) -> str:
         """Text with the special tokens spelled out (for the debug log)."""

@@ -13,27 +13,29 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from tests.support.in_process import Ran, run_command
 from tests.support.tiny_models import HARMONY_TURNS
 
 ROOT = Path(__file__).parent.parent
-pytestmark = pytest.mark.slow  # each test starts the commands in new processes
+pytestmark = pytest.mark.slow  # the chat runs in a pseudo-terminal, a process each
 HELLO = HARMONY_TURNS[0]
 FRANCE = HARMONY_TURNS[1]
 
 
-def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_harmony.llm.cli.generate", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+def generate(*args: str, stdin: str = "") -> Ran:
+    """mlx-harmony-generate, run in this process (`tests.support.in_process`)."""
+    from mlx_harmony.llm.cli.generate import main
+
+    return run_command(main, "mlx-harmony-generate", *args, stdin=stdin)
 
 
 def test_generate_prints_only_the_answer(gpt_oss_path: Path) -> None:
-    out = generate(FRANCE.user, "--model", str(gpt_oss_path), "--temperature", "0")
+    """As a user runs it: a process of its own, the answer on its stdout pipe."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_harmony.llm.cli.generate", FRANCE.user,
+         "--model", str(gpt_oss_path), "--temperature", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout == FRANCE.final + "\n"
     assert FRANCE.analysis not in out.stderr
@@ -67,26 +69,27 @@ def test_the_original_tools_options_are_taken(gpt_oss_path: Path, tmp_path: Path
     assert "note: --profiles-file is --profiles here" in renamed.stderr
 
 
-@pytest.mark.heavy
-def test_server_reads_its_profiles_file_from_the_original_variable(tmp_path: Path) -> None:
+def test_server_reads_its_profiles_file_from_the_original_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlx_harmony.llm.cli.serve import main
+
     missing = tmp_path / "profiles.json"
-    out = subprocess.run(
-        [sys.executable, "-m", "mlx_harmony.llm.cli.serve"],
-        capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "MLX_HARMONY_PROFILES_FILE": str(missing)}, timeout=120,
-    )  # fmt: skip
+    monkeypatch.setenv("MLX_HARMONY_PROFILES_FILE", str(missing))
+    out = run_command(main, "mlx-harmony-server")
     assert out.returncode == 2 and out.stderr.strip() == f"error: {missing}: file not found"
 
 
-@pytest.mark.heavy
 def test_migrate_in_place_is_the_default_spelled_out(tmp_path: Path) -> None:
+    from mlx_harmony.llm.cli.migrate import main
+
     log = tmp_path / "old.json"
     log.write_bytes((ROOT / "tests" / "data" / "chatlog-v1.json").read_bytes())
-    cmd = [sys.executable, "-m", "mlx_harmony.llm.cli.migrate", "--in-place", str(log)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    out = run_command(main, "mlx-harmony-migrate-chat", "--in-place", str(log))
     assert out.returncode == 0 and "v1 → v2, 2 messages" in out.stdout
-    both = subprocess.run([*cmd, "-o", str(tmp_path / "x.json")], capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
+    both = run_command(
+        main, "mlx-harmony-migrate-chat", "--in-place", str(log), "-o", str(tmp_path / "x.json")
+    )
     assert both.returncode == 2 and "choose one" in both.stderr
 
 
@@ -110,7 +113,6 @@ def test_generate_reads_stdin_and_shows_reasoning_on_stderr(gpt_oss_path: Path) 
         (["hi", "--seed", str(2**70), "--model", "x"], "error: --seed: Input should be less"),
     ],
 )
-@pytest.mark.heavy
 def test_generate_errors_are_one_line(args: list[str], message: str) -> None:
     out = generate(*args)
     assert out.returncode == 2
@@ -414,8 +416,8 @@ def test_token_id_lists_are_read_as_lists() -> None:
     assert parse(["hi", "--xtc-special-tokens", "1,2"]).xtc_special_tokens == [1, 2]
 
 
-@pytest.mark.heavy
 def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Path) -> None:
+    from mlx_harmony.llm.cli.convert_dialogue import main
     from mlx_harmony.llm.config import load_prompt_config
 
     text = tmp_path / "dialogue.txt"
@@ -425,11 +427,8 @@ def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Pa
     )
     config = tmp_path / "prompt.json"
     config.write_text(json.dumps({"assistant_name": "Dave", "temperature": 0.3}))
-    cmd = [sys.executable, "-m", "mlx_harmony.llm.cli.convert_dialogue", str(text)]
-    out = subprocess.run(
-        [*cmd, "--assistant-name", "Dave", "--prompt-config", str(config)],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+    cmd = (main, "mlx-harmony-convert-dialogue", str(text))
+    out = run_command(*cmd, "--assistant-name", "Dave", "--prompt-config", str(config))
     assert out.returncode == 0, out.stderr
     assert "added 2 dialogues (4 turns)" in out.stdout
     prompt = load_prompt_config(config)
@@ -439,7 +438,7 @@ def test_convert_dialogue_adds_example_dialogues_to_a_prompt_config(tmp_path: Pa
     ]
     assert json.loads(config.read_text())["temperature"] == 0.3  # the rest kept as it was
     text.write_text("Hello there\nUser: hi\n")
-    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    bad = run_command(*cmd)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {text}:1: a dialogue starts with a speaker " + (
         "('user:', 'assistant:')"

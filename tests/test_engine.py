@@ -402,7 +402,7 @@ def test_a_warmed_up_engine_answers_as_a_fresh_one(gpt_oss_path) -> None:
     seeded = PromptConfig(sampling=SamplingParams(temperature=1.5, seed=7, max_tokens=40))
     history = [ChatMessage("user", "Hello")]
     fresh = collect(Engine.load(str(gpt_oss_path)).stream(Conversation(history, seeded)))
-    model, tokenizer, _ = load_model(str(gpt_oss_path))
+    model, tokenizer = load_model(str(gpt_oss_path))
     counted = _Counted(model)
     warmed = Engine(counted, tokenizer, "warmed")
     warmed.warmup(seeded.model_copy(update={"max_context_tokens": 256}))  # the least allowed
@@ -449,3 +449,15 @@ def test_end_of_turn_probability_is_the_models_own_and_leaves_the_cache_exact(
     fresh = collect(engine.stream(Conversation([ChatMessage("user", question)], GREEDY, now=now)))
     assert done.tokens == fresh.tokens
     assert engine.end_of_turn_probability(Conversation([], GREEDY, now=now)) is None
+
+
+def test_a_gpt_oss_model_answers_without_its_tokenizer_files(gpt_oss_path, tmp_path) -> None:
+    """openai-harmony's encoding renders and reads GPT-OSS's tokens: mlx-lm's tokenizer
+    (27 MB of JSON, seconds of every start) is not loaded until something asks for it."""
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(gpt_oss_path / name)
+    engine = Engine.load(str(tmp_path))
+    turn = collect(engine.stream(Conversation([ChatMessage("user", "Hello")], GREEDY)))
+    assert turn.messages[-1].content == turn_of("Hello").final
+    with pytest.raises(ConfigError, match=f"model {tmp_path}: cannot load"):
+        engine.tokenizer  # noqa: B018 (the property loads it)
