@@ -14,13 +14,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from mlx_harmony.llm.cli.common import DEFAULT_MODEL, run_main
 from mlx_harmony.llm.config import SamplingParams, read_json
-from mlx_harmony.llm.engine import Engine
 from mlx_harmony.llm.errors import ConfigError
+
+if TYPE_CHECKING:  # MLX and mlx-lm are imported when a benchmark runs, not for --help
+    from mlx_harmony.llm.engine import Engine
 
 QUESTIONS = Path(__file__).parent / "data" / "alpaca_eval_english.json"
 
@@ -41,6 +42,8 @@ def load_prompts(path: Path | None, count: int) -> list[str]:
 
 
 def machine() -> dict:
+    import mlx.core as mx
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -200,6 +203,8 @@ def print_report(results: dict) -> None:
 
 def load_engine(model: str) -> tuple[Engine, dict[int, float]]:
     """The engine, and the logit bias both sides run with (random weights never stop)."""
+    from mlx_harmony.llm.engine import Engine
+
     if not model.startswith("random:"):
         return Engine.load(model), {}
     from mlx_harmony.bench.harmony_tokenizer import STOP_IDS
@@ -381,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main() -> int:
+    args = build_parser().parse_args()
     from mlx_harmony.bench.engine import listening_prefill, multi_turn, single_turns
 
-    args = build_parser().parse_args()
     prompts = load_prompts(args.prompts, 10_000)
     engine, bias = load_engine(args.model)
     results: dict = {"model": args.model, "machine": machine(), "args": {

@@ -1,13 +1,12 @@
 """One model sharded over several processes or hosts with MLX's own distributed backends.
 
-Started under `mlx.launch` (ring over TCP, JACCL over Thunderbolt RDMA, NCCL on CUDA), every
-rank loads its tensor-parallel shard through mlx-lm's `sharded_load` (the model's own
-`shard()`). Rank 0 runs the front end (chat, generate, voice, server) with a
-`ShardedEngine`; every call it makes is first broadcast to the other ranks, which make
-the same call on their shard (`follow`), so each forward pass runs on all ranks at once.
-The ranks sample the same token because they share the logits (the model's all-reduce)
-and the seed (rank 0 picks one per turn); they stop at the same token because the stop
-flag is all-reduced after every token.
+Started under `mlx.launch` (ring over TCP, JACCL over Thunderbolt RDMA, NCCL on CUDA),
+every rank loads its tensor-parallel shard (the mlx-lm model's own `shard()`). Rank 0 runs
+the front end (chat, generate, voice, server) with a `ShardedEngine`; every call it makes is
+first broadcast to the other ranks, which make the same call on their shard (`follow`), so
+each forward pass runs on all ranks at once. The ranks sample the same token because they
+share the logits (the model's all-reduce) and the seed (rank 0 picks one per turn); they
+stop at the same token because the stop flag is all-reduced after every token.
 """
 
 from __future__ import annotations
@@ -57,15 +56,22 @@ def is_follower() -> bool:
 
 
 def load_sharded(ref: str, group: mx.distributed.Group) -> Engine:
-    from mlx_lm.utils import sharded_load
-
+    """This rank's shard of the model. mlx-lm's `sharded_load` does the same for tensor
+    parallelism, but loads the tokenizer that a GPT-OSS engine never needs (`load_model`)."""
     from mlx_harmony.llm.engine import Engine, load_model
 
-    load_model(ref, lazy=True)  # the same one-line errors as an unsharded load
+    model, tokenizer = load_model(ref, lazy=True)  # the same one-line errors as unsharded
+    if not hasattr(model, "shard"):
+        raise ConfigError(
+            f"model {ref}: cannot shard over {group.size()} ranks "
+            "(its mlx-lm model has no tensor parallelism)"
+        )
     try:
-        model, tokenizer = sharded_load(ref, tensor_group=group)
+        model.shard(group)
     except ValueError as e:
         raise ConfigError(f"model {ref}: cannot shard over {group.size()} ranks ({e})") from e
+    mx.eval(model.parameters())
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # every rank loaded
     return Engine(model, tokenizer, ref)
 
 

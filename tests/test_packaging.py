@@ -106,3 +106,33 @@ def test_the_wheel_installs_beside_llm_and_answers(
         "--temperature", "0",
     )  # fmt: skip
     assert answer == FRANCE.final + "\n"
+
+
+HELP_CHECK = """
+import contextlib, importlib, io, sys, tomllib
+scripts = tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"]
+heavy = {HEAVY}
+for name, target in scripts.items():
+    module, function = target.split(":")
+    sys.argv = [name, "--help"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            getattr(importlib.import_module(module), function)()
+        except SystemExit:
+            pass
+    print(name, sorted(heavy & set(sys.modules)))
+"""
+
+
+@pytest.mark.heavy
+def test_every_commands_help_answers_without_the_models_code() -> None:
+    """`--help` of every console script imports neither MLX nor the language, speech or
+    turn models, the web server or the audio library: seconds of imports (0.3-0.5 s left
+    on the 2-core dev machine with its bytecode compiled)."""
+    heavy = {"mlx.core", "mlx_lm", "transformers", "moshi_mlx", "fastapi", "uvicorn",
+             "onnxruntime", "sounddevice", "httpx"}  # fmt: skip
+    code = HELP_CHECK.replace("{HEAVY}", repr(heavy))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=120)  # fmt: skip
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert out.stdout.splitlines() == [f"{name} []" for name in scripts]
