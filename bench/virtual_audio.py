@@ -160,15 +160,7 @@ class VirtualAudio:
 
     # ------------------------------------------------------------------ microphone
     def say(self, text: str, folder: Path, lead_silence: float = 0.0) -> Path:
-        """Speech made with espeak-ng, at 24 kHz mono, with optional leading silence."""
-        raw = folder / f"say-{abs(hash(text))}.wav"
-        out = folder / f"speech-{abs(hash((text, lead_silence)))}.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
-        cmd = ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out)]
-        if lead_silence:
-            cmd += ["pad", str(lead_silence), "0"]
-        subprocess.run(cmd, check=True)
-        return out
+        return speech_wav(text, folder, lead_silence)
 
     def play_into_mic(self, wav: Path) -> subprocess.Popen:
         """Start playing a file into the virtual microphone; returns the player process."""
@@ -208,6 +200,18 @@ class VirtualAudio:
              "--channels=1", "--format=s16le", str(path)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+
+
+def speech_wav(text: str, folder: Path, lead_silence: float = 0.0) -> Path:
+    """Speech made with espeak-ng, at 24 kHz mono, with optional leading silence."""
+    raw = folder / f"say-{abs(hash(text))}.wav"
+    out = folder / f"speech-{abs(hash((text, lead_silence)))}.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
+    cmd = ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out)]
+    if lead_silence:
+        cmd += ["pad", str(lead_silence), "0"]
+    subprocess.run(cmd, check=True)
+    return out
 
 
 def wait_recorded(path: Path, seconds: float, rate: int = 24000, timeout: float = 60.0) -> None:

@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,11 +160,10 @@ VOICE_TEST_SETTINGS = {
 }
 
 
-@pytest.fixture
-def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
-    """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
-    `speaks` False leave out the STT / TTS, `prompt` replaces the prompt config, and
-    dotted keyword arguments override config fields."""
+def _voice_assistant(
+    engine, transcriber, synthesizer, path: Path, settings: dict,
+    prompt=None, hears=True, speaks=True, turn_model=False, **devices,
+):  # fmt: skip
     from mlx_harmony.llm.config import PromptConfig
     from mlx_harmony.llm.session import Session
     from mlx_harmony.voice.config import VoiceConfig, apply_override
@@ -170,31 +171,129 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
     from mlx_harmony.voice.vad import make_detector
     from tests.support.voice_loop import Recorder
 
-    def make(prompt=None, hears: bool = True, speaks: bool = True, turn_model=False, **overrides):
-        config = VoiceConfig()
-        for key, value in (VOICE_TEST_SETTINGS | overrides).items():
-            config = apply_override(config, key, value)
-        recorder = Recorder()
-        path = tmp_path / "voice-chat.json"
-        prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
-        session = Session(engine, prompt, path, "tiny")
-        session.new_chat()
-        detector = make_detector(config.endpointing, 24_000)
-        scorer = None
-        if turn_model:  # the real Smart Turn, from pipecat's wheel
-            from mlx_harmony.voice.smart_turn import SmartTurn
-            from mlx_harmony.voice.turn_scorer import TurnScorer
+    config = VoiceConfig()
+    for key, value in settings.items():
+        config = apply_override(config, key, value)
+    recorder = Recorder()
+    prompt = prompt or PromptConfig(sampling={"temperature": 0.0})
+    session = Session(engine, prompt, path, "tiny")
+    session.new_chat()
+    detector = make_detector(config.endpointing, 24_000)
+    scorer = None
+    if turn_model:  # the real Smart Turn, from pipecat's wheel
+        from mlx_harmony.voice.smart_turn import SmartTurn
+        from mlx_harmony.voice.turn_scorer import TurnScorer
 
-            scorer = TurnScorer(SmartTurn.load(), 24_000)
-            scorer.warmup()
-        assistant = VoiceAssistant(
-            config, engine, prompt, transcriber if hears else None,
-            synthesizer if speaks else None, detector, session, recorder,
-            turn_scorer=scorer,
+        scorer = TurnScorer(SmartTurn.load(), 24_000)
+        scorer.warmup()
+    assistant = VoiceAssistant(
+        config, engine, prompt, transcriber if hears else None,
+        synthesizer if speaks else None, detector, session, recorder,
+        turn_scorer=scorer, **devices,
+    )  # fmt: skip
+    return assistant, recorder
+
+
+@pytest.fixture
+def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Path):
+    """A VoiceAssistant on the virtual devices with the tiny models, greedy; `hears` /
+    `speaks` False leave out the STT / TTS, `prompt` replaces the prompt config, and
+    dotted keyword arguments override config fields."""
+
+    def make(prompt=None, hears: bool = True, speaks: bool = True, turn_model=False, **overrides):
+        path = tmp_path / "voice-chat.json"
+        assistant, recorder = _voice_assistant(
+            engine, transcriber, synthesizer, path, VOICE_TEST_SETTINGS | overrides,
+            prompt, hears, speaks, turn_model,
         )  # fmt: skip
         return assistant, recorder, path
 
     return make
+
+
+@dataclass
+class Clocked:
+    """The voice loop with the tiny models on a microphone and speaker that run on the
+    test's clock (`tests.support.scripted`): no sound server, no real-time waits."""
+
+    assistant: Any
+    rec: Any
+    log_path: Path
+    clock: Any
+    mic: Any
+    speaker: Any
+
+    def run_until(self, done: Callable[[], bool], tick: float = 0.01) -> None:
+        """Step the loop, `tick` of the clock a pass, until `done` (a pass count bounds it)."""
+        from tests.support.scripted import run_until
+
+        run_until(self.assistant.step, done, self.clock, tick, limit=50_000)
+
+    def say(self, pcm) -> None:
+        """Say `pcm` into the microphone and run the loop until it is all delivered."""
+        self.mic.say(pcm)
+        self.run_until(lambda: not self.mic.saying)
+
+    def run_for(self, seconds: float) -> None:
+        until = self.clock.now + seconds
+        self.run_until(lambda: self.clock.now >= until)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.assistant.close()
+
+    closed: bool = False
+
+
+@pytest.fixture
+def clocked_assistant(engine, transcriber, synthesizer, tmp_path: Path):
+    """A VoiceAssistant as `make_assistant` gives, on devices that run on the test's
+    clock; opened (close it, or let the test end)."""
+    from tests.support.scripted import Clock, ClockedMic, ScriptedSpeaker
+
+    made: list[Clocked] = []
+
+    def make(prompt=None, engine=engine, transcriber=transcriber, **overrides) -> Clocked:
+        clock = Clock()
+        mic, speaker = ClockedMic(clock), ScriptedSpeaker(clock)
+        settings = {**CLOCKED_SETTINGS, **overrides}
+        path = tmp_path / "voice-chat.json"
+        assistant, recorder = _voice_assistant(
+            engine, transcriber, synthesizer, path, settings, prompt,
+            clock=clock, sleep=clock.sleep, mic=mic, speaker=speaker,
+        )  # fmt: skip
+        assistant.open()
+        made.append(Clocked(assistant, recorder, path, clock, mic, speaker))
+        return made[-1]
+
+    yield make
+    for clocked in made:
+        clocked.close()
+
+
+# The clocked voice tests' settings: no echo path to cancel.
+CLOCKED_SETTINGS = {
+    "endpointing.silence_ms": 400,
+    "endpointing.warmup_blocks": 0,
+    "audio.echo_cancellation": "off",
+}
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory):
+    """Test speech from espeak-ng as 24 kHz samples: `speech(text, lead_silence)`."""
+    from mlx_harmony.bench.virtual_audio import read_wav, speech_wav
+
+    folder = tmp_path_factory.mktemp("speech")
+    made: dict[tuple[str, float], object] = {}
+
+    def say(text: str, lead_silence: float = 0.0):
+        if (text, lead_silence) not in made:
+            made[(text, lead_silence)] = read_wav(speech_wav(text, folder, lead_silence))
+        return made[(text, lead_silence)]
+
+    return say
 
 
 # ---------------------------------------------------------------------------- test tiers
@@ -205,6 +304,7 @@ def make_assistant(virtual_audio, engine, transcriber, synthesizer, tmp_path: Pa
 # tier cannot quietly grow slow.
 HEAVY_FIXTURES = {
     "gpt_oss_path", "gpt_oss_python_path", "chatml_path", "voice_models", "virtual_audio",
+    "speech",
 }  # fmt: skip
 
 

@@ -1,32 +1,34 @@
-"""The voice loop end to end on real PortAudio devices (a virtual microphone and speaker).
+"""The voice loop end to end with the tiny models (moshi-mlx STT, the tiny GPT-OSS,
+moshi-mlx TTS): endpointing, speculative starts, tools, barge-in and echo.
 
-Speech made with espeak-ng is played into the virtual microphone; the daemon runs its real
-loop (sounddevice streams, endpointing, moshi-mlx STT, the tiny GPT-OSS, moshi-mlx TTS)
-in the test's main thread while a helper thread plays the scenario and records the
-virtual speaker. The tiny STT is wired to hear "What is the capital of France?", which the
-tiny GPT-OSS answers in Harmony with an analysis and a two-sentence final message.
+Where the devices themselves are part of the story (sound out and back in through the
+room, a device that stops delivering, barge-in while audio plays) the daemon runs on real
+PortAudio devices of a private PulseAudio server, in real time: speech made with espeak-ng
+is played into the virtual microphone while a helper thread plays the scenario and records
+the virtual speaker. The rest run the same loop on a microphone and speaker that keep the
+test's clock (`clocked_assistant`, `tests.support.scripted.ClockedMic`): the same speech,
+block by block, no waiting for real time. The tiny STT is wired to hear "What is the
+capital of France?", which the tiny GPT-OSS answers in Harmony with an analysis and a
+two-sentence final message.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
 from mlx_harmony.llm.config import PromptConfig
-from mlx_harmony.llm.session import Session
-from mlx_harmony.voice.config import VoiceConfig, apply_override
-from mlx_harmony.voice.daemon import VoiceAssistant
-from mlx_harmony.voice.vad import make_detector
 from tests.support.tiny_voice import HEARD
-from tests.support.voice_loop import Recorder, SpokenTexts, serve
+from tests.support.voice_loop import SpokenTexts, serve
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
+QUESTION = "What is the capital of France?"
 SILENCE_MS = 400
 BLOCK_MS = 80
 
@@ -103,36 +105,21 @@ def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_
     assert messages[2]["voice_timings"]["endpoint_ms"] == pytest.approx(t.endpoint_ms, abs=0.1)
 
 
-def test_barge_in_stops_the_answer_and_takes_the_new_words(
-    make_assistant, virtual_audio, tmp_path
-) -> None:
-    assistant, rec, log_path = make_assistant(**{"barge_in.enabled": True})
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
+def test_barge_in_stops_the_answer_and_takes_the_new_words(clocked_assistant, speech) -> None:
+    c = clocked_assistant(**{"barge_in.enabled": True})
+    rec = c.rec
+    c.say(speech(QUESTION, lead_silence=0.3))
+    c.run_until(lambda: c.speaker.played_samples >= c.speaker.rate // 2)  # half a second heard
     # One breath: with a comma's pause in it, a quick answer to its first half can start
     # before the rest, which then barges into that answer too (a third turn).
-    interruption = virtual_audio.say("Stop wait a moment please.", tmp_path)
-    moments: dict[str, float] = {}
-
-    def scenario(stop: threading.Event) -> None:
-        virtual_audio.play_into_mic(question).wait()
-        rec.wait("status", "speaking")
-        speaker = assistant.speaker
-        deadline = time.monotonic() + 60
-        while speaker.played_samples < speaker.rate // 2:  # half a second of it heard
-            assert time.monotonic() < deadline, "the answer is not being played"
-            time.sleep(0.01)
-        moments["barge"] = time.perf_counter()
-        virtual_audio.play_into_mic(interruption).wait()
-        rec.wait("turn_done", count=2, timeout=90)
-
-    serve(assistant, scenario)
-    stopped_at = rec.wait("notice", "(interrupted)", timeout=0)
-    assert stopped_at - moments["barge"] < 1.5, "barge-in is noticed within a short window"
+    c.say(speech("Stop wait a moment please."))
+    c.run_until(lambda: len(rec.timings) == 2)
+    c.run_for(1.0)
     assert len(rec.timings) == 2, rec.story()
     first, second = rec.timings
     assert first.interrupted and not second.interrupted
     assert rec.texts("heard") == [HEARD, HEARD]  # the new utterance became the next turn
-    log = json.loads(log_path.read_text())
+    log = json.loads(c.log_path.read_text())
     messages = log["chats"][log["active_chat_id"]]["messages"]
     finals = [m for m in messages if m.get("channel") == "final"]
     # Only what the user heard stays in the conversation, marked as cut off.
@@ -142,30 +129,24 @@ def test_barge_in_stops_the_answer_and_takes_the_new_words(
 
 
 def test_without_barge_in_the_assistant_does_not_hear_itself_as_a_new_turn(
-    make_assistant, virtual_audio, tmp_path
+    clocked_assistant, speech
 ) -> None:
-    assistant, rec, _ = make_assistant(
+    c = clocked_assistant(
         **{
             "barge_in.enabled": False,
             "llm.prefill_while_listening": False,
             "endpointing.detector": "silero",  # the model detector, in the live loop
         }
     )
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-    echo = virtual_audio.say("The capital of France is Paris.", tmp_path)
-
-    def scenario(stop: threading.Event) -> None:
-        virtual_audio.play_into_mic(question).wait()
-        rec.wait("status", "speaking")
-        virtual_audio.play_into_mic(echo).wait()  # as if the microphone heard the speaker
-        rec.wait("turn_done")
-        time.sleep(1.0)
-
-    serve(assistant, scenario)
-    assert rec.texts("heard") == [HEARD]
-    assert rec.texts("status").count("hearing") == 1
-    assert not rec.timings[0].interrupted
-    assert rec.timings[0].cached_tokens == 0  # nothing prefilled while listening
+    c.say(speech(QUESTION, lead_silence=0.3))
+    c.run_until(lambda: c.assistant.state == "speaking")
+    c.say(speech("The capital of France is Paris."))  # as if the microphone heard the speaker
+    c.run_until(lambda: bool(c.rec.timings))
+    c.run_for(1.0)  # and a second on: no turn is taken from it
+    assert c.rec.texts("heard") == [HEARD]
+    assert c.rec.texts("status").count("hearing") == 1
+    assert not c.rec.timings[0].interrupted
+    assert c.rec.timings[0].cached_tokens == 0  # nothing prefilled while listening
 
 
 def test_a_microphone_that_stops_delivering_is_reopened(
@@ -175,13 +156,13 @@ def test_a_microphone_that_stops_delivering_is_reopened(
     question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
 
     def scenario(stop: threading.Event) -> None:
-        time.sleep(1.0)
+        rec.wait("status", "listening")
         # The stream stays open and "active", but no audio arrives any more.
         virtual_audio.pactl("suspend-source", "mic", "1")
         rec.wait("status", "waiting for audio device", timeout=15)
         virtual_audio.pactl("suspend-source", "mic", "0")
         rec.wait("notice", "audio devices are back", timeout=20)
-        time.sleep(0.5)
+        rec.wait("status", "listening", count=2)
         virtual_audio.play_into_mic(question).wait()
         rec.wait("turn_done")
 
@@ -190,7 +171,7 @@ def test_a_microphone_that_stops_delivering_is_reopened(
 
 
 def test_a_tool_call_is_announced_not_read_aloud(
-    virtual_audio, synthesizer, voice_models, gpt_oss_python_path, tmp_path
+    clocked_assistant, speech, voice_models, gpt_oss_python_path, tmp_path
 ) -> None:
     """The tiny tool model, asked aloud, checks the workspace with python: the assistant
     says a short notice while the tool runs and then the answer from its result; the
@@ -204,40 +185,24 @@ def test_a_tool_call_is_announced_not_read_aloud(
     (workspace / "note.txt").write_text("hello")
     stt = Transcriber.load(str(voice_models / "stt-python"), max_seconds=16)
     stt.warmup()
-    config = VoiceConfig()
-    for key, value in {
-        "endpointing.silence_ms": SILENCE_MS,
-        "endpointing.warmup_blocks": 0,
-        "audio.input_device": "pulse",
-        "audio.output_device": "pulse",
-    }.items():
-        config = apply_override(config, key, value)
     prompt = PromptConfig(
         sampling={"temperature": 0.0}, tools={"python": True, "workspace": str(workspace)}
     )
-    rec, spoken = Recorder(), SpokenTexts(synthesizer)
     engine = Engine.load(str(gpt_oss_python_path))
-    session = Session(engine, prompt, tmp_path / "chat.json", "tiny")
-    session.new_chat()
-    assistant = VoiceAssistant(
-        config, engine, prompt, stt, spoken, make_detector(config.endpointing, 24_000),
-        session, rec,
-    )  # fmt: skip
-    question = virtual_audio.say("Is there a note?", tmp_path, lead_silence=0.3)
+    c = clocked_assistant(prompt=prompt, engine=engine, transcriber=stt)
+    assert c.assistant.voice is not None
+    spoken = c.assistant.voice.tts = SpokenTexts(c.assistant.voice.tts)
+    c.say(speech("Is there a note?", lead_silence=0.3))
+    c.run_until(lambda: bool(c.rec.timings))
 
-    def scenario(stop: threading.Event) -> None:
-        virtual_audio.play_into_mic(question).wait()
-        rec.wait("turn_done", timeout=120)
-
-    serve(assistant, scenario)
-
+    rec = c.rec
     assert rec.texts("heard") == [PYTHON_USER]
     # One TTS session for the whole answer: the notice, then the answer from the result.
     assert spoken.spoken() == [f"Running some Python. {PYTHON_FINALS[True]}"]
     assert "→ python" in rec.texts("notice") and "← python: True" in rec.texts("notice")
     assert "".join(rec.texts("answer")) == PYTHON_FINALS[True]
     assert PYTHON_CODE not in "".join(rec.texts("reasoning"))  # the call is not reasoning
-    messages = session.chat.messages
+    messages = c.assistant.session.chat.messages
     assert [(m.role, m.recipient, m.name) for m in messages] == [
         ("user", None, None),
         ("assistant", None, None),
@@ -312,11 +277,9 @@ def test_without_echo_cancellation_its_own_voice_would_interrupt_it(
     assert rec.timings[0].interrupted
 
 
-def asked_with_pause_head(
-    pause: float, make_assistant, virtual_audio, transcriber, tmp_path, **settings
-):
-    """The question asked on the live loop with the STT's pause head forced to predict
-    "a pause comes" with probability `pause` at every frame; the assistant and recorder."""
+def asked_with_pause_head(pause: float, clocked_assistant, speech, transcriber, **settings):
+    """The question asked on the loop with the STT's pause head forced to predict "a
+    pause comes" with probability `pause` at every frame."""
     import mlx.core as mx
 
     # Six outputs, the first at logit a and the rest at 0: its probability is
@@ -326,85 +289,64 @@ def asked_with_pause_head(
     saved = heads[2]
     heads[2] = lambda x: mx.zeros((*x.shape[:-1], 6)) + logits
     try:
-        assistant, rec, _ = make_assistant(**settings)
-        question = virtual_audio.say("What is the capital of France?", tmp_path)
-
-        def scenario(stop: threading.Event) -> None:
-            virtual_audio.play_into_mic(question).wait()
-            rec.wait("turn_done", timeout=90)
-
-        serve(assistant, scenario)
+        c = clocked_assistant(**settings)
+        c.say(speech(QUESTION))
+        c.run_until(lambda: bool(c.rec.timings))
     finally:
         heads[2] = saved
-    return assistant, rec
+    return c
 
 
 def test_a_predicted_pause_ends_the_turn_long_before_the_silence(
-    make_assistant, virtual_audio, transcriber, tmp_path
+    clocked_assistant, speech, transcriber
 ) -> None:
-    """The STT's pause head, forced to predict a pause everywhere: the live loop ends the
-    turn at the first silent block once the utterance is old enough, where the silence
-    rule (set to 2 s here) would have waited."""
-    assistant, rec = asked_with_pause_head(
-        0.99, make_assistant, virtual_audio, transcriber, tmp_path,
-        **{"endpointing.silence_ms": 2000},
-    )  # fmt: skip
-    assert assistant.rules.semantic
+    """The STT's pause head, forced to predict a pause everywhere: the loop ends the turn
+    at the first silent block once the utterance is old enough, where the silence rule
+    (set to 2 s here) would have waited."""
+    c = asked_with_pause_head(
+        0.99, clocked_assistant, speech, transcriber, **{"endpointing.silence_ms": 2000}
+    )
+    assert c.assistant.rules.semantic
     assert (
         "end of turn: predicted pause (or 2000 ms of silence); answer started after 320 ms "
         "or at a likely pause"
-    ) in rec.texts("notice")
-    assert rec.texts("heard") == [HEARD]
-    assert rec.timings[0].endpoint_ms < 1000, rec.timings[0]
+    ) in c.rec.texts("notice")
+    assert c.rec.texts("heard") == [HEARD]
+    assert c.rec.timings[0].endpoint_ms < 1000, c.rec.timings[0]  # on the test's clock
 
 
 def test_a_likely_pause_starts_the_answer_and_the_silence_confirms_it(
-    make_assistant, virtual_audio, transcriber, tmp_path
+    clocked_assistant, speech, transcriber
 ) -> None:
     """The pause head forced to "likely" (0.5: past the 0.4 that starts the answer, short of
-    the 0.6 that ends the turn): the live loop starts the answer at the first silent block
-    once the utterance is old enough, the STT hearing on, and the silence confirms it."""
-    assistant, rec = asked_with_pause_head(
-        0.5, make_assistant, virtual_audio, transcriber, tmp_path,
+    the 0.6 that ends the turn): the loop starts the answer at the first silent block once
+    the utterance is old enough, the STT hearing on, and the silence confirms it."""
+    c = asked_with_pause_head(
+        0.5, clocked_assistant, speech, transcriber,
         **{"endpointing.silence_ms": 700, "endpointing.speculate_ms": 0},
     )  # fmt: skip
-    assert assistant.rules.semantic and assistant.rules.pause_speculate == 0.4
-    assert assistant.speculations["confirmed"] == 1, assistant.speculations
-    (t,) = rec.timings
+    assert c.assistant.rules.semantic and c.assistant.rules.pause_speculate == 0.4
+    assert c.assistant.speculations["confirmed"] == 1, c.assistant.speculations
+    (t,) = c.rec.timings
     assert t.speculative and t.transcript_ms < t.endpoint_ms  # taken before the end
-    assert rec.texts("heard") == [HEARD]
+    assert c.rec.texts("heard") == [HEARD]
 
 
 def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_one(
-    make_assistant, virtual_audio, tmp_path
+    clocked_assistant, speech
 ) -> None:
-    """Speculative start on the live loop: a pause longer than `speculate_ms` inside the
-    question starts an answer that the rest of the question drops unheard; at the end the
-    answer is started early and played once the silence confirms the end."""
-    assistant, rec, log_path = make_assistant(
+    """Speculative start: a pause longer than `speculate_ms` inside the question starts an
+    answer that the rest of the question drops unheard; at the end the answer is started
+    early and played once the silence confirms the end."""
+    c = clocked_assistant(
         **{"endpointing.semantic": "off", "endpointing.silence_ms": 700,
            "endpointing.speculate_ms": 160}
     )  # fmt: skip
+    assistant, rec = c.assistant, c.rec
     assert assistant.rules.speculate_blocks == 2
-    first = virtual_audio.say("What is the capital", tmp_path)
-    rest = virtual_audio.say("of France?", tmp_path, lead_silence=0.35)
-    question = tmp_path / "paused-question.wav"
-    subprocess.run(["sox", str(first), str(rest), str(question)], check=True)
-    recording = tmp_path / "speaker.wav"
-
-    def scenario(stop: threading.Event) -> None:
-        recorder = virtual_audio.record_speaker(recording)
-        try:
-            wait_recorded(recording, 0.05)
-            started = time.perf_counter()
-            virtual_audio.play_into_mic(question).wait()
-            done = rec.wait("turn_done", timeout=120)
-            wait_recorded(recording, done - started + 0.3)
-        finally:
-            recorder.terminate()
-            recorder.wait()
-
-    serve(assistant, scenario)
+    c.say(np.concatenate([speech("What is the capital"), speech("of France?", 0.35)]))
+    c.run_until(lambda: bool(rec.timings))
+    c.run_until(lambda: not c.speaker.busy)
     assert assistant.speculations["dropped"] >= 1, assistant.speculations
     assert assistant.speculations["confirmed"] == 1, assistant.speculations
     (t,) = rec.timings
@@ -416,34 +358,27 @@ def test_a_pause_mid_question_drops_the_speculative_answer_and_the_end_confirms_
     # left the stream as it was, so the whole question is heard once, as without it.
     assert rec.texts("heard") == [HEARD]
     assert "".join(rec.texts("answer"))
-    assert non_silent_seconds(read_wav(recording)) > 0.5
-    log = json.loads(log_path.read_text())
-    messages = log["chats"][log["active_chat_id"]]["messages"]
-    assert [m["role"] for m in messages].count("user") == 1
+    assert non_silent_seconds(np.concatenate(c.speaker.played)) > 0.5
+    messages = assistant.session.chat.messages
+    assert [m.role for m in messages].count("user") == 1
 
 
 def test_stopping_during_a_pause_drops_the_speculative_answer_unsaved(
-    make_assistant, virtual_audio, tmp_path
+    clocked_assistant, speech
 ) -> None:
     """The assistant stopped while a speculative answer waits for the end of the turn: the
     question was not known to be finished, so nothing of that turn is saved or reported."""
-    assistant, rec, log_path = make_assistant(
+    c = clocked_assistant(
         **{"endpointing.semantic": "off", "endpointing.silence_ms": 5000,
            "endpointing.speculate_ms": 160}
     )  # fmt: skip
-    question = virtual_audio.say("What is the capital", tmp_path)
-
-    def scenario(stop: threading.Event) -> None:
-        virtual_audio.play_into_mic(question).wait()
-        deadline = time.monotonic() + 60
-        while assistant.speculations["started"] < 1:  # the pause started an answer
-            assert time.monotonic() < deadline, "no speculative answer started"
-            time.sleep(0.01)
-
-    serve(assistant, scenario)
-    assert assistant.speculations["started"] == 1 and assistant.speculations["dropped"] == 1
-    assert rec.timings == [] and rec.texts("heard") == []
-    log = json.loads(log_path.read_text()) if log_path.exists() else {"chats": {}}
+    c.say(speech("What is the capital"))
+    c.run_until(lambda: c.assistant.speculations["started"] >= 1)  # the pause started one
+    c.close()
+    assert c.assistant.speculations["started"] == 1
+    assert c.assistant.speculations["dropped"] == 1
+    assert c.rec.timings == [] and c.rec.texts("heard") == []
+    log = json.loads(c.log_path.read_text()) if c.log_path.exists() else {"chats": {}}
     saved = [m for chat in log["chats"].values() for m in chat["messages"]]
     assert not [m for m in saved if m["role"] == "user"], saved
 
@@ -478,15 +413,16 @@ def test_the_turn_model_ends_a_finished_question_before_the_silence_would(
 
 
 def test_the_chat_models_text_signal_is_read_while_listening_and_leaves_the_answer_intact(
-    make_assistant, virtual_audio, tmp_path
+    clocked_assistant, speech
 ) -> None:
     """With `text_weight`, the words heard are scored by the chat model itself between
     microphone blocks (never while an answer runs on its cache), and the answer that
     follows is the one the model gives without them."""
-    assistant, rec, _ = make_assistant(
+    c = clocked_assistant(
         **{"endpointing.semantic": "off", "endpointing.text_weight": 1.0,
            "endpointing.hold_words": [], "endpointing.max_wait_ms": 1500},
     )  # fmt: skip
+    assistant = c.assistant
     assert "chat model" in assistant.status()["end_of_turn"]
     scored: list[tuple[str, bool]] = []
     real = assistant.engine.end_of_turn_probability
@@ -496,16 +432,11 @@ def test_the_chat_models_text_signal_is_read_while_listening_and_leaves_the_answ
         return real(conversation)
 
     assistant.engine.end_of_turn_probability = spy
-    question = virtual_audio.say("What is the capital of France?", tmp_path)
-
-    def scenario(stop: threading.Event) -> None:
-        virtual_audio.play_into_mic(question).wait()
-        rec.wait("turn_done", timeout=90)
-
     try:
-        serve(assistant, scenario)
+        c.say(speech(QUESTION))
+        c.run_until(lambda: bool(c.rec.timings))
     finally:
         del assistant.engine.end_of_turn_probability
     assert scored and all(idle for _, idle in scored), scored
-    assert rec.texts("heard") == [HEARD]
-    assert "".join(rec.texts("answer")) == ANSWER
+    assert c.rec.texts("heard") == [HEARD]
+    assert "".join(c.rec.texts("answer")) == ANSWER

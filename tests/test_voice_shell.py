@@ -72,7 +72,7 @@ def assistant(
     session.new_chat()
     voice = VoiceAssistant(
         config, engine, PromptConfig(), stt, tts, make_detector(config.endpointing, 24_000),
-        session, rec, clock=clock, mic=mic, speaker=speaker,
+        session, rec, clock=clock, sleep=clock.sleep, mic=mic, speaker=speaker,
     )  # fmt: skip
     voice.open()
     return Shell(voice, clock, mic, stt, engine, rec, tts, speaker)

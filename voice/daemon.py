@@ -139,6 +139,7 @@ class VoiceAssistant:
         session: Session,
         reporter: Reporter,
         clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
         mic: Microphone | None = None,
         speaker: Speaker | None = None,
         turn_scorer: TurnScorer | None = None,
@@ -146,6 +147,7 @@ class VoiceAssistant:
         self.cfg, self.engine, self.prompt = config, engine, prompt
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
         self.session, self.report, self.clock = session, reporter, clock
+        self.sleep = sleep  # waits on the clock's time (a test's clock: no real wait)
         audio = config.audio
         if transcriber is not None:
             self.mic = mic or Microphone(audio.input_device, audio.block_ms)
@@ -309,7 +311,7 @@ class VoiceAssistant:
             self._devices_down = True
             self._handle(DeviceLost(which))
             self._close_devices()
-        time.sleep(self.cfg.audio.reopen_seconds)
+        self.sleep(self.cfg.audio.reopen_seconds)
         try:
             rescan()
             self._open_devices()
@@ -597,9 +599,9 @@ class VoiceAssistant:
         elif not turn.generated and not turn.at_tool:
             self._engine_step(turn)
         elif turn.held:
-            time.sleep(0.005)  # held until the end of the turn is confirmed or dropped
+            self.sleep(0.005)  # held until the end of the turn is confirmed or dropped
         elif speech is not None and speech.playing:
-            time.sleep(0.01)
+            self.sleep(0.01)
         else:
             self._finish_turn()
 

@@ -35,6 +35,10 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        """A wait of the loop's own (for the speaker to play on): the clock moves instead."""
+        self.now += seconds
+
 
 class ScriptedMic:
     """Blocks the test hands over, each marked with its index in the first sample, so
@@ -251,6 +255,7 @@ class ScriptedSpeaker:
         self._queued = 0  # samples queued since the start
         self._gaps = 0
         self._sounding = False
+        self.played: list[np.ndarray] = []  # everything it was given, in order
 
     def open(self) -> None: ...
 
@@ -275,6 +280,7 @@ class ScriptedSpeaker:
                 self.first_sound_at = self.clock.now
         self._until += len(pcm) / self.rate
         self._queued += len(pcm)
+        self.played.append(pcm)
 
     def pending_seconds(self) -> float:
         self._look()
@@ -308,3 +314,51 @@ def run_until(
         if clock is not None:
             clock.now += tick
     raise AssertionError("the loop never got there")
+
+
+class ClockedMic:
+    """A live microphone on the test's clock: what it is told to `say` (real samples),
+    then silence, one block per block length of the clock, as a device delivers them.
+    The voice loop runs its real models on it without waiting for real time."""
+
+    lost = False
+
+    def __init__(self, clock: Clock, block_ms: int = BLOCK_MS) -> None:
+        self.clock = clock
+        self.block_s = block_ms / 1000
+        self.block = MODEL_RATE * block_ms // 1000
+        self._speech = np.zeros(0, dtype=np.float32)
+        self._next_at = clock.now + self.block_s
+        self._queued: deque[Block] = deque()
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def say(self, pcm: np.ndarray) -> None:
+        """Deliver `pcm` (24 kHz mono) after what is still to be said."""
+        self._speech = np.concatenate([self._speech, pcm.astype(np.float32)])
+
+    @property
+    def saying(self) -> bool:
+        """Some of what it was told to say is not delivered yet."""
+        return len(self._speech) > 0
+
+    def _deliver(self) -> None:
+        while self.clock.now >= self._next_at:
+            pcm = np.zeros(self.block, dtype=np.float32)
+            take = self._speech[: self.block]
+            pcm[: len(take)] = take
+            self._speech = self._speech[self.block :]
+            self._queued.append(Block(pcm, self._next_at))
+            self._next_at += self.block_s
+
+    def read(self, timeout: float) -> Block | None:
+        self._deliver()
+        return self._queued.popleft() if self._queued else None
+
+    def drain(self) -> list[Block]:
+        self._deliver()
+        blocks = list(self._queued)
+        self._queued.clear()
+        return blocks
