@@ -83,14 +83,13 @@ def run_voice_bench(
 def test_voice_latency_benchmark_smoke(
     gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path
 ) -> None:
-    """Through PulseAudio's virtual devices, with and without prefill while listening."""
+    """Through PulseAudio's virtual devices (variants are the file devices' test below)."""
     run, results, out = run_voice_bench(
-        gpt_oss_path, voice_models, tmp_path, "--voice-devices", "pulse"
+        gpt_oss_path, voice_models, tmp_path, "--voice-devices", "pulse", "--voice-prefill", "on"
     )
-    assert [r["prefill_while_listening"] for r in results["voice"]] == [True, False]
-    with_prefill, without = results["voice"]
-    assert with_prefill["cached_tokens"] > without["cached_tokens"] == 0
-    assert all(r["first_audio_ms"] > r["endpointing_ms"] > 0 for r in results["voice"])
+    (row,) = results["voice"]
+    assert row["prefill_while_listening"] and row["cached_tokens"] > 0
+    assert row["first_audio_ms"] > row["endpointing_ms"] > 0
     assert (out / "voice.csv").stat().st_size > 0
     assert "voice-to-voice latency" in run.stdout
 
