@@ -141,7 +141,7 @@ def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: En
 
     class Slow(WeatherTool):
         def run(self, call: ChatMessage) -> ChatMessage:
-            release.wait(10)
+            release.wait(120)  # until cancelled: a turn that waited it out fails on `cancelled`
             return super().run(call)
 
         def cancel(self) -> None:
@@ -149,7 +149,6 @@ def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: En
             release.set()
 
     tool, waits = Slow(), []
-    started = time.perf_counter()
     for event in respond(
         engine,
         [ChatMessage("user", TOOL_USER)],
@@ -162,7 +161,6 @@ def test_a_slow_tool_keeps_the_consumer_responsive_and_can_be_stopped(engine: En
         last = event
     assert isinstance(last, TurnDone) and last.finish_reason == "cancelled"
     assert len(waits) == 3 and tool.cancelled
-    assert time.perf_counter() - started < 5  # not the tool's 10 s
     assert [m.recipient for m in last.messages if m.recipient] == ["functions.get_weather"]
 
 
