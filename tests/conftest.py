@@ -234,6 +234,31 @@ class Clocked:
         self.mic.say(pcm)
         self.run_until(lambda: not self.mic.saying)
 
+    def serve(self, scenario: Callable[[], None], timeout: float = 120) -> None:
+        """Run `scenario` in a thread (a control-socket client, say) while the loop steps
+        here on the clock until it returns; its failure is raised here."""
+        import threading
+        import time
+
+        errors: list[BaseException] = []
+
+        def play() -> None:
+            try:
+                scenario()
+            except BaseException as e:
+                errors.append(e)
+
+        helper = threading.Thread(target=play)
+        helper.start()
+        deadline = time.monotonic() + timeout  # a hang guard, not a timing bound
+        while helper.is_alive():
+            assert time.monotonic() < deadline, "the scenario never finished"
+            self.assistant.step()
+            self.clock.now += 0.01
+        helper.join()
+        if errors:
+            raise errors[0]
+
     def run_for(self, seconds: float) -> None:
         until = self.clock.now + seconds
         self.run_until(lambda: self.clock.now >= until)

@@ -1,5 +1,6 @@
 """The control socket: its protocol and its privacy, then a running assistant driven
-through it on the virtual devices (mute, ask, say, stop, new chat, bad commands)."""
+through it (mute, ask, say, stop, new chat, bad commands), on the virtual devices or on
+the test's clock."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav
@@ -269,33 +271,33 @@ def user_messages(log_path: Path) -> list[str]:
 
 
 def test_muted_it_hears_nothing_but_answers_a_question_from_the_socket_aloud(
-    make_assistant, virtual_audio, tmp_path
+    clocked_assistant, speech, tmp_path
 ) -> None:
-    assistant, rec, log_path = make_assistant()
+    """On the test's clock (`clocked_assistant`); the client talks to the socket from a
+    thread beside the loop, as it would from another process."""
+    c = clocked_assistant()
+    assistant, rec, log_path = c.assistant, c.rec, c.log_path
     control, ask = controlled(assistant, tmp_path)
-    question = virtual_audio.say("What is the capital of France?", tmp_path, lead_silence=0.3)
-    recording = tmp_path / "speaker.wav"
+    question = speech("What is the capital of France?", lead_silence=0.3)
     seen: dict[str, Any] = {}
 
-    def scenario(stop: threading.Event) -> None:
+    def scenario() -> None:
         seen["status"] = ask("status")[0]
         seen["mute"] = ask("mute")[0]
         seen["muted status"] = ask("status")[0]
         seen["garbage"] = raw_exchange(ask.path, b'{"cmd": "sing"}\nnonsense\n', 2)
-        virtual_audio.play_into_mic(question).wait()
-        recorder = virtual_audio.record_speaker(recording)
-        try:
-            seen["ask"] = ask("ask", "What is the capital of France?")
-            rec.wait("status", "muted", count=2)  # back to muted once the answer is spoken
-        finally:
-            recorder.terminate()
-            recorder.wait()
+        c.mic.say(question)
+        assert c.mic.said.wait(60)
+        played = len(c.speaker.played)
+        seen["ask"] = ask("ask", "What is the capital of France?")
+        rec.wait("status", "muted", count=2)  # back to muted once the answer is spoken
+        seen["spoken"] = c.speaker.played[played:]
         seen["unmute"] = ask("unmute")[0]
-        virtual_audio.play_into_mic(question).wait()
+        c.mic.say(question)
         rec.wait("turn_done", count=2)
 
     try:
-        serve(assistant, scenario)
+        c.serve(scenario)
     finally:
         control.close()
     assert seen["status"]["state"] == "listening" and seen["status"]["muted"] is False
@@ -305,9 +307,9 @@ def test_muted_it_hears_nothing_but_answers_a_question_from_the_socket_aloud(
     final, events = seen["ask"]
     assert final == {"ok": True, "answer": ANSWER, "interrupted": False}
     assert "".join(e["text"] for e in events) == ANSWER
-    assert non_silent_seconds(read_wav(recording)) > 0.5  # the answer was spoken
+    assert non_silent_seconds(np.concatenate(seen["spoken"])) > 0.5  # the answer was spoken
     assert seen["unmute"] == {"ok": True, "muted": False}
-    # The question played while muted was never heard; the one after unmuting was.
+    # The question said while muted was never heard; the one after unmuting was.
     assert rec.texts("status").count("hearing") == 1
     assert user_messages(log_path) == ["What is the capital of France?", HEARD]
 

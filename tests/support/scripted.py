@@ -7,6 +7,7 @@ behaviour is tested elsewhere on the tiny models."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -319,7 +320,9 @@ def run_until(
 class ClockedMic:
     """A live microphone on the test's clock: what it is told to `say` (real samples),
     then silence, one block per block length of the clock, as a device delivers them.
-    The voice loop runs its real models on it without waiting for real time."""
+    The voice loop runs its real models on it without waiting for real time. `say` may
+    come from another thread (a scenario beside the loop); `said` is set once the loop
+    has taken every block of it."""
 
     lost = False
 
@@ -330,6 +333,9 @@ class ClockedMic:
         self._speech = np.zeros(0, dtype=np.float32)
         self._next_at = clock.now + self.block_s
         self._queued: deque[Block] = deque()
+        self._lock = threading.Lock()
+        self.said = threading.Event()
+        self.said.set()
 
     def open(self) -> None: ...
 
@@ -337,28 +343,33 @@ class ClockedMic:
 
     def say(self, pcm: np.ndarray) -> None:
         """Deliver `pcm` (24 kHz mono) after what is still to be said."""
-        self._speech = np.concatenate([self._speech, pcm.astype(np.float32)])
+        with self._lock:
+            self._speech = np.concatenate([self._speech, pcm.astype(np.float32)])
+            self.said.clear()
 
     @property
     def saying(self) -> bool:
-        """Some of what it was told to say is not delivered yet."""
-        return len(self._speech) > 0
+        """Some of what it was told to say is not taken by the loop yet."""
+        return not self.said.is_set()
 
-    def _deliver(self) -> None:
-        while self.clock.now >= self._next_at:
-            pcm = np.zeros(self.block, dtype=np.float32)
-            take = self._speech[: self.block]
-            pcm[: len(take)] = take
-            self._speech = self._speech[self.block :]
-            self._queued.append(Block(pcm, self._next_at))
-            self._next_at += self.block_s
+    def _take(self, count: int | None) -> list[Block]:
+        with self._lock:
+            while self.clock.now >= self._next_at:
+                pcm = np.zeros(self.block, dtype=np.float32)
+                take = self._speech[: self.block]
+                pcm[: len(take)] = take
+                self._speech = self._speech[self.block :]
+                self._queued.append(Block(pcm, self._next_at))
+                self._next_at += self.block_s
+            n = len(self._queued) if count is None else min(count, len(self._queued))
+            blocks = [self._queued.popleft() for _ in range(n)]
+            if not len(self._speech) and not self._queued:
+                self.said.set()
+            return blocks
 
     def read(self, timeout: float) -> Block | None:
-        self._deliver()
-        return self._queued.popleft() if self._queued else None
+        blocks = self._take(1)
+        return blocks[0] if blocks else None
 
     def drain(self) -> list[Block]:
-        self._deliver()
-        blocks = list(self._queued)
-        self._queued.clear()
-        return blocks
+        return self._take(None)
