@@ -160,8 +160,8 @@ def print_report(results: dict) -> None:
         width = max(14, *(len(label) + 2 for label in labels))
         if vs.get("tts"):
             t = vs["tts"]
-            codebooks = f"{t['codebooks']} of {t['of']} codebooks"
-            print(f"text to speech: {codebooks}, {t['rate']:.2f}x real time")
+            codebooks = f"{t['codebooks']} of {t['of']} codebooks, " if t["codebooks"] else ""
+            print(f"text to speech: {codebooks}{t['rate']:.2f}x real time")
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
         counts = (
             "speculative_turns", "speculations_dropped", "ended_by_detector", "underruns",

@@ -25,6 +25,7 @@ from mlx_harmony.llm.cli.common import run_main
 from mlx_harmony.voice.checkpoints import Checkpoint, quantize_lm
 from mlx_harmony.voice.config import TtsSection
 from mlx_harmony.voice.stt import FRAME, Transcriber
+from mlx_harmony.voice.synthesis import TextToSpeech
 from mlx_harmony.voice.tts import Synthesizer
 
 DATA = Path(__file__).parent / "data"
@@ -273,6 +274,36 @@ def bench_stt(frames: int, quantize: int | None, dtype: mx.Dtype = mx.bfloat16) 
     return _summary("stt-1b", quantize, times, None)
 
 
+def bench_pocket(frames: int, quantize: int | None, dtype: mx.Dtype = mx.float32) -> KyutaiRecord:
+    """The second backend, Pocket TTS at its published shape, on the same text and the same
+    session loop as `bench_tts` (its first audio waits for the first sentence: its text is
+    a prefix of each chunk)."""
+    from mlx_harmony.bench.pocket import random_pocket
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tts = random_pocket(Path(tmp), quantize, dtype)
+        for _ in tts.speak(TEXT):  # kernels compile per shape
+            pass
+        session = tts.session()
+        start = time.perf_counter()
+        session.push(LONG_TEXT + " ")
+        first, times = None, []
+        while len(times) < frames and not session.done:
+            if not session.ready:
+                session.close()
+                continue
+            t = time.perf_counter()
+            frame = session.step()
+            if frame is None:
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            elif session.last_steps == 1:  # a chunk's first frame also prefills its text
+                times.append(time.perf_counter() - t)
+    name = "pocket-tts" if dtype == mx.float32 else f"pocket-tts {dtype}".replace("mlx.core.", "")
+    return _summary(name, quantize, times, first)
+
+
 LEVERS = "plain,skip,skip+compile,skip+compile+batch"
 
 
@@ -302,17 +333,28 @@ def main() -> None:
     p.add_argument("--quantize", type=int, choices=[4, 8], action="append", default=[],
                    help="quantizations to time besides bf16 (repeatable)")  # fmt: skip
     p.add_argument("--levers", default=LEVERS, help=bench_tts_levers.__doc__)
+    p.add_argument("--backends", default="kyutai,pocket",
+                   help="TTS backends to time (comma-separated): kyutai (TTS 1.6B, its "
+                   "moshi-mlx peer and STT 1B), pocket (Pocket TTS, float32 and bf16)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("kyutai.json"))
     args = p.parse_args()
-    rows = [bench_tts_moshi(args.frames, None).row()]
-    print(json.dumps(rows[0]), flush=True)
+    backends = set(args.backends.split(","))
+    rows: list[dict] = []
+
+    def emit(record: KyutaiRecord) -> None:
+        rows.append(record.row())
+        print(json.dumps(rows[-1]), flush=True)
+
+    if "kyutai" in backends:
+        emit(bench_tts_moshi(args.frames, None))
     for q in [None, *args.quantize]:
-        for record in [
-            *bench_tts_levers(args.frames, q, args.codebooks, args.levers),
-            bench_stt(args.frames, q),
-        ]:
-            rows.append(record.row())
-            print(json.dumps(rows[-1]), flush=True)
+        if "pocket" in backends:
+            emit(bench_pocket(args.frames, q))
+            emit(bench_pocket(args.frames, q, mx.bfloat16))
+        if "kyutai" in backends:
+            for record in bench_tts_levers(args.frames, q, args.codebooks, args.levers):
+                emit(record)
+            emit(bench_stt(args.frames, q))
     args.out.write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=1))
 
 
@@ -380,10 +422,11 @@ def random_voice_models(
     question: str,
     tts_config: TtsSection,
     stt_quantize: int | None = None,
-) -> tuple[ScriptedTranscript, Synthesizer]:
-    """STT 1B and TTS 1.6B at their published shapes with random weights, warmed up (MLX
-    on CUDA compiles kernels per shape: the first frames take seconds), the TTS's
-    codebooks chosen and timed as the voice command does."""
+) -> tuple[ScriptedTranscript, TextToSpeech]:
+    """STT 1B and TTS 1.6B (or Pocket TTS, as `tts.backend` says) at their published
+    shapes with random weights, warmed up (MLX on CUDA compiles kernels per shape: the
+    first frames take seconds), the TTS's codebooks chosen and timed as the voice command
+    does."""
     raw = stt_config()
     lm = _random_lm(raw, mx.bfloat16)
     if stt_quantize:
@@ -392,12 +435,18 @@ def random_voice_models(
     stt_folder.mkdir(parents=True, exist_ok=True)
     tts_folder.mkdir(parents=True, exist_ok=True)
     stt = Transcriber(Checkpoint(raw, lm, _mimi(raw["n_q"]), _tokenizer(stt_folder)))
-    ckpt, voice = _tts_parts(tts_folder, tts_config.quantize, mx.bfloat16)
     auto = tts_config.codebooks == "auto"
-    tts = Synthesizer(
-        ckpt, voice, temperature=0.6, max_seconds=120,
-        codebooks=None if auto else tts_config.codebooks,
-    )  # fmt: skip
+    tts: TextToSpeech
+    if tts_config.backend == "pocket":
+        from mlx_harmony.bench.pocket import random_pocket
+
+        tts = random_pocket(tts_folder, tts_config.quantize)
+    else:
+        ckpt, voice = _tts_parts(tts_folder, tts_config.quantize, mx.bfloat16)
+        tts = Synthesizer(
+            ckpt, voice, temperature=0.6, max_seconds=120,
+            codebooks=None if auto else tts_config.codebooks,
+        )  # fmt: skip
     scripted = ScriptedTranscript(stt, question)
     scripted.warmup()
     stt.start()

@@ -23,7 +23,7 @@ from mlx_harmony.voice.config import VoiceConfig
 from mlx_harmony.voice.realtime.app import add_realtime
 from mlx_harmony.voice.realtime.session import VoiceKit
 from mlx_harmony.voice.stt import Transcriber
-from mlx_harmony.voice.tts import Synthesizer
+from mlx_harmony.voice.synthesis import TextToSpeech
 
 PIECE_S = 0.08
 TRAILING_S = 1.5  # quiet the client goes on sending after the question, as a microphone
@@ -47,7 +47,7 @@ def run(
     setup: Setup,
     engine: Engine,
     stt: Transcriber,
-    tts: Synthesizer,
+    tts: TextToSpeech,
     clips: list[np.ndarray],
     rounds: int,
 ) -> list[RealtimeRecord]:

@@ -35,7 +35,7 @@ from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Reply, Request
 from mlx_harmony.voice.daemon import TurnTimings, VoiceAssistant
 from mlx_harmony.voice.stt import Transcriber
-from mlx_harmony.voice.tts import Synthesizer
+from mlx_harmony.voice.synthesis import TextToSpeech
 from mlx_harmony.voice.turn_scorer import load_turn_scorer
 from mlx_harmony.voice.vad import make_detector
 
@@ -81,6 +81,9 @@ class LatencyRecord:
     underruns: int = 0  # the speaker ran dry mid-answer (a gap in the speech)
     text_gaps: int = 0  # of them: the voice waited for the language model's next word
     buffered_frames: int = 0  # TTS frames held back before the answer started playing
+    tts_rate: float | None = None  # the synthesis speed the playout decision used
+    slowest_tts_step_ms: float = 0.0  # the answer's longest TTS step
+    slowest_engine_step_ms: float = 0.0  # and engine step (a stall, where gaps come from one)
 
     @classmethod
     def of(cls, prefill: bool, turn: int, t: TurnTimings, dropped: int = 0) -> LatencyRecord:
@@ -93,6 +96,8 @@ class LatencyRecord:
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
             t.prompt_tokens, t.speculative, t.head_start_ms, dropped, ended_by=t.ended_by,
             underruns=t.underruns, text_gaps=t.text_gaps, buffered_frames=t.buffered_frames,
+            tts_rate=t.tts_rate, slowest_tts_step_ms=t.slowest_tts_step_ms,
+            slowest_engine_step_ms=t.slowest_engine_step_ms,
         )  # fmt: skip
 
     def row(self) -> dict:
@@ -120,7 +125,7 @@ def run(
     setup: Setup,
     engine: Engine,
     stt: Transcriber,
-    tts: Synthesizer,
+    tts: TextToSpeech,
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
     variants: tuple[Variant, ...] = ((True, None, None), (False, None, None)),
@@ -162,7 +167,7 @@ def run(
 
 
 def _run_pulse(
-    config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
+    config: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: TextToSpeech,
     rounds: int, folder: Path, variants: tuple[Variant, ...], one_chat: bool,
 ) -> list[LatencyRecord]:  # fmt: skip
     from mlx_harmony.bench.virtual_audio import VirtualAudio, missing_tools
@@ -203,7 +208,7 @@ def _variant_config(config: VoiceConfig, variant: Variant) -> VoiceConfig:
 
 
 def _assistant(
-    cfg: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: Synthesizer,
+    cfg: VoiceConfig, setup: Setup, engine: Engine, stt: Transcriber, tts: TextToSpeech,
     folder: Path, **devices: Any,
 ) -> tuple[VoiceAssistant, _Collector]:  # fmt: skip
     session = Session(engine, setup.prompt, folder / "log.json", setup.model)

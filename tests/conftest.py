@@ -93,6 +93,31 @@ def voice_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pocket_model() -> Path:
+    """A tiny Pocket TTS folder in mlx-audio's published layout (random weights)."""
+    import hashlib
+
+    src = (ROOT / "tests" / "support" / "tiny_pocket.py").read_bytes()
+    folder = CACHE / f"pocket-{hashlib.sha256(src).hexdigest()[:16]}"
+    return _built_once(
+        folder, "config.json",
+        lambda tmp: [sys.executable, "-m", "tests.support.tiny_pocket", str(tmp)],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pocket_synthesizer(pocket_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Greedy, with the folder's own voice (tests compare speech)."""
+    from mlx_harmony.voice.pocket_tts import PocketSynthesizer
+    from tests.support.tiny_pocket import VOICE
+
+    cache = tmp_path_factory.mktemp("cloned-voices")
+    tts = PocketSynthesizer.load(str(pocket_model), VOICE, cache, temperature=0.0)
+    tts.warmup()
+    return tts
+
+
+@pytest.fixture(scope="session")
 def transcriber(voice_models: Path):
     from mlx_harmony.voice.stt import Transcriber
 
@@ -279,13 +304,15 @@ def clocked_assistant(engine, transcriber, synthesizer, tmp_path: Path):
 
     made: list[Clocked] = []
 
-    def make(prompt=None, engine=engine, transcriber=transcriber, **overrides) -> Clocked:
+    def make(
+        prompt=None, engine=engine, transcriber=transcriber, tts=synthesizer, **overrides
+    ) -> Clocked:
         clock = Clock()
         mic, speaker = ClockedMic(clock), ScriptedSpeaker(clock)
         settings = {**CLOCKED_SETTINGS, **overrides}
         path = tmp_path / "voice-chat.json"
         assistant, recorder = _voice_assistant(
-            engine, transcriber, synthesizer, path, settings, prompt,
+            engine, transcriber, tts, path, settings, prompt,
             clock=clock, sleep=clock.sleep, mic=mic, speaker=speaker,
         )  # fmt: skip
         assistant.open()
@@ -329,7 +356,7 @@ def speech(tmp_path_factory):
 # tier cannot quietly grow slow.
 HEAVY_FIXTURES = {
     "gpt_oss_path", "gpt_oss_python_path", "chatml_path", "voice_models", "virtual_audio",
-    "speech",
+    "speech", "pocket_model",
 }  # fmt: skip
 
 

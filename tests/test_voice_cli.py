@@ -287,7 +287,12 @@ def test_list_voices_names_the_voices_of_the_repo(voice_env, voice_models) -> No
         env=voice_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["tiny-voice"]
+    kyutai, pocket = out.stdout.strip().split("\n\n")
+    assert kyutai.startswith("kyutai (configured): Kyutai TTS")
+    assert kyutai.splitlines()[1:] == ["  tiny-voice"]
+    # The other backend's too, from its model's catalog (nothing downloaded to list them).
+    assert pocket.startswith("pocket: Pocket TTS mlx-community/pocket-tts")
+    assert "  alba" in pocket.splitlines()
 
 
 def test_no_usable_microphone_falls_back_to_the_text_chat(

@@ -28,7 +28,46 @@ def test_default_example_spells_out_every_default() -> None:
     config, _ = load_voice_config(ROOT / "audio_configs" / "default.json")
     defaults = VoiceConfig()
     defaults.llm.model = config.llm.model  # the example names the default chat model
+    # Voices cloned from WAV files are kept beside the config that names them.
+    assert config.tts.voice_cache == str(ROOT.absolute() / "audio_configs" / "cloned-voices")
+    defaults.tts.voice_cache = config.tts.voice_cache
     assert config == defaults
+
+
+def test_each_tts_backend_brings_its_own_model_and_voice(tmp_path: Path) -> None:
+    from mlx_harmony.voice.config import (
+        DEFAULT_POCKET_TTS,
+        DEFAULT_POCKET_VOICE,
+        DEFAULT_TTS,
+        DEFAULT_VOICE,
+    )
+
+    pocket = apply_override(VoiceConfig(), "tts.backend", "pocket").tts
+    assert (pocket.model, pocket.voice) == (DEFAULT_POCKET_TTS, DEFAULT_POCKET_VOICE)
+    assert VoiceConfig().tts.voice == DEFAULT_VOICE
+    back = apply_override(VoiceConfig(tts={"backend": "pocket"}), "tts.backend", "kyutai").tts
+    assert back.model == DEFAULT_TTS
+    # What the user named stays: a WAV beside the config, the cache where they want it.
+    (tmp_path / "me.wav").write_bytes(b"RIFF")
+    path = tmp_path / "voice.json"
+    path.write_text(
+        json.dumps({"tts": {"backend": "pocket", "voice": "me.wav", "voice_cache": "kept"}})
+    )
+    config, _ = load_voice_config(path)
+    assert config.tts.model == DEFAULT_POCKET_TTS
+    assert config.tts.voice == str(tmp_path / "me.wav")
+    assert config.tts.voice_cache == str(tmp_path.absolute() / "kept")
+
+
+def test_a_kyutai_only_setting_with_pocket_tts_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "voice.json"
+    path.write_text(json.dumps({"tts": {"backend": "pocket", "codebooks": 16}}))
+    with pytest.raises(ConfigError) as e:
+        load_voice_config(path)
+    assert "field 'tts'" in str(e.value) and "codebooks: Pocket TTS has no codebooks" in str(
+        e.value
+    )
+    assert "\n" not in str(e.value)
 
 
 def test_the_original_moshi_config_is_read_and_its_unused_fields_named(tmp_path: Path) -> None:

@@ -158,6 +158,9 @@ def test_gaps_while_the_voice_waits_for_the_models_words_cost_no_codebooks(tmp_p
     (t,) = sh.rec.timings
     assert t.underruns > 0 and t.text_gaps == t.underruns
     assert sh.tts is not None and sh.tts.adapted == []
+    # Each side's longest step is in the log: here the engine's word, not a TTS frame.
+    assert t.slowest_engine_step_ms == pytest.approx(300)
+    assert t.slowest_tts_step_ms == pytest.approx(20)
 
 
 def test_gaps_while_synthesis_falls_behind_teach_the_pace(tmp_path) -> None:
@@ -168,6 +171,7 @@ def test_gaps_while_synthesis_falls_behind_teach_the_pace(tmp_path) -> None:
     (t,) = sh.rec.timings
     assert t.underruns > 0 and t.text_gaps == 0
     assert sh.tts is not None and len(sh.tts.adapted) == 1 and sh.tts.adapted[0] < 1
+    assert t.slowest_tts_step_ms == pytest.approx(100) and t.slowest_engine_step_ms == 0
 
 
 def pace_learned(tmp_path, speculate_ms: int) -> float:

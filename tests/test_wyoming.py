@@ -35,12 +35,16 @@ FRANCE = HARMONY_TURNS[1]
 
 @pytest.fixture(scope="module")
 def server(gpt_oss_engine, transcriber, synthesizer) -> Iterator[int]:
-    tiny = Engine(gpt_oss_engine.model, gpt_oss_engine.tokenizer, "tiny")
     config = apply_override(VoiceConfig(), "tts.voice", "tiny-voice")
+    yield from serving(config, gpt_oss_engine, transcriber, synthesizer)
+
+
+def serving(config: VoiceConfig, gpt_oss_engine, transcriber, tts) -> Iterator[int]:
+    tiny = Engine(gpt_oss_engine.model, gpt_oss_engine.tokenizer, "tiny")
     prompt = PromptConfig(sampling={"temperature": 0.0})
     port, up = free_port(), threading.Event()
     loop = asyncio.new_event_loop()
-    service = Service(config, tiny, prompt, "tiny", transcriber, synthesizer)
+    service = Service(config, tiny, prompt, "tiny", transcriber, tts)
     task = loop.create_task(serve(f"tcp://127.0.0.1:{port}", service, up.set))
     thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
     thread.start()
@@ -93,6 +97,23 @@ def test_a_sentence_is_spoken(server) -> None:
     audio = b"".join(AudioChunk.from_event(e).audio for e in out if e.type == "audio-chunk")
     samples = np.frombuffer(audio, dtype="<i2")
     assert len(samples) > 24_000 * 0.2 and np.abs(samples).max() > 0
+
+
+def test_a_sentence_is_spoken_in_the_pocket_voice(
+    gpt_oss_engine, transcriber, pocket_synthesizer
+) -> None:
+    """Pocket TTS, loaded on this thread, speaks on the server's."""
+    pocket = apply_override(VoiceConfig(), "tts.backend", "pocket")
+    config = apply_override(pocket, "tts.voice", "tiny-pocket")
+    running = serving(config, gpt_oss_engine, transcriber, pocket_synthesizer)
+    port = next(running)
+    try:
+        ask = Synthesize(text="Hello there.", voice=SynthesizeVoice(name="tiny-pocket")).event()
+        out = asyncio.run(exchange(port, [ask], "audio-stop"))
+    finally:
+        next(running, None)
+    audio = b"".join(AudioChunk.from_event(e).audio for e in out if e.type == "audio-chunk")
+    assert len(np.frombuffer(audio, dtype="<i2")) > 24_000 * 0.2
 
 
 def test_another_voice_is_refused_by_name(server) -> None:

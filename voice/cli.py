@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from mlx_harmony.llm.session import Session
     from mlx_harmony.voice.daemon import TurnTimings
     from mlx_harmony.voice.stt import Transcriber
-    from mlx_harmony.voice.tts import Synthesizer
+    from mlx_harmony.voice.synthesis import TextToSpeech
 
 FLAG_SECTIONS = [s for s in SECTIONS if s != "llm"]  # the llm section uses the chat's flags
 
@@ -247,9 +247,9 @@ def open_session(
 
 def load_voice_models(
     config: VoiceConfig, console: Console
-) -> tuple[Transcriber | None, Synthesizer | None]:
+) -> tuple[Transcriber | None, TextToSpeech | None]:
     from mlx_harmony.voice.stt import Transcriber
-    from mlx_harmony.voice.tts import Synthesizer
+    from mlx_harmony.voice.synthesis import load_tts
 
     stt = tts = None
     if config.audio.use_stt:
@@ -265,7 +265,7 @@ def load_voice_models(
     if not config.audio.use_tts:
         return stt, None
     with console.status(f"Loading text to speech {t.model} …"):
-        tts = Synthesizer.from_config(t)
+        tts = load_tts(t)
         tts.warmup()
     with console.status("Timing text to speech on this machine …"):
         speed = tts.calibrate(t.codebooks == "auto", t.min_codebooks, t.realtime_margin)
@@ -288,9 +288,9 @@ def _main() -> int:
     for name in ignored:
         console.print(f"[yellow]warning:[/] {args.config}: field '{name}' is ignored")
     if args.list_voices:
-        from mlx_harmony.voice.tts import list_voices
+        from mlx_harmony.voice.synthesis import describe_voices
 
-        print("\n".join(list_voices(config.tts.voice_repo)))
+        print(describe_voices(config.tts))
         return 0
     if not args.text:
         check_local_paths(config, str(args.config) if args.config else "voice settings")

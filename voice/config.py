@@ -22,6 +22,13 @@ from mlx_harmony.voice.turn_policy import HOLD_WORDS
 DEFAULT_STT = "kyutai/stt-1b-en_fr-mlx"
 DEFAULT_TTS = "kyutai/tts-1.6b-en_fr"
 DEFAULT_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"
+DEFAULT_POCKET_TTS = "mlx-community/pocket-tts"
+DEFAULT_POCKET_VOICE = "alba"
+# Each backend's model and voice, where the config names none (or the other's default).
+BACKEND_DEFAULTS = {
+    "kyutai": (DEFAULT_TTS, DEFAULT_VOICE),
+    "pocket": (DEFAULT_POCKET_TTS, DEFAULT_POCKET_VOICE),
+}
 # What an answer meant to be heard should be like (added to the developer instructions).
 SPOKEN_STYLE = (
     "You are speaking with the user: your answer is read aloud by a text-to-speech voice. "
@@ -66,15 +73,38 @@ class SttSection(_Section):
 
 
 class TtsSection(_Section):
-    model: str = Field(DEFAULT_TTS, description="Kyutai TTS repo id or local folder")
-    voice: str = Field(DEFAULT_VOICE, description="voice name in voice_repo, or a file path")
-    voice_repo: str = Field("kyutai/tts-voices", description="repo id or folder of voices")
+    backend: Literal["kyutai", "pocket"] = Field(
+        "kyutai",
+        description="kyutai: Kyutai TTS 1.6B (streams word by word, needs a fast GPU for full "
+        "quality); pocket: Kyutai Pocket TTS (100M, real time on a laptop CPU, speaks "
+        "sentence by sentence, clones a voice from a WAV file)",
+    )
+    model: str = Field(
+        DEFAULT_TTS, description="repo id or local folder (default: the backend's own model)"
+    )
+    voice: str = Field(
+        DEFAULT_VOICE,
+        description="kyutai: a voice name in voice_repo or an embedding file; pocket: a voice "
+        "name (--list-voices), an embedding file, or a WAV file of a few seconds of someone "
+        "speaking, whose voice is cloned",
+    )
+    voice_repo: str = Field("kyutai/tts-voices", description="kyutai: repo id or folder of voices")
+    voice_cache: str | None = Field(
+        None,
+        description="pocket: folder that keeps voices cloned from WAV files (default: "
+        "cloned-voices/ beside the config file, or ~/.cache/mlx-harmony/cloned-voices)",
+    )
     quantize: Literal[4, 8] | None = Field(None, description="quantize the LM to 4 or 8 bits")
-    temperature: float = Field(0.6, ge=0.0, description="sampling temperature of the voice")
-    cfg_coef: float = Field(2.0, description="CFG strength the model was distilled for")
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        description="sampling temperature of the voice (default: the model's own, "
+        "0.6 for Kyutai TTS, 0.7 for Pocket TTS)",
+    )
+    cfg_coef: float = Field(2.0, description="kyutai: CFG strength the model was distilled for")
     codebooks: Annotated[int, Field(ge=2)] | Literal["auto"] | None = Field(
         "auto",
-        description="audio codebooks to generate: auto = the most that this machine "
+        description="kyutai: audio codebooks to generate: auto = the most that this machine "
         "synthesizes realtime_margin times faster than real time; a number fixes it; null: "
         "all the model has (fewer = faster, coarser sound)",
     )
@@ -89,8 +119,38 @@ class TtsSection(_Section):
         description="where synthesis is slower than playback, hold an answer back until "
         "it can play to the end without a gap (off: start at once, with gaps)",
     )
-    padding_between: int = Field(1, ge=0, description="pause steps forced between words")
+    padding_between: int = Field(1, ge=0, description="kyutai: pause steps forced between words")
     greeting: bool = Field(True, description="speak the prompt config's greeting at start")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_defaults(cls, data: Any) -> Any:
+        """A backend's own model and voice where none is named, or where the other
+        backend's default is (as a config switched with `--set tts.backend=pocket` has)."""
+        if not isinstance(data, dict):
+            return data
+        backend = data.get("backend", "kyutai")
+        if backend not in BACKEND_DEFAULTS:
+            return data  # the field's own error says what is allowed
+        model, voice = BACKEND_DEFAULTS[backend]
+        others = [d for b, d in BACKEND_DEFAULTS.items() if b != backend]
+        data = dict(data)
+        if data.get("model") in (None, *(m for m, _ in others)):
+            data["model"] = model
+        # Only TTS 1.6B's default voice is unmistakable: a voice named "alba" may be one
+        # of a folder of Kyutai voices.
+        if data.get("voice") is None or (backend == "pocket" and data["voice"] == DEFAULT_VOICE):
+            data["voice"] = voice
+        return data
+
+    @model_validator(mode="after")
+    def _kyutai_only(self) -> TtsSection:
+        if self.backend == "pocket" and isinstance(self.codebooks, int):
+            raise ValueError(
+                "codebooks: Pocket TTS has no codebooks to choose (its audio is one "
+                'continuous latent a frame); leave it "auto"'
+            )
+        return self
 
 
 class AudioSection(_Section):
@@ -420,6 +480,10 @@ def resolve_paths(config: VoiceConfig, anchor: Path, seed: bool = False) -> Voic
             beside = anchor.parent / value
             if beside.exists():
                 setattr(sec, name, str(beside))
+    # Voices cloned from WAV files are kept beside the config that names them.
+    cache = config.tts.voice_cache
+    if cache is None or not Path(cache).expanduser().is_absolute():
+        config.tts.voice_cache = str(anchor.parent.absolute() / (cache or "cloned-voices"))
     return config
 
 

@@ -41,8 +41,8 @@ from mlx_harmony.voice.echo import available as echo_available
 from mlx_harmony.voice.hearing import Hearing
 from mlx_harmony.voice.speaking import SpokenAnswer, Voice
 from mlx_harmony.voice.stt import Transcriber
+from mlx_harmony.voice.synthesis import TextToSpeech
 from mlx_harmony.voice.timings import TurnTimings
-from mlx_harmony.voice.tts import Synthesizer
 from mlx_harmony.voice.turn_scorer import TurnScorer
 from mlx_harmony.voice.turns import (
     AnswerFinished,
@@ -134,7 +134,7 @@ class VoiceAssistant:
         engine: ChatEngine,
         prompt: PromptConfig,
         transcriber: Transcriber | None,
-        synthesizer: Synthesizer | None,
+        synthesizer: TextToSpeech | None,
         detector: Detector,
         session: Session,
         reporter: Reporter,
@@ -593,11 +593,17 @@ class VoiceAssistant:
     def _advance(self) -> None:
         turn = self.turn
         assert turn is not None
-        speech = turn.speech
+        speech, timings = turn.speech, turn.timings
         if speech is not None and speech.wants_step():
+            start = self.clock()
             speech.step()
+            took = (self.clock() - start) * 1000
+            timings.slowest_tts_step_ms = max(timings.slowest_tts_step_ms, took)
         elif not turn.generated and not turn.at_tool:
+            start = self.clock()
             self._engine_step(turn)
+            took = (self.clock() - start) * 1000
+            timings.slowest_engine_step_ms = max(timings.slowest_engine_step_ms, took)
         elif turn.held:
             self.sleep(0.005)  # held until the end of the turn is confirmed or dropped
         elif speech is not None and speech.playing:

@@ -113,9 +113,9 @@ def speaker_check(device: str | int | None, tts: TtsSection | None) -> Result:
     try:
         sound = [tone()]
         if tts is not None:
-            from mlx_harmony.voice.tts import Synthesizer
+            from mlx_harmony.voice.synthesis import load_tts
 
-            sound += list(Synthesizer.from_config(tts).speak(SPOKEN_LINE))
+            sound += list(load_tts(tts).speak(SPOKEN_LINE))
         samples = sum(len(s) for s in sound)
         for pcm in sound:
             speaker.play(pcm)

@@ -19,8 +19,8 @@ import numpy as np
 from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
 from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
 from mlx_harmony.voice.speakable import SpeakableStream
+from mlx_harmony.voice.synthesis import TextToSpeech
 from mlx_harmony.voice.timings import TurnTimings
-from mlx_harmony.voice.tts import Synthesizer
 
 # Speech to have queued on the speaker before text generation gets a turn again.
 AHEAD_SECONDS = 0.3
@@ -38,7 +38,7 @@ class Voice:
 
     def __init__(
         self,
-        tts: Synthesizer,
+        tts: TextToSpeech,
         speaker: Speaker,
         clock: Callable[[], float],
         playout_buffer: bool,

@@ -38,6 +38,10 @@ class TurnTimings:
     buffered_frames: int = 0
     predicted_frames: int = 0
     tts_rate: float | None = None
+    # The longest single step of each side of the loop in this answer: where a gap came
+    # from a stall (a kernel compiled at its first use, another process), not the pace.
+    slowest_tts_step_ms: float = 0.0
+    slowest_engine_step_ms: float = 0.0
 
     def as_log(self) -> dict[str, object]:
         def rounded(k: str, v: object) -> object:

@@ -157,7 +157,7 @@ class Synthesizer:
             t.voice,
             t.voice_repo,
             quantize=t.quantize,
-            temperature=t.temperature,
+            **({} if t.temperature is None else {"temperature": t.temperature}),
             cfg_coef=t.cfg_coef,
             padding_between=t.padding_between,
             codebooks=None if t.codebooks == "auto" else t.codebooks,

@@ -79,8 +79,8 @@ def choose_codebooks(
 class TtsSpeed:
     """What the start-up measurement found and chose, for the status line and the log."""
 
-    codebooks: int
-    of: int  # the model's own count
+    codebooks: int | None  # None: a model without codebooks to choose (Pocket TTS)
+    of: int | None  # the model's own count
     frame_seconds: float  # synthesis time of one frame, all kept codebooks
     audio_seconds: float  # the audio one frame holds
     chosen: bool  # picked for this machine (tts.codebooks "auto"), not fixed by the config
@@ -96,20 +96,21 @@ class TtsSpeed:
         return self.rate >= self.margin
 
     def describe(self) -> str:
-        how = "chosen for this machine" if self.chosen else "set in tts.codebooks"
-        line = (
-            f"{self.codebooks} of {self.of} codebooks ({how}), "
-            f"{self.rate:.2f}x real time ({self.frame_seconds * 1000:.0f} ms a frame)"
-        )
+        speed = f"{self.rate:.2f}x real time ({self.frame_seconds * 1000:.0f} ms a frame)"
+        if self.codebooks is None:
+            line, faster = f"Pocket TTS, {speed}", "tts.quantize 8 speeds it up"
+        else:
+            how = "chosen for this machine" if self.chosen else "set in tts.codebooks"
+            line = f"{self.codebooks} of {self.of} codebooks ({how}), {speed}"
+            faster = "tts.quantize 8 or fewer tts.codebooks speed it up"
         if not self.keeps_up:
             line += (
                 f"; under the {self.margin:g}x margin: an answer may wait until enough is "
-                "buffered to play without a gap (tts.quantize 8 or fewer tts.codebooks "
-                "speed it up)"
+                f"buffered to play without a gap ({faster})"
             )
         return line
 
-    def as_log(self) -> dict[str, float | int | bool]:
+    def as_log(self) -> dict[str, float | int | bool | None]:
         return {
             "codebooks": self.codebooks,
             "of": self.of,

@@ -55,7 +55,7 @@ from mlx_harmony.voice.cli import add_config_options, configured, load_voice_mod
 from mlx_harmony.voice.config import VoiceConfig
 from mlx_harmony.voice.speakable import SpeakableStream
 from mlx_harmony.voice.stt import Transcriber
-from mlx_harmony.voice.tts import Synthesizer
+from mlx_harmony.voice.synthesis import TextToSpeech
 
 RATE, WIDTH, CHANNELS = 24_000, 2, 1  # what the Kyutai models hear and speak
 KYUTAI = Attribution(name="Kyutai", url="https://kyutai.org")
@@ -75,7 +75,7 @@ class Service:
         prompt: PromptConfig,
         model_name: str,
         stt: Transcriber | None,
-        tts: Synthesizer | None,
+        tts: TextToSpeech | None,
     ) -> None:
         self.config, self.engine, self.prompt, self.model_name = config, engine, prompt, model_name
         self.stt, self.tts = stt, tts

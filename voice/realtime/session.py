@@ -39,7 +39,7 @@ from mlx_harmony.voice.realtime.listening import (
 )
 from mlx_harmony.voice.speakable import SpeakableStream
 from mlx_harmony.voice.stt import Transcriber
-from mlx_harmony.voice.tts import SpeechSession, Synthesizer
+from mlx_harmony.voice.synthesis import SpeechStream, TextToSpeech
 from mlx_harmony.voice.turn_scorer import TurnScorer
 from mlx_harmony.voice.vad import make_detector
 
@@ -54,7 +54,7 @@ class VoiceKit:
 
     config: VoiceConfig
     stt: Transcriber | None
-    tts: Synthesizer | None
+    tts: TextToSpeech | None
     scorer: TurnScorer | None = None
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -69,12 +69,19 @@ class Entry:
 
     item: dict[str, Any]
     messages: list[ChatMessage]
-    speech: SpeechSession | None = None  # an answer's speech, to truncate it by time
+    speech: SpeechStream | None = None  # an answer's speech, to truncate it by time
 
 
 @dataclass(frozen=True)
 class Frame:
     pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpeechOpened:
+    """The answer's speech session, for the response to truncate by time."""
+
+    speech: SpeechStream
 
 
 @dataclass
@@ -572,8 +579,8 @@ class RealtimeSession:
             async for ev in self.slot.worker.submit(response.job):
                 if isinstance(ev, Frame):
                     await out.audio(ev.pcm)
-                elif isinstance(ev, SpeechSession):
-                    out.speech = ev
+                elif isinstance(ev, SpeechOpened):
+                    out.speech = ev.speech
                 elif isinstance(ev, TextDelta) and ev.kind == "answer":
                     await out.text(ev.text)
                 elif isinstance(ev, MessageDone) and not server_side.handles(ev.message.recipient):
@@ -590,7 +597,7 @@ class RealtimeSession:
 
 
 def _with_speech(
-    events: Iterator[Any], tts: Synthesizer | None, should_stop: Callable[[], bool]
+    events: Iterator[Any], tts: TextToSpeech | None, should_stop: Callable[[], bool]
 ) -> Iterator[Any]:
     """The engine's events with the final channel's speech in between, synthesized as
     the words come (no playout pacing: the client buffers what it is sent)."""
@@ -598,7 +605,7 @@ def _with_speech(
         yield from events
         return
     speech, text = tts.session(), SpeakableStream()
-    yield speech
+    yield SpeechOpened(speech)
     done = None
     for ev in events:
         if isinstance(ev, TurnDone):
@@ -626,7 +633,7 @@ class _Output:
         self.items: list[dict[str, Any]] = []
         self.message: dict[str, Any] | None = None
         self.transcript = ""
-        self.speech: SpeechSession | None = None
+        self.speech: SpeechStream | None = None
 
     def shape(
         self,
