@@ -93,3 +93,27 @@ def test_the_pace_of_an_answer_that_ran_dry_is_learned_and_a_tools_pause_is_not(
     assert v.rate_prior > 0.6
     assert v.tts.adapted == [v.rate_prior] and notices == []  # adapt chose nothing new
     assert v.answer_words[-1] == 8
+
+
+def test_one_stall_does_not_teach_a_slow_pace() -> None:
+    """Synthesis three times faster than playback, but one step stalls for a second
+    (a kernel built at the first use of a shape): the speech runs dry there, yet the next
+    answer starts at once, and no codebook is cut; a pace that slow all along would."""
+    v, clock, _ = voice(step_s=0.025)
+    prior = v.rate_prior
+    v.tts.stalls[4] = 1.0
+    first = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    first.write(WORDS + " " + WORDS)
+    first.finish()
+    speak(first, clock)
+    first.account()
+    assert first.timings.underruns > 0
+    v.learn(first)
+    assert v.rate_prior > 2 and v.tts.adapted == [pytest.approx(v.rate_prior)]
+    second = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    second.write(WORDS)
+    second.finish()
+    speak(second, clock)
+    second.account()
+    assert second.timings.buffered_frames == 1 and second.timings.underruns == 0
+    assert prior > v.rate_prior  # the loop's own pace was learned, only the stall left out

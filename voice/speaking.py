@@ -31,6 +31,11 @@ ANSWER_WORDS_PRIOR = 25
 # answer has run dry the start-up figure is known to be wrong, and two frames are enough.
 LIVE_RATE_FRAMES = 4
 LIVE_RATE_FRAMES_AFTER_GAP = 2
+# A TTS step this many times longer than the measured frame is a stall (a kernel built at
+# the first use of a shape, the machine busy elsewhere), not the pace synthesis keeps: its
+# excess is left out of the answer's pace, so one stall does not make every later answer
+# wait for a buffer.
+STALL_FACTOR = 4
 
 
 class Voice:
@@ -120,6 +125,7 @@ class SpokenAnswer:
         self.frames = 0
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
+        self.stalled = 0.0  # seconds of stalls (beyond a frame's time) since first_frame_at
         self.at_tool = False  # between a tool call and its result: silence is expected
         # Since the loop last looked: the speech wanted its next frame and had no word.
         self.starved = False
@@ -156,7 +162,7 @@ class SpokenAnswer:
     def tool_result(self) -> None:
         """The rest of the answer starts afresh: buffered for the pace, timed from here."""
         self.at_tool, self.buffering = False, True
-        self.frames, self.first_frame_at = 0, None
+        self.frames, self.first_frame_at, self.stalled = 0, None, 0.0
 
     # ------------------------------------------------------------------ frames out
     def wants_step(self) -> bool:
@@ -178,7 +184,13 @@ class SpokenAnswer:
 
     def step(self) -> None:
         """One TTS frame, held, buffered or played."""
+        start = self.voice.clock()
         frame = self.speech.step()
+        took = self.voice.clock() - start
+        speed = self.voice.tts.speed
+        usual = speed.frame_seconds if speed is not None else self.voice.tts.frame_seconds
+        if self.first_frame_at is not None and took > STALL_FACTOR * usual:
+            self.stalled += took - usual
         if frame is not None:
             self.frames += 1
             self.last_frame_at = self.voice.clock()
@@ -194,7 +206,7 @@ class SpokenAnswer:
         held, self.held = self.held, None
         self.voice.speaker.first_sound_at = None  # an earcon may have played since the start
         # Synthesis stood still while the frames were held: its pace counts from here.
-        self.frames, self.first_frame_at = 0, None
+        self.frames, self.first_frame_at, self.stalled = 0, None, 0.0
         self.waiting += held
         self._release()
 
@@ -222,13 +234,13 @@ class SpokenAnswer:
 
     def live_rate(self) -> float | None:
         """Synthesis speed (audio seconds per second) this answer kept: what the whole
-        loop gives the TTS, not the TTS alone."""
+        loop gives the TTS, not the TTS alone, stalls left out (`STALL_FACTOR`)."""
         ran_dry = self.voice.speaker.underruns > self.underruns_base
         enough = LIVE_RATE_FRAMES_AFTER_GAP if ran_dry else LIVE_RATE_FRAMES
         if self.frames < enough or self.first_frame_at is None:
             return None
         assert self.last_frame_at is not None
-        took = self.last_frame_at - self.first_frame_at
+        took = self.last_frame_at - self.first_frame_at - self.stalled
         return (self.frames - 1) * self.voice.tts.frame_seconds / took if took > 0 else None
 
     def _release(self) -> None:

@@ -206,7 +206,8 @@ class ScriptedSpeech:
         return not self.done and (self.closed or word + 1 < len(self.words))
 
     def step(self) -> np.ndarray:
-        self.tts.clock.now += self.tts.step_s
+        self.tts.clock.now += self.tts.step_s + self.tts.stalls.pop(self.tts.steps, 0.0)
+        self.tts.steps += 1
         self.frames += 1
         return np.full(self.tts.frame_samples, 0.1, dtype=np.float32)
 
@@ -221,8 +222,9 @@ class ScriptedSpeech:
 
 
 class ScriptedSynthesizer:
-    """A TTS whose frames take `step_s` of the clock each; `adapted` records the paces it
-    was told to cut codebooks for."""
+    """A TTS whose frames take `step_s` of the clock each (and the `stalls` seconds more
+    at those step numbers, counted across sessions); `adapted` records the paces it was
+    told to cut codebooks for."""
 
     frame_seconds = 0.08
     frame_samples = MODEL_RATE * 80 // 1000
@@ -231,6 +233,8 @@ class ScriptedSynthesizer:
         self.clock, self.step_s, self.frames_per_word = clock, step_s, frames_per_word
         self.speed = TtsSpeed(8, 32, step_s, self.frame_seconds, chosen=True, margin=1.2)
         self.adapted: list[float] = []
+        self.stalls: dict[int, float] = {}
+        self.steps = 0
 
     def session(self) -> ScriptedSpeech:
         return ScriptedSpeech(self)
