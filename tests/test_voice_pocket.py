@@ -200,6 +200,19 @@ def test_not_a_pocket_model_is_one_clear_line(voice_models: Path, tmp_path: Path
         PocketSynthesizer.load(str(tmp_path / "missing" / "a" / "b"), VOICE, tmp_path)
 
 
+def test_quantized_it_still_speaks(pocket_model: Path, tmp_path: Path) -> None:
+    """`tts.quantize` packs the flow transformer's layers (the Mimi decoder stays)."""
+    import mlx.nn as nn
+
+    tts = PocketSynthesizer.load(str(pocket_model), VOICE, tmp_path, quantize=8)
+    packed = [m for _, m in tts.model.flow_lm.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert packed and not any(
+        isinstance(m, nn.QuantizedLinear) for _, m in tts.model.mimi.named_modules()
+    )
+    frames = list(tts.speak("Hello there."))
+    assert frames and all(f.shape == (FRAME,) for f in frames)
+
+
 def test_calibration_reports_the_rate_without_codebooks(pocket_model: Path, tmp_path) -> None:
     tts = PocketSynthesizer.load(str(pocket_model), VOICE, tmp_path)
     speed = tts.calibrate(True, 8, 1.2)
