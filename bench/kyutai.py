@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -170,6 +171,37 @@ class _FrameParts:
         return {n: statistics.median(r[i] for r in self.rows) * 1000 for i, n in enumerate(names)}
 
 
+def _timed_session(
+    tts: TextToSpeech, frames: int, parts: _FrameParts | None = None
+) -> tuple[float | None, list[float]]:
+    """The product's path: a whole utterance first (kernels compile per shape), then one
+    streaming session, the answer's words pushed at once (a language model writes faster
+    than speech), frames stepped out. Seconds from the push to the first frame, and each
+    later frame's step (not those that also ran other steps: a batched text-only delay, a
+    chunk's text prefill)."""
+    for _ in tts.speak(TEXT):
+        pass
+    session: Any = tts.session()
+    start = time.perf_counter()
+    session.push(LONG_TEXT + " ")
+    first, times = None, []
+    while len(times) < frames and not session.done:
+        if not session.ready:
+            session.close()
+            continue
+        t = parts.start() if parts is not None else time.perf_counter()
+        frame = session.step()
+        if frame is None:
+            continue
+        if first is None:
+            first = time.perf_counter() - start
+        elif session.last_steps == 1:
+            times.append(time.perf_counter() - t)
+            if parts is not None:
+                parts.keep()
+    return first, times
+
+
 def bench_tts(
     frames: int,
     quantize: int | None,
@@ -179,9 +211,8 @@ def bench_tts(
     batch_delay: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
 ) -> KyutaiRecord:
-    """The product's path: one streaming session, the answer's words pushed at once (a
-    language model writes faster than speech), frames stepped out; Mimi decode included
-    (and timed on its own)."""
+    """TTS 1.6B through the product's session loop (`_timed_session`), Mimi's decode
+    included and timed on its own."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, voice = _tts_parts(Path(tmp), quantize, dtype)
         tts = Synthesizer(
@@ -189,26 +220,8 @@ def bench_tts(
             skip_delay_depformer=skip_delay_depformer, compile_depformer=compile_depformer,
             batch_delay=batch_delay,
         )  # fmt: skip
-        for _ in tts.speak(TEXT):  # a whole utterance first: kernels compile per shape
-            pass
         parts = _FrameParts(tts)
-        session = tts.session()
-        start = time.perf_counter()
-        session.push(LONG_TEXT + " ")
-        first, times = None, []
-        while len(times) < frames and not session.done:
-            if not session.ready:
-                session.close()
-                continue
-            t = parts.start()
-            frame = session.step()
-            if frame is None:
-                continue
-            if first is None:
-                first = time.perf_counter() - start
-            else:
-                times.append(time.perf_counter() - t)
-                parts.keep()
+        first, times = _timed_session(tts, frames, parts)
     return _summary(
         "tts-1.6b", quantize, times, first,
         codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
@@ -281,25 +294,7 @@ def bench_pocket(frames: int, quantize: int | None, dtype: mx.Dtype = mx.float32
     from mlx_harmony.bench.pocket import random_pocket
 
     with tempfile.TemporaryDirectory() as tmp:
-        tts = random_pocket(Path(tmp), quantize, dtype)
-        for _ in tts.speak(TEXT):  # kernels compile per shape
-            pass
-        session = tts.session()
-        start = time.perf_counter()
-        session.push(LONG_TEXT + " ")
-        first, times = None, []
-        while len(times) < frames and not session.done:
-            if not session.ready:
-                session.close()
-                continue
-            t = time.perf_counter()
-            frame = session.step()
-            if frame is None:
-                continue
-            if first is None:
-                first = time.perf_counter() - start
-            elif session.last_steps == 1:  # a chunk's first frame also prefills its text
-                times.append(time.perf_counter() - t)
+        first, times = _timed_session(random_pocket(Path(tmp), quantize, dtype), frames)
     name = "pocket-tts" if dtype == mx.float32 else f"pocket-tts {dtype}".replace("mlx.core.", "")
     return _summary(name, quantize, times, first)
 

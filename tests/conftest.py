@@ -79,30 +79,28 @@ def chatml_path() -> Path:
     return _cached("chatml")
 
 
+def _built_by(module: str, name: str, marker: str) -> Path:
+    """A folder built by `python -m tests.support.<module> FOLDER`, cached by the hash of
+    that module's source."""
+    import hashlib
+
+    src = (ROOT / "tests" / "support" / f"{module}.py").read_bytes()
+    folder = CACHE / f"{name}-{hashlib.sha256(src).hexdigest()[:16]}"
+    return _built_once(
+        folder, marker, lambda tmp: [sys.executable, "-m", f"tests.support.{module}", str(tmp)]
+    )
+
+
 @pytest.fixture(scope="session")
 def voice_models() -> Path:
     """Tiny Kyutai STT and TTS folders (random weights, real file layouts)."""
-    import hashlib
-
-    src = (ROOT / "tests" / "support" / "tiny_voice.py").read_bytes()
-    folder = CACHE / f"kyutai-{hashlib.sha256(src).hexdigest()[:16]}"
-    return _built_once(
-        folder, "tts/config.json",
-        lambda tmp: [sys.executable, "-m", "tests.support.tiny_voice", str(tmp)],
-    )  # fmt: skip
+    return _built_by("tiny_voice", "kyutai", "tts/config.json")
 
 
 @pytest.fixture(scope="session")
 def pocket_model() -> Path:
     """A tiny Pocket TTS folder in mlx-audio's published layout (random weights)."""
-    import hashlib
-
-    src = (ROOT / "tests" / "support" / "tiny_pocket.py").read_bytes()
-    folder = CACHE / f"pocket-{hashlib.sha256(src).hexdigest()[:16]}"
-    return _built_once(
-        folder, "config.json",
-        lambda tmp: [sys.executable, "-m", "tests.support.tiny_pocket", str(tmp)],
-    )  # fmt: skip
+    return _built_by("tiny_pocket", "pocket", "config.json")
 
 
 @pytest.fixture(scope="session")
