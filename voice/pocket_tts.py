@@ -149,9 +149,9 @@ class PocketSynthesizer:
         model = load_model(folder)
         if temperature is not None:
             model.temp = temperature
-        # Before quantizing: the cloned voice's cache key is the published weights.
-        state, frames = voice_state(model, folder, voice, voice_cache)
         if quantize is not None:
+            # The flow transformer only: Mimi, which encodes a cloned voice and decodes
+            # every frame, keeps its weights (and a cloned voice's file stays valid).
             nn.quantize(
                 model.flow_lm,
                 group_size=QUANTIZE_GROUP,
@@ -160,6 +160,7 @@ class PocketSynthesizer:
                     isinstance(m, nn.Linear) and m.weight.shape[-1] % QUANTIZE_GROUP == 0
                 ),
             )
+        state, frames = voice_state(model, folder, voice, voice_cache)
         return cls(model, state, frames)
 
     @classmethod
@@ -295,8 +296,6 @@ class PocketSpeech:
         if cut is None:
             return False
         chunk, self._text = self._text[:cut].strip(), self._text[cut:]
-        if not chunk:
-            return self._start()
         model, synth = self.synth.model, self.synth
         prepared, frames_after_eos = prepare_text_prompt(chunk)
         # Back to the voice alone: every chunk is spoken after the voice, as upstream.
