@@ -52,7 +52,7 @@ QUESTIONS = [
 # The stages summarized (medians), in the order they happen.
 STAGES = (
     "head_start_ms", "endpointing_ms", "stt_flush_ms", "prefill_ms", "first_final_ms",
-    "first_chunk_ms", "first_audio_ms", "turn_model_ms",
+    "first_frame_ms", "first_chunk_ms", "first_audio_ms", "turn_model_ms",
 )  # fmt: skip
 
 
@@ -81,6 +81,9 @@ class LatencyRecord:
     underruns: int = 0  # the speaker ran dry mid-answer (a gap in the speech)
     text_gaps: int = 0  # of them: the voice waited for the language model's next word
     buffered_frames: int = 0  # TTS frames held back before the answer started playing
+    # First final token → first TTS frame synthesized (held or not): the TTS's own start,
+    # where first_chunk_ms also waits for the end to be confirmed and the playout buffer.
+    first_frame_ms: float | None = None
     predicted_frames: int = 0  # the answer's length in frames as the decision predicted it
     tts_rate: float | None = None  # the synthesis speed the playout decision used
     slowest_tts_step_ms: float = 0.0  # the answer's longest TTS step
@@ -97,6 +100,7 @@ class LatencyRecord:
             gap(t.first_final_ms, t.first_chunk_ms), t.first_audio_ms, t.cached_tokens,
             t.prompt_tokens, t.speculative, t.head_start_ms, dropped, ended_by=t.ended_by,
             underruns=t.underruns, text_gaps=t.text_gaps, buffered_frames=t.buffered_frames,
+            first_frame_ms=gap(t.first_final_ms, t.first_frame_ms),
             predicted_frames=t.predicted_frames, tts_rate=t.tts_rate,
             slowest_tts_step_ms=t.slowest_tts_step_ms,
             slowest_engine_step_ms=t.slowest_engine_step_ms,

@@ -34,17 +34,22 @@ def speak(answer: SpokenAnswer, clock: Clock, tick: float = 0.005) -> None:
 def test_a_held_answer_makes_a_few_frames_and_plays_nothing_until_confirmed() -> None:
     v, clock, _ = voice(step_s=0.01)
     started = []
-    answer = v.answer(TurnTimings(), clock(), held=True, playing=lambda: started.append(1))
+    timings = TurnTimings()
+    answer = v.answer(timings, clock(), held=True, playing=lambda: started.append(1))
     answer.write(WORDS)
     for _ in range(50):
         if answer.wants_step():
             answer.step()
     assert answer.held is not None
+    # The TTS's own start is timed apart from the wait for the confirmation.
+    assert timings.first_frame_ms == pytest.approx(10) and timings.first_chunk_ms is None
+    clock.now += 0.2
     assert 0 < len(answer.held) * v.tts.frame_seconds <= AHEAD_SECONDS + v.tts.frame_seconds
     assert started == [] and not answer.playing
     held = len(answer.held)
     answer.confirm()
     assert started == [1] and answer.held is None
+    assert timings.first_chunk_ms is not None and timings.first_chunk_ms > 200
     assert v.speaker.pending_seconds() == pytest.approx(held * v.tts.frame_seconds)
 
 

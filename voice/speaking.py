@@ -194,6 +194,8 @@ class SpokenAnswer:
         if frame is not None:
             self.frames += 1
             self.last_frame_at = self.voice.clock()
+            if self.timings.first_frame_ms is None:
+                self.timings.first_frame_ms = (self.last_frame_at - self.started_at) * 1000
             if self.first_frame_at is None:
                 self.first_frame_at = self.last_frame_at
             (self.held if self.held is not None else self.waiting).append(frame)

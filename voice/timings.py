@@ -16,7 +16,10 @@ class TurnTimings:
     transcript_ms: float = 0.0  # STT flushed: transcript complete
     first_token_ms: float | None = None
     first_final_ms: float | None = None
-    first_chunk_ms: float | None = None  # the answer's first audio frame went to the speaker
+    # The answer's first audio frame was synthesized (held, buffered or played at once),
+    # and went to the speaker (after the end was confirmed, and the playout buffer).
+    first_frame_ms: float | None = None
+    first_chunk_ms: float | None = None
     generation_ms: float | None = None  # the engine finished the answer
     first_audio_ms: float | None = None  # first audible sample played by the device
     stt_frames_while_speaking: int = 0
