@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_harmony.voice.pocket_tts import MAX_CHUNK_WORDS, PocketSpeech, _Chunk
+from mlx_harmony.voice.pocket_tts import (
+    FIRST_CHUNK_MAX_WORDS,
+    MAX_CHUNK_WORDS,
+    PocketSpeech,
+    _Chunk,
+)
 
 
 def speech(text: str, spoken_before: bool = False, closed: bool = False) -> PocketSpeech:
@@ -45,8 +50,15 @@ def test_later_chunks_take_every_complete_sentence_and_no_clause() -> None:
 
 def test_a_sentence_longer_than_a_chunk_is_cut_at_a_word() -> None:
     words = [f"w{i}" for i in range(MAX_CHUNK_WORDS + 5)]
-    s = speech(" ".join(words) + " ")
+    s = speech(" ".join(words) + " ", spoken_before=True)
     assert cut(s) == " ".join(words[:MAX_CHUNK_WORDS]) + " "
+
+
+def test_the_first_chunk_does_not_wait_for_a_long_first_sentence() -> None:
+    words = [f"w{i}" for i in range(FIRST_CHUNK_MAX_WORDS)]
+    assert cut(speech(" ".join(words) + " ")) is None  # not yet: it may still end
+    more = speech(" ".join([*words, "and"]) + " ")
+    assert cut(more) == " ".join(words) + " "
 
 
 def test_the_end_of_the_answer_ends_its_last_chunk() -> None:

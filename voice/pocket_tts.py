@@ -1,17 +1,18 @@
 """Streaming text to speech with Kyutai's Pocket TTS (mlx-audio), in any voice.
 
-Pocket TTS (100M parameters) is the second `tts.backend`: it runs faster than real time
-on a laptop's CPU, where TTS 1.6B cannot, and clones a voice from a few seconds of audio,
-which TTS 1.6B cannot (its voice encoder is not released).
+Pocket TTS (100M parameters) is the second `tts.backend`: a frame costs it a quarter of
+TTS 1.6B's time at 8 codebooks (H200), so it keeps up on machines where TTS 1.6B does not,
+and it clones a voice from a few seconds of audio, which TTS 1.6B cannot (its voice
+encoder is not released).
 
 Its text is a prefix: a sentence's tokens go into the model before any of its audio, so
 the text cannot be fed word by word as TTS 1.6B's is. The answer is spoken in chunks as
 the model writes it: the first chunk ends at the first clause (a comma after a few words)
-so that speech starts early, the next ones are the complete sentences written by the time
-the previous chunk has been spoken, at most `MAX_CHUNK_WORDS` words (the model's own
-limit is 50 tokens). Each chunk is mlx-audio's own per-chunk generator, stepped one 80 ms
-frame at a time (`generate_audio_stream` runs them back to back for a whole text, which
-an answer being written is not).
+or after `FIRST_CHUNK_MAX_WORDS` words, so that speech starts early, the next ones are
+the complete sentences written by the time the previous chunk has been spoken, at most
+`MAX_CHUNK_WORDS` words (the model's own limit is 50 tokens). Each chunk is mlx-audio's
+own per-chunk generator, stepped one 80 ms frame at a time (`generate_audio_stream` runs
+them back to back for a whole text, which an answer being written is not).
 
 A voice is a name (the model folder's `embeddings/`, or Kyutai's catalog on the hub), an
 embedding file, or an audio file whose voice is cloned: encoded once with the model's Mimi
@@ -47,6 +48,9 @@ CALIBRATION_TEXT = "One moment please, I am checking how fast I can speak on thi
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
 CLAUSE_END = re.compile(r"[,;:][\"')\]]*\s")
 FIRST_CHUNK_WORDS = 4
+# Nor does the first chunk wait for more words than this (cut at a word): a long first
+# sentence written slowly would keep the answer silent for seconds.
+FIRST_CHUNK_MAX_WORDS = 12
 MAX_CHUNK_WORDS = 30  # about 50 tokens, the model's chunk limit; cut at a word without an end
 # Speech is about 2.5 words a second: 5 frames of 80 ms a word errs towards longer, which
 # sizes the playout buffer (`voice.playout`) on the safe side.
@@ -280,13 +284,14 @@ class PocketSpeech:
                 for m in CLAUSE_END.finditer(text)
                 if len(text[: m.end()].split()) >= FIRST_CHUNK_WORDS
             ]
-        fitting = [e for e in ends if len(text[:e].split()) <= MAX_CHUNK_WORDS]
+        most = MAX_CHUNK_WORDS if self._chunks else FIRST_CHUNK_MAX_WORDS
+        fitting = [e for e in ends if len(text[:e].split()) <= most]
         if fitting:
             return max(fitting) if self._chunks else min(fitting)
-        if ends or len(text.split()) > MAX_CHUNK_WORDS:
+        if ends or len(text.split()) > most:
             # A sentence longer than a chunk: cut it at a word.
             words = re.finditer(r"\S+\s", text)
-            return [m.end() for m in words][MAX_CHUNK_WORDS - 1]
+            return [m.end() for m in words][most - 1]
         return None
 
     def _start(self) -> bool:
