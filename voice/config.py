@@ -76,8 +76,8 @@ class TtsSection(_Section):
     backend: Literal["kyutai", "pocket"] = Field(
         "kyutai",
         description="kyutai: Kyutai TTS 1.6B (streams word by word, needs a fast GPU for full "
-        "quality); pocket: Kyutai Pocket TTS (100M, real time on a laptop CPU, speaks "
-        "sentence by sentence, clones a voice from a WAV file)",
+        "quality); pocket: Kyutai Pocket TTS (100M: keeps up on smaller machines, speaks "
+        "clause by clause, clones a voice from a WAV file)",
     )
     model: str = Field(
         DEFAULT_TTS, description="repo id or local folder (default: the backend's own model)"
