@@ -242,3 +242,11 @@ def test_every_config_flag_says_its_type_default_and_meaning() -> None:
     assert silence.metavar == "INT" and silence.help.endswith("(default: 700)")
     assert actions["cfg__endpointing__detector"].metavar == "{energy,silero}"
     assert actions["cfg__tts__codebooks"].metavar == "auto|INT"  # a word or a number
+
+
+def test_servers_name_a_voice_file_without_its_folders(tmp_path: Path) -> None:
+    from mlx_harmony.voice.config import TtsSection
+
+    assert TtsSection(voice=str(tmp_path / "me.wav"), backend="pocket").voice_name == "me"
+    kyutai = TtsSection(voice="expresso/ex03.wav")  # a name in the voice repo stays whole
+    assert kyutai.voice_name == "expresso/ex03.wav"

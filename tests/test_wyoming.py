@@ -104,14 +104,18 @@ def test_a_sentence_is_spoken_in_the_pocket_voice(
 ) -> None:
     """Pocket TTS, loaded on this thread, speaks on the server's."""
     pocket = apply_override(VoiceConfig(), "tts.backend", "pocket")
-    config = apply_override(pocket, "tts.voice", "tiny-pocket")
+    # A cloned voice's file is named, not its folders.
+    config = apply_override(pocket, "tts.voice", "/home/someone/voices/tiny-pocket.wav")
     running = serving(config, gpt_oss_engine, transcriber, pocket_synthesizer)
     port = next(running)
     try:
+        (event,) = asyncio.run(exchange(port, [Describe().event()], "info"))
         ask = Synthesize(text="Hello there.", voice=SynthesizeVoice(name="tiny-pocket")).event()
         out = asyncio.run(exchange(port, [ask], "audio-stop"))
     finally:
         next(running, None)
+    (program,) = Info.from_event(event).tts
+    assert program.name == "pocket-tts" and [v.name for v in program.voices] == ["tiny-pocket"]
     audio = b"".join(AudioChunk.from_event(e).audio for e in out if e.type == "audio-chunk")
     assert len(np.frombuffer(audio, dtype="<i2")) > 24_000 * 0.2
 

@@ -143,6 +143,13 @@ class TtsSection(_Section):
             data["voice"] = voice
         return data
 
+    @property
+    def voice_name(self) -> str:
+        """The voice as clients of the servers see it: a voice file's name without the
+        folders (a local path is nobody else's business), else the name as configured."""
+        path = Path(self.voice).expanduser()
+        return path.stem if path.is_absolute() else self.voice
+
     @model_validator(mode="after")
     def _kyutai_only(self) -> TtsSection:
         if self.backend == "pocket" and isinstance(self.codebooks, int):

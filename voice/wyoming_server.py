@@ -92,12 +92,14 @@ class Service:
                              installed=True, version=None, languages=["en", "fr"])],
             supports_transcript_streaming=True,
         )] if self.stt is not None else []  # fmt: skip
+        pocket = c.tts.backend == "pocket"
         tts = [TtsProgram(
-            name="kyutai-tts", description="Kyutai streaming text to speech (MLX)",
+            name=f"{c.tts.backend}-tts",
+            description=f"Kyutai {'Pocket TTS' if pocket else 'streaming text to speech'} (MLX)",
             attribution=KYUTAI, installed=True, version=None,
-            voices=[TtsVoice(name=c.tts.voice, description=f"{c.tts.model}: {c.tts.voice}",
-                             attribution=KYUTAI, installed=True, version=None,
-                             languages=["en", "fr"])],
+            voices=[TtsVoice(name=c.tts.voice_name, description=f"{c.tts.model}: "
+                             f"{c.tts.voice_name}", attribution=KYUTAI, installed=True,
+                             version=None, languages=["en"] if pocket else ["en", "fr"])],
             supports_synthesize_streaming=True,
         )] if self.tts is not None else []  # fmt: skip
         handle = [HandleProgram(
@@ -206,7 +208,7 @@ class Handler(AsyncEventHandler):
             raise ConfigError(f"this server offers no {what} ({field} is off)")
 
     def _voice(self, name: str | None) -> None:
-        voice = self.service.config.tts.voice
+        voice = self.service.config.tts.voice_name
         if name is not None and name != voice:
             raise ConfigError(f"voice '{name}' is not served here: this server speaks with "
                               f"'{voice}' (tts.voice in its voice config)")  # fmt: skip

@@ -60,7 +60,7 @@ class VoiceKit:
 
     @property
     def voice(self) -> str:
-        return self.config.tts.voice
+        return self.config.tts.voice_name
 
 
 @dataclass
