@@ -595,10 +595,7 @@ class VoiceAssistant:
         assert turn is not None
         speech, timings = turn.speech, turn.timings
         if speech is not None and speech.wants_step():
-            start = self.clock()
-            speech.step()
-            took = (self.clock() - start) * 1000
-            timings.slowest_tts_step_ms = max(timings.slowest_tts_step_ms, took)
+            speech.step()  # which keeps its own slowest step
         elif not turn.generated and not turn.at_tool:
             start = self.clock()
             self._engine_step(turn)

@@ -187,6 +187,7 @@ class SpokenAnswer:
         start = self.voice.clock()
         frame = self.speech.step()
         took = self.voice.clock() - start
+        self.timings.slowest_tts_step_ms = max(self.timings.slowest_tts_step_ms, took * 1000)
         speed = self.voice.tts.speed
         usual = speed.frame_seconds if speed is not None else self.voice.tts.frame_seconds
         if self.first_frame_at is not None and took > STALL_FACTOR * usual:

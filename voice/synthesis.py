@@ -2,8 +2,8 @@
 
 `tts.backend` "kyutai" is Kyutai TTS 1.6B (`voice.tts`: words pushed one by one, the best
 sound where a GPU keeps up with its codebooks); "pocket" is Kyutai Pocket TTS
-(`voice.pocket_tts`: real time on a CPU, a voice cloned from a WAV file). The daemon, the
-servers and the benchmarks know only the two protocols here.
+(`voice.pocket_tts`: a frame in a quarter of the time, a voice cloned from a WAV file).
+The daemon, the servers and the benchmarks know only the two protocols here.
 """
 
 from __future__ import annotations
