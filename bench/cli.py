@@ -227,6 +227,9 @@ PREFILL_VARIANTS = {"both": (True, False), "on": (True,), "off": (False,)}
 # The turn detector: the config's, on (as configured), off (the silence rule), or both
 # (the silence rule first: the first variant of a process pays CUDA's compilation).
 TURN_MODEL_VARIANTS = {"config": (None,), "on": (None,), "off": (False,), "both": (False, None)}
+# The TTS on a thread of its own (tts.own_thread) or on the loop's: "both" runs the thread
+# first (an answer with gaps cuts codebooks for the variants after it, never back).
+TTS_THREAD_VARIANTS = {"config": (None,), "on": (True,), "off": (False,), "both": (True, False)}
 
 
 def speculate_variants(choice: str, configured: int | None) -> tuple[int | None, ...]:
@@ -303,7 +306,8 @@ def voice_latency(
             config, Setup(args.model, prompt, None), engine, stt, tts, args.voice_rounds,
             devices=args.voice_devices, one_chat=args.voice_one_chat,
             variants=tuple(
-                (prefill, speculate, detector)
+                (prefill, speculate, detector, thread)
+                for thread in TTS_THREAD_VARIANTS[args.voice_tts_thread]
                 for detector in TURN_MODEL_VARIANTS[args.voice_turn_model]
                 for prefill in PREFILL_VARIANTS[args.voice_prefill]
                 for speculate in speculate_variants(
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "variant (0,250,160)")  # fmt: skip
     p.add_argument("--voice-turn-model", choices=tuple(TURN_MODEL_VARIANTS), default="config",
                    help="the turn detector: as configured, off (silence), or both")  # fmt: skip
+    p.add_argument("--voice-tts-thread", choices=tuple(TTS_THREAD_VARIANTS), default="config",
+                   help="the TTS on a thread of its own (tts.own_thread): as configured, "
+                   "on, off, or both")  # fmt: skip
     p.add_argument("--voice-one-chat", action="store_true",
                    help="a variant's rounds as one chat (else a new chat each)")  # fmt: skip
     p.add_argument("--voice-realtime", action="store_true",

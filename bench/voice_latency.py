@@ -40,8 +40,8 @@ from mlx_harmony.voice.turn_scorer import load_turn_scorer
 from mlx_harmony.voice.vad import make_detector
 
 # (prefill while listening, endpointing.speculate_ms or None for the config's, the turn
-# model on or off or None for the config's)
-Variant = tuple[bool, int | None, bool | None]
+# model on or off or None for the config's, tts.own_thread or None for the config's)
+Variant = tuple[bool, int | None, bool | None, bool | None]
 QUESTIONS = [
     "What is the capital of France?",
     "Tell me a joke.",
@@ -75,6 +75,7 @@ class LatencyRecord:
     speculations_dropped: int = 0  # answers started during this question, then dropped
     speculate_ms: int = 0  # endpointing.speculate_ms in effect (0: off)
     turn_model: bool = False  # the turn detector was on
+    tts_thread: bool = False  # the TTS ran on a thread of its own (tts.own_thread)
     ended_by: str = ""  # what ended the turn (silence, turn detector, …)
     # The turn model's median turnaround over the variant (request → result on the loop).
     turn_model_ms: float | None = None
@@ -134,12 +135,13 @@ def run(
     tts: TextToSpeech,
     rounds: int,
     devices: Literal["auto", "pulse", "file"] = "auto",
-    variants: tuple[Variant, ...] = ((True, None, None), (False, None, None)),
+    variants: tuple[Variant, ...] = ((True, None, None, None), (False, None, None, None)),
     one_chat: bool = False,
 ) -> list[LatencyRecord]:
     """Each of `variants` in turn, in one process (so a backend that compiles kernels per
     shape pays once): prefill while listening on or off, `endpointing.speculate_ms`
-    (None: the config's) and the turn model on or off (None: the config's). `devices`:
+    (None: the config's), the turn model on or off and the TTS on its own thread or not
+    (None: the config's). `devices`:
     PulseAudio's
     virtual ones (espeak-ng speech), or `file` ones (no sound
     server: a GPU machine) fed espeak-ng speech where it is installed, else speech-like
@@ -202,7 +204,9 @@ def _run_pulse(
 
 
 def _variant_config(config: VoiceConfig, variant: Variant) -> VoiceConfig:
-    prefill, speculate_ms, turn_model = variant
+    prefill, speculate_ms, turn_model, tts_thread = variant
+    if tts_thread is not None:
+        config = apply_override(config, "tts.own_thread", tts_thread)
     config = apply_override(config, "llm.prefill_while_listening", prefill)
     if speculate_ms is not None:
         config = apply_override(config, "endpointing.speculate_ms", speculate_ms)
@@ -275,6 +279,7 @@ def _rounds(
             speculate_ms=speculate,
             turn_model=detector,
             turn_model_ms=turn_model_ms,
+            tts_thread=config.tts.own_thread,
         )
         for i, (t, d) in enumerate(zip(collector.timings, collector.dropped, strict=True))
     ]
@@ -309,22 +314,25 @@ def spoken(text: str) -> np.ndarray:
 def summarize(records: list[LatencyRecord]) -> dict:
     """Medians per variant, as `<label>_<stage>`; `labels` lists the variants in order:
     `with_prefill` / `without_prefill`, with `_speculate_<ms>` when several were run and
-    `_silence` / `_detector` when the turn model was run both ways."""
+    `_silence` / `_detector` when the turn model was run both ways, `_tts_thread` /
+    `_one_thread` when the TTS was."""
 
-    def group_of(r: LatencyRecord) -> tuple[bool, int, bool]:
-        return r.prefill_while_listening, r.speculate_ms, r.turn_model
+    def group_of(r: LatencyRecord) -> tuple[bool, int, bool, bool]:
+        return r.prefill_while_listening, r.speculate_ms, r.turn_model, r.tts_thread
 
     groups = list(dict.fromkeys(group_of(r) for r in records))
-    several = len({ms for _, ms, _ in groups}) > 1
-    both = len({d for *_, d in groups}) > 1
+    several = len({g[1] for g in groups}) > 1
+    both = len({g[2] for g in groups}) > 1
+    threads = len({g[3] for g in groups}) > 1
     out: dict = {"labels": []}
     for group in groups:
-        prefill, ms, detector = group
+        prefill, ms, detector, thread = group
         rows = [r for r in records if group_of(r) == group]
         label = (
             ("with_prefill" if prefill else "without_prefill")
             + (f"_speculate_{ms}" if several else "")
             + (("_detector" if detector else "_silence") if both else "")
+            + (("_tts_thread" if thread else "_one_thread") if threads else "")
         )
         out["labels"].append(label)
         for key in STAGES:

@@ -83,15 +83,21 @@ def run_voice_bench(
 def test_voice_latency_benchmark_smoke(
     gpt_oss_path: Path, voice_models: Path, virtual_audio, tmp_path: Path
 ) -> None:
-    """Through PulseAudio's virtual devices (variants are the file devices' test below)."""
+    """Through PulseAudio's virtual devices, the TTS on its own thread and on the loop's
+    (the other variants are the file devices' test below)."""
     run, results, out = run_voice_bench(
-        gpt_oss_path, voice_models, tmp_path, "--voice-devices", "pulse", "--voice-prefill", "on"
-    )
-    (row,) = results["voice"]
-    assert row["prefill_while_listening"] and row["cached_tokens"] > 0
-    assert row["first_audio_ms"] > row["endpointing_ms"] > 0
+        gpt_oss_path, voice_models, tmp_path, "--voice-devices", "pulse", "--voice-prefill", "on",
+        "--voice-tts-thread", "both",
+    )  # fmt: skip
+    rows = results["voice"]
+    assert [row["tts_thread"] for row in rows] == [True, False]
+    for row in rows:
+        assert row["prefill_while_listening"] and row["cached_tokens"] > 0
+        assert row["first_audio_ms"] > row["endpointing_ms"] > 0
+    labels = ["with_prefill_tts_thread", "with_prefill_one_thread"]
+    assert results["voice_summary"]["labels"] == labels
     assert (out / "voice.csv").stat().st_size > 0
-    assert "voice-to-voice latency" in run.stdout
+    assert "voice-to-voice latency" in run.stdout and labels[1] in run.stdout
 
 
 def test_voice_latency_benchmark_runs_without_a_sound_server(

@@ -311,3 +311,28 @@ def test_a_tool_that_takes_its_time_is_a_pause_not_a_gap(
     assert speaker.played_samples > 0
     assert first.underruns == 0 and second.underruns == 0
     assert second.buffered_frames == 1
+
+
+def test_on_its_own_thread_the_tts_keeps_its_pace_when_the_loop_is_slow(
+    voice_models, engine, tmp_path, monkeypatch
+) -> None:
+    """The same loaded loop (100 ms more on every pass that hands frames over) with the TTS
+    on its own thread: synthesis does not wait for the loop, each pass hands over every
+    frame made since, and the pace the answers teach is synthesis's own: no codebook is
+    cut and the second answer plays without a gap."""
+    tts = fresh_tts(voice_models)
+    tts.warmup()
+    assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
+    step = SpokenAnswer.step
+
+    def loaded(self) -> None:
+        time.sleep(0.1)
+        step(self)
+
+    monkeypatch.setattr(SpokenAnswer, "step", loaded)
+    assistant, rec, _ = assistant_on_clock(engine, tts, tmp_path, **{"tts.own_thread": True})
+    ask(assistant, rec, ["Hello", "Hello"])
+    second = rec.timings[1]
+    assert not [n for n in rec.texts("notice") if n.startswith("text to speech ran at")]
+    assert tts.lm.dep_q == 4
+    assert second.underruns == 0

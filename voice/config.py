@@ -119,6 +119,12 @@ class TtsSection(_Section):
         description="where synthesis is slower than playback, hold an answer back until "
         "it can play to the end without a gap (off: start at once, with gaps)",
     )
+    own_thread: bool = Field(
+        False,
+        description="synthesize on a thread of its own, beside the language model and the "
+        "STT (off: they take turns on the loop's thread; on was measured slower on an NVIDIA "
+        "GPU, see docs/performance.md)",
+    )
     padding_between: int = Field(1, ge=0, description="kyutai: pause steps forced between words")
     greeting: bool = Field(True, description="speak the prompt config's greeting at start")
 

@@ -1,11 +1,11 @@
 """The hands-free loop: microphone → endpointing → STT → engine → TTS → speaker.
 
-One thread (the caller's) owns every model: MLX work is never spread over threads, and
-the loop interleaves it. Each pass runs the commands other threads submitted (the
-control socket, typed lines), takes what the microphone delivered, then does one unit of
-model work for the running turn: an engine step (one token) or a TTS step (one 80 ms
-frame), whichever keeps speech flowing while text keeps arriving. The audio callbacks only
-queue blocks (see `voice.audio_io`).
+One thread (the caller's) owns every model, and the loop interleaves their work (unless
+`tts.own_thread` gives the TTS a thread of its own: `voice.synthesis_thread`). Each pass
+runs the commands other threads submitted (the control socket, typed lines), takes what
+the microphone delivered, then does one unit of model work for the running turn: an
+engine step (one token) or a TTS step (one 80 ms frame), whichever keeps speech flowing
+while text keeps arriving. The audio callbacks only queue blocks (see `voice.audio_io`).
 
 Either side may be off (`audio.use_stt` / `audio.use_tts`): without STT questions come
 only as typed or control-socket text; without TTS answers are only shown and returned.
@@ -42,6 +42,7 @@ from mlx_harmony.voice.hearing import Hearing
 from mlx_harmony.voice.speaking import SpokenAnswer, Voice
 from mlx_harmony.voice.stt import Transcriber
 from mlx_harmony.voice.synthesis import TextToSpeech
+from mlx_harmony.voice.synthesis_thread import ThreadedTTS
 from mlx_harmony.voice.timings import TurnTimings
 from mlx_harmony.voice.turn_scorer import TurnScorer
 from mlx_harmony.voice.turns import (
@@ -145,6 +146,10 @@ class VoiceAssistant:
         turn_scorer: TurnScorer | None = None,
     ) -> None:
         self.cfg, self.engine, self.prompt = config, engine, prompt
+        self._tts_thread: ThreadedTTS | None = None
+        if synthesizer is not None and config.tts.own_thread:
+            synthesizer = self._tts_thread = ThreadedTTS(synthesizer, clock)
+            synthesizer.warmup()
         self.stt, self.tts, self.detector = transcriber, synthesizer, detector
         self.session, self.report, self.clock = session, reporter, clock
         self.sleep = sleep  # waits on the clock's time (a test's clock: no real wait)
@@ -216,6 +221,8 @@ class VoiceAssistant:
     def close(self) -> None:
         if self.turn is not None:
             self._interrupt(save=True)
+        if self._tts_thread is not None:
+            self._tts_thread.close()
         self._close_devices()
         # Its resamplers are native objects: released now, not left to the interpreter's
         # exit (where nanobind reports them as leaked).
@@ -580,6 +587,8 @@ class VoiceAssistant:
         if close is not None:
             close()  # the engine stops at the token it is on
         self.engine.rollback(turn.mark)
+        if turn.speech is not None:
+            turn.speech.end()
         self.turn = None
 
     def _start_saying(self, text: str, reply: Reply | None) -> None:
@@ -603,6 +612,8 @@ class VoiceAssistant:
             timings.slowest_engine_step_ms = max(timings.slowest_engine_step_ms, took)
         elif turn.held:
             self.sleep(0.005)  # held until the end of the turn is confirmed or dropped
+        elif speech is not None and speech.synthesizing:
+            speech.wait(0.005)  # the TTS's own thread is making the next frame
         elif speech is not None and speech.playing:
             self.sleep(0.01)
         else:

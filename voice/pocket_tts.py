@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten
 
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.voice.config import TtsSection
+from mlx_harmony.voice.synthesis import SteppedHere
 from mlx_harmony.voice.tts_speed import TtsSpeed
 
 # Spoken to nobody at start-up, to time this machine's frames.
@@ -225,7 +226,7 @@ class PocketSynthesizer:
                 yield frame
 
 
-class PocketSpeech:
+class PocketSpeech(SteppedHere):
     """One answer's speech: its text pushed as it is written, frames stepped out of it."""
 
     def __init__(self, synth: PocketSynthesizer) -> None:

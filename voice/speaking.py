@@ -167,8 +167,9 @@ class SpokenAnswer:
     # ------------------------------------------------------------------ frames out
     def wants_step(self) -> bool:
         """Whether a TTS step should run now rather than an engine step: too little
-        speech is queued, or the answer fills its playout buffer (as fast as synthesis
-        can, unless held: held audio stays within AHEAD_SECONDS until confirmed)."""
+        speech is queued, the answer fills its playout buffer (as fast as synthesis
+        can, unless held: held audio stays within AHEAD_SECONDS until confirmed), or a
+        frame is already made."""
         frame_s = self.voice.tts.frame_seconds
         if self.held is not None:
             ahead = len(self.held) * frame_s
@@ -177,16 +178,24 @@ class SpokenAnswer:
             if self._ran_dry():
                 self.buffering = True  # a gap: hold back again until the rest can play
         ready = self.speech.ready
-        if not ready and ahead < AHEAD_SECONDS and not self.written:
+        if self.speech.wants_text and ahead < AHEAD_SECONDS and not self.written:
             self.starved = True
-        fill = self.held is None and (self.written or self.buffering)
+        # Frames already made (the TTS on its own thread) go to the speaker at once: a long
+        # pass of the loop (an engine step) then never leaves it without them.
+        made = self.speech.frames_made > 0
+        fill = self.held is None and (self.written or self.buffering or made)
         return ready and (ahead < AHEAD_SECONDS or fill)
 
     def step(self) -> None:
-        """One TTS frame, held, buffered or played."""
-        start = self.voice.clock()
-        frame = self.speech.step()
-        took = self.voice.clock() - start
+        """One TTS frame (with the TTS on a thread of its own: every frame made that is
+        wanted now, so a slow pass of the loop does not slow the speech), held, buffered
+        or played."""
+        self._take()
+        while self.speech.frames_made and self.wants_step():
+            self._take()
+
+    def _take(self) -> None:
+        frame, took, made_at = self.speech.take(self.voice.clock)
         self.timings.slowest_tts_step_ms = max(self.timings.slowest_tts_step_ms, took * 1000)
         speed = self.voice.tts.speed
         usual = speed.frame_seconds if speed is not None else self.voice.tts.frame_seconds
@@ -194,7 +203,7 @@ class SpokenAnswer:
             self.stalled += took - usual
         if frame is not None:
             self.frames += 1
-            self.last_frame_at = self.voice.clock()
+            self.last_frame_at = made_at
             if self.timings.first_frame_ms is None:
                 self.timings.first_frame_ms = (self.last_frame_at - self.started_at) * 1000
             if self.first_frame_at is None:
@@ -216,6 +225,19 @@ class SpokenAnswer:
     @property
     def playing(self) -> bool:
         return self.voice.speaker.busy
+
+    @property
+    def synthesizing(self) -> bool:
+        """Frames are still to come (on a TTS thread of its own: perhaps being made)."""
+        return not self.speech.done
+
+    def end(self) -> None:
+        """The answer is dropped unheard: its synthesis stops."""
+        self.speech.end()
+
+    def wait(self, seconds: float) -> None:
+        """Until the TTS's own thread has made a frame, or at most `seconds`."""
+        self.speech.wait(seconds)
 
     def stop(self) -> str:
         """Silence now; the words of the answer the user heard."""

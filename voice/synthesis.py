@@ -8,7 +8,7 @@ The daemon, the servers and the benchmarks know only the two protocols here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +45,56 @@ class SpeechStream(Protocol):
     def heard(self, frames_played: int) -> str:
         """The words whose audio was among the first `frames_played` frames."""
         ...
+
+    @property
+    def wants_text(self) -> bool:
+        """No frame comes until more of the answer is written (or the text closed)."""
+        ...
+
+    @property
+    def frames_made(self) -> int:
+        """Frames already made that a take hands over at once."""
+        ...
+
+    def take(self, clock: Callable[[], float]) -> tuple[np.ndarray | None, float, float]:
+        """The next frame (None: none yet), the seconds synthesis spent on it and when it
+        was made (on `clock`)."""
+        ...
+
+    def end(self) -> None:
+        """Nobody will take more frames: synthesis of this answer stops."""
+        ...
+
+    def wait(self, seconds: float) -> None:
+        """Until a take has a frame, or at most `seconds`."""
+        ...
+
+
+class SteppedHere:
+    """`SpeechStream`'s frame side for a session stepped on the caller's thread: a take is
+    one step, timed there (`voice.synthesis_thread` steps a session on a thread of its own
+    and answers the same from what its worker made)."""
+
+    ready: bool
+    done: bool
+    step: Callable[[], np.ndarray | None]
+    frames_made = 0  # each take makes its frame
+
+    @property
+    def wants_text(self) -> bool:
+        return not self.ready and not self.done
+
+    def take(self, clock: Callable[[], float]) -> tuple[np.ndarray | None, float, float]:
+        start = clock()
+        frame = self.step()
+        end = clock()
+        return frame, end - start, end
+
+    def end(self) -> None:
+        """Nothing runs between steps: nothing to stop."""
+
+    def wait(self, seconds: float) -> None:
+        """A take steps the session itself: there is nothing to wait for."""
 
 
 class TextToSpeech(Protocol):

@@ -36,6 +36,7 @@ from mlx_harmony.voice.moshi_internals import (
     keep_codebooks,
     rewind_backbone,
 )
+from mlx_harmony.voice.synthesis import SteppedHere
 from mlx_harmony.voice.tts_speed import (
     FrameCost,
     StepTimes,
@@ -294,7 +295,7 @@ class Synthesizer:
                 yield frame
 
 
-class SpeechSession:
+class SpeechSession(SteppedHere):
     """Kyutai's TTS as the streaming-text model it is: words are pushed while the answer
     is being written and each `step()` runs one 80 ms frame, so the audio delay is paid
     once per answer and speech starts after the first words, not the first sentence.

@@ -21,6 +21,7 @@ from mlx_harmony.llm.messages import (
     TurnDone,
 )
 from mlx_harmony.voice.audio_io import MODEL_RATE, Block
+from mlx_harmony.voice.synthesis import SteppedHere
 from mlx_harmony.voice.tts_speed import TtsSpeed
 
 BLOCK_MS = 80
@@ -176,7 +177,7 @@ class ScriptedEngine:
         self.rollbacks += 1
 
 
-class ScriptedSpeech:
+class ScriptedSpeech(SteppedHere):
     """One answer's speech: `frames_per_word` frames a word, each step taking the
     synthesizer's `step_s` of the clock; like Kyutai's, it reads one word ahead, so it is
     ready only with the next word in hand (or the text closed)."""
@@ -228,6 +229,7 @@ class ScriptedSynthesizer:
 
     frame_seconds = 0.08
     frame_samples = MODEL_RATE * 80 // 1000
+    sample_rate = MODEL_RATE
 
     def __init__(self, clock: Clock, step_s: float, frames_per_word: int = 1) -> None:
         self.clock, self.step_s, self.frames_per_word = clock, step_s, frames_per_word
@@ -236,7 +238,7 @@ class ScriptedSynthesizer:
         self.stalls: dict[int, float] = {}
         self.steps = 0
 
-    def session(self) -> ScriptedSpeech:
+    def session(self, batch: bool = True) -> ScriptedSpeech:
         return ScriptedSpeech(self)
 
     def adapt(self, observed_rate: float) -> TtsSpeed | None:
