@@ -85,6 +85,7 @@ class LatencyRecord:
     # First final token → first TTS frame synthesized (held or not): the TTS's own start,
     # where first_chunk_ms also waits for the end to be confirmed and the playout buffer.
     first_frame_ms: float | None = None
+    first_frame_words: int = 0  # the answer's words written by then (the TTS reads ahead)
     predicted_frames: int = 0  # the answer's length in frames as the decision predicted it
     tts_rate: float | None = None  # the synthesis speed the playout decision used
     slowest_tts_step_ms: float = 0.0  # the answer's longest TTS step
@@ -102,6 +103,7 @@ class LatencyRecord:
             t.prompt_tokens, t.speculative, t.head_start_ms, dropped, ended_by=t.ended_by,
             underruns=t.underruns, text_gaps=t.text_gaps, buffered_frames=t.buffered_frames,
             first_frame_ms=gap(t.first_final_ms, t.first_frame_ms),
+            first_frame_words=t.first_frame_words,
             predicted_frames=t.predicted_frames, tts_rate=t.tts_rate,
             slowest_tts_step_ms=t.slowest_tts_step_ms,
             slowest_engine_step_ms=t.slowest_engine_step_ms,

@@ -53,6 +53,19 @@ def test_a_held_answer_makes_a_few_frames_and_plays_nothing_until_confirmed() ->
     assert v.speaker.pending_seconds() == pytest.approx(held * v.tts.frame_seconds)
 
 
+def test_the_words_the_first_frame_waited_for_are_kept() -> None:
+    """The TTS reads ahead of what it says (this one a word, TTS 1.6B about five): the
+    timings say how many of the answer's words were written when its first frame was."""
+    v, clock, _ = voice(step_s=0.01)
+    timings = TurnTimings()
+    answer = v.answer(timings, clock(), held=False, playing=lambda: None)
+    for word in WORDS.split():
+        answer.write(word + " ")
+        if answer.wants_step():
+            answer.step()
+    assert timings.first_frame_ms is not None and timings.first_frame_words == 2
+
+
 def test_slow_synthesis_is_buffered_until_the_rest_can_play_without_a_gap() -> None:
     """Frames take 1.5 times their length to make: the answer waits for enough of them, then
     plays to its end without running dry; without the buffer it runs dry."""

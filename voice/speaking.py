@@ -206,6 +206,7 @@ class SpokenAnswer:
             self.last_frame_at = made_at
             if self.timings.first_frame_ms is None:
                 self.timings.first_frame_ms = (self.last_frame_at - self.started_at) * 1000
+                self.timings.first_frame_words = self.words
             if self.first_frame_at is None:
                 self.first_frame_at = self.last_frame_at
             (self.held if self.held is not None else self.waiting).append(frame)

@@ -20,6 +20,9 @@ class TurnTimings:
     # and went to the speaker (after the end was confirmed, and the playout buffer).
     first_frame_ms: float | None = None
     first_chunk_ms: float | None = None
+    # Words of the answer written when its first frame was synthesized: the TTS reads
+    # ahead of what it says (TTS 1.6B's audio trails its text by 16 steps, about 5 words).
+    first_frame_words: int = 0
     generation_ms: float | None = None  # the engine finished the answer
     first_audio_ms: float | None = None  # first audible sample played by the device
     stt_frames_while_speaking: int = 0
