@@ -244,6 +244,23 @@ def test_without_the_playout_buffer_the_same_answer_stutters(
     assert t.underruns > 0
 
 
+def all_codebooks_then_a_loaded_loop(voice_models, monkeypatch) -> Synthesizer:
+    """A TTS that keeps all its codebooks when timed alone at start; then every pass of
+    the loop that hands its frames over takes 100 ms more (what the start-up measurement
+    cannot see)."""
+    tts = fresh_tts(voice_models)
+    tts.warmup()
+    assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
+    step = SpokenAnswer.step
+
+    def loaded(self) -> None:
+        time.sleep(0.1)  # the load itself, not a wait for anything
+        step(self)
+
+    monkeypatch.setattr(SpokenAnswer, "step", loaded)
+    return tts
+
+
 def test_answers_that_run_dry_teach_it_the_loops_pace_and_cost_codebooks(
     voice_models, engine, tmp_path, monkeypatch
 ) -> None:
@@ -251,16 +268,7 @@ def test_answers_that_run_dry_teach_it_the_loops_pace_and_cost_codebooks(
     loop adds 100 ms to every step (what the start-up measurement cannot see): the first
     answer runs dry and buffers for the pace it sees, and from then on fewer codebooks are
     kept and answers are buffered for that pace from their start."""
-    tts = fresh_tts(voice_models)
-    tts.warmup()
-    assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
-    step = SpokenAnswer.step
-
-    def loaded(self) -> None:
-        time.sleep(0.1)
-        step(self)
-
-    monkeypatch.setattr(SpokenAnswer, "step", loaded)
+    tts = all_codebooks_then_a_loaded_loop(voice_models, monkeypatch)
     assistant, rec, _ = assistant_on_clock(engine, tts, tmp_path)
     ask(assistant, rec, ["Hello", "Hello"])
     first, second = rec.timings
@@ -320,16 +328,7 @@ def test_on_its_own_thread_the_tts_keeps_its_pace_when_the_loop_is_slow(
     on its own thread: synthesis does not wait for the loop, each pass hands over every
     frame made since, and the pace the answers teach is synthesis's own: no codebook is
     cut and the second answer plays without a gap."""
-    tts = fresh_tts(voice_models)
-    tts.warmup()
-    assert tts.calibrate(auto=True, floor=2, margin=1.2).codebooks == 4
-    step = SpokenAnswer.step
-
-    def loaded(self) -> None:
-        time.sleep(0.1)
-        step(self)
-
-    monkeypatch.setattr(SpokenAnswer, "step", loaded)
+    tts = all_codebooks_then_a_loaded_loop(voice_models, monkeypatch)
     assistant, rec, _ = assistant_on_clock(engine, tts, tmp_path, **{"tts.own_thread": True})
     ask(assistant, rec, ["Hello", "Hello"])
     second = rec.timings[1]
