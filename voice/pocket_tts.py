@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten
 
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.voice.config import TtsSection
-from mlx_harmony.voice.synthesis import SteppedHere
+from mlx_harmony.voice.synthesis import SteppedHere, spoken_frames
 from mlx_harmony.voice.tts_speed import TtsSpeed
 
 # Spoken to nobody at start-up, to time this machine's frames.
@@ -217,13 +217,7 @@ class PocketSynthesizer:
         return PocketSpeech(self)
 
     def speak(self, text: str) -> Iterator[np.ndarray]:
-        speech = self.session()
-        speech.push(text)
-        speech.close()
-        while not speech.done:
-            frame = speech.step()
-            if frame is not None:
-                yield frame
+        return spoken_frames(self.session(), text)
 
 
 class PocketSpeech(SteppedHere):

@@ -97,6 +97,16 @@ class SteppedHere:
         """A take steps the session itself: there is nothing to wait for."""
 
 
+def spoken_frames(speech: SpeechStream, text: str) -> Iterator[np.ndarray]:
+    """The frames of a whole text in a session of its own, made as they are asked for."""
+    speech.push(text)
+    speech.close()
+    while not speech.done:
+        frame = speech.step()
+        if frame is not None:
+            yield frame
+
+
 class TextToSpeech(Protocol):
     sample_rate: int
     frame_samples: int

@@ -36,7 +36,7 @@ from mlx_harmony.voice.moshi_internals import (
     keep_codebooks,
     rewind_backbone,
 )
-from mlx_harmony.voice.synthesis import SteppedHere
+from mlx_harmony.voice.synthesis import SteppedHere, spoken_frames
 from mlx_harmony.voice.tts_speed import (
     FrameCost,
     StepTimes,
@@ -286,13 +286,7 @@ class Synthesizer:
 
     def speak(self, text: str) -> Iterator[np.ndarray]:
         """Frames of `frame_samples` float32 samples for `text`, generated on demand."""
-        session = self.session()
-        session.push(text)
-        session.close()
-        while not session.done:
-            frame = session.step()
-            if frame is not None:
-                yield frame
+        return spoken_frames(self.session(), text)
 
 
 class SpeechSession(SteppedHere):
