@@ -194,6 +194,8 @@ def print_report(results: dict) -> None:
         if r.get("codebooks") is not None:
             skip = " skip" if r.get("skip_delay_depformer") else ""
             skip += " compiled" if r.get("compile_depformer") else ""
+            fused = r.get("fused_depformer")
+            skip += f" fused-{fused}" if fused and fused != "off" else ""
             tts = f" {r['codebooks']}cb{skip}"
         print(
             f"{r['model']}{tts} q{r['quantize'] or 16} step {r['step_ms_median']:.1f} ms "

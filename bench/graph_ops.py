@@ -29,6 +29,8 @@ from moshi_mlx.models.lm import DepFormer
 
 from mlx_harmony.bench.kyutai import _tts_parts
 from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.voice.depformer_fused import compiled as compiled_fused
+from mlx_harmony.voice.depformer_fused import fused_depformer
 from mlx_harmony.voice.moshi_internals import compiled_depformer, keep_codebooks
 from mlx_harmony.voice.tts import Synthesizer
 
@@ -112,8 +114,15 @@ def count(tts: Synthesizer, codebooks: list[int]) -> list[dict]:
 
         mimi = mimi_ops(tts)
         plain = partial(_moshi_depformer, lm, sampler, cfg)
-        for name, fn in (("moshi-mlx loop", plain),
-                         ("compiled", compiled_depformer(lm, sampler, cfg))):  # fmt: skip
+        variants = [("moshi-mlx loop", plain), ("compiled", compiled_depformer(lm, sampler, cfg))]
+        # The fused frame's steps: as MLX operations anywhere, as CUDA kernels on CUDA.
+        for name, on_cuda in (("fused (MLX ops)", False), ("fused kernels", True)):
+            if on_cuda and not mx.cuda.is_available():
+                continue
+            frame = fused_depformer(lm, sampler, cfg, kernels=on_cuda)
+            if frame is not None:
+                variants.append((name, compiled_fused(frame)))
+        for name, fn in variants:
             dep = depformer_ops(tts, fn)
             rows.append({
                 "codebooks": lm.dep_q, "depformer": name,
@@ -130,7 +139,7 @@ def published() -> Synthesizer:
     """TTS 1.6B at its published shape with random weights (as `bench.kyutai` times it)."""
     folder = Path(tempfile.mkdtemp(prefix="graph-ops-"))
     ckpt, voice = _tts_parts(folder, None, mx.bfloat16)
-    return Synthesizer(ckpt, voice, temperature=0.6, max_seconds=30)
+    return Synthesizer(ckpt, voice, temperature=0.6, max_seconds=30, fused_depformer="off")
 
 
 def main() -> None:
@@ -139,11 +148,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the rows here too")
     args = p.parse_args()
     rows = count(published(), [int(k) for k in args.codebooks.split(",")])
-    print(f"{'codebooks':>9} {'depformer':<15} {'backbone':>9} {'depformer':>10} "
+    print(f"{'codebooks':>9} {'depformer':<16} {'backbone':>9} {'depformer':>10} "
           f"{'Mimi':>6} {'frame':>6}   (kernels; operations in brackets)")  # fmt: skip
     for r in rows:
         print(
-            f"{r['codebooks']:>9} {r['depformer']:<15} {r['backbone_kernels']:>9} "
+            f"{r['codebooks']:>9} {r['depformer']:<16} {r['backbone_kernels']:>9} "
             f"{r['depformer_kernels']:>5} ({r['depformer_ops']}) {r['mimi_kernels']:>6} "
             f"{r['frame_kernels']:>6}"
         )

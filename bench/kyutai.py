@@ -50,6 +50,9 @@ class KyutaiRecord:
     skip_delay_depformer: bool | None = None  # TTS: depformer skipped in the text-only delay
     compile_depformer: bool | None = None  # TTS: the depformer's frame as one compiled call
     batch_delay: bool | None = None  # TTS: the text-only delay's known steps batched
+    # TTS: the depformer's frame fused into a few steps a codebook, as MLX operations
+    # ("mlx") or CUDA kernels ("kernels"); "off": moshi-mlx's loop.
+    fused_depformer: str | None = None
     # TTS, where a step's time goes: the backbone (up to its text token), the depformer
     # (up to the frame's audio tokens), Mimi's decode of the frame.
     backbone_ms_median: float | None = None
@@ -210,6 +213,7 @@ def bench_tts(
     compile_depformer: bool = True,
     batch_delay: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
+    fused_depformer: str = "off",
 ) -> KyutaiRecord:
     """TTS 1.6B through the product's session loop (`_timed_session`), Mimi's decode
     included and timed on its own."""
@@ -218,14 +222,15 @@ def bench_tts(
         tts = Synthesizer(
             ckpt, voice, temperature=0.6, max_seconds=120, codebooks=codebooks,
             skip_delay_depformer=skip_delay_depformer, compile_depformer=compile_depformer,
-            batch_delay=batch_delay,
+            batch_delay=batch_delay, fused_depformer=fused_depformer,  # type: ignore[arg-type]
         )  # fmt: skip
         parts = _FrameParts(tts)
         first, times = _timed_session(tts, frames, parts)
     return _summary(
         "tts-1.6b", quantize, times, first,
         codebooks=tts.lm.dep_q, skip_delay_depformer=skip_delay_depformer,
-        compile_depformer=compile_depformer, batch_delay=tts.batch_delay, **parts.medians(),
+        compile_depformer=compile_depformer, batch_delay=tts.batch_delay,
+        fused_depformer=fused_depformer if tts._fused is not None else "off", **parts.medians(),
     )  # fmt: skip
 
 
@@ -307,11 +312,21 @@ def bench_tts_levers(
 ) -> list[KyutaiRecord]:
     """`bench_tts` for each codebook count (comma-separated) and each lever set: plain,
     skip (the depformer skipped where its tokens are dropped), compile (its frame compiled),
-    batch (the text-only delay's known steps as one backbone call; needs skip), or several
-    joined by `+`."""
+    batch (the text-only delay's known steps as one backbone call; needs skip), fused (the
+    compiled frame restructured into a few steps a codebook, as MLX operations), kernels
+    (those steps as CUDA kernels; needs compile), or several joined by `+`."""
     sets = [set(v.split("+")) for v in levers.split(",")]
+    fused = {"kernels": "kernels", "fused": "mlx"}
     return [
-        bench_tts(frames, quantize, int(k), "skip" in lever, "compile" in lever, "batch" in lever)
+        bench_tts(
+            frames,
+            quantize,
+            int(k),
+            "skip" in lever,
+            "compile" in lever,
+            "batch" in lever,
+            fused_depformer=next((fused[f] for f in fused if f in lever), "off"),
+        )
         for k in codebooks.split(",")
         for lever in sets
     ]
@@ -441,6 +456,7 @@ def random_voice_models(
         tts = Synthesizer(
             ckpt, voice, temperature=0.6, max_seconds=120,
             codebooks=None if auto else tts_config.codebooks,
+            fused_depformer=tts_config.fused_depformer,
         )  # fmt: skip
     scripted = ScriptedTranscript(stt, question)
     scripted.warmup()

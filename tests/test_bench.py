@@ -214,17 +214,21 @@ def test_the_operations_a_tts_frame_launches_are_counted_from_its_graphs(
 ) -> None:
     """`bench.graph_ops` on the tiny TTS: every part of a frame has operations, the
     compiled depformer launches fewer kernels than moshi-mlx's loop (its elementwise
-    chains fused), fewer codebooks take fewer, and a frame is the sum of its parts."""
+    chains fused) and the fused frame's steps fewer still (here as MLX operations: the
+    CUDA kernels are counted where MLX runs on CUDA), fewer codebooks take fewer, and a
+    frame is the sum of its parts."""
     from mlx_harmony.bench.graph_ops import count
     from mlx_harmony.voice.tts import Synthesizer
 
     folder = voice_models / "tts"  # its own copy: the count cuts the codebooks
     tts = Synthesizer.load(str(folder), "tiny-voice", str(folder / "voices"), temperature=0.0)
     rows = {(r["codebooks"], r["depformer"]): r for r in count(tts, [4, 2])}
-    assert set(rows) == {(k, d) for k in (4, 2) for d in ("moshi-mlx loop", "compiled")}
+    kinds = ("moshi-mlx loop", "compiled", "fused (MLX ops)")
+    assert set(rows) == {(k, d) for k in (4, 2) for d in kinds}
     for k in (4, 2):
-        plain, compiled = rows[k, "moshi-mlx loop"], rows[k, "compiled"]
-        assert 0 < compiled["depformer_kernels"] < plain["depformer_kernels"]
+        plain, compiled, fused = (rows[k, d] for d in kinds)
+        assert 0 < fused["depformer_kernels"] < compiled["depformer_kernels"]
+        assert compiled["depformer_kernels"] < plain["depformer_kernels"]
         assert compiled["backbone_kernels"] == plain["backbone_kernels"] > 0
         assert compiled["mimi_kernels"] > 0
         assert plain["frame_kernels"] == (

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +28,8 @@ from moshi_mlx.utils.sampling import Sampler
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.voice.checkpoints import Checkpoint, fetch, load_checkpoint
 from mlx_harmony.voice.config import TtsSection
+from mlx_harmony.voice.depformer_fused import FusedDepformer, fused_depformer
+from mlx_harmony.voice.depformer_fused import compiled as compiled_fused
 from mlx_harmony.voice.moshi_internals import (
     SteppedLm,
     backbone_offset,
@@ -94,12 +97,19 @@ class Synthesizer:
         skip_delay_depformer: bool = True,
         compile_depformer: bool = True,
         batch_delay: bool = True,
+        fused_depformer: Literal["auto", "kernels", "mlx", "off"] = "auto",
     ) -> None:
         self.model_codebooks = checkpoint.lm.dep_q
         if codebooks is not None:
             keep_codebooks(checkpoint.lm, codebooks)
         self.skip_delay_depformer = skip_delay_depformer
         self.compile_depformer = compile_depformer
+        # auto: the fused frame's CUDA kernels where MLX runs on an NVIDIA GPU; mlx: the
+        # same frame as MLX operations (measured beside them in the bench).
+        if fused_depformer == "auto":
+            fused_depformer = "kernels" if mx.cuda.is_available() else "off"
+        self.fused_depformer = fused_depformer
+        self._fused: FusedDepformer | None = None
         # Batching the text-only delay relies on its steps running no depformer.
         self.batch_delay = batch_delay and skip_delay_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
@@ -162,6 +172,7 @@ class Synthesizer:
             cfg_coef=t.cfg_coef,
             padding_between=t.padding_between,
             codebooks=None if t.codebooks == "auto" else t.codebooks,
+            fused_depformer=t.fused_depformer,
         )
 
     @property
@@ -237,8 +248,15 @@ class Synthesizer:
             return None
         thread = threading.get_ident()
         if thread not in self._depformers:
-            self._depformers[thread] = compiled_depformer(
-                self.lm, self.audio_sampler, self.model.cfg_coef
+            if self.fused_depformer != "off" and self._fused is None:
+                self._fused = fused_depformer(
+                    self.lm, self.audio_sampler, self.model.cfg_coef,
+                    kernels=self.fused_depformer == "kernels",
+                )  # fmt: skip
+            self._depformers[thread] = (
+                compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
+                if self._fused is None
+                else compiled_fused(self._fused)
             )
         return self._depformers[thread]
 
@@ -246,6 +264,7 @@ class Synthesizer:
         """Keep `codebooks` codebooks and time a frame with them."""
         keep_codebooks(self.lm, codebooks)
         self._depformers.clear()  # each trace ran every slice it had
+        self._fused = None
         return self.measure()
 
     def _timed(self, times: StepTimes, chosen: bool) -> TtsSpeed:
@@ -256,6 +275,7 @@ class Synthesizer:
             audio_seconds=self.frame_seconds,
             chosen=chosen,
             margin=self._margin,
+            depformer=self._fused and self._fused.ops.name,
         )
         return self.speed
 

@@ -85,6 +85,7 @@ class TtsSpeed:
     audio_seconds: float  # the audio one frame holds
     chosen: bool  # picked for this machine (tts.codebooks "auto"), not fixed by the config
     margin: float
+    depformer: str | None = None  # how TTS 1.6B's depformer runs, where it is not the usual
 
     @property
     def rate(self) -> float:
@@ -102,6 +103,7 @@ class TtsSpeed:
         else:
             how = "chosen for this machine" if self.chosen else "set in tts.codebooks"
             line = f"{self.codebooks} of {self.of} codebooks ({how}), {speed}"
+            line += f", depformer as {self.depformer}" if self.depformer else ""
             faster = "tts.quantize 8 or fewer tts.codebooks speed it up"
         if not self.keeps_up:
             line += (
@@ -117,4 +119,5 @@ class TtsSpeed:
             "frame_ms": round(self.frame_seconds * 1000, 1),
             "rate": round(self.rate, 3),
             "chosen": self.chosen,
+            "depformer": self.depformer,
         }
