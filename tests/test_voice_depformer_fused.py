@@ -106,6 +106,24 @@ def test_the_kernels_sample_as_the_mlx_steps_at_the_published_shape(temperature:
         assert np.array_equal(got, want), seed
 
 
+@pytest.mark.skipif(CUDA, reason="here the kernels build")
+def test_kernels_that_cannot_be_built_leave_the_compiled_frame_and_say_why(
+    voice_models: Path,
+) -> None:
+    """Asked for where MLX has no CUDA back-end (as a GPU NVRTC cannot compile for would
+    fail), the kernels fail once at their first use: the voice speaks as before, with the
+    compiled MLX frame, and the status line says why."""
+    folder = voice_models / "tts"
+    plain = load(folder, compile_depformer=False, fused_depformer="off")
+    tts = load(folder, fused_depformer="kernels")
+    a = np.concatenate(list(plain.speak(TEXT)))
+    b = np.concatenate(list(tts.speak(TEXT)))
+    assert np.array_equal(a, b) and tts._fused is None
+    line = tts.calibrate(False, 2, 1.0).describe()
+    assert "depformer as compiled MLX operations (the fused CUDA kernels failed: " in line
+    assert "No CUDA back-end" in line
+
+
 def test_models_the_fused_frame_cannot_run_keep_the_compiled_loop(voice_models: Path) -> None:
     tts = load(voice_models / "tts", fused_depformer="off")
     lm = tts.lm

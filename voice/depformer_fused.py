@@ -221,15 +221,21 @@ class FusedDepformer:
                 return "cross-attention in the depformer"
         return None
 
+    def check(self) -> None:
+        """Run one frame on zeros (building every kernel): raises where they cannot run."""
+        main = mx.zeros((1, 1, self.linear_in.shape[-1]))
+        mx.eval(self(main, mx.zeros((1, 1), dtype=mx.int32)))
+
     def __call__(self, main_out: mx.array, text_token: mx.array) -> mx.array:
         """The frame's tokens, (1, slices, 1) as moshi-mlx's `DepFormer.sample` returns."""
         s = self.shape
         ops = self.ops
-        pre = mx.matmul(self.linear_in, main_out.reshape(-1))  # (slices, dim)
-        x0 = (pre[0] + self.first.emb(text_token).reshape(-1)).astype(pre.dtype)
-        noise = None
+        # Rows are sliced, not indexed: MLX gathers for an integer index (a kernel each).
+        pre = mx.split(mx.matmul(self.linear_in, main_out.reshape(-1)), s.slices)
+        x0 = (pre[0].reshape(-1) + self.first.emb(text_token).reshape(-1)).astype(pre[0].dtype)
+        noise: list[mx.array] | None = None
         if self.sampling.temperature > 0:
-            noise = mx.random.gumbel((s.slices, s.vocab))
+            noise = mx.split(mx.random.gumbel((s.slices, s.vocab)), s.slices)
         # Keys and values in the activations' dtype, as moshi-mlx's cache keeps them.
         empty = mx.zeros((2, s.slices, s.dim), dtype=x0.dtype)
         caches = [empty] * len(self.layers[0])
@@ -242,14 +248,15 @@ class FusedDepformer:
                 table = self.tables[i]
                 assert table is not None
                 first = layers[0]
-                x, qkv = ops.embed_qkv(pre[i], table, tokens[-1], first.norm1, first.in_proj)
+                row = pre[i].reshape(-1)
+                x, qkv = ops.embed_qkv(row, table, tokens[-1], first.norm1, first.in_proj)
             for j, layer in enumerate(layers):
                 if j > 0:
                     qkv = ops.qkv(x, layer.norm1, layer.in_proj)
                 x, caches[j] = ops.attend(x, qkv, caches[j], i, layer.out_proj)
                 x = ops.mlp_out(x, ops.mlp_in(x, layer.norm2, layer.mlp_in), layer.mlp_out)
             logits = ops.logits(x, self.out[i])
-            tokens.append(ops.sample(logits, None if noise is None else noise[i]))
+            tokens.append(ops.sample(logits, None if noise is None else noise[i].reshape(-1)))
         return mx.stack(tokens).reshape(1, s.slices, 1)
 
 

@@ -110,6 +110,7 @@ class Synthesizer:
             fused_depformer = "kernels" if mx.cuda.is_available() else "off"
         self.fused_depformer = fused_depformer
         self._fused: FusedDepformer | None = None
+        self._unfused: str | None = None  # why the fused kernels are not used, if they failed
         # Batching the text-only delay relies on its steps running no depformer.
         self.batch_delay = batch_delay and skip_delay_depformer
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
@@ -249,16 +250,31 @@ class Synthesizer:
         thread = threading.get_ident()
         if thread not in self._depformers:
             if self.fused_depformer != "off" and self._fused is None:
-                self._fused = fused_depformer(
-                    self.lm, self.audio_sampler, self.model.cfg_coef,
-                    kernels=self.fused_depformer == "kernels",
-                )  # fmt: skip
+                self._fused = self._build_fused()
             self._depformers[thread] = (
                 compiled_depformer(self.lm, self.audio_sampler, self.model.cfg_coef)
                 if self._fused is None
                 else compiled_fused(self._fused)
             )
         return self._depformers[thread]
+
+    def _build_fused(self) -> FusedDepformer | None:
+        """The fused frame for this model, tried once on a dummy frame: kernels that fail
+        to build on this machine (a GPU or CUDA toolkit NVRTC cannot compile for) leave
+        the compiled MLX function in place, and the status line says why."""
+        kernels = self.fused_depformer == "kernels"
+        try:
+            fused = fused_depformer(self.lm, self.audio_sampler, self.model.cfg_coef, kernels)
+            if fused is not None:
+                fused.check()
+            return fused
+        except RuntimeError as e:
+            if not kernels:
+                raise
+            self.fused_depformer = "off"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._unfused = f"compiled MLX operations (the fused CUDA kernels failed: {first})"
+            return None
 
     def _cut(self, codebooks: int) -> StepTimes:
         """Keep `codebooks` codebooks and time a frame with them."""
@@ -275,7 +291,7 @@ class Synthesizer:
             audio_seconds=self.frame_seconds,
             chosen=chosen,
             margin=self._margin,
-            depformer=self._fused and self._fused.ops.name,
+            depformer=self._fused.ops.name if self._fused is not None else self._unfused,
         )
         return self.speed
 
