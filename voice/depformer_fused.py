@@ -70,7 +70,7 @@ class Sampling:
 
 
 class DepformerOps(Protocol):
-    """The frame's steps on 1-D vectors of the model's dtype (see the module docstring)."""
+    """The frame's steps on 1-D vectors in the activations' dtype (see the module docstring)."""
 
     name: str  # for the status line
 
