@@ -425,3 +425,31 @@ def test_a_peek_gives_the_transcript_and_leaves_the_stream_as_it_was(
     stt.start()
     stt.feed(np.concatenate([first, pause]))
     assert peeked == stt.finish()
+
+
+def test_words_written_one_by_one_cost_the_delay_no_more_calls_than_the_whole_text(
+    long_delay_tts: Path,
+) -> None:
+    """In the text-only delay the session waits until the words written reach its end
+    (the first audio needs them anyway) and runs it as one batched call, as for the whole
+    text at once, instead of one call per word, each of which would hold up the language
+    model's next token; the speech is the same."""
+    text = "The capital of France is Paris. It is also the largest city in the country."
+    words = [w + " " for w in text.split()]
+    tts = load_tts(long_delay_tts)
+    delay = tts.model.delay_steps
+
+    def delay_calls(chunks: list[str]) -> tuple[np.ndarray, int]:
+        session = tts.session()
+        audio, calls = _speak_counting(session, chunks)
+        steps, n = 0, 0
+        for c in calls:
+            if steps >= delay:
+                break
+            steps, n = steps + c, n + 1
+        return audio, n
+
+    whole, at_once = delay_calls([text])
+    spoken, one_by_one = delay_calls(words)
+    assert np.array_equal(spoken, whole)
+    assert one_by_one == at_once < delay // 2

@@ -422,8 +422,26 @@ class SpeechSession(SteppedHere):
 
     @property
     def ready(self) -> bool:
-        """A step can be taken now without running ahead of the text."""
-        return not self.done and self._has_text(self.state)
+        """A step can be taken now without running ahead of the text, and, in the
+        text-only delay, without falling short of its end (see `_short_of_delay`)."""
+        return not self.done and self._has_text(self.state) and not self._short_of_delay()
+
+    def _short_of_delay(self) -> bool:
+        """Whether the text-only delay's known steps stop short of its end while more
+        text may come. The first audio needs the text past the delay anyway, so stepping
+        now gains nothing: it would run one batched call per word written (each holding
+        up the language model's next token, on the same thread) where waiting for the
+        words runs one."""
+        if not self._batch or self.closed:
+            return False
+        end = self._delay_end()
+        return self.offset < end and len(self._plan()) < end - self.offset
+
+    def _delay_end(self) -> int:
+        """The last text-only step batched, plus one (the delay's end, or the backbone's
+        room or the session's length where those come first)."""
+        until = min(self._text_only_until, backbone_room(self.synth.lm) - 1)
+        return min(until, self.synth.model.max_gen_length)
 
     def _has_text(self, state) -> bool:
         # Not before the first word, though the script's first steps are forced padding:
@@ -473,8 +491,7 @@ class SpeechSession(SteppedHere):
         output for it, the choice guessed for the model there or None where the script
         forces it), on a copy of the state machine."""
         pad = self.machine.token_ids.pad
-        until = min(self._text_only_until, backbone_room(self.synth.lm) - 1)
-        until = min(until, self.synth.model.max_gen_length)
+        until = self._delay_end()
         if self.offset >= until:
             return []
         state, plan = copy.deepcopy(self.state), []
