@@ -25,10 +25,12 @@ from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
 from mlx_harmony.voice.speaking import SpokenAnswer
 from mlx_harmony.voice.tts import SpeechSession, Synthesizer
 from mlx_harmony.voice.tts_speed import (
+    MOST_CUTS,
     FrameCost,
     StepTimes,
     TtsSpeed,
     choose_codebooks,
+    fit_codebooks,
     frame_cost,
     line_through,
 )
@@ -88,6 +90,52 @@ def test_a_second_measured_point_replaces_the_first_guess() -> None:
     assert cost.per_codebook == pytest.approx(0.004)
     assert cost.frame(12) == pytest.approx(0.070)
     assert choose_codebooks(cost, 12, 8, 1.2, FRAME_S) == 11
+
+
+def test_cuts_go_on_until_a_measured_frame_keeps_the_margin() -> None:
+    """A frame whose codebooks cost more the more there are (each depformer pass attends
+    over the ones before it): a line through two measures overestimates what a cut
+    saves, and two cuts (what start-up once stopped at) left 13 codebooks at 1.17x real
+    time; the cuts go on to 11, the most that keep 1.2x."""
+
+    def frame(k: int) -> float:
+        return 0.06 + 0.00005 * k * k
+
+    def times(k: int) -> StepTimes:
+        return StepTimes(k, backbone=[0.02], full=[frame(k)], decode=[0.0])
+
+    cuts: list[int] = []
+
+    def cut(k: int) -> StepTimes:
+        cuts.append(k)
+        return times(k)
+
+    first = times(32)
+    _, last = fit_codebooks(first, frame_cost(first), cut, 2, 1.2, FRAME_S)
+    assert FRAME_S / frame(cuts[1]) < 1.2 and len(cuts) > 2
+    assert last.codebooks == 11 and FRAME_S / last.frame >= 1.2
+    assert FRAME_S / frame(12) < 1.2
+
+
+def test_cuts_stop_at_the_floor_or_after_a_few() -> None:
+    cuts: list[int] = []
+
+    def cut(k: int) -> StepTimes:  # nothing fits: 200 ms whatever is kept
+        cuts.append(k)
+        return StepTimes(k, backbone=[0.1], full=[0.2], decode=[0.0])
+
+    first = StepTimes(32, backbone=[0.1], full=[0.2], decode=[0.0])
+    _, last = fit_codebooks(first, frame_cost(first), cut, 8, 1.2, FRAME_S)
+    assert last.codebooks == 8 and cuts == [8]
+    cuts.clear()
+
+    def never(k: int) -> StepTimes:  # every cut saves less; 0.1 ms short even at 0
+        cuts.append(k)
+        return StepTimes(k, backbone=[0.05], full=[0.0668 + 1e-5 * k * k], decode=[0.0])
+
+    first = StepTimes(32, backbone=[0.05], full=[0.0668 + 1e-5 * 32 * 32], decode=[0.0])
+    _, last = fit_codebooks(first, frame_cost(first), never, 2, 1.2, FRAME_S)
+    assert len(cuts) == MOST_CUTS and last.codebooks == cuts[-1] > 2
 
 
 def test_the_status_line_says_what_was_chosen_and_how_fast_it_runs() -> None:

@@ -10,6 +10,7 @@ never a gap (see the README for what each count costs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import median
 
@@ -73,6 +74,36 @@ def choose_codebooks(
         if cost.frame(k) <= budget:
             return k
     return floor
+
+
+MOST_CUTS = 4  # each re-traces the depformer and times 8 frames: seconds of start-up
+
+
+def fit_codebooks(
+    times: StepTimes,
+    cost: FrameCost,
+    cut: Callable[[int], StepTimes],
+    floor: int,
+    margin: float,
+    frame_seconds: float,
+) -> tuple[FrameCost, StepTimes]:
+    """Cut to the codebook count `cost` chooses, re-measure there (`cut`), and refit the
+    line through the last two measures, until a measured frame keeps the margin, the
+    floor is reached or `MOST_CUTS` cuts were made. The line fitted to one session is a
+    first guess, and a frame's cost need not be linear in its codebooks (each later
+    depformer pass attends over more): a secant step from above lands nearer each time.
+    The last cut's line and times."""
+    measured = [(times.codebooks, times.frame)]
+    for _ in range(MOST_CUTS):
+        k = choose_codebooks(cost, times.codebooks, floor, margin, frame_seconds)
+        if k >= times.codebooks:
+            break
+        times = cut(k)
+        measured.append((k, times.frame))
+        cost = line_through(measured[-2], measured[-1])
+        if frame_seconds / times.frame >= margin:
+            break
+    return cost, times
 
 
 @dataclass(frozen=True)
