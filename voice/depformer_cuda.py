@@ -75,6 +75,15 @@ __device__ float warp_dot(const U* __restrict__ w, const float* __restrict__ x, 
   }
   return warp_sum(acc);
 }
+// y = w · xs for the `rows` rows of w (n columns) this block owns, one row per warp.
+template <typename U, typename WU>
+__device__ void rows_out(U* y, const WU* __restrict__ w, const float* xs, int n, int rows) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row < rows) {
+    const float acc = warp_dot<WU>(w + (size_t)row * n, xs, n);
+    if ((threadIdx.x & 31) == 0) y[row] = fromf<U>(acc);
+  }
+}
 // x RMS-normalised and scaled by w into shared `xs`, rounded as MLX's rms_norm writes it.
 template <typename U, typename WU>
 __device__ void normed(float* xs, const WU* w, float* red, int n, float eps) {
@@ -93,11 +102,7 @@ QKV = r"""
   __shared__ float red[32];
   for (int i = threadIdx.x; i < D; i += blockDim.x) xs[i] = tof(x[i]);
   normed<T>(xs, norm, red, D, EPS);
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row < 3 * D) {
-    const float acc = warp_dot<W>(w + (size_t)row * D, xs, D);
-    if ((threadIdx.x & 31) == 0) y[row] = fromf<T>(acc);
-  }
+  rows_out(y, w, xs, D, 3 * D);
 """
 
 EMBED_QKV = r"""
@@ -110,11 +115,7 @@ EMBED_QKV = r"""
     if (blockIdx.x == 0) x_out[i] = fromf<T>(v);
   }
   normed<T>(xs, norm, red, D, EPS);
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row < 3 * D) {
-    const float acc = warp_dot<W>(w + (size_t)row * D, xs, D);
-    if ((threadIdx.x & 31) == 0) y[row] = fromf<T>(acc);
-  }
+  rows_out(y, w, xs, D, 3 * D);
 """
 
 # Attention of the new position over the slices so far (lane j of a warp scores position
@@ -193,11 +194,7 @@ LOGITS = r"""
   __shared__ float xs[D];
   for (int i = threadIdx.x; i < D; i += blockDim.x) xs[i] = tof(x[i]);
   __syncthreads();
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row < V) {
-    const float acc = warp_dot<W>(w + (size_t)row * D, xs, D);
-    if ((threadIdx.x & 31) == 0) y[row] = fromf<T>(acc);
-  }
+  rows_out(y, w, xs, D, V);
 """
 
 # One block. The score is the logit (greedy) or logit / T + Gumbel noise; tokens outside
