@@ -435,8 +435,8 @@ def random_voice_models(
 ) -> tuple[ScriptedTranscript, TextToSpeech]:
     """STT 1B and TTS 1.6B (or Pocket TTS, as `tts.backend` says) at their published
     shapes with random weights, warmed up (MLX on CUDA compiles kernels per shape: the
-    first frames take seconds), the TTS's codebooks chosen and timed as the voice command
-    does."""
+    first frames take seconds) and the TTS's codebooks chosen and timed as the voice
+    command does."""
     raw = stt_config()
     lm = _random_lm(raw, mx.bfloat16)
     if stt_quantize:
@@ -464,7 +464,6 @@ def random_voice_models(
     for _ in range(12):
         stt.feed(np.zeros(FRAME, dtype=np.float32))
     stt.finish()
-    for _ in tts.speak(TEXT):
-        pass
+    tts.warmup()  # as the voice command does, then the same timing
     tts.calibrate(auto, tts_config.min_codebooks, tts_config.realtime_margin)
     return scripted, tts

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.voice import tts as tts_module
+from mlx_harmony.voice.moshi_internals import backbone_offset
 from mlx_harmony.voice.stt import FRAME, Transcriber
 from mlx_harmony.voice.tts import Synthesizer
 
@@ -453,3 +455,31 @@ def test_words_written_one_by_one_cost_the_delay_no_more_calls_than_the_whole_te
     spoken, one_by_one = delay_calls(words)
     assert np.array_equal(spoken, whole)
     assert one_by_one == at_once < delay // 2
+
+
+def test_the_warm_up_meets_every_batched_delay_shape_an_answer_meets(
+    long_delay_tts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLX on CUDA builds attention per query and key length at first use (about 50 ms a
+    shape on the H200, paid by the first answer's first sound): with `warm_batch_shapes`
+    (the default there) the warm-up runs the batched delay at every shape an answer's can
+    take, wherever the sampled model overrules the guessed steps."""
+    shapes: list[tuple[int, int]] = []
+    real = tts_module.backbone_text_logits
+
+    def recorded(lm, text, *args):
+        shapes.append((backbone_offset(lm), text.shape[1]))
+        return real(lm, text, *args)
+
+    monkeypatch.setattr(tts_module, "backbone_text_logits", recorded)
+    tts = load_tts(long_delay_tts, temperature=0.6, warm_batch_shapes=True)
+    tts.warmup()
+    warmed = set(shapes)
+    shapes.clear()
+    text = "Sure. The capital of France is Paris, which is also its largest city by far."
+    for seed in range(4):
+        mx.random.seed(seed)
+        _speak_counting(tts.session(), [w + " " for w in text.split()])
+    met = set(shapes)
+    assert len(met) > 1  # guesses were overruled: not only the whole delay in one call
+    assert met <= warmed

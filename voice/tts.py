@@ -45,8 +45,8 @@ from mlx_harmony.voice.tts_speed import (
     StepTimes,
     TtsSpeed,
     choose_codebooks,
+    fit_codebooks,
     frame_cost,
-    line_through,
 )
 
 # Spoken to nobody at start-up, to time this machine's frames (long enough for the
@@ -98,6 +98,7 @@ class Synthesizer:
         compile_depformer: bool = True,
         batch_delay: bool = True,
         fused_depformer: Literal["auto", "kernels", "mlx", "off"] = "auto",
+        warm_batch_shapes: bool | None = None,
     ) -> None:
         self.model_codebooks = checkpoint.lm.dep_q
         if codebooks is not None:
@@ -113,6 +114,13 @@ class Synthesizer:
         self._unfused: str | None = None  # why the fused kernels are not used, if they failed
         # Batching the text-only delay relies on its steps running no depformer.
         self.batch_delay = batch_delay and skip_delay_depformer
+        # MLX on CUDA runs attention over several positions through cuDNN, whose graph is
+        # built per query and key length at first use (tens of ms each, in a cache per
+        # thread): the warm-up meets every batched-delay shape an answer can (see
+        # `SpeechSession.warm_batches`). Elsewhere there is nothing to build per shape.
+        self.warm_batch_shapes = (
+            mx.cuda.is_available() if warm_batch_shapes is None else (warm_batch_shapes)
+        )
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.speed: TtsSpeed | None = None  # measured by `calibrate`
         self.cost = FrameCost(0.0, 0.0)  # its line, from `calibrate`
@@ -207,23 +215,15 @@ class Synthesizer:
         return times
 
     def calibrate(self, auto: bool, floor: int, margin: float) -> TtsSpeed:
-        """Measure this machine's frame; with `auto`, first cut the codebooks to the most
-        whose frame is synthesized `margin` times faster than it plays (never below
-        `floor`), re-measuring after each cut: the line fitted to one session is only a
-        first guess, the second cut uses the two measured points."""
+        """Measure this machine's frame; with `auto`, cut the codebooks to the most whose
+        frame is synthesized `margin` times faster than it plays (`fit_codebooks`)."""
         self._floor, self._margin = floor, margin
         times = self.measure()
-        measured = [(self.lm.dep_q, times.frame)]
         self.cost = frame_cost(times)
-        while auto:
-            k = choose_codebooks(self.cost, self.lm.dep_q, floor, margin, self.frame_seconds)
-            if k >= self.lm.dep_q:
-                break
-            times = self._cut(k)
-            measured.append((k, times.frame))
-            self.cost = line_through(measured[-2], measured[-1])
-            if self.frame_seconds / times.frame >= margin or len(measured) > 2:
-                break
+        if auto:
+            self.cost, times = fit_codebooks(
+                times, self.cost, self._cut, floor, margin, self.frame_seconds
+            )
         return self._timed(times, auto)
 
     def adapt(self, observed_rate: float) -> TtsSpeed | None:
@@ -314,6 +314,8 @@ class Synthesizer:
     def warmup(self) -> None:
         for _ in self.speak("ok"):
             pass
+        if self.warm_batch_shapes and self.batch_delay:
+            self.session().warm_batches()
 
     def session(self, batch: bool = True) -> SpeechSession:
         """One answer's speech: push its text as it arrives, step frames out of it
@@ -362,6 +364,7 @@ class SpeechSession(SteppedHere):
         self._started = False
         self._batch = batch
         self._guess = self.machine.token_ids.new_word  # the model's next free choice
+        self._planned: list[tuple[int, int | None]] | None = None  # until text or a step
         self.last_steps = 0  # model steps the last `step()` ran
         ids = self.machine.token_ids
 
@@ -419,6 +422,7 @@ class SpeechSession(SteppedHere):
         self._queue(self._pending)
         self._pending = ""
         self.closed = True
+        self._planned = None
 
     @property
     def ready(self) -> bool:
@@ -468,6 +472,7 @@ class SpeechSession(SteppedHere):
         """One model step, or in the text-only delay every step whose text is known; the
         80 ms of audio it completed, if any."""
         plan = self._plan() if self._batch else []
+        self._planned = None
         if len(plan) > 1:
             self._run(plan)
             return None
@@ -489,7 +494,13 @@ class SpeechSession(SteppedHere):
     def _plan(self) -> list[tuple[int, int | None]]:
         """The next text-only steps whose text input is known now, each as (the script's
         output for it, the choice guessed for the model there or None where the script
-        forces it), on a copy of the state machine."""
+        forces it), on a copy of the state machine. Kept until text is pushed or a step
+        is taken: `ready` asks before each step takes it."""
+        if self._planned is None:
+            self._planned = self._planning()
+        return self._planned
+
+    def _planning(self) -> list[tuple[int, int | None]]:
         pad = self.machine.token_ids.pad
         until = self._delay_end()
         if self.offset >= until:
@@ -540,6 +551,21 @@ class SpeechSession(SteppedHere):
         self._record(start, outputs)
         self.offset += steps
         self.last_slices, self.last_steps = 0, steps
+
+    def warm_batches(self) -> None:
+        """Run the text-only delay's batched backbone call at every length an answer can
+        give it, on throwaway inputs (a fresh session resets the caches). Every such call
+        ends at the delay's end: the first waits for the text that reaches it
+        (`_short_of_delay`), and each after a guess the model overruled runs the rest."""
+        lm, gen, end = self.synth.lm, self.gen, self._delay_end()
+        for steps in range(end, 1, -1):  # a single step runs as a plain step
+            rewind_backbone(lm, end - steps)
+            ids = mx.zeros((1, steps), dtype=mx.int32)
+            audio = [ids] * len(gen.audio_delays)
+            logits = backbone_text_logits(
+                lm, ids, audio, self.synth.ct, self.synth.cross, gen.cfg_coef
+            )
+            mx.eval(logits)
 
     def _record(self, start: int, outputs: list[int]) -> None:
         """Write text-only steps into `LmGen`'s sequence as its own step would: the text
@@ -602,3 +628,4 @@ class SpeechSession(SteppedHere):
                     first.padding = max(0, self.synth.padding_between + len(first.tokens) - 1)
         self._started = True
         self.state.entries.extend(entries)
+        self._planned = None
