@@ -235,3 +235,25 @@ def test_the_operations_a_tts_frame_launches_are_counted_from_its_graphs(
             plain["backbone_kernels"] + plain["depformer_kernels"] + plain["mimi_kernels"]
         )
     assert rows[2, "compiled"]["depformer_kernels"] < rows[4, "compiled"]["depformer_kernels"]
+
+
+def test_the_first_frame_benchmark_times_every_step_up_to_each_answers_first_frame(
+    voice_models: Path,
+) -> None:
+    """`bench.first_frame` on the tiny TTS: each answer's steps from its first word
+    pushed, the text-only delay batched first, each step starting where the last ended,
+    the same steps in every answer (greedy), and a first frame after a few words."""
+    from itertools import pairwise
+
+    from mlx_harmony.bench.first_frame import ANSWER, first_frames
+    from mlx_harmony.voice.tts import Synthesizer
+
+    folder = voice_models / "tts"
+    tts = Synthesizer.load(str(folder), "tiny-voice", str(folder / "voices"), temperature=0.0)
+    tts.warmup()
+    rows = first_frames(tts, 2)
+    for row in rows:
+        assert row["first_frame_ms"] > 0 and 0 < row["words"] < len(ANSWER.split())
+        assert row["steps"][0][0] == 0 and row["steps"][0][1] > 1
+        assert all(a[0] + a[1] == b[0] for a, b in pairwise(row["steps"]))
+    assert [s[:3] for s in rows[0]["steps"]] == [s[:3] for s in rows[1]["steps"]]

@@ -1,0 +1,91 @@
+"""Where an answer's first sound goes: TTS 1.6B's steps up to each answer's first frame.
+
+`python3 -m mlx_harmony.bench.first_frame [--answers 4] [--warm-shapes auto|on|off]`:
+TTS 1.6B at its published shapes with random weights, warmed up and timed as the voice
+command does, then answers whose words are pushed one at a time, as a language model
+writes them, each step timed until the first frame. The first answer of a process is
+compared with the ones after it: a backend that builds kernels per shape at their first
+use (MLX on CUDA) shows there what a user's first question would pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.voice.tts import Synthesizer
+
+ANSWER = "Sure, the capital of France is Paris, which is also its largest city by far."
+
+
+def first_frames(tts: Synthesizer, answers: int, text: str = ANSWER) -> list[dict]:
+    """Each answer: ms from its first word to its first frame, the words pushed by then,
+    and its steps as (position, model steps, depformer passes, ms); a step of several
+    model steps is the text-only delay's batched backbone call."""
+    rows = []
+    for n in range(answers):
+        session, words = tts.session(), [w + " " for w in text.split()]
+        steps: list[tuple[int, int, int, float]] = []
+        pushed, first = 0, None
+        start = time.perf_counter()
+        while first is None and not session.done:
+            if pushed < len(words):
+                session.push(words[pushed])
+                pushed += 1
+            elif not session.closed:
+                session.close()
+            while first is None and session.ready:
+                at, t = session.offset, time.perf_counter()
+                frame = session.step()
+                now = time.perf_counter()
+                steps.append((at, session.last_steps, session.last_slices, (now - t) * 1000))
+                if frame is not None:
+                    first = (now - start) * 1000
+        rows.append({"answer": n, "first_frame_ms": first, "words": pushed, "steps": steps})
+    return rows
+
+
+def main() -> None:
+    from mlx_harmony.bench.kyutai import _tts_parts
+
+    p = argparse.ArgumentParser(prog="python -m mlx_harmony.bench.first_frame", description=__doc__)
+    p.add_argument("--answers", type=int, default=4)
+    p.add_argument("--warm-shapes", choices=["auto", "on", "off"], default="auto",
+                   help="warm the batched delay's attention shapes (auto: where MLX runs "
+                   "on CUDA, as the voice command does)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("first-frame.json"))
+    args = p.parse_args()
+    warm = None if args.warm_shapes == "auto" else args.warm_shapes == "on"
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, voice = _tts_parts(Path(tmp), None, mx.bfloat16)
+        tts = Synthesizer(checkpoint, voice, max_seconds=120, warm_batch_shapes=warm)
+        tts.warmup()
+        speed = tts.calibrate(True, 8, 1.2)
+    print(speed.describe(), flush=True)
+    rows = first_frames(tts, args.answers)
+    for row in rows:
+        steps = ", ".join(f"{n}@{at}:{ms:.1f}" for at, n, _, ms in row["steps"])
+        first = f"answer {row['answer'] + 1}: first frame {row['first_frame_ms']:.0f} ms"
+        print(f"{first} after {row['words']} words; steps (n@position: ms) {steps}", flush=True)
+    later = [r["first_frame_ms"] for r in rows[1:]]
+    if later:
+        ratio = rows[0]["first_frame_ms"] / statistics.median(later)
+        print(f"first answer / median of the others: {ratio:.2f}x")
+    out = {
+        "device": str(mx.default_device()),
+        "tts": speed.as_log(),
+        "warm_batch_shapes": tts.warm_batch_shapes,
+        "answers": rows,
+    }
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    run_main(main)  # as every command: MLX's environment settings first
