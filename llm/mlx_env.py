@@ -32,6 +32,12 @@ def kernel_cache_dir(environ: MutableMapping[str, str], mlx_version: str) -> Pat
     return Path(base) / "mlx-harmony" / "mlx" / mlx_version / "ptx"
 
 
+def cudnn_attention(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether MLX on CUDA runs multi-token attention through cuDNN (as MLX reads it: on
+    unless set to 0; `configure` sets 0 unless the user exported a value)."""
+    return environ.get(CUDNN_ATTENTION, "1") != "0"
+
+
 def configure(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set this product's defaults for MLX's environment settings the user left unset."""
     environ.setdefault(CUDNN_ATTENTION, "0")

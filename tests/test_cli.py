@@ -477,3 +477,12 @@ def test_commands_set_mlx_cuda_defaults_and_keep_the_users(
     with pytest.raises(SystemExit):
         run_main(body)
     assert seen == {"MLX_CUDA_USE_CUDNN_SDPA": "1", "MLX_PTX_CACHE_DIR": "/srv/kernels"}
+
+
+def test_cudnn_attention_is_read_as_mlx_reads_it() -> None:
+    """On unless set to 0 (MLX's default): the TTS warms cuDNN's per-shape graphs only
+    where MLX will build them."""
+    from mlx_harmony.llm.mlx_env import cudnn_attention
+
+    assert cudnn_attention({}) and cudnn_attention({"MLX_CUDA_USE_CUDNN_SDPA": "1"})
+    assert not cudnn_attention({"MLX_CUDA_USE_CUDNN_SDPA": "0"})

@@ -460,10 +460,11 @@ def test_words_written_one_by_one_cost_the_delay_no_more_calls_than_the_whole_te
 def test_the_warm_up_meets_every_batched_delay_shape_an_answer_meets(
     long_delay_tts: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MLX on CUDA builds attention per query and key length at first use (about 50 ms a
-    shape on the H200, paid by the first answer's first sound): with `warm_batch_shapes`
-    (the default there) the warm-up runs the batched delay at every shape an answer's can
-    take, wherever the sampled model overrules the guessed steps."""
+    """cuDNN attention (MLX on CUDA, where the user turned it on) builds a graph per query
+    and key length at first use (about 45 ms a shape on an H200, paid by the first
+    answer's first sound): with `warm_batch_shapes` (the default there) the warm-up runs
+    the batched delay at every shape an answer's can take, wherever the sampled model
+    overrules the guessed steps."""
     shapes: list[tuple[int, int]] = []
     real = tts_module.backbone_text_logits
 

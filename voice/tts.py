@@ -26,6 +26,7 @@ from moshi_mlx.modules.conditioner import ConditionTensor
 from moshi_mlx.utils.sampling import Sampler
 
 from mlx_harmony.llm.errors import ConfigError
+from mlx_harmony.llm.mlx_env import cudnn_attention
 from mlx_harmony.voice.checkpoints import Checkpoint, fetch, load_checkpoint
 from mlx_harmony.voice.config import TtsSection
 from mlx_harmony.voice.depformer_fused import FusedDepformer, fused_depformer
@@ -114,13 +115,15 @@ class Synthesizer:
         self._unfused: str | None = None  # why the fused kernels are not used, if they failed
         # Batching the text-only delay relies on its steps running no depformer.
         self.batch_delay = batch_delay and skip_delay_depformer
-        # MLX on CUDA runs attention over several positions through cuDNN, whose graph is
-        # built per query and key length at first use (tens of ms each, in a cache per
-        # thread): the warm-up meets every batched-delay shape an answer can (see
-        # `SpeechSession.warm_batches`). Elsewhere there is nothing to build per shape.
-        self.warm_batch_shapes = (
-            mx.cuda.is_available() if warm_batch_shapes is None else (warm_batch_shapes)
-        )
+        # Where MLX on CUDA runs attention over several positions through cuDNN (set by
+        # the user: our commands turn it off, see `llm.mlx_env`), it builds a graph per
+        # query and key length at first use (~45 ms each on an H200, paid by the first
+        # answer): the warm-up then meets every batched-delay shape an answer can (see
+        # `SpeechSession.warm_batches`). With MLX's own kernels, our default, the first
+        # answer's calls took no longer than the later answers' spread (docs/performance.md).
+        if warm_batch_shapes is None:
+            warm_batch_shapes = mx.cuda.is_available() and cudnn_attention()
+        self.warm_batch_shapes = warm_batch_shapes
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.speed: TtsSpeed | None = None  # measured by `calibrate`
         self.cost = FrameCost(0.0, 0.0)  # its line, from `calibrate`
