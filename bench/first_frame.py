@@ -58,8 +58,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m mlx_harmony.bench.first_frame", description=__doc__)
     p.add_argument("--answers", type=int, default=4)
     p.add_argument("--warm-shapes", choices=["auto", "on", "off"], default="auto",
-                   help="warm the batched delay's attention shapes (auto: where MLX runs "
-                   "on CUDA, as the voice command does)")  # fmt: skip
+                   help="warm the batched delay's attention shapes (auto: where MLX builds "
+                   "cuDNN attention graphs per shape, as the voice command does)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("first-frame.json"))
     args = p.parse_args()
     warm = None if args.warm_shapes == "auto" else args.warm_shapes == "on"
