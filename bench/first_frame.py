@@ -1,11 +1,13 @@
 """Where an answer's first sound goes: TTS 1.6B's steps up to each answer's first frame.
 
-`python3 -m mlx_harmony.bench.first_frame [--answers 4] [--warm-shapes auto|on|off]`:
-TTS 1.6B at its published shapes with random weights, warmed up and timed as the voice
-command does, then answers whose words are pushed one at a time, as a language model
-writes them, each step timed until the first frame. The first answer of a process is
-compared with the ones after it: a backend that builds kernels per shape at their first
-use (MLX on CUDA) shows there what a user's first question would pay.
+`python3 -m mlx_harmony.bench.first_frame [--answers 4] [--warm-shapes auto|on|off]
+[--fused-depformer auto|off] [--frames N]`: TTS 1.6B at its published shapes with random
+weights, warmed up and timed as the voice command does, then answers whose words are
+pushed one at a time, as a language model writes them, each step timed until the first
+frame (or the N-th: the steps that took over 3x the median frame, stalls, are listed).
+The first answer of a process is compared with the ones after it: a backend that builds
+kernels per shape at their first use (MLX on CUDA) shows there what a user's first
+question would pay.
 """
 
 from __future__ import annotations
@@ -25,31 +27,45 @@ from mlx_harmony.voice.tts import Synthesizer
 ANSWER = "Sure, the capital of France is Paris, which is also its largest city by far."
 
 
-def first_frames(tts: Synthesizer, answers: int, text: str = ANSWER) -> list[dict]:
-    """Each answer: ms from its first word to its first frame, the words pushed by then,
-    and its steps as (position, model steps, depformer passes, ms); a step of several
-    model steps is the text-only delay's batched backbone call."""
+def first_frames(tts: Synthesizer, answers: int, text: str = ANSWER, frames: int = 1) -> list[dict]:
+    """Each answer stepped until its `frames`-th frame (or its end): ms from its first
+    word to its first frame, the words pushed by then, and its steps as (position, model
+    steps, depformer passes, ms); a step of several model steps is the text-only delay's
+    batched backbone call."""
     rows = []
     for n in range(answers):
         session, words = tts.session(), [w + " " for w in text.split()]
         steps: list[tuple[int, int, int, float]] = []
-        pushed, first = 0, None
+        pushed, made, first, words_then = 0, 0, None, 0
         start = time.perf_counter()
-        while first is None and not session.done:
+        while made < frames and not session.done:
             if pushed < len(words):
                 session.push(words[pushed])
                 pushed += 1
             elif not session.closed:
                 session.close()
-            while first is None and session.ready:
+            while made < frames and session.ready:
                 at, t = session.offset, time.perf_counter()
                 frame = session.step()
                 now = time.perf_counter()
                 steps.append((at, session.last_steps, session.last_slices, (now - t) * 1000))
                 if frame is not None:
-                    first = (now - start) * 1000
-        rows.append({"answer": n, "first_frame_ms": first, "words": pushed, "steps": steps})
+                    made += 1
+                    if first is None:
+                        first, words_then = (now - start) * 1000, pushed
+        rows.append({"answer": n, "first_frame_ms": first, "words": words_then, "steps": steps})
     return rows
+
+
+def stalls(steps: list[tuple[int, int, int, float]], factor: float = 3.0) -> list[tuple]:
+    """The single steps that ran every kept codebook and took over `factor` times their
+    median (the voice loop's gaps came from such steps, `voice.speaking.STALL_FACTOR`)."""
+    most = max((s[2] for s in steps), default=0)
+    full = [s for s in steps if s[1] == 1 and s[2] == most > 0]
+    if not full:
+        return []
+    usual = statistics.median(s[3] for s in full)
+    return [s for s in full if s[3] > factor * usual]
 
 
 def main() -> None:
@@ -57,23 +73,37 @@ def main() -> None:
 
     p = argparse.ArgumentParser(prog="python -m mlx_harmony.bench.first_frame", description=__doc__)
     p.add_argument("--answers", type=int, default=4)
+    p.add_argument("--frames", type=int, default=1,
+                   help="step each answer to this many frames, and list the steps that took "
+                   "over 3x the median frame (stalls)")  # fmt: skip
     p.add_argument("--warm-shapes", choices=["auto", "on", "off"], default="auto",
                    help="warm the batched delay's attention shapes (auto: where MLX builds "
                    "cuDNN attention graphs per shape, as the voice command does)")  # fmt: skip
+    p.add_argument("--fused-depformer", choices=["auto", "off"], default="auto",
+                   help="as tts.fused_depformer")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("first-frame.json"))
     args = p.parse_args()
     warm = None if args.warm_shapes == "auto" else args.warm_shapes == "on"
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, voice = _tts_parts(Path(tmp), None, mx.bfloat16)
-        tts = Synthesizer(checkpoint, voice, max_seconds=120, warm_batch_shapes=warm)
+        tts = Synthesizer(
+            checkpoint, voice, max_seconds=120, warm_batch_shapes=warm,
+            fused_depformer=args.fused_depformer,
+        )  # fmt: skip
         tts.warmup()
         speed = tts.calibrate(True, 8, 1.2)
     print(speed.describe(), flush=True)
-    rows = first_frames(tts, args.answers)
+    # About 3 frames a word: a text long enough for the frames asked.
+    text = " ".join([ANSWER] * (1 + args.frames // 40))
+    rows = first_frames(tts, args.answers, text, args.frames)
     for row in rows:
-        steps = ", ".join(f"{n}@{at}:{ms:.1f}" for at, n, _, ms in row["steps"])
+        head = [s for s in row["steps"] if s[0] <= tts.model.delay_steps + max(tts.lm.delays)]
+        steps = ", ".join(f"{n}@{at}:{ms:.1f}" for at, n, _, ms in head)
         first = f"answer {row['answer'] + 1}: first frame {row['first_frame_ms']:.0f} ms"
         print(f"{first} after {row['words']} words; steps (n@position: ms) {steps}", flush=True)
+        if args.frames > 1:
+            slow = ", ".join(f"@{at}: {ms:.0f} ms" for at, _, _, ms in stalls(row["steps"]))
+            print(f"  {len(row['steps'])} steps; stalls {slow or 'none'}", flush=True)
     later = [r["first_frame_ms"] for r in rows[1:]]
     if later:
         ratio = rows[0]["first_frame_ms"] / statistics.median(later)

@@ -257,3 +257,39 @@ def test_the_first_frame_benchmark_times_every_step_up_to_each_answers_first_fra
         assert row["steps"][0][0] == 0 and row["steps"][0][1] > 1
         assert all(a[0] + a[1] == b[0] for a, b in pairwise(row["steps"]))
     assert [s[:3] for s in rows[0]["steps"]] == [s[:3] for s in rows[1]["steps"]]
+    (whole,) = first_frames(tts, 1, ANSWER, frames=20)
+    assert sum(s[2] == tts.lm.dep_q for s in whole["steps"]) >= 18
+    head = len(rows[0]["steps"])
+    assert [s[:3] for s in whole["steps"][:head]] == [s[:3] for s in rows[0]["steps"]]
+
+
+def test_a_stall_is_a_full_frame_step_over_three_times_the_median() -> None:
+    from mlx_harmony.bench.first_frame import stalls
+
+    steps = [(0, 16, 0, 90.0), (16, 1, 1, 15.0)] + [(17 + i, 1, 8, 30.0) for i in range(9)]
+    steps.append((26, 1, 8, 95.0))
+    assert stalls(steps) == [(26, 1, 8, 95.0)]  # not the batched delay, nor the 1-pass step
+    assert stalls(steps[:-1]) == [] and stalls([]) == []
+
+
+def test_the_first_frame_benchmark_command_writes_its_answers(
+    voice_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The command as on a GPU machine, here with the tiny TTS in place of the published
+    shapes: whole answers stepped, their stalls listed, the JSON written."""
+    from mlx_harmony.bench import first_frame, kyutai
+    from mlx_harmony.voice.checkpoints import load_checkpoint
+
+    folder = voice_models / "tts"
+    voice = next((folder / "voices").glob("*.safetensors"))
+    tiny = load_checkpoint(str(folder), generating_audio=True, quantize=None)
+    monkeypatch.setattr(kyutai, "_tts_parts", lambda *_: (tiny, voice))
+    out = tmp_path / "first.json"
+    argv = ["first_frame", "--answers", "2", "--frames", "30", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    first_frame.main()
+    printed = capsys.readouterr().out
+    assert printed.count("first frame") == 2 and printed.count("stalls") == 2
+    results = json.loads(out.read_text())
+    assert results["warm_batch_shapes"] is False  # MLX on the CPU: nothing to build per shape
+    assert [len(a["steps"]) >= 30 for a in results["answers"]] == [True, True]
