@@ -4,7 +4,7 @@
 [--fused-depformer auto|off] [--frames N]`: TTS 1.6B at its published shapes with random
 weights, warmed up and timed as the voice command does, then answers whose words are
 pushed one at a time, as a language model writes them, each step timed until the first
-frame (or the N-th: the steps that took over 3x the median frame, stalls, are listed).
+frame (or the N-th: the steps that took over 4x the median frame, stalls, are listed).
 The first answer of a process is compared with the ones after it: a backend that builds
 kernels per shape at their first use (MLX on CUDA) shows there what a user's first
 question would pay.
@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_harmony.llm.cli.common import run_main
+from mlx_harmony.voice.speaking import STALL_FACTOR
 from mlx_harmony.voice.tts import Synthesizer
 
 ANSWER = "Sure, the capital of France is Paris, which is also its largest city by far."
@@ -57,15 +58,16 @@ def first_frames(tts: Synthesizer, answers: int, text: str = ANSWER, frames: int
     return rows
 
 
-def stalls(steps: list[tuple[int, int, int, float]], factor: float = 3.0) -> list[tuple]:
-    """The single steps that ran every kept codebook and took over `factor` times their
-    median (the voice loop's gaps came from such steps, `voice.speaking.STALL_FACTOR`)."""
+def stalls(steps: list[tuple[int, int, int, float]]) -> list[tuple]:
+    """The single steps that ran every kept codebook and took over `STALL_FACTOR` times
+    their median: what the voice loop counts as a stall (the gaps of its compiled frame
+    came from such steps)."""
     most = max((s[2] for s in steps), default=0)
     full = [s for s in steps if s[1] == 1 and s[2] == most > 0]
     if not full:
         return []
     usual = statistics.median(s[3] for s in full)
-    return [s for s in full if s[3] > factor * usual]
+    return [s for s in full if s[3] > STALL_FACTOR * usual]
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
     p.add_argument("--answers", type=int, default=4)
     p.add_argument("--frames", type=int, default=1,
                    help="step each answer to this many frames, and list the steps that took "
-                   "over 3x the median frame (stalls)")  # fmt: skip
+                   "over 4x the median frame (stalls, as the voice loop counts them)")  # fmt: skip
     p.add_argument("--warm-shapes", choices=["auto", "on", "off"], default="auto",
                    help="warm the batched delay's attention shapes (auto: where MLX builds "
                    "cuDNN attention graphs per shape, as the voice command does)")  # fmt: skip
@@ -103,7 +105,9 @@ def main() -> None:
         print(f"{first} after {row['words']} words; steps (n@position: ms) {steps}", flush=True)
         if args.frames > 1:
             slow = ", ".join(f"@{at}: {ms:.0f} ms" for at, _, _, ms in stalls(row["steps"]))
-            print(f"  {len(row['steps'])} steps; stalls {slow or 'none'}", flush=True)
+            at, _, _, ms = max(row["steps"], key=lambda s: s[3])
+            print(f"  {len(row['steps'])} steps, the longest {ms:.0f} ms @{at}; "
+                  f"stalls {slow or 'none'}", flush=True)  # fmt: skip
     later = [r["first_frame_ms"] for r in rows[1:]]
     if later:
         ratio = rows[0]["first_frame_ms"] / statistics.median(later)
