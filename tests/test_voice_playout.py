@@ -18,6 +18,7 @@ from mlx_harmony.bench.file_audio import ClockSpeaker
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.session import Session
 from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
+from mlx_harmony.voice.checkpoints import is_quantized
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Request
 from mlx_harmony.voice.daemon import VoiceAssistant
@@ -224,6 +225,45 @@ def test_a_machine_too_slow_for_any_count_gets_the_floor_and_is_told(
     speed = tts.calibrate(auto=True, floor=3, margin=1.2)
     assert (speed.codebooks, tts.lm.dep_q) == (3, 3)
     assert not speed.keeps_up and "under the 1.2x margin" in speed.describe()
+
+
+def slowed_unless_quantized(monkeypatch, exact: float, quantized: float) -> None:
+    """Every TTS step takes `exact` seconds longer, or `quantized` once its weights are."""
+    step = SpeechSession.step
+
+    def slowed(self: SpeechSession) -> np.ndarray | None:
+        out = step(self)
+        time.sleep(quantized if is_quantized(self.synth.lm) else exact)
+        return out
+
+    monkeypatch.setattr(SpeechSession, "step", slowed)
+
+
+def test_where_the_fewest_codebooks_fall_short_8_bit_weights_are_kept_if_faster(
+    voice_models, monkeypatch
+) -> None:
+    slowed_unless_quantized(monkeypatch, 0.15, 0.0)
+    tts = fresh_tts(voice_models)
+    speed = tts.calibrate(auto=True, floor=4, margin=1.2)  # no codebook to cut
+    assert speed.bits == 8 and is_quantized(tts.lm)
+    assert speed.frame_seconds < 0.15  # the quantized frame's, which was measured
+    assert speed.describe().startswith("4 of 4 codebooks, 8-bit weights (chosen for this")
+    assert speed.as_log()["bits"] == 8
+    frames = list(tts.speak("Hello there"))  # and it speaks with them
+    assert frames and all(f.shape == (tts.frame_samples,) for f in frames)
+
+
+def test_8_bit_weights_that_are_no_faster_are_put_back(voice_models, monkeypatch) -> None:
+    slowed_unless_quantized(monkeypatch, 0.1, 0.15)
+    tts, exact = fresh_tts(voice_models), fresh_tts(voice_models)
+    speed = tts.calibrate(auto=True, floor=4, margin=1.2)
+    assert speed.bits is None and not is_quantized(tts.lm)
+    assert "under the 1.2x margin" in speed.describe() and "Pocket TTS" in speed.describe()
+    monkeypatch.undo()
+    text = "Hello there, how are you?"
+    assert np.array_equal(
+        np.concatenate(list(tts.speak(text))), np.concatenate(list(exact.speak(text)))
+    )
 
 
 ANSWER = "Hello! How can I help you today?"

@@ -98,6 +98,10 @@ def quantize_lm(lm: models.Lm, bits: int, group_size: int = 64) -> None:
         nn.quantize(layer.gating, group_size, bits, class_predicate=fits)
 
 
+def is_quantized(lm: models.Lm) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in lm.named_modules())
+
+
 def load_checkpoint(ref: str, *, generating_audio: bool, quantize: int | None) -> Checkpoint:
     """Config, LM, Mimi and text tokenizer of a Kyutai STT or TTS checkpoint."""
     config_path = fetch(ref, "config.json")

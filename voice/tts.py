@@ -27,7 +27,13 @@ from moshi_mlx.utils.sampling import Sampler
 
 from mlx_harmony.llm.errors import ConfigError
 from mlx_harmony.llm.mlx_env import cudnn_attention
-from mlx_harmony.voice.checkpoints import Checkpoint, fetch, load_checkpoint
+from mlx_harmony.voice.checkpoints import (
+    Checkpoint,
+    fetch,
+    is_quantized,
+    load_checkpoint,
+    quantize_lm,
+)
 from mlx_harmony.voice.config import TtsSection
 from mlx_harmony.voice.depformer_fused import FusedDepformer, fused_depformer
 from mlx_harmony.voice.depformer_fused import compiled as compiled_fused
@@ -65,6 +71,8 @@ def voice_file(voice: str, voice_repo: str, suffix: str) -> Path:
 
 
 # A voice file's name ends in the TTS model's signature: `<voice>.<sig>@<epoch>.safetensors`.
+AUTO_BITS = 8  # what start-up tries where the fewest codebooks fall short (`calibrate`)
+QUANTIZED_GAIN = 0.9  # kept where its frame is a tenth shorter: less is a measure's noise
 VOICE_SUFFIX = re.compile(r"\.[0-9a-f]+@\d+\.safetensors$")
 
 
@@ -126,6 +134,7 @@ class Synthesizer:
         self.warm_batch_shapes = warm_batch_shapes
         self.lm, self.mimi = checkpoint.lm, checkpoint.mimi
         self.speed: TtsSpeed | None = None  # measured by `calibrate`
+        self.bits: int | None = None  # weights quantized by `calibrate` (not by the config)
         self.cost = FrameCost(0.0, 0.0)  # its line, from `calibrate`
         self._floor, self._margin = 2, 1.0
         self.model = TTSModel(
@@ -227,7 +236,28 @@ class Synthesizer:
             self.cost, times = fit_codebooks(
                 times, self.cost, self._cut, floor, margin, self.frame_seconds
             )
+            fewest = min(max(floor, 2), self.model_codebooks)
+            short = self.frame_seconds / times.frame < margin
+            if short and self.lm.dep_q <= fewest and not is_quantized(self.lm):
+                times = self._try_quantized(times)
         return self._timed(times, auto)
+
+    def _try_quantized(self, times: StepTimes) -> StepTimes:
+        """The fewest codebooks still fall short of the margin: the same in `AUTO_BITS`
+        bits, kept only where its measured frame is clearly shorter (`QUANTIZED_GAIN`: it
+        costs some sound). A machine whose frame is bound by reading the weights reads half
+        as much; on an H200, bound by kernel launches, 8 bits measured slower
+        (docs/performance.md), and there the exact layers are put back."""
+        exact = self.lm.leaf_modules()
+        quantize_lm(self.lm, AUTO_BITS)
+        self._retrace()
+        quantized = self.measure()
+        if quantized.frame < QUANTIZED_GAIN * times.frame:
+            self.bits, self.cost = AUTO_BITS, frame_cost(quantized)
+            return quantized
+        self.lm.update_modules(exact)
+        self._retrace()
+        return times
 
     def adapt(self, observed_rate: float) -> TtsSpeed | None:
         """Answers ran at `observed_rate` times real time, everything the loop does
@@ -282,9 +312,13 @@ class Synthesizer:
     def _cut(self, codebooks: int) -> StepTimes:
         """Keep `codebooks` codebooks and time a frame with them."""
         keep_codebooks(self.lm, codebooks)
-        self._depformers.clear()  # each trace ran every slice it had
-        self._fused = None
+        self._retrace()
         return self.measure()
+
+    def _retrace(self) -> None:
+        """After the model's layers changed: each compiled frame traced the old ones."""
+        self._depformers.clear()
+        self._fused = None
 
     def _timed(self, times: StepTimes, chosen: bool) -> TtsSpeed:
         self.speed = TtsSpeed(
@@ -295,6 +329,7 @@ class Synthesizer:
             chosen=chosen,
             margin=self._margin,
             depformer=self._fused.ops.name if self._fused is not None else self._unfused,
+            bits=self.bits,
         )
         return self.speed
 

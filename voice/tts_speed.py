@@ -117,6 +117,7 @@ class TtsSpeed:
     chosen: bool  # picked for this machine (tts.codebooks "auto"), not fixed by the config
     margin: float
     depformer: str | None = None  # how TTS 1.6B's depformer runs, where it is not the usual
+    bits: int | None = None  # weights quantized at start, where the fewest codebooks fell short
 
     @property
     def rate(self) -> float:
@@ -133,9 +134,14 @@ class TtsSpeed:
             line, faster = f"Pocket TTS, {speed}", "tts.quantize 8 speeds it up"
         else:
             how = "chosen for this machine" if self.chosen else "set in tts.codebooks"
-            line = f"{self.codebooks} of {self.of} codebooks ({how}), {speed}"
+            weights = f", {self.bits}-bit weights" if self.bits else ""
+            line = f"{self.codebooks} of {self.of} codebooks{weights} ({how}), {speed}"
             line += f", depformer as {self.depformer}" if self.depformer else ""
-            faster = "tts.quantize 8 or fewer tts.codebooks speed it up"
+            faster = (
+                'Pocket TTS, tts.backend "pocket", keeps up on smaller machines'
+                if self.chosen
+                else "tts.quantize 8 or fewer tts.codebooks speed it up"
+            )
         if not self.keeps_up:
             line += (
                 f"; under the {self.margin:g}x margin: an answer may wait until enough is "
@@ -151,4 +157,5 @@ class TtsSpeed:
             "rate": round(self.rate, 3),
             "chosen": self.chosen,
             "depformer": self.depformer,
+            "bits": self.bits,
         }
