@@ -246,7 +246,6 @@ def test_where_the_fewest_codebooks_fall_short_8_bit_weights_are_kept_if_faster(
     tts = fresh_tts(voice_models)
     speed = tts.calibrate(auto=True, floor=4, margin=1.2)  # no codebook to cut
     assert speed.bits == 8 and is_quantized(tts.lm)
-    assert speed.frame_seconds < 0.15  # the quantized frame's, which was measured
     assert speed.describe().startswith("4 of 4 codebooks, 8-bit weights (chosen for this")
     assert speed.as_log()["bits"] == 8
     frames = list(tts.speak("Hello there"))  # and it speaks with them
@@ -254,7 +253,7 @@ def test_where_the_fewest_codebooks_fall_short_8_bit_weights_are_kept_if_faster(
 
 
 def test_8_bit_weights_that_are_no_faster_are_put_back(voice_models, monkeypatch) -> None:
-    slowed_unless_quantized(monkeypatch, 0.1, 0.15)
+    slowed_unless_quantized(monkeypatch, 0.1, 0.2)
     tts, exact = fresh_tts(voice_models), fresh_tts(voice_models)
     speed = tts.calibrate(auto=True, floor=4, margin=1.2)
     assert speed.bits is None and not is_quantized(tts.lm)
