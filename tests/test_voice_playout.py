@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from mlx_harmony.bench.file_audio import ClockSpeaker
 from mlx_harmony.llm.config import PromptConfig
 from mlx_harmony.llm.session import Session
+from mlx_harmony.voice import tts as tts_module
 from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
 from mlx_harmony.voice.checkpoints import is_quantized
 from mlx_harmony.voice.config import VoiceConfig, apply_override
@@ -228,15 +230,20 @@ def test_a_machine_too_slow_for_any_count_gets_the_floor_and_is_told(
 
 
 def slowed_unless_quantized(monkeypatch, exact: float, quantized: float) -> None:
-    """Every TTS step takes `exact` seconds longer, or `quantized` once its weights are."""
+    """Every TTS step takes `exact` seconds longer on the clock the TTS times itself
+    with, or `quantized` once its weights are: added to that clock, not slept, so a
+    loaded machine's own slowness stays small beside it."""
+    added = [0.0]
     step = SpeechSession.step
 
     def slowed(self: SpeechSession) -> np.ndarray | None:
         out = step(self)
-        time.sleep(quantized if is_quantized(self.synth.lm) else exact)
+        added[0] += quantized if is_quantized(self.synth.lm) else exact
         return out
 
     monkeypatch.setattr(SpeechSession, "step", slowed)
+    clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + added[0])
+    monkeypatch.setattr(tts_module, "time", clock)
 
 
 def test_where_the_fewest_codebooks_fall_short_8_bit_weights_are_kept_if_faster(
