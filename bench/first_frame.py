@@ -13,6 +13,7 @@ question would pay.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -28,34 +29,63 @@ from mlx_harmony.voice.tts import Synthesizer
 ANSWER = "Sure, the capital of France is Paris, which is also its largest city by far."
 
 
+class GcPauses:
+    """Milliseconds the garbage collector has held the process so far (`gc.callbacks`):
+    a collection of the older generations walks every Python object, and a step it
+    lands in is that much longer."""
+
+    def __init__(self) -> None:
+        self.ms, self._since = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._since = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._since) * 1000
+
+
 def first_frames(tts: Synthesizer, answers: int, text: str = ANSWER, frames: int = 1) -> list[dict]:
     """Each answer stepped until its `frames`-th frame (or its end): ms from its first
     word to its first frame, the words pushed by then, and its steps as (position, model
     steps, depformer passes, ms); a step of several model steps is the text-only delay's
-    batched backbone call."""
-    rows = []
-    for n in range(answers):
-        session, words = tts.session(), [w + " " for w in text.split()]
-        steps: list[tuple[int, int, int, float]] = []
-        pushed, made, first, words_then = 0, 0, None, 0
-        start = time.perf_counter()
-        while made < frames and not session.done:
-            if pushed < len(words):
-                session.push(words[pushed])
-                pushed += 1
-            elif not session.closed:
-                session.close()
-            while made < frames and session.ready:
-                at, t = session.offset, time.perf_counter()
-                frame = session.step()
-                now = time.perf_counter()
-                steps.append((at, session.last_steps, session.last_slices, (now - t) * 1000))
-                if frame is not None:
-                    made += 1
-                    if first is None:
-                        first, words_then = (now - start) * 1000, pushed
-        rows.append({"answer": n, "first_frame_ms": first, "words": words_then, "steps": steps})
-    return rows
+    batched backbone call; with them the garbage collector's ms within each step."""
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        return [_answer(tts, n, text, frames, pauses) for n in range(answers)]
+    finally:
+        gc.callbacks.remove(pauses)
+
+
+def _answer(tts: Synthesizer, n: int, text: str, frames: int, pauses: GcPauses) -> dict:
+    session, words = tts.session(), [w + " " for w in text.split()]
+    steps: list[tuple[int, int, int, float]] = []
+    gc_ms: list[float] = []
+    pushed, made, first, words_then = 0, 0, None, 0
+    start = time.perf_counter()
+    while made < frames and not session.done:
+        if pushed < len(words):
+            session.push(words[pushed])
+            pushed += 1
+        elif not session.closed:
+            session.close()
+        while made < frames and session.ready:
+            at, t, collected = session.offset, time.perf_counter(), pauses.ms
+            frame = session.step()
+            now = time.perf_counter()
+            steps.append((at, session.last_steps, session.last_slices, (now - t) * 1000))
+            gc_ms.append(pauses.ms - collected)
+            if frame is not None:
+                made += 1
+                if first is None:
+                    first, words_then = (now - start) * 1000, pushed
+    return {
+        "answer": n,
+        "first_frame_ms": first,
+        "words": words_then,
+        "steps": steps,
+        "gc_ms": gc_ms,
+    }
 
 
 def stalls(steps: list[tuple[int, int, int, float]]) -> list[tuple]:
@@ -104,10 +134,14 @@ def main() -> None:
         first = f"answer {row['answer'] + 1}: first frame {row['first_frame_ms']:.0f} ms"
         print(f"{first} after {row['words']} words; steps (n@position: ms) {steps}", flush=True)
         if args.frames > 1:
-            slow = ", ".join(f"@{at}: {ms:.0f} ms" for at, _, _, ms in stalls(row["steps"]))
+            gc_at = dict(zip(row["steps"], row["gc_ms"], strict=True))
+            slow = ", ".join(
+                f"@{s[0]}: {s[3]:.0f} ms (gc {gc_at[s]:.0f})" for s in stalls(row["steps"])
+            )
             at, _, _, ms = max(row["steps"], key=lambda s: s[3])
             print(f"  {len(row['steps'])} steps, the longest {ms:.0f} ms @{at}; "
-                  f"stalls {slow or 'none'}", flush=True)  # fmt: skip
+                  f"stalls {slow or 'none'}; gc {sum(row['gc_ms']):.0f} ms in all",
+                  flush=True)  # fmt: skip
     later = [r["first_frame_ms"] for r in rows[1:]]
     if later:
         ratio = rows[0]["first_frame_ms"] / statistics.median(later)

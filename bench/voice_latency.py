@@ -88,6 +88,8 @@ class LatencyRecord:
     first_frame_words: int = 0  # the answer's words written by then (the TTS reads ahead)
     predicted_frames: int = 0  # the answer's length in frames as the decision predicted it
     tts_rate: float | None = None  # the synthesis speed the playout decision used
+    jitter_frames: int = 0  # of buffered_frames: held for the last answers' stalls
+    late_ms: float = 0.0  # the most a frame came after its place in the playback
     slowest_tts_step_ms: float = 0.0  # the answer's longest TTS step
     slowest_engine_step_ms: float = 0.0  # and engine step (a stall, where gaps come from one)
 
@@ -105,6 +107,7 @@ class LatencyRecord:
             first_frame_ms=gap(t.first_final_ms, t.first_frame_ms),
             first_frame_words=t.first_frame_words,
             predicted_frames=t.predicted_frames, tts_rate=t.tts_rate,
+            jitter_frames=t.jitter_frames, late_ms=t.late_ms,
             slowest_tts_step_ms=t.slowest_tts_step_ms,
             slowest_engine_step_ms=t.slowest_engine_step_ms,
         )  # fmt: skip

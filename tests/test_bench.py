@@ -256,11 +256,32 @@ def test_the_first_frame_benchmark_times_every_step_up_to_each_answers_first_fra
         assert row["first_frame_ms"] > 0 and 0 < row["words"] < len(ANSWER.split())
         assert row["steps"][0][0] == 0 and row["steps"][0][1] > 1
         assert all(a[0] + a[1] == b[0] for a, b in pairwise(row["steps"]))
+        assert len(row["gc_ms"]) == len(row["steps"]) and min(row["gc_ms"]) >= 0
     assert [s[:3] for s in rows[0]["steps"]] == [s[:3] for s in rows[1]["steps"]]
     (whole,) = first_frames(tts, 1, ANSWER, frames=20)
     assert sum(s[2] == tts.lm.dep_q for s in whole["steps"]) >= 18
     head = len(rows[0]["steps"])
     assert [s[:3] for s in whole["steps"][:head]] == [s[:3] for s in rows[0]["steps"]]
+
+
+def test_the_garbage_collectors_pauses_are_counted() -> None:
+    """What the first-frame bench says of each step's garbage collection."""
+    import gc
+
+    from mlx_harmony.bench.first_frame import GcPauses
+
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        garbage = [[i] for i in range(100_000)]
+        del garbage
+        gc.collect()
+    finally:
+        gc.callbacks.remove(pauses)
+    assert pauses.ms > 0
+    counted = pauses.ms
+    gc.collect()
+    assert pauses.ms == counted  # no longer listening
 
 
 def test_a_stall_is_a_full_frame_step_over_four_times_the_median() -> None:

@@ -24,7 +24,7 @@ from mlx_harmony.voice.checkpoints import is_quantized
 from mlx_harmony.voice.config import VoiceConfig, apply_override
 from mlx_harmony.voice.control import Request
 from mlx_harmony.voice.daemon import VoiceAssistant
-from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
+from mlx_harmony.voice.playout import RATE_MARGIN, frames_for_lateness, frames_to_buffer
 from mlx_harmony.voice.speaking import SpokenAnswer
 from mlx_harmony.voice.tts import SpeechSession, Synthesizer
 from mlx_harmony.voice.tts_speed import (
@@ -429,3 +429,15 @@ def test_on_its_own_thread_the_tts_keeps_its_pace_when_the_loop_is_slow(
     assert not [n for n in rec.texts("notice") if n.startswith("text to speech ran at")]
     assert tts.lm.dep_q == 4
     assert second.underruns == 0
+
+
+def test_a_stall_is_buffered_for_where_it_recurs() -> None:
+    """The extra frames an answer holds back for stalls: none for a one-off one, however
+    long; where two of the last answers' frames came late, enough for the smaller of the
+    two lateness figures; a frame late by under a tenth of a frame is no stall."""
+    frame = 0.08
+    assert frames_for_lateness([], frame) == 0
+    assert frames_for_lateness([1.0, 0.0, 0.0], frame) == 0
+    assert frames_for_lateness([1.0, 0.2, 0.0], frame) == 3  # 0.2 s: two and a half frames
+    assert frames_for_lateness([0.16, 0.16], frame) == 2
+    assert frames_for_lateness([0.007, 0.007], frame) == 0

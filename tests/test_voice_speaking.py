@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from mlx_harmony.voice.playout import LATE_ANSWERS, frames_for_lateness
 from mlx_harmony.voice.speaking import AHEAD_SECONDS, SpokenAnswer, Voice
 from mlx_harmony.voice.timings import TurnTimings
 from tests.support.scripted import Clock, ScriptedSpeaker, ScriptedSynthesizer
@@ -134,4 +135,41 @@ def test_one_stall_does_not_teach_a_slow_pace() -> None:
     speak(second, clock)
     second.account()
     assert second.timings.buffered_frames == 1 and second.timings.underruns == 0
+    assert second.timings.jitter_frames == 0  # a one-off stall is not buffered for
     assert prior > v.rate_prior  # the loop's own pace was learned, only the stall left out
+
+
+def test_a_stall_that_recurs_is_buffered_for_until_it_stops() -> None:
+    """Synthesis three times faster than playback, but in every answer one step stalls for
+    half a second (another process's turn on the machine): the speech runs dry there in the
+    first two answers; from the third the answers start and stay that much further ahead
+    and play without a gap, at the pace's own buffer plus the frames the lateness asks
+    for; once the stall has stopped recurring the extra buffer goes."""
+    v, clock, _ = voice(step_s=0.025)
+
+    def ask(stall: float) -> TurnTimings:
+        v.tts.stalls[v.tts.steps + 4] = stall
+        answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+        answer.write(WORDS + " " + WORDS)
+        answer.finish()
+        speak(answer, clock)
+        answer.account()
+        v.learn(answer)
+        clock.now += 5.0  # the user's next question
+        return answer.timings
+
+    first, second, third = ask(0.5), ask(0.5), ask(0.5)
+    assert first.underruns == second.underruns == 1 and first.jitter_frames == 0
+    # The stalled frame came after the four queued before it had played: 0.3 s late.
+    assert 0.25 < first.late_ms / 1000 < 0.35 and second.jitter_frames == 0
+    # Against the pace's buffer alone the stall still came as late: it is not forgotten.
+    assert third.underruns == 0 and third.late_ms == pytest.approx(first.late_ms)
+    assert third.jitter_frames == frames_for_lateness([first.late_ms / 1000] * 2, 0.08) == 4
+    assert third.buffered_frames == 1 + third.jitter_frames
+    # While an answer is still being written, the loop keeps that much more speech queued
+    # before the language model gets a turn.
+    assert v.ahead_seconds() == pytest.approx(AHEAD_SECONDS + 4 * v.tts.frame_seconds)
+    later = [ask(0.0) for _ in range(LATE_ANSWERS)]
+    # Buffered for while two of the last four answers met it.
+    assert LATE_ANSWERS == 4 and [t.jitter_frames for t in later] == [4, 4, 4, 0]
+    assert later[-1].buffered_frames == 1 and not any(t.underruns for t in later)

@@ -32,31 +32,30 @@ template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float 
 // A value as the plain path stores it: rounded to the model's dtype.
 template <typename U> __device__ __forceinline__ float rnd(float v) { return tof(fromf<U>(v)); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct Sum {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-// Every thread gets the block's total; `red` is 32 floats of shared memory.
-__device__ float block_sum(float v, float* red) {
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Sum{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max{}); }
+// Every thread gets the block's reduction (`none` is its identity); `red` is 32 floats of
+// shared memory.
+template <typename Op> __device__ float block_reduce(float v, float* red, Op op, float none) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  return warp_sum(lane < warps ? red[lane] : 0.f);
+  return warp_reduce(lane < warps ? red[lane] : none, op);
 }
-__device__ float block_max(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  return warp_max(lane < warps ? red[lane] : -INFINITY);
-}
+__device__ float block_sum(float v, float* red) { return block_reduce(v, red, Sum{}, 0.f); }
+__device__ float block_max(float v, float* red) { return block_reduce(v, red, Max{}, -INFINITY); }
 // One row of a row-major matrix times a vector in shared memory, summed over the warp.
 template <typename U>
 __device__ float warp_dot(const U* __restrict__ w, const float* __restrict__ x, int n) {

@@ -4,17 +4,28 @@ Speech is synthesized one frame at a time while it plays. Where synthesis keeps 
 playback, each frame is played as it comes. Where it does not (a slower machine), playing
 at once would run the speaker dry mid-answer, again and again; instead the first frames
 are held back until the audio in hand covers what the rest of the answer will fall behind
-by, and then the whole answer plays without a gap. Pure arithmetic: the daemon measures,
-predicts and counts; this module only decides.
+by, and then the whole answer plays without a gap. A pace that keeps up on average can
+still run dry where a single step stalls (the machine busy elsewhere, the language model
+and the TTS taking turns): how late the latest frame came for its place in the playback
+is remembered over the last answers, and where that recurs the next ones start that much
+later (`frames_for_lateness`), as a network audio client's jitter buffer does. Pure arithmetic:
+the daemon measures, predicts and counts; this module only decides.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 # Synthesis is taken to run this much slower than measured: its speed varies from frame to
 # frame and with the machine's other work, and a gap costs more than a few frames' wait.
 RATE_MARGIN = 1.1
+# Answers whose lateness sizes the next ones' extra buffer, and how many of them must
+# have been that late: a stall that recurs is buffered for until it stops recurring.
+LATE_ANSWERS = 4
+RECUR = 2
+# A frame this much of a frame late is no stall: the audio device's own buffer covers it.
+LATE_TOLERANCE = 0.1
 
 
 def frames_to_buffer(rate: float, total_frames: int) -> int:
@@ -34,3 +45,13 @@ def frames_to_buffer(rate: float, total_frames: int) -> int:
     need = total_frames - max(rate, 0.0) * (total_frames - 1)
     # A hair of tolerance: N - r(N-1) is often whole, and floating point must not add one.
     return min(total_frames, max(1, math.ceil(need - 1e-9)))
+
+
+def frames_for_lateness(late_seconds: Iterable[float], frame_seconds: float) -> int:
+    """Frames to hold back beyond the pace's buffer so that a frame as late as two of the
+    last answers' latest (`late_seconds`, each the most any of an answer's frames came
+    after its place in the playback) still comes in time: a stall that recurs is buffered
+    for, a one-off one (a kernel built at the first use of a shape) is not."""
+    ranked = sorted(late_seconds, reverse=True)
+    recurring = ranked[RECUR - 1] if len(ranked) >= RECUR else 0.0
+    return max(0, math.ceil(recurring / frame_seconds - LATE_TOLERANCE))

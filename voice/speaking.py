@@ -17,7 +17,12 @@ from collections.abc import Callable
 import numpy as np
 
 from mlx_harmony.voice.audio_io import MODEL_RATE, Speaker
-from mlx_harmony.voice.playout import RATE_MARGIN, frames_to_buffer
+from mlx_harmony.voice.playout import (
+    LATE_ANSWERS,
+    RATE_MARGIN,
+    frames_for_lateness,
+    frames_to_buffer,
+)
 from mlx_harmony.voice.speakable import SpeakableStream
 from mlx_harmony.voice.synthesis import TextToSpeech
 from mlx_harmony.voice.timings import TurnTimings
@@ -54,6 +59,18 @@ class Voice:
         self.notice = notice
         self.answer_words: deque[int] = deque([ANSWER_WORDS_PRIOR], maxlen=8)
         self.rate_prior = tts.speed.rate if tts.speed is not None else float("inf")
+        # How late each of the last answers' latest frame came (`voice.playout`).
+        self.late: deque[float] = deque(maxlen=LATE_ANSWERS)
+
+    def jitter_frames(self) -> int:
+        """Frames an answer holds back, beyond its pace's buffer, for the stalls the last
+        answers met."""
+        return frames_for_lateness(self.late, self.tts.frame_seconds)
+
+    def ahead_seconds(self) -> float:
+        """Speech to keep queued before the engine gets a turn: more by the stalls the last
+        answers met, which drained what was queued and then came that late."""
+        return AHEAD_SECONDS + self.jitter_frames() * self.tts.frame_seconds
 
     def answer(
         self, timings: TurnTimings, started_at: float, held: bool, playing: Callable[[], None]
@@ -73,6 +90,11 @@ class Voice:
             self.answer_words.append(answer.words)
         rate = answer.live_rate()
         gaps = self.speaker.underruns - answer.underruns_base
+        if answer.timings.text_gaps == 0 and (rate is None or rate >= 1):
+            # Late frames from a pace that keeps up are stalls: buffered for from now on.
+            # (Where the pace falls short, the pace itself is learned below; where the
+            # words ran out, more buffer for the speech would not have helped.)
+            self.late.append(answer.late)
         if rate is None or gaps == 0:
             return
         self.rate_prior = rate
@@ -126,6 +148,15 @@ class SpokenAnswer:
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         self.stalled = 0.0  # seconds of stalls (beyond a frame's time) since first_frame_at
+        # Lateness is measured against the playback the pace's buffer alone would give
+        # (its extra frames for stalls left out, or a stall they cover would be forgotten):
+        # from `run_from`, when the pace's buffer was full and its first frame was the
+        # answer's `run_first`-th, frame i is due at run_from + (i - run_first) frames.
+        # `late` is the most any frame was made after that.
+        self.made = 0
+        self.run_from: float | None = None
+        self.run_first = 0
+        self.late = 0.0
         self.at_tool = False  # between a tool call and its result: silence is expected
         # Since the loop last looked: the speech wanted its next frame and had no word.
         self.starved = False
@@ -177,14 +208,16 @@ class SpokenAnswer:
             ahead = len(self.waiting) * frame_s + self.voice.speaker.pending_seconds()
             if self._ran_dry():
                 self.buffering = True  # a gap: hold back again until the rest can play
+                self.run_from = None
         ready = self.speech.ready
-        if self.speech.wants_text and ahead < AHEAD_SECONDS and not self.written:
+        enough = self.voice.ahead_seconds()
+        if self.speech.wants_text and ahead < enough and not self.written:
             self.starved = True
         # Frames already made (the TTS on its own thread) go to the speaker at once: a long
         # pass of the loop (an engine step) then never leaves it without them.
         made = self.speech.frames_made > 0
         fill = self.held is None and (self.written or self.buffering or made)
-        return ready and (ahead < AHEAD_SECONDS or fill)
+        return ready and (ahead < enough or fill)
 
     def step(self) -> None:
         """One TTS frame (with the TTS on a thread of its own: every frame made that is
@@ -202,6 +235,12 @@ class SpokenAnswer:
         if self.first_frame_at is not None and took > STALL_FACTOR * usual:
             self.stalled += took - usual
         if frame is not None:
+            if self.run_from is not None:
+                frame_s = self.voice.tts.frame_seconds
+                due = self.run_from + (self.made - self.run_first) * frame_s
+                self.late = max(self.late, made_at - due)
+                self.timings.late_ms = self.late * 1000
+            self.made += 1
             self.frames += 1
             self.last_frame_at = made_at
             if self.timings.first_frame_ms is None:
@@ -288,12 +327,17 @@ class SpokenAnswer:
         live = self.live_rate()
         rate = live if live is not None else self.voice.rate_prior
         total = len(self.waiting) + self.speech.frames_left() + self._unwritten_frames()
-        if len(self.waiting) < frames_to_buffer(rate / RATE_MARGIN, total):
+        jitter = self.voice.jitter_frames()
+        pace = frames_to_buffer(rate / RATE_MARGIN, total)
+        if self.run_from is None and len(self.waiting) >= pace:
+            self.run_from, self.run_first = self.voice.clock(), self.made - len(self.waiting)
+        if len(self.waiting) < min(total, pace + jitter):
             return False
         if not self.timings.buffered_frames:  # the answer's first start, not a re-buffer
             self.timings.buffered_frames = len(self.waiting)
             self.timings.predicted_frames = total
             self.timings.tts_rate = rate
+            self.timings.jitter_frames = jitter
         return True
 
     def _unwritten_frames(self) -> int:

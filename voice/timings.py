@@ -44,6 +44,10 @@ class TurnTimings:
     buffered_frames: int = 0
     predicted_frames: int = 0
     tts_rate: float | None = None
+    # Of buffered_frames: those held for the stalls the last answers met; and the most
+    # any frame of this answer came after its place in the playback (a gap, if over 0).
+    jitter_frames: int = 0
+    late_ms: float = 0.0
     # The longest single step of each side of the loop in this answer: where a gap came
     # from a stall (a kernel compiled at its first use, another process), not the pace.
     slowest_tts_step_ms: float = 0.0
