@@ -433,11 +433,14 @@ def test_on_its_own_thread_the_tts_keeps_its_pace_when_the_loop_is_slow(
 
 def test_a_stall_is_buffered_for_where_it_recurs() -> None:
     """The extra frames an answer holds back for stalls: none for a one-off one, however
-    long; where two of the last answers' frames came late, enough for the smaller of the
-    two lateness figures; a frame late by under a tenth of a frame is no stall."""
+    long; where two of the last answers' frames came late, the smaller of the two lateness
+    figures in frames, rounded up with at least half a frame to spare; a frame late by under
+    a tenth of a frame is no stall."""
     frame = 0.08
     assert frames_for_lateness([], frame) == 0
     assert frames_for_lateness([1.0, 0.0, 0.0], frame) == 0
-    assert frames_for_lateness([1.0, 0.2, 0.0], frame) == 3  # 0.2 s: two and a half frames
-    assert frames_for_lateness([0.16, 0.16], frame) == 2
+    # 0.2 s late is two and a half frames: three, and half a frame for the spread.
+    assert frames_for_lateness([1.0, 0.2, 0.0], frame) == 3
+    assert frames_for_lateness([0.16, 0.16], frame) == 3  # two frames exactly: and a half
     assert frames_for_lateness([0.007, 0.007], frame) == 0
+    assert frames_for_lateness([0.009, 0.009], frame) == 1

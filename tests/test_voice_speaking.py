@@ -164,12 +164,12 @@ def test_a_stall_that_recurs_is_buffered_for_until_it_stops() -> None:
     assert 0.25 < first.late_ms / 1000 < 0.35 and second.jitter_frames == 0
     # Against the pace's buffer alone the stall still came as late: it is not forgotten.
     assert third.underruns == 0 and third.late_ms == pytest.approx(first.late_ms)
-    assert third.jitter_frames == frames_for_lateness([first.late_ms / 1000] * 2, 0.08) == 4
+    assert third.jitter_frames == frames_for_lateness([first.late_ms / 1000] * 2, 0.08) == 5
     assert third.buffered_frames == 1 + third.jitter_frames
     # While an answer is still being written, the loop keeps that much more speech queued
     # before the language model gets a turn.
-    assert v.ahead_seconds() == pytest.approx(AHEAD_SECONDS + 4 * v.tts.frame_seconds)
+    assert v.ahead_seconds() == pytest.approx(AHEAD_SECONDS + 5 * v.tts.frame_seconds)
     later = [ask(0.0) for _ in range(LATE_ANSWERS)]
     # Buffered for while two of the last four answers met it.
-    assert LATE_ANSWERS == 4 and [t.jitter_frames for t in later] == [4, 4, 4, 0]
+    assert LATE_ANSWERS == 4 and [t.jitter_frames for t in later] == [5, 5, 5, 0]
     assert later[-1].buffered_frames == 1 and not any(t.underruns for t in later)

@@ -122,8 +122,9 @@ class TtsSection(_Section):
     own_thread: bool = Field(
         False,
         description="synthesize on a thread of its own, beside the language model and the "
-        "STT (off: they take turns on the loop's thread; on was measured slower on an NVIDIA "
-        "GPU, see docs/performance.md)",
+        "STT (off: they take turns on the loop's thread; on an NVIDIA GPU on was slower beside "
+        "the fused kernels and ran dry less beside the compiled depformer, see "
+        "docs/performance.md)",
     )
     fused_depformer: Literal["auto", "off"] = Field(
         "auto",

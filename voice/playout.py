@@ -26,6 +26,9 @@ LATE_ANSWERS = 4
 RECUR = 2
 # A frame this much of a frame late is no stall: the audio device's own buffer covers it.
 LATE_TOLERANCE = 0.1
+# Frames added to a recurring stall's lateness: one stall is not exactly as long as the
+# last (the frames rounded up, then at least half a frame more).
+LATE_SPREAD = 0.5
 
 
 def frames_to_buffer(rate: float, total_frames: int) -> int:
@@ -54,4 +57,6 @@ def frames_for_lateness(late_seconds: Iterable[float], frame_seconds: float) -> 
     for, a one-off one (a kernel built at the first use of a shape) is not."""
     ranked = sorted(late_seconds, reverse=True)
     recurring = ranked[RECUR - 1] if len(ranked) >= RECUR else 0.0
-    return max(0, math.ceil(recurring / frame_seconds - LATE_TOLERANCE))
+    if recurring <= LATE_TOLERANCE * frame_seconds:
+        return 0
+    return math.ceil(recurring / frame_seconds + LATE_SPREAD - 1e-9)

@@ -11,8 +11,11 @@ text cross between the threads.
 Measured on two H200s it was slower, not faster (docs/performance.md, "The TTS on a
 thread of its own"): synthesis beside the other models' work ran dry more often and its
 answers were held back for a slower pace, most likely because each model's step builds
-its graph in Python and the threads take turns on Python's lock. It is off by default
-and kept for machines where that may differ (a Mac is unmeasured).
+its graph in Python and the threads take turns on Python's lock. Measured again after the
+batched delay and the fused kernels, it was slower beside the kernels (a wide margin,
+no gaps either way) and ran dry less often beside the compiled depformer frame (a thin
+one). It is off by default, the first thing to try where answers still run dry (a Mac is
+unmeasured).
 
 The loop's side keeps the `TextToSpeech` / `SpeechStream` interfaces: a session's text is
 handed to the worker, which steps it as far ahead as the text allows, and a take hands
