@@ -173,3 +173,41 @@ def test_a_stall_that_recurs_is_buffered_for_until_it_stops() -> None:
     # Buffered for while two of the last four answers met it.
     assert LATE_ANSWERS == 4 and [t.jitter_frames for t in later] == [5, 5, 5, 0]
     assert later[-1].buffered_frames == 1 and not any(t.underruns for t in later)
+
+
+def test_a_tools_pause_is_not_a_late_frame() -> None:
+    """The answer after a tool's result is timed afresh: the seconds the tool took are
+    silence expected, not lateness to buffer the next answers for."""
+    v, clock, _ = voice(step_s=0.01)
+    answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    answer.write("one two three four ")
+    while answer.wants_step():  # what can be spoken of it so far, playing
+        answer.step()
+    assert answer.made == 3 and answer.run_from is not None
+    answer.tool_call()
+    clock.now += 5.0
+    answer.tool_result()
+    answer.write("five six seven eight")
+    answer.finish()
+    speak(answer, clock)
+    assert answer.made == 8 and answer.late < v.tts.frame_seconds
+
+
+def test_a_frame_made_in_time_but_taken_late_is_late() -> None:
+    """With the TTS on its own thread a frame can be ready while the loop is busy with the
+    engine: what counts is when the speaker could have it."""
+    v, clock, _ = voice(step_s=0.01)
+    answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
+    answer.write(WORDS)
+    answer.finish()
+    answer.step()  # the first frame plays: the others are due a frame apart from here
+    take = answer.speech.take
+
+    def made_earlier(clock_fn):
+        frame, took, made_at = take(clock_fn)
+        return frame, took, made_at - 0.5  # made long before the loop came to take it
+
+    answer.speech.take = made_earlier  # type: ignore[method-assign]
+    clock.now += 0.5  # an engine step
+    answer.step()
+    assert answer.late == pytest.approx(0.5 + 0.01 - v.tts.frame_seconds)

@@ -152,7 +152,7 @@ class SpokenAnswer:
         # (its extra frames for stalls left out, or a stall they cover would be forgotten):
         # from `run_from`, when the pace's buffer was full and its first frame was the
         # answer's `run_first`-th, frame i is due at run_from + (i - run_first) frames.
-        # `late` is the most any frame was made after that.
+        # `late` is the most any frame was taken after that.
         self.made = 0
         self.run_from: float | None = None
         self.run_first = 0
@@ -192,7 +192,7 @@ class SpokenAnswer:
 
     def tool_result(self) -> None:
         """The rest of the answer starts afresh: buffered for the pace, timed from here."""
-        self.at_tool, self.buffering = False, True
+        self.at_tool, self.buffering, self.run_from = False, True, None
         self.frames, self.first_frame_at, self.stalled = 0, None, 0.0
 
     # ------------------------------------------------------------------ frames out
@@ -236,9 +236,11 @@ class SpokenAnswer:
             self.stalled += took - usual
         if frame is not None:
             if self.run_from is not None:
+                # Taken now, not made: with the TTS on its own thread a frame made in time
+                # but taken late (the loop busy with the engine) is just as late to play.
                 frame_s = self.voice.tts.frame_seconds
                 due = self.run_from + (self.made - self.run_first) * frame_s
-                self.late = max(self.late, made_at - due)
+                self.late = max(self.late, self.voice.clock() - due)
                 self.timings.late_ms = self.late * 1000
             self.made += 1
             self.frames += 1
