@@ -7,9 +7,9 @@ are held back until the audio in hand covers what the rest of the answer will fa
 by, and then the whole answer plays without a gap. A pace that keeps up on average can
 still run dry where a single step stalls (the machine busy elsewhere, the language model
 and the TTS taking turns): how late the latest frame came for its place in the playback
-is remembered over the last answers, and where that recurs the next ones start that much
-later (`frames_for_lateness`), as a network audio client's jitter buffer does. Pure arithmetic:
-the daemon measures, predicts and counts; this module only decides.
+is remembered over the last answers, and where that recurs the next ones start that
+much later (`frames_for_lateness`), as a network audio client's jitter buffer does.
+Pure arithmetic: the daemon measures, predicts and counts; this module only decides.
 """
 
 from __future__ import annotations
