@@ -24,6 +24,7 @@ import pytest
 
 from mlx_harmony.bench.virtual_audio import non_silent_seconds, read_wav, wait_recorded
 from mlx_harmony.llm.config import PromptConfig
+from mlx_harmony.voice.control import Reply, Request
 from tests.support.tiny_voice import HEARD
 from tests.support.voice_loop import SpokenTexts, serve
 
@@ -233,6 +234,12 @@ def test_its_own_voice_through_the_room_does_not_interrupt_it_but_the_user_does(
             virtual_audio.play_into_mic(question).wait()
             rec.wait("turn_done", timeout=90)  # spoken to the end, over its own echo
             echo_db.append(assistant.echo.attenuation_db)  # before any double talk
+            # A new chat: the same question gets the same long answer (after the first one
+            # the tiny model answers in five words, which a loaded machine could finish
+            # speaking before the interruption is heard).
+            fresh = Reply()
+            assistant.submit(Request(cmd="new-chat"), fresh)
+            assert fresh.finished.wait(30)
             virtual_audio.play_into_mic(question).wait()
             rec.wait("status", "speaking", count=2, timeout=90)
             virtual_audio.play_into_mic(interruption).wait()
