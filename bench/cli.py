@@ -165,7 +165,7 @@ def print_report(results: dict) -> None:
         print(f"voice-to-voice latency (medians, ms)  {''.join(f'{x:>{width}}' for x in labels)}")
         counts = (
             "speculative_turns", "speculations_dropped", "ended_by_detector", "underruns",
-            "text_gaps",
+            "text_gaps", "jitter_frames",
         )  # fmt: skip
         for key in (*STAGES, *counts):
             cells = [vs[f"{label}_{key}"] for label in labels]

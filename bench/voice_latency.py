@@ -348,4 +348,6 @@ def summarize(records: list[LatencyRecord]) -> dict:
         out[f"{label}_ended_by_detector"] = sum(r.ended_by == "turn detector" for r in rows)
         out[f"{label}_underruns"] = sum(r.underruns for r in rows)
         out[f"{label}_text_gaps"] = sum(r.text_gaps for r in rows)
+        # Frames held for recurring stalls, over all answers (`voice.playout`).
+        out[f"{label}_jitter_frames"] = sum(r.jitter_frames for r in rows)
     return out

@@ -127,6 +127,14 @@ def test_voice_latency_benchmark_runs_without_a_sound_server(
     assert summary["labels"] == ["with_prefill_speculate_0", "with_prefill_speculate_250"]
     assert summary["with_prefill_speculate_250_speculative_turns"] == 2
     assert "with_prefill_speculate_250" in run.stdout
+    # The playout buffer's share for recurring stalls, per answer and over the variant.
+    rows = results["voice"]
+    assert all(row["late_ms"] >= 0 and row["jitter_frames"] >= 0 for row in rows)
+    assert (
+        summary["with_prefill_speculate_0_jitter_frames"]
+        == off["jitter_frames"] + off_again["jitter_frames"]
+    )
+    assert "jitter_frames" in run.stdout
     realtime = summary["realtime"]
     assert [r["status"] for r in realtime] == ["completed", "completed"]
     for row in realtime:

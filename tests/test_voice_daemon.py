@@ -30,7 +30,6 @@ from tests.support.voice_loop import SpokenTexts, serve
 
 ANSWER = "The capital of France is Paris. It is also the largest city in the country."
 QUESTION = "What is the capital of France?"
-SILENCE_MS = 400
 BLOCK_MS = 80
 
 
@@ -77,10 +76,8 @@ def test_a_spoken_question_is_answered_aloud(make_assistant, virtual_audio, tmp_
     assert "".join(rec.texts("answer")) == ANSWER
     assert rec.texts("status")[:4] == ["listening", "hearing", "thinking", "speaking"]
     (t,) = rec.timings
-    # The turn is not ended before the configured silence (how soon after it depends on
-    # the machine's load: measured in the bench, not bounded here; under CI's load it once
-    # took 650 ms against a 400 ms silence).
-    assert t.endpoint_ms >= SILENCE_MS - BLOCK_MS
+    # (That the turn waits for the configured silence is checked on the test's clock,
+    # below: here blocks arrive in bursts under load, and the silence is counted in audio.)
     assert t.stt_frames_while_speaking > 10
     # The first sentence was on its way to the speaker before the answer was complete.
     assert t.first_chunk_ms is not None and t.generation_ms is not None
@@ -336,6 +333,7 @@ def test_a_likely_pause_starts_the_answer_and_the_silence_confirms_it(
     assert c.assistant.speculations["confirmed"] == 1, c.assistant.speculations
     (t,) = c.rec.timings
     assert t.speculative and t.transcript_ms < t.endpoint_ms  # taken before the end
+    assert t.endpoint_ms >= 700 - BLOCK_MS  # the turn waited for the configured silence
     assert c.rec.texts("heard") == [HEARD]
 
 
