@@ -8,6 +8,7 @@ a speaker paced by the clock, as a sound card consumes (`bench.file_audio.ClockS
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -444,3 +445,42 @@ def test_a_stall_is_buffered_for_where_it_recurs() -> None:
     assert frames_for_lateness([0.16, 0.16], frame) == 3  # two frames exactly: and a half
     assert frames_for_lateness([0.007, 0.007], frame) == 0
     assert frames_for_lateness([0.009, 0.009], frame) == 1
+
+
+def test_the_daemon_buffers_for_a_stall_that_recurs_in_its_answers(
+    clocked_assistant, monkeypatch
+) -> None:
+    """The real loop, the tiny models, a speaker on the test's clock: the TTS's fifth frame
+    of every answer takes half a second of that clock (the machine busy elsewhere). The
+    first two answers run dry there; the third holds back for it and plays without a gap;
+    the chat log keeps each answer's lateness and the frames held for it."""
+    c = clocked_assistant(**{"tts.greeting": False, "activation.earcons": False})
+    step = SpeechSession.step
+
+    def stalling(self: SpeechSession) -> np.ndarray | None:
+        out = step(self)
+        if out is not None:
+            self.frames_out = getattr(self, "frames_out", 0) + 1
+            if self.frames_out == 5:
+                c.clock.now += 0.5
+        return out
+
+    monkeypatch.setattr(SpeechSession, "step", stalling)
+    for n in range(1, 4):
+        # Each in a chat of its own: the same answer each time.
+        c.assistant.submit(Request(cmd="new-chat"))
+        c.assistant.submit(Request(cmd="ask", text="Hello"))
+        c.run_until(lambda n=n: len(c.rec.timings) == n)
+        c.run_until(lambda: not c.speaker.busy)
+    first, second, third = c.rec.timings
+    assert "".join(c.rec.texts("answer")) == ANSWER * 3
+    assert first.underruns >= 1 and second.underruns >= 1 and first.late_ms > 100
+    assert first.jitter_frames == second.jitter_frames == 0
+    assert third.underruns == 0 and third.jitter_frames > 0
+    assert third.buffered_frames > third.jitter_frames
+    c.close()  # the chat log written
+    log = json.loads(c.log_path.read_text())
+    messages = log["chats"][log["active_chat_id"]]["messages"]
+    answer = [m for m in messages if m.get("voice_timings")][-1]
+    assert answer["voice_timings"]["jitter_frames"] == third.jitter_frames
+    assert answer["voice_timings"]["late_ms"] == pytest.approx(third.late_ms, abs=0.1)
