@@ -241,7 +241,6 @@ class SpokenAnswer:
                 frame_s = self.voice.tts.frame_seconds
                 due = self.run_from + (self.made - self.run_first) * frame_s
                 self.late = max(self.late, self.voice.clock() - due)
-                self.timings.late_ms = self.late * 1000
             self.made += 1
             self.frames += 1
             self.last_frame_at = made_at
@@ -292,12 +291,14 @@ class SpokenAnswer:
         )
 
     def account(self) -> None:
-        """Write when the answer was first heard and how often it ran dry."""
+        """Write when the answer was first heard, how often it ran dry and how late its
+        latest frame came."""
         speaker = self.voice.speaker
         if speaker.first_sound_at is not None:
             heard_at = speaker.first_sound_at + speaker.latency
             self.timings.first_audio_ms = (heard_at - self.started_at) * 1000
         self.timings.underruns = speaker.underruns - self.underruns_base
+        self.timings.late_ms = self.late * 1000
 
     def live_rate(self) -> float | None:
         """Synthesis speed (audio seconds per second) this answer kept: what the whole
