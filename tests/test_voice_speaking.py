@@ -193,21 +193,31 @@ def test_a_tools_pause_is_not_a_late_frame() -> None:
     assert answer.made == 8 and answer.late < v.tts.frame_seconds
 
 
-def test_a_frame_made_in_time_but_taken_late_is_late() -> None:
-    """With the TTS on its own thread a frame can be ready while the loop is busy with the
-    engine: what counts is when the speaker could have it."""
+@pytest.mark.parametrize("made_ahead", [False, True], ids=["one-thread", "own-thread"])
+def test_a_frame_that_comes_after_the_speaker_ran_dry_is_late(made_ahead: bool) -> None:
+    """The loop busy with the engine for half a second: the speaker runs dry before the
+    next frame is taken, and the loop sees that first (as the daemon drives it:
+    `wants_step`, then `step`). The frame's lateness still counts, made then or (the TTS
+    on its own thread) long before: what counts is when the speaker could have it."""
     v, clock, _ = voice(step_s=0.01)
     answer = v.answer(TurnTimings(), clock(), held=False, playing=lambda: None)
     answer.write(WORDS)
     answer.finish()
     answer.step()  # the first frame plays: the others are due a frame apart from here
-    take = answer.speech.take
+    if made_ahead:
+        take = answer.speech.take
 
-    def made_earlier(clock_fn):
-        frame, took, made_at = take(clock_fn)
-        return frame, took, made_at - 0.5  # made long before the loop came to take it
+        def made_earlier(clock_fn):
+            frame, took, made_at = take(clock_fn)
+            return frame, took, made_at - 0.5  # made long before the loop came to take it
 
-    answer.speech.take = made_earlier  # type: ignore[method-assign]
+        answer.speech.take = made_earlier  # type: ignore[method-assign]
     clock.now += 0.5  # an engine step
+    assert answer.wants_step()  # sees the speaker dry: the answer buffers again
     answer.step()
     assert answer.late == pytest.approx(0.5 + 0.01 - v.tts.frame_seconds)
+    # The rest is timed afresh from where it plays again: no later frame is that late.
+    late = answer.late
+    speak(answer, clock)
+    answer.account()
+    assert answer.timings.underruns == 1 and answer.late == late

@@ -157,6 +157,7 @@ class SpokenAnswer:
         self.run_from: float | None = None
         self.run_first = 0
         self.late = 0.0
+        self.rebuffered = False  # ran dry: the schedule restarts after the next frame
         self.at_tool = False  # between a tool call and its result: silence is expected
         # Since the loop last looked: the speech wanted its next frame and had no word.
         self.starved = False
@@ -192,7 +193,7 @@ class SpokenAnswer:
 
     def tool_result(self) -> None:
         """The rest of the answer starts afresh: buffered for the pace, timed from here."""
-        self.at_tool, self.buffering, self.run_from = False, True, None
+        self.at_tool, self.buffering, self.run_from, self.rebuffered = False, True, None, False
         self.frames, self.first_frame_at, self.stalled = 0, None, 0.0
 
     # ------------------------------------------------------------------ frames out
@@ -207,8 +208,10 @@ class SpokenAnswer:
         else:
             ahead = len(self.waiting) * frame_s + self.voice.speaker.pending_seconds()
             if self._ran_dry():
-                self.buffering = True  # a gap: hold back again until the rest can play
-                self.run_from = None
+                # A gap: hold back again until the rest can play, timed afresh once the
+                # frame it waited for has come and its lateness been counted (the loop
+                # finds the speaker dry before it takes the frame that came too late).
+                self.buffering = self.rebuffered = True
         ready = self.speech.ready
         enough = self.voice.ahead_seconds()
         if self.speech.wants_text and ahead < enough and not self.written:
@@ -241,6 +244,8 @@ class SpokenAnswer:
                 frame_s = self.voice.tts.frame_seconds
                 due = self.run_from + (self.made - self.run_first) * frame_s
                 self.late = max(self.late, self.voice.clock() - due)
+            if self.rebuffered:
+                self.run_from, self.rebuffered = None, False
             self.made += 1
             self.frames += 1
             self.last_frame_at = made_at
